@@ -1,0 +1,92 @@
+"""Command line: parses options and calls the library; user mistakes print one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from depthcache.errors import DepthcacheError
+
+
+class Commands(click.Group):
+    """A click group that turns DepthcacheError into 'error: …' and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DepthcacheError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="depthcache")
+def main() -> None:
+    """Cache a language model's per-layer activations in a Zarr store, then analyse how it uses its depth.
+
+    \b
+    Typical session:
+      depthcache extract --out runs/demo.zarr          # SmolLM2-135M on Python's docs
+      depthcache info runs/demo.zarr
+      depthcache analyze contributions runs/demo.zarr
+      depthcache plot runs/demo.zarr contributions
+    """
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
+@click.option("--data", default="pydoc-topics", show_default=True,
+              help="Built-in dataset name, .txt file, folder of .txt files, or .jsonl with a 'text' field.")
+@click.option("--out", required=True, help="Store to create (a folder ending in .zarr).")
+@click.option("--sites", default="resid,attn,mlp", show_default=True,
+              help="Which activations to store: resid (resid_pre + resid_final), attn, mlp.")
+@click.option("--layers", default="all", show_default=True, help="Layers to store, e.g. 'all', '0-5,10'.")
+@click.option("--max-tokens", default=16384, show_default=True, type=int,
+              help="Stop after this many tokens (0: the whole dataset).")
+@click.option("--seq-len", default=128, show_default=True, type=int, help="Tokens per model input window.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Windows per forward pass.")
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="Stored dtype of activations (bf16: half of f32's bytes, never overflows).")
+@click.option("--top-k", default=20, show_default=True, type=int, help="Top-k final log-probs kept per token.")
+@click.option("--chunk-tokens", default=None, type=int,
+              help="Tokens per chunk (default: largest power of two keeping a chunk of all layers ≤ 32 MiB).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted extraction into --out (options must match).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+def extract(**kw: Any) -> None:
+    """Run a model over a dataset and store every layer's residual stream and sublayer outputs."""
+    from depthcache.extract.engine import ExtractOptions, extract as run_extract
+
+    kw["max_tokens"] = kw["max_tokens"] or None
+    attrs = run_extract(ExtractOptions(**kw))
+    click.echo(f"{kw['out']}: {attrs['progress']['tokens_committed']} tokens committed"
+               f"{' (complete)' if attrs['progress']['complete'] else ''}")
+
+
+@main.command()
+@click.argument("store")
+def info(store: str) -> None:
+    """Summarise a store: model, layers, sites, tokens, size on disk and compression."""
+    from depthcache.summary import summary
+
+    click.echo(summary(store))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--quick", is_flag=True, help="Check schema and shapes only; skip reading every chunk.")
+def validate(store: str, quick: bool) -> None:
+    """Check a store against the schema, its shapes, and every chunk's checksum."""
+    from depthcache.schemas import validate_store
+
+    problems = validate_store(store, read_chunks=not quick)
+    if problems:
+        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(problems))
+    click.echo(f"{store}: valid")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""The extraction pipeline: forward passes with capture hooks → bounded queue → chunk writer → committed store.
+
+Batches are fixed (window b*B..(b+1)*B, padded to ``seq_len``), so a resumed run recomputes exactly the
+same batches as an uninterrupted one; progress is committed per chunk after its files are durable.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+import depthcache
+from depthcache.dtypes import STORED_DTYPES
+from depthcache.errors import DepthcacheError
+from depthcache.extract import modelstore
+from depthcache.extract.architectures import Architecture, architecture_for, decoder_layers, parallel_residual
+from depthcache.extract.capture import Capture
+from depthcache.extract.data import (DEFAULT_DATASET, Window, bos_token_id, load_documents, make_windows,
+                                     tokenize_documents)
+from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model
+from depthcache.extract.progress import Progress
+from depthcache.extract.writer import ChunkWriter
+from depthcache.store import (ATTRS_KEY, SCHEMA_VERSION, SITES, TOKEN_ARRAYS, StoreLayout, choose_chunk_tokens,
+                              create_arrays, open_group, read_attrs, write_attrs)
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+IDENTITY_OPTIONS = ("sites", "layers", "max_tokens", "seq_len", "batch_size", "dtype", "top_k")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Everything that decides what an extraction computes (all but ``out``, ``device`` and ``resume``)."""
+
+    out: str
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATASET
+    sites: tuple[str, ...] = SITES
+    layers: str = "all"
+    max_tokens: int | None = 16384
+    seq_len: int = 128
+    batch_size: int = 8
+    dtype: str = "bfloat16"
+    top_k: int = 20
+    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB
+    device: str = "auto"
+    resume: bool = False
+    progress: bool | None = None  # None: a bar on a terminal only
+    queue_batches: int = 2
+
+
+@dataclass
+class Plan:
+    """The deterministic work list of an extraction."""
+
+    windows: list[Window]
+    layers: tuple[int, ...]
+    n_tokens: int = field(init=False)
+    offsets: np.ndarray = field(init=False)  # first token index of each window
+
+    def __post_init__(self) -> None:
+        lengths = np.array([len(w.tokens) for w in self.windows], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.n_tokens = int(self.offsets[-1])
+
+
+def parse_sites(sites: tuple[str, ...] | str) -> tuple[str, ...]:
+    """Validate a site list ('resid,attn,mlp'), keeping the canonical order."""
+    names = [s.strip() for s in (sites.split(",") if isinstance(sites, str) else sites) if s.strip()]
+    unknown = sorted(set(names) - set(SITES))
+    if unknown or not names:
+        raise DepthcacheError(f"unknown site(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SITES)}")
+    return tuple(s for s in SITES if s in names)
+
+
+def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """'all', '3', '0-5,10' → sorted layer indices, each checked against the model's depth."""
+    if spec.strip() in ("", "all"):
+        return tuple(range(n_layers))
+    layers: set[int] = set()
+    for part in spec.split(","):
+        try:
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+        except ValueError as exc:
+            raise DepthcacheError(f"bad layer spec {part!r}: use e.g. 'all', '5', '0-5,10'") from exc
+        if not 0 <= first <= last < n_layers:
+            raise DepthcacheError(f"layer(s) {part.strip()} out of range: the model has layers 0..{n_layers - 1}")
+        layers.update(range(first, last + 1))
+    return tuple(sorted(layers))
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when available else 'cpu'; an unavailable CUDA is a user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DepthcacheError("--device cuda asked for, but no CUDA device is available (try --device cpu)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DepthcacheError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
+    return device
+
+
+def check_options(opts: ExtractOptions) -> None:
+    """Refuse bad options before any model is loaded."""
+    if opts.dtype not in STORED_DTYPES:
+        raise DepthcacheError(f"unknown --dtype {opts.dtype!r}; choose from {', '.join(STORED_DTYPES)}")
+    for name in ("seq_len", "batch_size", "top_k", "chunk_tokens"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise DepthcacheError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.max_tokens is not None and opts.max_tokens < 1:
+        raise DepthcacheError("--max-tokens must be at least 1")
+
+
+def check_destination(out: str, resume: bool) -> bool:
+    """True if ``out`` holds a store to resume; refuses to touch an existing store without --resume."""
+    path = Path(out)
+    if path.exists():
+        if not resume:
+            raise DepthcacheError(f"{out} already exists: pass --resume to continue that extraction "
+                                  "(with identical options), or choose another --out")
+        if not (path / "zarr.json").exists():
+            raise DepthcacheError(f"{out} exists and is not a depthcache store; refusing to write into it")
+        return True
+    parent = path.resolve().parent
+    if not parent.exists():
+        raise DepthcacheError(f"folder {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise DepthcacheError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out") from exc
+    return False
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers."""
+    import transformers
+    import xarray
+
+    return {"depthcache": depthcache.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "zarr": zarr.__version__, "numpy": np.__version__, "xarray": xarray.__version__,
+            "python": platform.python_version()}
+
+
+def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_sha: str, n_docs: int, plan: Plan,
+               device: str, chunk_tokens: int) -> dict[str, Any]:
+    """The root attributes of a new store (schema ``SCHEMA_VERSION``)."""
+    model = loaded.model
+    config = model.config
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "activations",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        "model": {**loaded.provenance,
+                  "n_layers": len(decoder_layers(model, architecture_for(model))),
+                  "d_model": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
+                  "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+                  "config": config.to_diff_dict() | {"model_type": config.model_type},
+                  "tokenizer_sha256": modelstore.tokenizer_sha256(loaded.tokenizer_files),
+                  "parallel_residual": parallel_residual(model)},
+        "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs},
+        "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
+                    "seq_len": opts.seq_len, "batch_size": opts.batch_size, "dtype": opts.dtype, "top_k": opts.top_k,
+                    "device": device},
+        "layout": {"n_tokens": plan.n_tokens, "n_windows": len(plan.windows), "chunk_tokens": chunk_tokens},
+        "progress": {"tokens_committed": 0, "complete": False},
+    }
+
+
+def identity(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The fields that must match for --resume to continue a store."""
+    return {"model.weights_sha256": attrs["model"].get("weights_sha256"),
+            "model.spec": attrs["model"].get("spec") if attrs["model"].get("weights_sha256") is None else None,
+            "model.tokenizer_sha256": attrs["model"].get("tokenizer_sha256"),
+            "dataset.sha256": attrs["dataset"]["sha256"],
+            **{f"options.{k}": attrs["options"][k] for k in IDENTITY_OPTIONS},
+            "options.device_type": str(attrs["options"]["device"]).split(":")[0]}
+
+
+def compare_identity(existing: dict[str, Any], new: dict[str, Any], out: str) -> None:
+    """Refuse to resume a store made from another model, dataset or options."""
+    old_id, new_id = identity(existing), identity(new)
+    diffs = [f"  {k}: store has {old_id[k]!r}, this run has {new_id[k]!r}" for k in old_id if old_id[k] != new_id[k]]
+    if diffs:
+        raise DepthcacheError(f"{out} was extracted with other settings; refusing to mix them:\n" + "\n".join(diffs))
+
+
+def token_columns(plan: Plan, first: int, last: int) -> dict[str, np.ndarray]:
+    """Per-token bookkeeping arrays for windows first..last-1, computed on the host."""
+    cols: dict[str, list[np.ndarray]] = {"token_id": [], "doc_id": [], "seq_id": [], "position": [],
+                                         "next_token_id": []}
+    for seq in range(first, last):
+        w = plan.windows[seq]
+        n = len(w.tokens)
+        tokens = np.asarray(w.tokens, dtype=np.int32)
+        cols["token_id"].append(tokens)
+        cols["doc_id"].append(np.full(n, w.doc_id, dtype=np.int32))
+        cols["seq_id"].append(np.full(n, seq, dtype=np.int32))
+        cols["position"].append(np.arange(n, dtype=np.int32))
+        cols["next_token_id"].append(np.append(tokens[1:], np.int32(w.next_token)))
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def batch_inputs(windows: list[Window], seq_len: int, pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask of fixed shape (len(windows), seq_len)."""
+    ids = torch.full((len(windows), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(windows), seq_len), dtype=torch.long)
+    for row, w in enumerate(windows):
+        ids[row, :len(w.tokens)] = torch.tensor(w.tokens)
+        mask[row, :len(w.tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def to_host(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """Cast on the device to the stored dtype, copy to the host, view as the matching numpy dtype."""
+    t = tensor.to(TORCH_DTYPES[dtype])
+    if dtype == "bfloat16":
+        return t.view(torch.int16).cpu().numpy().view(STORED_DTYPES["bfloat16"])
+    return t.cpu().numpy()
+
+
+def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """Next-token log-prob (NaN where no next token) and the top-k log-probs with ids, in float32."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    values, ids = torch.topk(logits, top_k, dim=-1)
+    has_next = next_ids >= 0
+    picked = logits.gather(-1, next_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1) - lse
+    next_lp = torch.where(has_next, picked, torch.full_like(picked, float("nan")))
+    return {"next_logprob": next_lp, "topk_ids": ids.int(), "topk_logprobs": values - lse.unsqueeze(-1)}
+
+
+def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions, first: int, last: int,
+              pad_id: int, device: str, drop: int) -> dict[str, np.ndarray]:
+    """Forward windows first..last-1 and return every stored array for their real tokens (minus the first ``drop``)."""
+    sites = parse_sites(opts.sites)
+    ids, mask = batch_inputs(plan.windows[first:last], opts.seq_len, pad_id, device)
+    host = token_columns(plan, first, last)
+    real = mask.bool()
+    with Capture(model, arch, plan.layers, sites) as cap, torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out: dict[str, np.ndarray] = {}
+        if "resid" in sites:
+            out["resid_pre"] = to_host(cap.stacked("resid_pre")[:, real][:, drop:], opts.dtype)
+            out["resid_final"] = to_host(cap.resid_final[real][drop:], opts.dtype)
+        for site, name in (("attn", "attn_out"), ("mlp", "mlp_out")):
+            if site in sites:
+                out[name] = to_host(cap.stacked(name)[:, real][:, drop:], opts.dtype)
+        next_ids = torch.from_numpy(host["next_token_id"][drop:]).long().to(device)
+        summary = output_summary(logits[real][drop:], next_ids, opts.top_k)
+    out.update({k: v.cpu().numpy() for k, v in summary.items()})
+    out.update({k: v[drop:] for k, v in host.items()})
+    return out
+
+
+def batches_from(plan: Plan, start_token: int, batch_size: int) -> Iterator[tuple[int, int, int]]:
+    """(first window, last window, tokens to drop) of every batch still to run from ``start_token``."""
+    seq = int(np.searchsorted(plan.offsets, start_token, side="right") - 1)
+    first_batch = seq // batch_size
+    for b in range(first_batch, -(-len(plan.windows) // batch_size)):
+        first, last = b * batch_size, min((b + 1) * batch_size, len(plan.windows))
+        drop = max(0, start_token - int(plan.offsets[first]))
+        yield first, last, drop
+
+
+def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayout, loaded: LoadedModel) -> None:
+    """Create a complete empty store in a temporary sibling folder and move it into place atomically."""
+    out = Path(opts.out)
+    tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        create_arrays(group, layout)
+        modelstore.write_model_group(group, loaded)
+        write_attrs(group, attrs)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def extract(opts: ExtractOptions) -> dict[str, Any]:
+    """Run (or resume) one extraction into ``opts.out``; returns the store's final attributes."""
+    check_options(opts)
+    sites = parse_sites(opts.sites)
+    resuming = check_destination(opts.out, opts.resume)
+    existing = read_attrs(open_group(opts.out, "r")) if resuming else None
+    device = resolve_device(opts.device)
+    docs = load_documents(opts.data)
+    loaded = load_model(opts.model, device=device)
+    arch = architecture_for(loaded.model)
+    n_layers = len(decoder_layers(loaded.model, arch))
+    plan = Plan(make_windows(tokenize_documents(loaded.tokenizer, docs), opts.seq_len,
+                             bos_token_id(loaded.tokenizer), opts.max_tokens), parse_layers(opts.layers, n_layers))
+    if plan.n_tokens == 0:
+        raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
+    d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
+    chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
+                                                            STORED_DTYPES[opts.dtype].itemsize)
+    attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens)
+    if existing:
+        compare_identity(existing, attrs, opts.out)
+        if existing["progress"]["complete"]:
+            return existing
+        attrs = existing
+    else:
+        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens)
+        prepare_store(opts, attrs, layout, loaded)
+    return run_pipeline(opts, attrs, loaded, arch, plan, device)
+
+
+def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, arch: Architecture, plan: Plan,
+                 device: str) -> dict[str, Any]:
+    """Forward in this thread, write in a background thread, joined by a bounded queue."""
+    group = open_group(opts.out, "r+")
+    start = int(attrs["progress"]["tokens_committed"])
+    chunk_tokens = int(attrs["layout"]["chunk_tokens"])
+    names = [n for n in group.array_keys() if n != "layer"]
+
+    def commit(stop: int) -> None:
+        attrs["progress"] = {"tokens_committed": stop, "complete": stop == plan.n_tokens}
+        write_attrs(group, attrs)
+
+    writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
+    pending: queue.Queue[dict[str, np.ndarray] | None] = queue.Queue(maxsize=opts.queue_batches)
+    failure: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            while (batch := pending.get()) is not None:
+                writer.append(batch)
+            writer.flush()
+        except BaseException as exc:  # handed to the forward thread, which re-raises it
+            failure.append(exc)
+            while pending.get() is not None:
+                pass
+
+    thread = threading.Thread(target=drain, name="depthcache-writer", daemon=True)
+    thread.start()
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    bar = Progress(plan.n_tokens, start, lambda: writer.bytes_written, enabled=opts.progress)
+    try:
+        for first, last, drop in batches_from(plan, start, opts.batch_size):
+            if failure:
+                break
+            batch = run_batch(loaded.model, arch, plan, opts, first, last, pad_id, device, drop)
+            pending.put(batch)
+            bar.update(len(batch["token_id"]))
+    finally:
+        pending.put(None)
+        thread.join()
+        writer.close()
+        bar.close()
+    if failure:
+        raise failure[0]
+    return attrs
+

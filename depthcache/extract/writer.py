@@ -1,0 +1,114 @@
+"""Chunk buffers between the forward pass and the store: every chunk is written once, whole, then committed."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from depthcache.errors import DepthcacheError
+from depthcache.store import local_root
+
+
+def token_axis(array: zarr.Array) -> int:
+    """Axis of the ``token`` dimension of a store array."""
+    return array.metadata.dimension_names.index("token")
+
+
+def along(axis: int, ndim: int, start: int, stop: int) -> tuple[slice, ...]:
+    """Index selecting ``start:stop`` on ``axis`` and everything on the other axes."""
+    index = [slice(None)] * ndim
+    index[axis] = slice(start, stop)
+    return tuple(index)
+
+
+def chunk_file(array: zarr.Array, chunk_index: int) -> str:
+    """Relative path of the chunk holding token chunk ``chunk_index`` (default '/' key encoding)."""
+    grid = ["0"] * array.ndim
+    grid[token_axis(array)] = str(chunk_index)
+    return "/".join(["c", *grid])
+
+
+def fsync_file(path: Path) -> None:
+    """Force one file's bytes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ChunkWriter:
+    """Accumulates token batches into chunk-sized buffers; writes each full chunk and then calls ``commit(stop)``.
+
+    ``start`` must be a chunk boundary (a resume point); the buffers are reused so memory stays at one chunk
+    per array whatever the dataset size.
+    """
+
+    def __init__(self, group: zarr.Group, names: list[str], chunk_tokens: int, n_tokens: int, start: int,
+                 commit: Callable[[int], None], threads: int = 4) -> None:
+        if start % chunk_tokens and start != n_tokens:
+            raise ValueError(f"resume point {start} is not on a chunk boundary")
+        # every chunk is written even if it equals the fill value, so a committed chunk always exists on disk
+        self.arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in names}
+        self.chunk_tokens, self.n_tokens, self.commit = chunk_tokens, n_tokens, commit
+        self.chunk_start, self.filled = start, 0
+        self.buffers = {name: np.empty(self._chunk_shape(a), dtype=a.dtype) for name, a in self.arrays.items()}
+        self.folder = local_root(group)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="depthcache-write")
+        self.bytes_written = 0
+
+    def _chunk_shape(self, array: zarr.Array) -> tuple[int, ...]:
+        shape = list(array.shape)
+        shape[token_axis(array)] = self.chunk_tokens
+        return tuple(shape)
+
+    def append(self, batch: dict[str, np.ndarray]) -> None:
+        """Add the next tokens (each array's token axis as in the store), flushing every chunk that fills."""
+        n = len(batch["token_id"])
+        offset = 0
+        while offset < n:
+            take = min(self.chunk_tokens - self.filled, n - offset)
+            for name, values in batch.items():
+                axis = token_axis(self.arrays[name])
+                self.buffers[name][along(axis, values.ndim, self.filled, self.filled + take)] = \
+                    values[along(axis, values.ndim, offset, offset + take)]
+            self.filled += take
+            offset += take
+            if self.filled == self.chunk_tokens or self.chunk_start + self.filled == self.n_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered (full or final) chunk of every array, make it durable, then commit."""
+        if not self.filled:
+            return
+        stop = self.chunk_start + self.filled
+        chunk_index = self.chunk_start // self.chunk_tokens
+        try:
+            list(self.pool.map(lambda name: self._write(name, stop, chunk_index), self.arrays))
+            self.bytes_written += sum(b[along(token_axis(self.arrays[n]), b.ndim, 0, self.filled)].nbytes
+                                      for n, b in self.buffers.items())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DepthcacheError(
+                    f"disk full while writing tokens {self.chunk_start}..{stop}; {self.chunk_start} tokens are "
+                    "committed and intact: free space and rerun with --resume") from exc
+            raise
+        self.commit(stop)
+        self.chunk_start, self.filled = stop, 0
+
+    def _write(self, name: str, stop: int, chunk_index: int) -> None:
+        array, buffer = self.arrays[name], self.buffers[name]
+        axis = token_axis(array)
+        array[along(axis, array.ndim, self.chunk_start, stop)] = buffer[along(axis, array.ndim, 0, self.filled)]
+        if self.folder is not None:
+            fsync_file(self.folder / name / chunk_file(array, chunk_index))
+
+    def close(self) -> None:
+        """Stop the write threads."""
+        self.pool.shutdown(wait=True)

@@ -1,0 +1,65 @@
+"""Human summary of a store (``depthcache info``): what was extracted, how much, and what it costs on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import zarr
+
+from depthcache.store import open_group, read_attrs
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[0,1,2,5,7,8] → '0-2,5,7-8'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def disk_bytes(location: str) -> int:
+    """Bytes the store's files take (local folders and fsspec URLs)."""
+    if "://" in location:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+        return int(fs.du(path))
+    return sum(f.stat().st_size for f in Path(location).rglob("*") if f.is_file())
+
+
+def raw_bytes(group: zarr.Group, committed: int, total: int) -> int:
+    """Uncompressed bytes of the committed part of the root arrays."""
+    return sum(int(a.nbytes * committed / max(total, 1)) for _, a in group.arrays() if "token" in
+               (a.metadata.dimension_names or ()))
+
+
+def summary(location: str) -> str:
+    """Multi-line description of a store."""
+    group = open_group(location, "r")
+    a = read_attrs(group)
+    m, o, p, lay = a["model"], a["options"], a["progress"], a["layout"]
+    on_disk = disk_bytes(os.fspath(location))
+    raw = raw_bytes(group, p["tokens_committed"], lay["n_tokens"])
+    runs = sorted(group["runs"].group_keys()) if "runs" in group else []
+    analyses = sorted(group["analyses"].group_keys()) if "analyses" in group else []
+    weights = (m.get("weights_sha256") or "")[:12] or "n/a"
+    lines = [
+        f"store      {location}  (schema {a['schema_version']}, created {a['created']})",
+        f"model      {m['spec']}  ({m['architecture']}, from {m['source']}, weights sha256 {weights}…)",
+        f"layers     {len(o['layers'])} of {m['n_layers']} stored ({layer_ranges(o['layers'])}), d_model {m['d_model']}",
+        f"sites      {', '.join(o['sites'])}   dtype {o['dtype']}   top-k {o['top_k']}",
+        f"tokens     {p['tokens_committed']:,} of {lay['n_tokens']:,} committed"
+        f"{' (complete)' if p['complete'] else ' (incomplete: resume with --resume)'}; "
+        f"{lay['n_windows']} windows of ≤{o['seq_len']} tokens; {lay['chunk_tokens']} tokens per chunk",
+        f"dataset    {a['dataset']['spec']}  ({a['dataset']['n_documents']} documents, sha256 "
+        f"{a['dataset']['sha256'][:12]}…)",
+        f"size       {on_disk / 2**20:,.1f} MiB on disk; activations {raw / 2**20:,.1f} MiB raw "
+        f"(compression ×{raw / max(on_disk, 1):.2f} overall)",
+        f"runs       {', '.join(runs) or '(none)'}",
+        f"analyses   {', '.join(analyses) or '(none)'}",
+    ]
+    return "\n".join(lines)
