@@ -88,5 +88,87 @@ def validate(store: str, quick: bool) -> None:
     click.echo(f"{store}: valid")
 
 
+class AnalysisGroup(click.Group):
+    """``depthcache analyze NAME STORE...``: one subcommand per registered analysis, plus ``list``."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from depthcache.analyze import describe
+
+        return ["list", *[name for name, _, _ in describe()]]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "list":
+            return analyze_list
+        from depthcache.analyze import load_all
+
+        spec = load_all().get(name)
+        return None if spec is None else analysis_command(spec)
+
+
+def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``-p key=value`` pairs → parameters (values parsed as JSON when they can be, else kept as strings)."""
+    import json
+
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise DepthcacheError(f"parameter {pair!r} is not key=value")
+        try:
+            params[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.replace("-", "_")] = value
+    return params
+
+
+def analysis_command(spec: Any) -> click.Command:
+    """A click command running one analysis on its store(s)."""
+    stores = "SHALLOW DEEP" if spec.n_stores == 2 else "STORE"
+
+    @click.command(name=spec.name, help=f"{spec.summary}\n\nArguments: {stores}.")
+    @click.argument("stores", nargs=spec.n_stores)
+    @click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
+    @click.option("--force", is_flag=True, help="Recompute even if a cached result exists.")
+    @click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
+    @click.option("--results", default=None, help="Folder for results when the store is not writable.")
+    def command(stores: tuple[str, ...], params: tuple[str, ...], force: bool, scheduler: str | None,
+                results: str | None) -> None:
+        from depthcache.analyze import run
+
+        stores = (stores,) if isinstance(stores, str) else stores
+        result = run(spec.name, *stores, force=force, scheduler_address=scheduler, results_dir=results,
+                     **parse_params(params))
+        click.echo(result.drop_attrs().to_dataframe().to_string() if len(result.dims) <= 2 else str(result))
+    return command
+
+
+@main.group(cls=AnalysisGroup)
+def analyze() -> None:
+    """Compute an analysis from a store (cached in STORE/analyses/NAME; `analyze list` shows them all)."""
+
+
+@click.command(name="list")
+def analyze_list() -> None:
+    """List every analysis, one line each."""
+    from depthcache.analyze import describe
+
+    for name, summary, n in describe():
+        click.echo(f"{name:<18} {'(2 stores) ' if n == 2 else ''}{summary}")
+
+
+@main.command()
+@click.argument("args", nargs=-1, required=True)
+@click.option("--out", "out_dir", default=None, help="Folder for the PNGs (default: STORE's name + .plots).")
+@click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
+@click.option("--force", is_flag=True, help="Recompute the analysis first.")
+def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], force: bool) -> None:
+    """Draw an analysis's figures: `plot STORE NAME` (or `plot SHALLOW DEEP NAME` for two-store analyses)."""
+    from depthcache.analyze import plot as draw
+
+    *stores, name = args
+    for path in draw(name, *stores, out_dir=out_dir, force=force, **parse_params(params)):
+        click.echo(str(path))
+
+
 if __name__ == "__main__":
     main()

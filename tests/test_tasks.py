@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 
 from depthcache.errors import DepthcacheError
 from depthcache.tasks import TASKS, TaskItem, load_task, write_task_jsonl
@@ -110,7 +111,7 @@ def test_fact_table_is_consistent():
     assert sum(len(c.hops) == 2 for c in chains) >= 40 and sum(len(c.hops) == 3 for c in chains) >= 10
     for chain in chains:
         assert chain.answer == chain.hops[-1].answer
-        for first, second in zip(chain.hops, chain.hops[1:]):
+        for first, second in itertools.pairwise(chain.hops):
             assert first.answer.strip() in second.prompt
     answers: dict[str, str] = {}
     for hop in (h for c in chains for h in c.hops):
@@ -125,7 +126,7 @@ def test_fact_items_link_composed_prompts_to_their_single_hops(builtin):
         hops = [items[hop_id] for hop_id in item.meta["hop_ids"]]
         assert len(hops) == item.hops and all(h.hops == 1 for h in hops)
         assert item.answer == hops[-1].answer and item.meta["relation"] == hops[-1].meta["relation"]
-        assert all(a.answer.strip() in b.prompt for a, b in zip(hops, hops[1:]))
+        assert all(a.answer.strip() in b.prompt for a, b in itertools.pairwise(hops))
     assert {"The Eiffel Tower is in the city of", "Paris is a city in the country of",
             "The Eiffel Tower is in the country of"} <= {i.prompt for i in items.values()}
 
@@ -146,6 +147,13 @@ def test_fact_n_counts_chains_and_keeps_hops_with_their_chain():
     assert len(composed) == 12
     assert all(set(i.meta["hop_ids"]) <= ids for i in composed)
     assert {i.id for i in load_task("two-hop-facts", n=5, seed=3)} <= ids
+
+
+def test_fact_seed_changes_choices_not_facts(builtin):
+    other = load_task("two-hop-facts", seed=1)
+    base = builtin["two-hop-facts"]
+    assert [(i.id, i.prompt, i.answer) for i in other] == [(i.id, i.prompt, i.answer) for i in base]
+    assert sum(a.choices != b.choices for a, b in zip(base, other, strict=True)) > len(base) // 2
 
 
 def test_fact_table_problems_are_reported():
@@ -169,7 +177,7 @@ def test_broken_fact_table_file_raises(tmp_path):
     doc["chains"][0]["composed"]["answer"] = " Nowhere"
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
-    with pytest.raises(DepthcacheError, match="eiffel-tower.*differs from the last hop"):
+    with pytest.raises(DepthcacheError, match=r"eiffel-tower.*differs from the last hop"):
         load_table(path)
     path.write_text("{not json", encoding="utf-8")
     with pytest.raises(DepthcacheError, match="not valid JSON"):

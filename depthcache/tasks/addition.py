@@ -18,7 +18,7 @@ def question(a: int, b: int) -> str:
 
 
 def near_misses(value: int) -> list[int]:
-    """Plausible wrong sums: off by 1, 2, 10 or 100, or two adjacent digits swapped; at most one digit longer or shorter."""
+    """Plausible wrong sums (±1, ±2, ±10, ±100, adjacent digits swapped), at most one digit longer or shorter."""
     text = str(value)
     swaps = [int(text[:i] + text[i + 1] + text[i] + text[i + 2:]) for i in range(len(text) - 1)
              if not (i == 0 and text[1] == "0")]

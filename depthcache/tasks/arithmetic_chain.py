@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from depthcache.tasks.addition import numeric_choices
 from depthcache.errors import DepthcacheError
+from depthcache.tasks.addition import numeric_choices
 from depthcache.tasks.base import TaskItem, item_rng, require_int
 
 DESCRIPTION = ("single-digit chains with k = 1..4 additions ('5+7+5+3 =' -> ' 20'), hops = k, after 3 solved "

@@ -55,7 +55,7 @@ def item_problem(item: TaskItem) -> str | None:
 
 def item_rng(seed: int, item_id: str) -> random.Random:
     """A generator private to one item, so its choices do not depend on which other items were drawn."""
-    return random.Random(f"{item_id}")
+    return random.Random(f"{seed}:{item_id}")
 
 
 def with_distractors(gold: str, candidates: Sequence[str], rng: random.Random) -> tuple[str, ...]:
@@ -85,7 +85,7 @@ def check_count(n: int, available: int, what: str) -> None:
 
 
 def subset_indices(total: int, n: int | None, seed: int, what: str) -> list[int]:
-    """Indices of a seeded subset of size ``n`` (all when None) in original order; a larger n keeps a smaller n's picks."""
+    """Indices of a seeded subset of size ``n`` (all when None) in order; a larger n keeps a smaller n's picks."""
     if n is None:
         return list(range(total))
     check_count(n, total, what)

@@ -1,4 +1,4 @@
-"""User task files: one JSON object per line with ``prompt`` and ``answer`` (optional ``id``, ``choices``, ``hops``, ``meta``)."""
+"""Task files: JSON lines with ``prompt`` and ``answer``, optionally ``id``, ``choices``, ``hops`` and ``meta``."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def prose_paragraphs(text: str) -> Iterator[str]:
 
 def topic_sentences(topic: str, text: str) -> list[Sentence]:
     """The usable sentences of one topic: plain characters only, at least ``MIN_WORDS`` words."""
-    found = []
+    found: list[Sentence] = []
     for paragraph in prose_paragraphs(text):
         parts = SENTENCE_END.split(paragraph)
         for i, part in enumerate(parts):

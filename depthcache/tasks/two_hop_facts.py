@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import unicodedata
@@ -76,7 +77,7 @@ def chain_problems(chain: Chain, relations: dict[str, str]) -> list[str]:
             problems.append(f"relation {hop.relation!r} is not listed under 'relations'")
         if not hop.answer.startswith(" ") or hop.answer[1:2].isspace() or hop.prompt[-1].isspace():
             problems.append(f"{hop.prompt!r} -> {hop.answer!r} breaks the answer-space convention")
-    for first, second in zip(chain.hops, chain.hops[1:]):
+    for first, second in itertools.pairwise(chain.hops):
         if first.answer.strip() not in second.prompt:
             problems.append(f"{first.answer.strip()!r} (answer of {first.prompt!r}) is missing from {second.prompt!r}")
     if chain.answer != chain.hops[-1].answer:
@@ -118,7 +119,7 @@ def load_table(path: Path = TABLE) -> list[Chain]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DepthcacheError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("relations"), dict) or not isinstance(doc.get("chains"), list):
+    if not (isinstance(doc, dict) and isinstance(doc.get("relations"), dict) and isinstance(doc.get("chains"), list)):
         raise DepthcacheError(f"{path}: expected an object with 'relations' (name -> description) and 'chains' (list)")
     chains = [parse_chain(obj, f"{path}: chain #{i + 1}") for i, obj in enumerate(doc["chains"])]
     problems = table_problems(chains, doc["relations"])

@@ -1,0 +1,7 @@
+"""Analyses computed from a store alone, out-of-core with Dask: ``run(name, store, **params) -> xr.Dataset``."""
+
+from depthcache.analyze.registry import ANALYSES, analysis, describe, get, load_all
+from depthcache.analyze.runner import plot, run
+from depthcache.analyze.source import Store
+
+__all__ = ["ANALYSES", "Store", "analysis", "describe", "get", "load_all", "plot", "run"]

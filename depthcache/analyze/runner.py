@@ -1,0 +1,133 @@
+"""Running an analysis: scheduler choice, cached results under ``analyses/<name>``, and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dask
+import xarray as xr
+import zarr
+
+import depthcache
+from depthcache.analyze.registry import get
+from depthcache.analyze.source import Store
+from depthcache.errors import DepthcacheError
+from depthcache.store import is_url
+
+RESULT_ATTR = "depthcache_analysis"
+SCHEDULER_ENV = "DEPTHCACHE_SCHEDULER"
+
+
+@contextmanager
+def scheduler(address: str | None = None) -> Iterator[None]:
+    """Dask's threaded scheduler by default; a dask.distributed cluster at ``address`` (or $DEPTHCACHE_SCHEDULER)."""
+    address = address or os.environ.get(SCHEDULER_ENV)
+    if not address:
+        with dask.config.set(scheduler="threads"):
+            yield
+        return
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout="10s", set_as_default=True)
+    except (OSError, TimeoutError) as exc:
+        raise DepthcacheError(f"cannot reach the dask scheduler at {address}: {exc}") from exc
+    with client:
+        yield
+
+
+def writable(location: str) -> bool:
+    """True if results can be written inside a local store."""
+    if is_url(location):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=location):
+            return True
+    except OSError:
+        return False
+
+
+def result_path(store: Store, name: str, results_dir: str | None = None) -> tuple[str, str | None]:
+    """(zarr location, group) where the result of ``name`` on ``store`` is cached."""
+    if results_dir:
+        return str(Path(results_dir) / f"{name}.zarr"), None
+    if writable(store.location):
+        return store.location, f"analyses/{name}"
+    here = Path(store.location.rstrip("/"))
+    return str(here.with_name(f"{here.name}.analyses") / f"{name}.zarr"), None
+
+
+def canonical(params: dict[str, Any]) -> str:
+    """Parameters as sorted JSON: equal parameters, equal string."""
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def provenance(name: str, stores: list[Store], params: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a result: analysis, parameters, source stores, code version."""
+    return {"name": name, "params": json.loads(canonical(params)), "sources": [s.identity for s in stores],
+            "source_locations": [s.location for s in stores], "code_version": depthcache.__version__}
+
+
+def load_cached(location: str, group: str | None, expected: dict[str, Any]) -> xr.Dataset | None:
+    """The cached result if it exists and was computed from the same stores with the same parameters."""
+    try:
+        ds = xr.open_zarr(location, group=group, consolidated=False)
+    except (FileNotFoundError, KeyError, OSError, ValueError):
+        return None
+    meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
+    same = all(meta.get(k) == expected[k] for k in ("name", "params", "sources", "code_version"))
+    return ds.load() if same else None
+
+
+def save(result: xr.Dataset, location: str, group: str | None) -> None:
+    """Write a computed result; on a local store via a temporary group renamed into place (never partial)."""
+    folder = Path(location) / group if group else Path(location)
+    if group and "/" in group:  # make the parent (e.g. analyses/) a real zarr group, not a bare folder
+        zarr.open_group(location, mode="r+").require_group(group.rsplit("/", 1)[0])
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(name: str, *locations: str | Store, force: bool = False, scheduler_address: str | None = None,
+        results_dir: str | None = None, **params: Any) -> xr.Dataset:
+    """Compute analysis ``name`` on the given store(s), or return its cached result; saves what it computes."""
+    spec = get(name)
+    stores = [loc if isinstance(loc, Store) else Store(str(loc)) for loc in locations]
+    if len(stores) != spec.n_stores:
+        raise DepthcacheError(f"analysis {name!r} takes {spec.n_stores} store(s), got {len(stores)}")
+    expected = provenance(name, stores, params)
+    location, group = result_path(stores[-1], name, results_dir)
+    if not force and (cached := load_cached(location, group, expected)) is not None:
+        return cached
+    with scheduler(scheduler_address):
+        result = spec.compute(*stores, **params).compute()
+    result.attrs[RESULT_ATTR] = json.dumps(expected | {"created": datetime.now(timezone.utc).isoformat()})
+    save(result, location, group)
+    return result
+
+
+def plot(name: str, *locations: str, out_dir: str | None = None, **run_kwargs: Any) -> list[Path]:
+    """Draw the figures of analysis ``name`` (computing or reusing its result); returns the PNG paths."""
+    spec = get(name)
+    if spec.plot is None:
+        raise DepthcacheError(f"analysis {name!r} has no plot")
+    result = run(name, *locations, **run_kwargs)
+    here = Path(str(locations[-1]).rstrip("/"))
+    folder = Path(out_dir) if out_dir else here.with_name(f"{here.name.removesuffix('.zarr')}.plots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return spec.plot(result, folder)
