@@ -23,8 +23,9 @@ class Capture:
     """Context manager: hooks on the chosen layers; after a forward, ``records[name][layer]`` holds tensors."""
 
     def __init__(self, model: torch.nn.Module, arch: Architecture, layers: Sequence[int],
-                 sites: Sequence[str]) -> None:
+                 sites: Sequence[str], dtype: torch.dtype | None = None) -> None:
         self.model, self.arch, self.layers, self.sites = model, arch, tuple(layers), tuple(sites)
+        self.dtype = dtype  # cast as soon as captured: later stacking and gathering move half the bytes
         self.records: dict[str, dict[int, torch.Tensor]] = {"resid_pre": {}, "attn_out": {}, "mlp_out": {}}
         self.resid_final: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -54,16 +55,20 @@ class Capture:
     def _pre_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            self.records["resid_pre"][layer] = hidden.detach()
+            self.records["resid_pre"][layer] = self._keep(hidden)
         return hook
 
     def _out_hook(self, name: str, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            self.records[name][layer] = first_tensor(output).detach()
+            self.records[name][layer] = self._keep(first_tensor(output))
         return hook
 
     def _final_hook(self, module: torch.nn.Module, args: tuple) -> None:
-        self.resid_final = args[0].detach()
+        self.resid_final = self._keep(args[0])
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A detached copy in the capture dtype (no copy when the dtype already matches)."""
+        return tensor.detach().to(self.dtype) if self.dtype is not None else tensor.detach()
 
     def stacked(self, name: str) -> torch.Tensor:
         """(layer, batch, seq, d_model) tensor of one recorded site, in stored-layer order."""

@@ -30,7 +30,7 @@ from depthcache.extract.architectures import Architecture, architecture_for, dec
 from depthcache.extract.capture import Capture
 from depthcache.extract.data import (DEFAULT_DATASET, Window, bos_token_id, load_documents, make_windows,
                                      tokenize_documents)
-from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model
+from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from depthcache.extract.progress import Progress
 from depthcache.extract.writer import ChunkWriter
 from depthcache.store import (ATTRS_KEY, SCHEMA_VERSION, SITES, TOKEN_ARRAYS, StoreLayout, choose_chunk_tokens,
@@ -100,17 +100,6 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
             raise DepthcacheError(f"layer(s) {part.strip()} out of range: the model has layers 0..{n_layers - 1}")
         layers.update(range(first, last + 1))
     return tuple(sorted(layers))
-
-
-def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when available else 'cpu'; an unavailable CUDA is a user error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DepthcacheError("--device cuda asked for, but no CUDA device is available (try --device cpu)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise DepthcacheError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
-    return device
 
 
 def check_options(opts: ExtractOptions) -> None:
@@ -250,18 +239,25 @@ def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: Extr
     sites = parse_sites(opts.sites)
     ids, mask = batch_inputs(plan.windows[first:last], opts.seq_len, pad_id, device)
     host = token_columns(plan, first, last)
-    real = mask.bool()
-    with Capture(model, arch, plan.layers, sites) as cap, torch.inference_mode():
+    real = mask.bool().flatten()
+    keep = None if bool(real.all()) else real.nonzero().squeeze(1)[drop:]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        """(..., batch, seq, d) → (..., real tokens after ``drop``, d); a view when every position is real."""
+        flat = t.flatten(-3, -2)
+        return flat[..., drop:, :] if keep is None else flat.index_select(-2, keep)
+
+    with Capture(model, arch, plan.layers, sites, TORCH_DTYPES[opts.dtype]) as cap, torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out: dict[str, np.ndarray] = {}
         if "resid" in sites:
-            out["resid_pre"] = to_host(cap.stacked("resid_pre")[:, real][:, drop:], opts.dtype)
-            out["resid_final"] = to_host(cap.resid_final[real][drop:], opts.dtype)
+            out["resid_pre"] = to_host(rows(cap.stacked("resid_pre")), opts.dtype)
+            out["resid_final"] = to_host(rows(cap.resid_final), opts.dtype)
         for site, name in (("attn", "attn_out"), ("mlp", "mlp_out")):
             if site in sites:
-                out[name] = to_host(cap.stacked(name)[:, real][:, drop:], opts.dtype)
+                out[name] = to_host(rows(cap.stacked(name)), opts.dtype)
         next_ids = torch.from_numpy(host["next_token_id"][drop:]).long().to(device)
-        summary = output_summary(logits[real][drop:], next_ids, opts.top_k)
+        summary = output_summary(rows(logits), next_ids, opts.top_k)
     out.update({k: v.cpu().numpy() for k, v in summary.items()})
     out.update({k: v[drop:] for k, v in host.items()})
     return out
@@ -299,7 +295,7 @@ def extract(opts: ExtractOptions) -> dict[str, Any]:
     sites = parse_sites(opts.sites)
     resuming = check_destination(opts.out, opts.resume)
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
-    device = resolve_device(opts.device)
+    device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
     loaded = load_model(opts.model, device=device)
     arch = architecture_for(loaded.model)
