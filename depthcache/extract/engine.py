@@ -214,12 +214,16 @@ def batch_inputs(windows: list[Window], seq_len: int, pad_id: int, device: str) 
     return ids.to(device), mask.to(device)
 
 
-def to_host(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    """Cast on the device to the stored dtype, copy to the host, view as the matching numpy dtype."""
-    t = tensor.to(TORCH_DTYPES[dtype])
-    if dtype == "bfloat16":
-        return t.view(torch.int16).cpu().numpy().view(STORED_DTYPES["bfloat16"])
-    return t.cpu().numpy()
+def to_host(tensor: torch.Tensor, dtype: str | None = None) -> np.ndarray:
+    """Cast on the device, copy to the host (pinned and asynchronous on CUDA: wait on the batch's event), view as numpy."""
+    t = tensor.to(TORCH_DTYPES[dtype]) if dtype else tensor
+    if t.is_cuda:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        t = host
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(STORED_DTYPES["bfloat16"])
+    return t.numpy()
 
 
 def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
@@ -234,7 +238,7 @@ def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> 
 
 
 def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions, first: int, last: int,
-              pad_id: int, device: str, drop: int) -> dict[str, np.ndarray]:
+              pad_id: int, device: str, drop: int) -> tuple[dict[str, np.ndarray], torch.cuda.Event | None]:
     """Forward windows first..last-1 and return every stored array for their real tokens (minus the first ``drop``)."""
     sites = parse_sites(opts.sites)
     ids, mask = batch_inputs(plan.windows[first:last], opts.seq_len, pad_id, device)
@@ -258,9 +262,18 @@ def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: Extr
                 out[name] = to_host(rows(cap.stacked(name)), opts.dtype)
         next_ids = torch.from_numpy(host["next_token_id"][drop:]).long().to(device)
         summary = output_summary(rows(logits), next_ids, opts.top_k)
-    out.update({k: v.cpu().numpy() for k, v in summary.items()})
+    out.update({k: to_host(v) for k, v in summary.items()})
     out.update({k: v[drop:] for k, v in host.items()})
-    return out
+    return out, copied_event(device)
+
+
+def copied_event(device: str) -> torch.cuda.Event | None:
+    """On CUDA, an event the writer waits on before reading the batch's host copies (they overlap the next batch)."""
+    if not device.startswith("cuda"):
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def batches_from(plan: Plan, start_token: int, batch_size: int) -> Iterator[tuple[int, int, int]]:
@@ -332,12 +345,15 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
         write_attrs(group, attrs)
 
     writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
-    pending: queue.Queue[dict[str, np.ndarray] | None] = queue.Queue(maxsize=opts.queue_batches)
+    pending: queue.Queue[tuple[dict[str, np.ndarray], Any] | None] = queue.Queue(maxsize=opts.queue_batches)
     failure: list[BaseException] = []
 
     def drain() -> None:
         try:
-            while (batch := pending.get()) is not None:
+            while (item := pending.get()) is not None:
+                batch, copied = item
+                if copied is not None:
+                    copied.synchronize()
                 writer.append(batch)
             writer.flush()
         except BaseException as exc:  # handed to the forward thread, which re-raises it
@@ -353,8 +369,8 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
         for first, last, drop in batches_from(plan, start, opts.batch_size):
             if failure:
                 break
-            batch = run_batch(loaded.model, arch, plan, opts, first, last, pad_id, device, drop)
-            pending.put(batch)
+            batch, copied = run_batch(loaded.model, arch, plan, opts, first, last, pad_id, device, drop)
+            pending.put((batch, copied))
             bar.update(len(batch["token_id"]))
     finally:
         pending.put(None)
