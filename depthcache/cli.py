@@ -56,14 +56,28 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction into --out (options must match).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
-def extract(**kw: Any) -> None:
+@click.option("--num-workers", type=int, default=None,
+              help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
+@click.option("--worker-index", type=int, default=None, help="This process's index (default: $RANK / Slurm).")
+@click.option("--finalize", is_flag=True, help="Only mark a store written by several workers complete.")
+def extract(finalize: bool, **kw: Any) -> None:
     """Run a model over a dataset and store every layer's residual stream and sublayer outputs."""
-    from depthcache.extract.engine import ExtractOptions, extract as run_extract
+    from depthcache.extract.engine import ExtractOptions, extract as run_extract, finalize_store
+    from depthcache.extract.workers import worker_from_env
 
-    kw["max_tokens"] = kw["max_tokens"] or None
-    attrs = run_extract(ExtractOptions(**kw))
-    click.echo(f"{kw['out']}: {attrs['progress']['tokens_committed']} tokens committed"
-               f"{' (complete)' if attrs['progress']['complete'] else ''}")
+    if finalize:
+        attrs = finalize_store(kw["out"])
+    else:
+        env = worker_from_env()
+        kw["num_workers"] = kw["num_workers"] or env.count
+        kw["worker_index"] = env.index if kw["worker_index"] is None else kw["worker_index"]
+        kw["max_tokens"] = kw["max_tokens"] or None
+        attrs = run_extract(ExtractOptions(**kw))
+    if attrs["progress"]["complete"]:
+        click.echo(f"{kw['out']}: complete, {attrs['progress']['tokens_committed']:,} tokens")
+    else:
+        click.echo(f"{kw['out']}: worker {kw['worker_index']} of {kw['num_workers']} done; the store is complete "
+                   "when every worker has finished (the last one marks it, or run extract --finalize)")
 
 
 @main.command()

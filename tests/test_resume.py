@@ -37,10 +37,15 @@ def arrays(store: Path) -> dict[str, bytes]:
     return {name: np.ascontiguousarray(a[...]).tobytes() for name, a in root.arrays()}
 
 
-def test_kill_and_resume_is_bit_identical(tiny_models, tmp_path) -> None:
-    data = tmp_path / "many.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(8))})
+def write_many_docs(path: Path) -> Path:
+    """A JSONL dataset of 48 documents, enough for ~180 chunks of 32 tokens."""
+    path.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(8))})
                               for i in range(48)))
+    return path
+
+
+def test_kill_and_resume_is_bit_identical(tiny_models, tmp_path) -> None:
+    data = write_many_docs(tmp_path / "many.jsonl")
     model = tiny_models["llama"]
     reference = tmp_path / "reference.zarr"
     subprocess.run(extract_cmd(model, data, reference), check=True, capture_output=True)

@@ -32,10 +32,13 @@ from depthcache.extract.data import (DEFAULT_DATASET, Window, bos_token_id, load
                                      tokenize_documents)
 from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from depthcache.extract.progress import Progress
+from depthcache.extract.workers import (Worker, batch_tokens, commit_worker, finalize, segments,
+                                        unfinished_workers, worker_done_until)
 from depthcache.extract.writer import ChunkWriter
 from depthcache.store import (ATTRS_KEY, SCHEMA_VERSION, SITES, TOKEN_ARRAYS, StoreLayout, choose_chunk_tokens,
                               create_arrays, open_group, read_attrs, write_attrs)
 
+LAYERED = ("resid_pre", "attn_out", "mlp_out")
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 IDENTITY_OPTIONS = ("sites", "layers", "max_tokens", "seq_len", "batch_size", "dtype", "top_k")
 
@@ -58,6 +61,8 @@ class ExtractOptions:
     device: str = "auto"
     resume: bool = False
     progress: bool | None = None  # None: a bar on a terminal only
+    num_workers: int = 1  # several processes writing disjoint shards of one store
+    worker_index: int = 0
     queue_batches: int = 2
 
 
@@ -177,6 +182,7 @@ def identity(attrs: dict[str, Any]) -> dict[str, Any]:
             "model.tokenizer_sha256": attrs["model"].get("tokenizer_sha256"),
             "dataset.sha256": attrs["dataset"]["sha256"],
             **{f"options.{k}": attrs["options"][k] for k in IDENTITY_OPTIONS},
+            "layout.num_workers": attrs["layout"].get("num_workers", 1),
             "options.device_type": str(attrs["options"]["device"]).split(":")[0]}
 
 
@@ -276,18 +282,28 @@ def copied_event(device: str) -> torch.cuda.Event | None:
     return event
 
 
-def batches_from(plan: Plan, start_token: int, batch_size: int) -> Iterator[tuple[int, int, int]]:
-    """(first window, last window, tokens to drop) of every batch still to run from ``start_token``."""
-    seq = int(np.searchsorted(plan.offsets, start_token, side="right") - 1)
-    first_batch = seq // batch_size
-    for b in range(first_batch, -(-len(plan.windows) // batch_size)):
+def batches_between(plan: Plan, start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int, int, int]]:
+    """(first window, last window, tokens to drop, tokens to keep) of the fixed batches covering [start, stop)."""
+    seq = int(np.searchsorted(plan.offsets, start, side="right") - 1)
+    for b in range(seq // batch_size, -(-len(plan.windows) // batch_size)):
         first, last = b * batch_size, min((b + 1) * batch_size, len(plan.windows))
-        drop = max(0, start_token - int(plan.offsets[first]))
-        yield first, last, drop
+        begin, end = int(plan.offsets[first]), int(plan.offsets[last])
+        if begin >= stop:
+            return
+        drop = max(0, start - begin)
+        yield first, last, drop, min(end, stop) - begin - drop
 
 
-def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayout, loaded: LoadedModel) -> None:
-    """Create a complete empty store in a temporary sibling folder and move it into place atomically."""
+def first_tokens(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` tokens of a batch (views; the token axis is 1 for per-layer arrays, else 0)."""
+    return {k: v[:, :n] if k in LAYERED else v[:n] for k, v in batch.items()}
+
+
+def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayout, loaded: LoadedModel) -> bool:
+    """Create a complete empty store in a temporary sibling folder and move it into place atomically.
+
+    Returns False (and leaves the existing store alone) when another worker moved its store into place first.
+    """
     out = Path(opts.out)
     tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -296,7 +312,14 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
         create_arrays(group, layout)
         modelstore.write_model_group(group, loaded)
         write_attrs(group, attrs)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if (out / "zarr.json").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            raise
+        return True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -306,7 +329,8 @@ def extract(opts: ExtractOptions) -> dict[str, Any]:
     """Run (or resume) one extraction into ``opts.out``; returns the store's final attributes."""
     check_options(opts)
     sites = parse_sites(opts.sites)
-    resuming = check_destination(opts.out, opts.resume)
+    worker = Worker(opts.worker_index, opts.num_workers)
+    resuming = check_destination(opts.out, opts.resume or worker.count > 1)
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
@@ -321,40 +345,55 @@ def extract(opts: ExtractOptions) -> dict[str, Any]:
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
                                                             STORED_DTYPES[opts.dtype].itemsize)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens)
+    attrs["layout"]["num_workers"] = worker.count
+    if not existing:
+        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens)
+        if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
+            existing = read_attrs(open_group(opts.out, "r"))
     if existing:
         compare_identity(existing, attrs, opts.out)
         if existing["progress"]["complete"]:
             return existing
         attrs = existing
-    else:
-        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens)
-        prepare_store(opts, attrs, layout, loaded)
-    return run_pipeline(opts, attrs, loaded, arch, plan, device)
+    return run_pipeline(opts, attrs, loaded, arch, plan, device, worker)
+
+
+def finalize_store(out: str) -> dict[str, Any]:
+    """``extract --finalize``: mark a store written by several workers complete, once all of them are done."""
+    group = open_group(out, "r+")
+    attrs = read_attrs(group)
+    if attrs["progress"]["complete"]:
+        return attrs
+    return finalize(group, attrs, int(attrs["layout"].get("num_workers", 1)))
 
 
 def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, arch: Architecture, plan: Plan,
-                 device: str) -> dict[str, Any]:
+                 device: str, worker: Worker = Worker()) -> dict[str, Any]:
     """Forward in this thread, write in a background thread, joined by a bounded queue."""
     group = open_group(opts.out, "r+")
-    start = int(attrs["progress"]["tokens_committed"])
     chunk_tokens = int(attrs["layout"]["chunk_tokens"])
+    todo = segments(worker, plan.n_tokens, chunk_tokens, batch_tokens(attrs), worker_done_until(group, worker))
     names = [n for n in group.array_keys() if n != "layer"]
 
     def commit(stop: int) -> None:
-        attrs["progress"] = {"tokens_committed": stop, "complete": stop == plan.n_tokens}
-        write_attrs(group, attrs)
+        if worker.count > 1:
+            commit_worker(group, worker, stop)
+        else:
+            attrs["progress"] = {"tokens_committed": stop, "complete": stop == plan.n_tokens}
+            write_attrs(group, attrs)
 
+    start = todo[0][0] if todo else plan.n_tokens
     writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
-    pending: queue.Queue[tuple[dict[str, np.ndarray], Any] | None] = queue.Queue(maxsize=opts.queue_batches)
+    pending: queue.Queue[tuple[int, dict[str, np.ndarray], Any] | None] = queue.Queue(maxsize=opts.queue_batches)
     failure: list[BaseException] = []
 
     def drain() -> None:
         try:
             while (item := pending.get()) is not None:
-                batch, copied = item
+                at, batch, copied = item
                 if copied is not None:
                     copied.synchronize()
-                writer.append(batch)
+                writer.append(batch, at)
             writer.flush()
         except BaseException as exc:  # handed to the forward thread, which re-raises it
             failure.append(exc)
@@ -364,14 +403,17 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
     thread = threading.Thread(target=drain, name="depthcache-writer", daemon=True)
     thread.start()
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    bar = Progress(plan.n_tokens, start, lambda: writer.bytes_written, enabled=opts.progress)
+    bar = Progress(sum(b - a for a, b in todo), 0, lambda: writer.bytes_written, enabled=opts.progress)
     try:
-        for first, last, drop in batches_from(plan, start, opts.batch_size):
-            if failure:
-                break
-            batch, copied = run_batch(loaded.model, arch, plan, opts, first, last, pad_id, device, drop)
-            pending.put((batch, copied))
-            bar.update(len(batch["token_id"]))
+        for seg_start, seg_stop in todo:
+            at = seg_start
+            for first, last, drop, keep in batches_between(plan, seg_start, seg_stop, opts.batch_size):
+                if failure:
+                    break
+                batch, copied = run_batch(loaded.model, arch, plan, opts, first, last, pad_id, device, drop)
+                pending.put((at, first_tokens(batch, keep), copied))
+                at += keep
+                bar.update(keep)
     finally:
         pending.put(None)
         thread.join()
@@ -379,5 +421,6 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
         bar.close()
     if failure:
         raise failure[0]
+    if worker.count > 1 and not unfinished_workers(group, attrs, worker.count):
+        attrs = finalize(group, attrs, worker.count)
     return attrs
-

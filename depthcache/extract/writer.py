@@ -68,8 +68,16 @@ class ChunkWriter:
         shape[token_axis(array)] = self.chunk_tokens
         return tuple(shape)
 
-    def append(self, batch: dict[str, np.ndarray]) -> None:
-        """Add the next tokens (each array's token axis as in the store), flushing every chunk that fills."""
+    def append(self, batch: dict[str, np.ndarray], at: int) -> None:
+        """Add tokens starting at token ``at`` (each array's token axis as in the store), flushing full chunks.
+
+        ``at`` continues the previous batch, or jumps to a chunk boundary once the buffered chunk is flushed
+        (a worker writing its shards).
+        """
+        if at != self.chunk_start + self.filled:
+            if self.filled or at % self.chunk_tokens:
+                raise ValueError(f"tokens at {at} do not continue the chunk buffered at {self.chunk_start}")
+            self.chunk_start = at
         n = len(batch["token_id"])
         offset = 0
         while offset < n:
