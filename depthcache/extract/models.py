@@ -6,6 +6,7 @@ GGUF files are dequantized once and cached as a plain float32 Hugging Face folde
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import os
@@ -311,6 +312,8 @@ def _load_spec(spec: str, dtype: torch.dtype) -> _Loaded:
             f"no such model path: {spec} ({path.absolute()} does not exist); check the spelling, "
             f"or use an alias ({', '.join(sorted(ALIASES))})"
         )
+    if close := difflib.get_close_matches(spec, ALIASES, n=1, cutoff=0.6):
+        raise DepthcacheError(f"unknown model {spec!r}: did you mean the alias {close[0]!r}?")
     model, tokenizer = _load_hub(spec, dtype)
     return model, tokenizer, _hub_provenance(spec)
 
