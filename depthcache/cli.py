@@ -60,7 +60,21 @@ def main() -> None:
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
 @click.option("--worker-index", type=int, default=None, help="This process's index (default: $RANK / Slurm).")
 @click.option("--finalize", is_flag=True, help="Only mark a store written by several workers complete.")
-def extract(finalize: bool, **kw: Any) -> None:
+@click.option("--skip", default=None,
+              help="Also store layer-skip runs beside the baseline (runs/skip_<l>): one layer '7', one run per layer "
+                   "'3,7', one run skipping several '3+7', 'each', or 'range 20-29'.")
+@click.option("--skip-sublayer", default="layer", show_default=True, type=click.Choice(["layer", "attn", "mlp"]),
+              help="What a skip removes: the whole layer, or only its attention or MLP branch.")
+@click.option("--skip-tokens", default=4096, show_default=True, type=int,
+              help="Baseline tokens each skip run covers, rounded up to whole chunks (0: all).")
+@click.option("--skip-variant", default="current", show_default=True, type=click.Choice(["current", "future"]),
+              help="current: skip positions 1..T; future: skip positions 1..t-1 for 4 drawn t per window, effects "
+                   "measured at positions >= t.")
+@click.option("--skip-prefix", default="baseline", show_default=True, type=click.Choice(["baseline", "recompute"]),
+              help="baseline: feed the stored baseline residual into the first skipped layer instead of recomputing "
+                   "the layers before it.")
+def extract(finalize: bool, skip: str | None, skip_sublayer: str, skip_tokens: int, skip_variant: str,
+            skip_prefix: str, **kw: Any) -> None:
     """Run a model over a dataset and store every layer's residual stream and sublayer outputs."""
     from depthcache.extract.engine import ExtractOptions, extract as run_extract, finalize_store
     from depthcache.extract.workers import worker_from_env
@@ -72,6 +86,14 @@ def extract(finalize: bool, **kw: Any) -> None:
         kw["num_workers"] = kw["num_workers"] or env.count
         kw["worker_index"] = env.index if kw["worker_index"] is None else kw["worker_index"]
         kw["max_tokens"] = kw["max_tokens"] or None
+        if skip:
+            from depthcache.extract.interventions import SkipOptions, extract_skips
+
+            runs = extract_skips(ExtractOptions(**kw), SkipOptions(skip, skip_sublayer, skip_tokens or None,
+                                                                   skip_variant, skip_prefix))
+            for name, run in runs.items():
+                click.echo(f"{kw['out']}/runs/{name}: {run['progress']['tokens_committed']:,} tokens")
+            return
         attrs = run_extract(ExtractOptions(**kw))
     if attrs["progress"]["complete"]:
         click.echo(f"{kw['out']}: complete, {attrs['progress']['tokens_committed']:,} tokens")
@@ -182,6 +204,45 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
     *stores, name = args
     for path in draw(name, *stores, out_dir=out_dir, force=force, **parse_params(params)):
         click.echo(str(path))
+
+
+@main.group()
+def evaluate() -> None:
+    """Score a model on a task with parts of it removed (likelihood- vs generation-based evaluation)."""
+
+
+@evaluate.command()
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
+@click.option("--task", required=True,
+              help="Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl file.")
+@click.option("--layers", default="all", show_default=True, help="Candidate layers to remove, e.g. '20-29'.")
+@click.option("--metric", "metrics", default="likelihood,generation", show_default=True,
+              help="likelihood (gold log-prob, accuracy among choices) and/or generation (greedy, exact match).")
+@click.option("--order", default="last-first", show_default=True,
+              type=click.Choice(["last-first", "first-first", "influence", "greedy"]),
+              help="Removal order: by depth, by block influence 1 - cos(h_l, h_l+1) (lowest first), or greedy "
+                   "(the least harmful next layer by gold log-prob; costs one likelihood pass per candidate).")
+@click.option("--n", default=50, show_default=True, type=int, help="Task items (a seeded subset; 0: all).")
+@click.option("--seed", default=None, type=int, help="Task seed (default: the task's own).")
+@click.option("--steps", default=None, type=int, help="Most layers removed (default: every candidate).")
+@click.option("--max-new-tokens", default=16, show_default=True, type=int, help="Greedy decoding length limit.")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Items per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", default=None,
+              help="Folder for prune.zarr, prune.csv, prune-items.csv and prune.png (default: runs/prune-TASK).")
+def prune(**kw: Any) -> None:
+    """Remove more and more layers and score a task by likelihood and by generation at each step."""
+    from pathlib import Path
+
+    from depthcache.evaluate import PruneOptions, evaluate_prune
+
+    kw["n"] = kw["n"] or None
+    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task']).stem}"
+    ds = evaluate_prune(PruneOptions(**kw))
+    click.echo(ds[["n_removed", "removed_layer", "mean_gold_logprob", "choice_accuracy",
+                   "exact_match_rate"]].to_dataframe().to_string())
+    click.echo(f"written to {kw['out']}/ (prune.zarr, prune.csv, prune-items.csv, prune.png)")
 
 
 if __name__ == "__main__":

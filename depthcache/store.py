@@ -35,7 +35,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: intervention runs under runs/<name> (attrs["intervention"])
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
 SITE_ARRAYS = {"resid": ("resid_pre", "resid_final"), "attn": ("attn_out",), "mlp": ("mlp_out",)}

@@ -28,8 +28,8 @@ from depthcache.errors import DepthcacheError
 from depthcache.extract import modelstore
 from depthcache.extract.architectures import Architecture, architecture_for, decoder_layers, parallel_residual
 from depthcache.extract.capture import Capture
-from depthcache.extract.data import (DEFAULT_DATASET, Window, bos_token_id, load_documents, make_windows,
-                                     tokenize_documents)
+from depthcache.extract.data import (DEFAULT_DATASET, Documents, Window, bos_token_id, load_documents,
+                                     make_windows, tokenize_documents)
 from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from depthcache.extract.progress import Progress
 from depthcache.extract.workers import (Worker, batch_tokens, commit_worker, finalize, segments,
@@ -325,8 +325,14 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
         raise
 
 
-def extract(opts: ExtractOptions) -> dict[str, Any]:
-    """Run (or resume) one extraction into ``opts.out``; returns the store's final attributes."""
+def make_plan(opts: ExtractOptions, loaded: LoadedModel, docs: Documents, n_layers: int) -> Plan:
+    """The deterministic windows and stored layers of an extraction of ``docs``."""
+    return Plan(make_windows(tokenize_documents(loaded.tokenizer, docs), opts.seq_len,
+                             bos_token_id(loaded.tokenizer), opts.max_tokens), parse_layers(opts.layers, n_layers))
+
+
+def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    """Run (or resume) one extraction into ``opts.out`` (with ``loaded`` if given); returns the final attributes."""
     check_options(opts)
     sites = parse_sites(opts.sites)
     worker = Worker(opts.worker_index, opts.num_workers)
@@ -334,11 +340,9 @@ def extract(opts: ExtractOptions) -> dict[str, Any]:
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = load_model(opts.model, device=device)
+    loaded = loaded or load_model(opts.model, device=device)
     arch = architecture_for(loaded.model)
-    n_layers = len(decoder_layers(loaded.model, arch))
-    plan = Plan(make_windows(tokenize_documents(loaded.tokenizer, docs), opts.seq_len,
-                             bos_token_id(loaded.tokenizer), opts.max_tokens), parse_layers(opts.layers, n_layers))
+    plan = make_plan(opts, loaded, docs, len(decoder_layers(loaded.model, arch)))
     if plan.n_tokens == 0:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
@@ -384,6 +388,30 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
 
     start = todo[0][0] if todo else plan.n_tokens
     writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    batches = planned_batches(loaded.model, arch, plan, opts, todo, pad_id, device)
+    write_batches(writer, batches, sum(b - a for a, b in todo), opts)
+    if worker.count > 1 and not unfinished_workers(group, attrs, worker.count):
+        attrs = finalize(group, attrs, worker.count)
+    return attrs
+
+
+def planned_batches(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions,
+                    todo: list[tuple[int, int]], pad_id: int, device: str
+                    ) -> Iterator[tuple[int, dict[str, np.ndarray], torch.cuda.Event | None]]:
+    """(first token, stored arrays, copy event) of each batch covering the token ranges ``todo``, run lazily."""
+    for seg_start, seg_stop in todo:
+        at = seg_start
+        for first, last, drop, keep in batches_between(plan, seg_start, seg_stop, opts.batch_size):
+            batch, copied = run_batch(model, arch, plan, opts, first, last, pad_id, device, drop)
+            yield at, first_tokens(batch, keep), copied
+            at += keep
+
+
+def write_batches(writer: ChunkWriter, batches: Iterator[tuple[int, dict[str, np.ndarray], Any]], total: int,
+                  opts: ExtractOptions) -> None:
+    """Run ``batches`` (the forward passes) in this thread and write them in a background thread, joined by a
+    bounded queue; ``total`` tokens drive the progress bar."""
     pending: queue.Queue[tuple[int, dict[str, np.ndarray], Any] | None] = queue.Queue(maxsize=opts.queue_batches)
     failure: list[BaseException] = []
 
@@ -402,18 +430,13 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
 
     thread = threading.Thread(target=drain, name="depthcache-writer", daemon=True)
     thread.start()
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    bar = Progress(sum(b - a for a, b in todo), 0, lambda: writer.bytes_written, enabled=opts.progress)
+    bar = Progress(total, 0, lambda: writer.bytes_written, enabled=opts.progress)
     try:
-        for seg_start, seg_stop in todo:
-            at = seg_start
-            for first, last, drop, keep in batches_between(plan, seg_start, seg_stop, opts.batch_size):
-                if failure:
-                    break
-                batch, copied = run_batch(loaded.model, arch, plan, opts, first, last, pad_id, device, drop)
-                pending.put((at, first_tokens(batch, keep), copied))
-                at += keep
-                bar.update(keep)
+        for at, batch, copied in batches:
+            pending.put((at, batch, copied))
+            bar.update(len(batch["token_id"]))
+            if failure:
+                break
     finally:
         pending.put(None)
         thread.join()
@@ -421,6 +444,3 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
         bar.close()
     if failure:
         raise failure[0]
-    if worker.count > 1 and not unfinished_workers(group, attrs, worker.count):
-        attrs = finalize(group, attrs, worker.count)
-    return attrs

@@ -1,0 +1,5 @@
+"""Task evaluations of a model with layers removed: likelihood- vs generation-based scoring (analyses.md §8)."""
+
+from depthcache.evaluate.prune import PruneOptions, evaluate_prune
+
+__all__ = ["PruneOptions", "evaluate_prune"]

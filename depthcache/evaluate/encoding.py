@@ -1,0 +1,54 @@
+"""Prompts and continuations as token ids, and left-padded batches whose last column is every prompt's end."""
+
+from __future__ import annotations
+
+import torch
+
+from depthcache.extract.data import bos_token_id
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:  # noqa: ANN001 - any HF tokenizer
+    """Token ids of a prompt, with BOS first when the tokenizer prepends one by default (as in extraction)."""
+    bos = bos_token_id(tokenizer)
+    return ([bos] if bos is not None else []) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def encode_continuation(tokenizer, prompt: str, continuation: str) -> list[int]:  # noqa: ANN001
+    """Token ids of ``continuation`` after ``prompt``: the tail of the joint tokenization (as lm-evaluation-harness
+    does), or the continuation alone when the joint tokens do not start with the prompt's."""
+    alone = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    joint = list(tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"])
+    if joint[:len(alone)] == alone and len(joint) > len(alone):
+        return joint[len(alone):]
+    return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
+def pad_id(tokenizer) -> int:  # noqa: ANN001 - any HF tokenizer
+    """The id used for padding (masked out, so any id works)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def left_padded(seqs: list[list[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, attention mask and position ids (0 at each sequence's first real token), padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def right_padded(seqs: list[list[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of continuations padded on the right."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,201 @@
+"""``depthcache evaluate prune``: a task scored with more and more layers removed, by likelihood and by generation.
+
+Step 0 is the whole model; step k removes the first k layers of the removal order. A removed layer is dropped
+from the model's layer list (it returns its input everywhere, as if deleted). Written to ``--out``: the xarray
+dataset (prune.zarr), one CSV row per step (prune.csv) and per step and item with the generated text
+(prune-items.csv), and a chart of both metrics against the number of layers removed (prune.png).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from depthcache.errors import DepthcacheError
+from depthcache.evaluate.generation import score_generation
+from depthcache.evaluate.influence import block_influence
+from depthcache.evaluate.likelihood import score_likelihood
+from depthcache.evaluate.orders import check_order, fixed_order, greedy_next
+from depthcache.evaluate.plot import plot_prune
+from depthcache.extract.architectures import Architecture, architecture_for, decoder_layers
+from depthcache.extract.engine import parse_layers
+from depthcache.extract.interventions import only_layers
+from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
+from depthcache.tasks import TaskItem, load_task
+
+METRICS = ("likelihood", "generation")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What ``evaluate prune`` scores, and where it writes."""
+
+    task: str
+    model: str = DEFAULT_MODEL
+    layers: str = "all"  # the candidates for removal
+    metrics: tuple[str, ...] = METRICS
+    order: str = "last-first"
+    n: int | None = 50
+    seed: int | None = None
+    steps: int | None = None  # most layers removed (default: every candidate, leaving at least one layer)
+    max_new_tokens: int = 16
+    batch_size: int = 16
+    device: str = "auto"
+    out: str | None = None  # folder for the outputs (None: return the dataset only)
+
+
+def parse_metrics(spec: str | tuple[str, ...]) -> tuple[str, ...]:
+    """'likelihood,generation' → the metrics in canonical order."""
+    names = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
+    unknown = sorted(set(names) - set(METRICS))
+    if unknown or not names:
+        raise DepthcacheError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from "
+                              f"{', '.join(METRICS)}")
+    return tuple(m for m in METRICS if m in names)
+
+
+def check_prune_options(opts: PruneOptions) -> None:
+    """Refuse bad options before the task or the model is loaded."""
+    parse_metrics(opts.metrics)
+    check_order(opts.order)
+    for name in ("steps", "max_new_tokens", "batch_size"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise DepthcacheError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.out is not None:
+        folder = Path(opts.out)
+        if folder.exists() and not folder.is_dir():
+            raise DepthcacheError(f"--out {opts.out} is a file: give a folder for the outputs")
+        parent = folder.resolve().parent
+        while not parent.exists():  # missing folders are created when the outputs are written
+            parent = parent.parent
+        try:
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as exc:
+            raise DepthcacheError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out") from exc
+
+
+@dataclass
+class Scorer:
+    """Scores the task items with a given set of layers removed."""
+
+    loaded: LoadedModel
+    arch: Architecture
+    items: list[TaskItem]
+    opts: PruneOptions
+    device: str
+
+    def kept(self, removed: list[int]) -> list[int]:
+        """The layers left after removing ``removed``."""
+        return [layer for layer in range(len(decoder_layers(self.loaded.model, self.arch))) if layer not in removed]
+
+    def likelihood(self, removed: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Gold log-prob and choice correctness per item."""
+        with only_layers(self.loaded.model, self.arch, self.kept(removed)):
+            return score_likelihood(self.loaded.model, self.loaded.tokenizer, self.items, self.opts.batch_size,
+                                    self.device)
+
+    def generation(self, removed: list[int]) -> tuple[np.ndarray, list[str]]:
+        """Exact match and generated text per item."""
+        with only_layers(self.loaded.model, self.arch, self.kept(removed)):
+            return score_generation(self.loaded.model, self.loaded.tokenizer, self.items, self.opts.batch_size,
+                                    self.opts.max_new_tokens, self.device)
+
+    def mean_logprob(self, removed: list[int]) -> float:
+        """Mean gold log-prob over the items (the greedy order's criterion)."""
+        return float(self.likelihood(removed)[0].mean())
+
+
+def step_results(scorer: Scorer, removed: list[int], metrics: tuple[str, ...]) -> dict[str, object]:
+    """Per-item results of every requested metric with ``removed`` layers removed (NaN / '' where not requested)."""
+    n = len(scorer.items)
+    gold, correct, match, texts = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), [""] * n
+    if "likelihood" in metrics:
+        gold, correct = scorer.likelihood(removed)
+    if "generation" in metrics:
+        match, texts = scorer.generation(removed)
+    return {"gold_logprob": gold, "choice_correct": correct, "exact_match": match, "generated": texts}
+
+
+def removal_sequence(scorer: Scorer, candidates: tuple[int, ...], steps: int, influence: np.ndarray
+                     ) -> tuple[list[int], list[float]]:
+    """The layers removed at steps 1..``steps`` and, in the greedy order, the mean gold log-prob that chose each."""
+    if scorer.opts.order != "greedy":
+        return fixed_order(candidates, scorer.opts.order, influence)[:steps], [np.nan] * steps
+    removed: list[int] = []
+    chosen: list[float] = []
+    for _ in range(steps):
+        layer, score = greedy_next(removed, [c for c in candidates if c not in removed], scorer.mean_logprob)
+        removed.append(layer)
+        chosen.append(score)
+    return removed, chosen
+
+
+def finite_mean(x: np.ndarray) -> np.ndarray:
+    """Mean over items (axis 1) of the finite values; NaN where there are none (metric not computed, no choices)."""
+    finite = np.isfinite(x)
+    counts = finite.sum(axis=1)
+    return np.where(counts > 0, np.where(finite, x, 0).sum(axis=1) / np.maximum(counts, 1), np.nan)
+
+
+def summary_means(per_item: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
+    """Per-step means of the per-item results (accuracy over the items that have choices)."""
+    return {"mean_gold_logprob": ("step", finite_mean(per_item["gold_logprob"])),
+            "choice_accuracy": ("step", finite_mean(per_item["choice_correct"])),
+            "exact_match_rate": ("step", finite_mean(per_item["exact_match"]))}
+
+
+def evaluate_prune(opts: PruneOptions) -> xr.Dataset:
+    """Score ``opts.task`` with 0, 1, 2, ... layers removed; writes the outputs when ``opts.out`` is set."""
+    check_prune_options(opts)
+    metrics = parse_metrics(opts.metrics)
+    items = load_task(opts.task, opts.n, opts.seed)
+    device = str(resolve_device(opts.device))
+    loaded = load_model(opts.model, device=device)
+    arch = architecture_for(loaded.model)
+    depth = len(decoder_layers(loaded.model, arch))
+    candidates = parse_layers(opts.layers, depth)
+    steps = min(opts.steps or len(candidates), len(candidates), depth - 1)
+    scorer = Scorer(loaded, arch, items, opts, device)
+    influence = block_influence(loaded.model, arch, loaded.tokenizer, [it.prompt for it in items], opts.batch_size,
+                                device)
+    order, chosen = removal_sequence(scorer, candidates, steps, influence)
+    results = [step_results(scorer, order[:k], metrics) for k in range(steps + 1)]
+    per_item = {k: np.stack([r[k] for r in results]) for k in ("gold_logprob", "choice_correct", "exact_match")}
+    ds = xr.Dataset(
+        {**{k: (("step", "item"), v) for k, v in per_item.items()}, **summary_means(per_item),
+         "generated": (("step", "item"), np.array([r["generated"] for r in results], dtype=object)),
+         "greedy_score": ("step", np.array([np.nan, *chosen])),
+         "block_influence": ("layer", influence)},
+        coords={"step": np.arange(steps + 1), "n_removed": ("step", np.arange(steps + 1)),
+                "removed_layer": ("step", np.array([-1, *order])),
+                "removed": ("step", np.array([",".join(map(str, order[:k])) for k in range(steps + 1)], dtype=object)),
+                "item_id": ("item", np.array([it.id for it in items], dtype=object)),
+                "hops": ("item", np.array([it.hops for it in items])), "layer": np.arange(depth),
+                "relative_depth": ("layer", np.arange(depth) / depth)},
+        attrs={"model": opts.model, "task": opts.task, "metrics": ",".join(metrics), "order": opts.order,
+               "candidates": json.dumps(list(candidates)), "options": json.dumps(asdict(opts) | {"device": device}),
+               "description": "step k: the model with the first k layers of the removal order removed; "
+                              "gold_logprob: summed log-prob (nats) of the gold answer; choice_correct: the gold "
+                              "answer has the highest log-prob among the choices; exact_match: the greedy answer "
+                              "(first line, as many words as the gold, end punctuation and case ignored) equals it"})
+    if opts.out is not None:
+        write_outputs(ds, Path(opts.out))
+    return ds
+
+
+def write_outputs(ds: xr.Dataset, folder: Path) -> list[Path]:
+    """prune.zarr, prune.csv (per step), prune-items.csv (per step and item) and prune.png in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.to_zarr(folder / "prune.zarr", mode="w", zarr_format=3, consolidated=False)
+    steps = ds[["n_removed", "removed_layer", "removed", "mean_gold_logprob", "choice_accuracy", "exact_match_rate",
+                "greedy_score"]].to_dataframe()
+    steps.to_csv(folder / "prune.csv")
+    items = ds[["removed", "item_id", "gold_logprob", "choice_correct", "exact_match", "generated"]].to_dataframe()
+    items.to_csv(folder / "prune-items.csv")
+    return [folder / "prune.zarr", folder / "prune.csv", folder / "prune-items.csv", plot_prune(ds, folder)]

@@ -1,0 +1,488 @@
+"""Intervention runs: forward passes with layers skipped, stored under ``runs/<name>`` beside the baseline.
+
+Skipping layer s makes it contribute nothing to the residual: forward hooks zero what its branches add (the
+attention and MLP outputs; OLMo 2's post-norm outputs), so the layer returns its input; ``attn``/``mlp`` zero one
+branch. Position 0 is never skipped. Variants (analyses.md §2): ``current`` skips positions 1..T−1 of every window;
+``future`` skips positions 1..t−1 for up to 4 drawn t per window (every 8th position, ≥ 8 from both ends), one
+pass per draw, and skip-effects measures positions ≥ t only.
+
+A run covers the first N baseline tokens (whole baseline chunks) with the baseline's exact batches (same shapes),
+and stores only what skip-effects needs: ``attn_out``/``mlp_out`` of the stored layers ≥ the first skipped one
+(earlier layers are unchanged), ``resid_final`` (with the store's ``model/`` head it gives the whole output
+distribution), the output summary, the token columns and, in the future variant, ``skip_stop`` (t of the
+token's window in its draw; 0: nothing skipped or measured). With ``prefix="baseline"`` the layers before the
+first skipped one are not run at all: the baseline's stored ``resid_pre`` is fed into it instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from depthcache.dtypes import STORED_DTYPES
+from depthcache.errors import DepthcacheError
+from depthcache.extract.architectures import Architecture, architecture_for, decoder_layers, submodule
+from depthcache.extract.capture import Capture, first_tensor
+from depthcache.extract.data import load_documents
+from depthcache.extract.engine import (TORCH_DTYPES, ExtractOptions, Plan, batch_inputs, batches_between,
+                                       check_destination, check_options, copied_event, extract, first_tokens,
+                                       library_versions, make_plan, output_summary, to_host, token_columns,
+                                       write_batches)
+from depthcache.extract.modelstore import tokenizer_sha256
+from depthcache.extract.models import LoadedModel, load_model, resolve_device
+from depthcache.extract.writer import ChunkWriter
+from depthcache.store import (SCHEMA_VERSION, StoreLayout, compressors, create_arrays, open_group, read_attrs,
+                              write_attrs)
+
+SUBLAYERS = ("layer", "attn", "mlp")
+VARIANTS = ("current", "future")
+PREFIXES = ("baseline", "recompute")
+FUTURE_DRAWS = 4
+FUTURE_STEP = 8
+RUN_SITES = ("attn", "mlp")
+MATCHING = ("intervention", "options.layers", "options.sites", "options.dtype", "layout.n_tokens")
+
+
+@dataclass(frozen=True)
+class SkipOptions:
+    """What ``extract --skip`` adds to the baseline's options."""
+
+    skip: str
+    sublayer: str = "layer"
+    tokens: int | None = 4096  # None: every baseline token
+    variant: str = "current"
+    prefix: str = "baseline"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SkipRun:
+    """One intervention run: the layers skipped together, the branch skipped and the variant."""
+
+    layers: tuple[int, ...]
+    sublayer: str = "layer"
+    variant: str = "current"
+
+    @property
+    def name(self) -> str:
+        """Group name under ``runs/``: skip_7, skip_3+7, skip_7_attn, skip_7_future, ..."""
+        return "_".join(["skip", "+".join(map(str, self.layers))]
+                        + [self.sublayer] * (self.sublayer != "layer") + [self.variant] * (self.variant != "current"))
+
+    @property
+    def draws(self) -> int:
+        """Passes over the tokens: one per drawn position t in the future variant."""
+        return FUTURE_DRAWS if self.variant == "future" else 1
+
+
+@dataclass
+class RunContext:
+    """Everything the batches of one skip run need."""
+
+    loaded: LoadedModel
+    arch: Architecture
+    plan: Plan
+    opts: ExtractOptions  # the baseline's options (same batches, dtype, top-k)
+    run: SkipRun
+    stored: tuple[int, ...]
+    tokens: int
+    device: str
+    prefix: zarr.Array | None  # the baseline's resid_pre, when layers before the skip are not recomputed
+    prefix_index: int
+    stops: np.ndarray | None  # (draws, windows) first measured position in the future variant
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id of the batches (as the baseline used)."""
+        pad = self.loaded.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+
+def parse_skip(spec: str, n_layers: int) -> list[tuple[int, ...]]:
+    """'7', '3,7' (two runs), '3+7' (one run skipping both), 'each', 'range 20-29' → the layer sets of the runs."""
+    text = spec.strip()
+    if text == "each":
+        return [(layer,) for layer in range(n_layers)]
+    if text.startswith("range"):
+        lo, _, hi = text.removeprefix("range").strip(" :").partition("-")
+        first, last = layer_index(lo, spec, n_layers), layer_index(hi, spec, n_layers)
+        if first > last:
+            raise DepthcacheError(f"--skip {spec!r}: the range must go upwards, e.g. 'range 20-29'")
+        return [(layer,) for layer in range(first, last + 1)]
+    sets: dict[tuple[int, ...], None] = {}
+    for part in text.split(","):
+        sets[tuple(sorted({layer_index(p, spec, n_layers) for p in part.split("+")}))] = None
+    return list(sets)
+
+
+def layer_index(text: str, spec: str, n_layers: int) -> int:
+    """One layer number of a --skip spec, checked against the model's depth."""
+    try:
+        layer = int(text.strip())
+    except ValueError as exc:
+        raise DepthcacheError(f"bad --skip {spec!r}: use e.g. 7, '3,7' (two runs), '3+7' (one run skipping both), "
+                              "each, or 'range 20-29'") from exc
+    if not 0 <= layer < n_layers:
+        raise DepthcacheError(f"--skip {spec!r}: layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    return layer
+
+
+def check_skip_options(skip: SkipOptions) -> None:
+    """Refuse bad intervention options before anything is loaded."""
+    for name, value, allowed in (("sublayer", skip.sublayer, SUBLAYERS), ("variant", skip.variant, VARIANTS),
+                                 ("prefix", skip.prefix, PREFIXES)):
+        if value not in allowed:
+            raise DepthcacheError(f"unknown --skip-{name} {value!r}; choose from {', '.join(allowed)}")
+    if skip.tokens is not None and skip.tokens < 1:
+        raise DepthcacheError("--skip-tokens must be at least 1")
+
+
+def run_tokens(requested: int | None, chunk_tokens: int, n_tokens: int) -> int:
+    """Baseline tokens a run covers: the request rounded up to whole chunks, at most every baseline token."""
+    if requested is None:
+        return n_tokens
+    if requested > n_tokens:
+        raise DepthcacheError(f"--skip-tokens {requested} is more than the baseline's {n_tokens} tokens: ask for "
+                              f"at most {n_tokens}, or extract a larger baseline (--max-tokens)")
+    return min(-(-requested // chunk_tokens) * chunk_tokens, n_tokens)
+
+
+def future_stops(plan: Plan, seed: int) -> np.ndarray:
+    """(draws, windows) position t per window and draw: distinct multiples of 8 in [8, len − 8], seeded (0: none)."""
+    stops = np.zeros((FUTURE_DRAWS, len(plan.windows)), dtype=np.int32)
+    for seq in range(len(plan.windows)):
+        n = len(plan.windows[seq].tokens)
+        candidates = np.arange(FUTURE_STEP, n - FUTURE_STEP + 1, FUTURE_STEP)
+        picked = np.random.default_rng([seed, seq]).permutation(candidates)[:FUTURE_DRAWS]
+        stops[:len(picked), seq] = np.sort(picked)
+    return stops
+
+
+class Skip:
+    """Context manager: hooks zeroing what the skipped layers' branches add to the residual where ``mask`` is set."""
+
+    def __init__(self, model: torch.nn.Module, arch: Architecture, layers: tuple[int, ...], sublayer: str,
+                 mask: torch.Tensor) -> None:
+        self.model, self.arch, self.layers, self.sublayer = model, arch, layers, sublayer
+        self.mask = mask.unsqueeze(-1)  # (batch, seq, 1)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> Skip:
+        blocks = decoder_layers(self.model, self.arch)
+        branches = {"layer": (self.arch.attn, self.arch.mlp), "attn": (self.arch.attn,), "mlp": (self.arch.mlp,)}
+        for layer in self.layers:
+            for branch in branches[self.sublayer]:
+                module = submodule(blocks[layer], branch)
+                self._handles.append(module.register_forward_hook(self._zero))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _zero(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        out = first_tensor(output).masked_fill(self.mask, 0.0)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+
+@contextmanager
+def only_layers(model: torch.nn.Module, arch: Architecture, keep: list[int],
+                hidden: torch.Tensor | None = None) -> Iterator[None]:
+    """Run only the decoder layers ``keep`` (renumbered for the KV cache), feeding ``hidden`` into the first if given."""
+    parent, _, attr = arch.layers.rpartition(".")
+    owner = submodule(model, parent)
+    full = getattr(owner, attr)
+    kept = [full[i] for i in keep]
+    numbered = [(m, new) for new, layer in enumerate(kept) for m in layer.modules()
+                if isinstance(getattr(m, "layer_idx", None), int)]
+    original = [m.layer_idx for m, _ in numbered]
+    handle = kept[0].register_forward_pre_hook(feeder(hidden), with_kwargs=True) if hidden is not None else None
+    setattr(owner, attr, torch.nn.ModuleList(kept))
+    for m, new in numbered:
+        m.layer_idx = new
+    try:
+        yield
+    finally:
+        setattr(owner, attr, full)
+        for (m, _), idx in zip(numbered, original):
+            m.layer_idx = idx
+        if handle is not None:
+            handle.remove()
+
+
+def feeder(hidden: torch.Tensor):  # noqa: ANN201 - torch hook
+    """A forward pre-hook replacing a decoder layer's input hidden states by ``hidden``."""
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+    return hook
+
+
+class FinalResidual:
+    """Context manager: records the residual entering the final norm (``resid_final``)."""
+
+    def __init__(self, model: torch.nn.Module, arch: Architecture) -> None:
+        self.norm = submodule(model, arch.final_norm)
+        self.value: torch.Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> FinalResidual:
+        self._handle = self.norm.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
+        self.value = args[0].detach()
+
+
+def skip_mask(ctx: RunContext, draw: int, first: int, last: int, real: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) positions where the run skips: 1..T−1 (current) or 1..t−1 of the draw's t (future)."""
+    pos = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
+    if ctx.stops is None:
+        return real & (pos >= 1)
+    stop = torch.from_numpy(ctx.stops[draw, first:last]).to(real.device).unsqueeze(1)
+    return real & (pos >= 1) & (pos < stop)
+
+
+def baseline_residual(ctx: RunContext, first: int, last: int, real: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, d) baseline residual entering the first skipped layer (zeros past the run's tokens)."""
+    begin, end = int(ctx.plan.offsets[first]), min(int(ctx.plan.offsets[last]), ctx.tokens)
+    values = np.asarray(ctx.prefix[ctx.prefix_index, begin:end]).astype(np.float32)
+    dtype = next(ctx.loaded.model.parameters()).dtype
+    hidden = torch.zeros((real.numel(), values.shape[-1]), dtype=dtype)
+    hidden[real.flatten().cpu().nonzero().squeeze(1)[:end - begin]] = torch.from_numpy(values).to(dtype)
+    return hidden.view(*real.shape, -1).to(ctx.device)
+
+
+def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
+               ) -> tuple[dict[str, np.ndarray], torch.cuda.Event | None]:
+    """Forward windows first..last-1 with the run's skip and return its stored arrays (minus the first ``drop``)."""
+    model, opts = ctx.loaded.model, ctx.opts
+    ids, mask = batch_inputs(ctx.plan.windows[first:last], opts.seq_len, ctx.pad_id, ctx.device)
+    host = token_columns(ctx.plan, first, last)
+    real = mask.bool()
+    keep = real.flatten().nonzero().squeeze(1)[drop:]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        """(..., batch, seq, d) → (..., real tokens after ``drop``, d)."""
+        return t.flatten(-3, -2).index_select(-2, keep)
+
+    dtype = TORCH_DTYPES[opts.dtype]
+    with ExitStack() as stack, torch.inference_mode():
+        stack.enter_context(Skip(model, ctx.arch, ctx.run.layers, ctx.run.sublayer,
+                                 skip_mask(ctx, draw, first, last, real)))
+        cap = stack.enter_context(Capture(model, ctx.arch, ctx.stored, RUN_SITES, dtype))
+        final = stack.enter_context(FinalResidual(model, ctx.arch))
+        if ctx.prefix is not None:
+            later = list(range(min(ctx.run.layers), len(decoder_layers(model, ctx.arch))))
+            stack.enter_context(only_layers(model, ctx.arch, later, baseline_residual(ctx, first, last, real)))
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out = {name: to_host(rows(cap.stacked(name)), opts.dtype) for name in ("attn_out", "mlp_out")}
+        out["resid_final"] = to_host(rows(final.value), opts.dtype)
+        next_ids = torch.from_numpy(host["next_token_id"][drop:]).long().to(ctx.device)
+        summary = output_summary(rows(logits), next_ids, opts.top_k)
+    out.update({k: to_host(v) for k, v in summary.items()})
+    out.update({k: v[drop:] for k, v in host.items()})
+    if ctx.stops is not None:
+        lengths = np.diff(ctx.plan.offsets[first:last + 1])
+        out["skip_stop"] = np.repeat(ctx.stops[draw, first:last], lengths)[drop:]
+    return out, copied_event(ctx.device)
+
+
+def run_batches(ctx: RunContext, start: int
+                ) -> Iterator[tuple[int, dict[str, np.ndarray], torch.cuda.Event | None]]:
+    """(run token, stored arrays, copy event) of each batch from run token ``start`` on; draw k holds run tokens
+    k·N .. (k+1)·N − 1 for baseline tokens 0 .. N − 1."""
+    for draw in range(start // ctx.tokens, ctx.run.draws):
+        begin = max(start - draw * ctx.tokens, 0)
+        at = draw * ctx.tokens + begin
+        for first, last, drop, keep in batches_between(ctx.plan, begin, ctx.tokens, ctx.opts.batch_size):
+            batch, copied = skip_batch(ctx, draw, first, last, drop)
+            yield at, first_tokens(batch, keep), copied
+            at += keep
+
+
+def run_attrs(base: dict[str, Any], run: SkipRun, stored: tuple[int, ...], tokens: int, windows: int,
+              skip: SkipOptions, prefix: str, device: str) -> dict[str, Any]:
+    """The attributes of a new run group: the baseline's provenance, the run's layout and its intervention."""
+    return {**base, "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(),
+            "options": {**base["options"], "sites": list(RUN_SITES), "layers": list(stored), "device": device},
+            "layout": {"n_tokens": run.draws * tokens, "n_windows": run.draws * windows,
+                       "chunk_tokens": base["layout"]["chunk_tokens"]},
+            "progress": {"tokens_committed": 0, "complete": False},
+            "intervention": {"kind": "skip", "layers": list(run.layers), "sublayer": run.sublayer,
+                             "variant": run.variant, "baseline_tokens": tokens, "draws": run.draws, "seed": skip.seed,
+                             "prefix": prefix, "baseline_created": base["created"]}}
+
+
+def flat(attrs: dict[str, Any], key: str) -> Any:
+    """``attrs['a']['b']`` for key 'a.b'."""
+    for part in key.split("."):
+        attrs = attrs[part]
+    return attrs
+
+
+def existing_run(out: str, name: str, attrs: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """The attributes of run ``name`` if it exists and may be continued; refuses clobbering or mixing settings."""
+    if not (Path(out) / "runs" / name / "zarr.json").exists():
+        return None
+    if not resume:
+        raise DepthcacheError(f"{out} already has run {name!r}: pass --resume to continue it (same settings)")
+    existing = read_attrs(open_group(out, "r", path=f"runs/{name}"))
+    diffs = [f"  {k}: store has {flat(existing, k)!r}, this run has {flat(attrs, k)!r}" for k in MATCHING
+             if flat(existing, k) != flat(attrs, k)]
+    if diffs:
+        raise DepthcacheError(f"run {name!r} in {out} was made with other settings; refusing to mix them:\n"
+                              + "\n".join(diffs))
+    return existing
+
+
+def create_run(out: str, name: str, attrs: dict[str, Any]) -> None:
+    """Create the run's empty arrays in a temporary sibling of the store, then move it to runs/<name> atomically."""
+    n, chunk, dtype = attrs["layout"]["n_tokens"], attrs["layout"]["chunk_tokens"], attrs["options"]["dtype"]
+    d_model = attrs["model"]["d_model"]
+    stored = tuple(attrs["options"]["layers"])
+    zarr.open_group(out, mode="r+").require_group("runs")
+    tmp = Path(out).with_name(f".{Path(out).name}.{name}.creating-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        create_arrays(group, StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk))
+        group.create_array("resid_final", shape=(n, d_model), chunks=(chunk, d_model), dtype=STORED_DTYPES[dtype],
+                           fill_value=0, compressors=compressors(dtype), dimension_names=("token", "d_model"))
+        if attrs["intervention"]["variant"] == "future":
+            group.create_array("skip_stop", shape=(n,), chunks=(chunk,), dtype="int32", fill_value=0,
+                               compressors=compressors("int32"), dimension_names=("token",))
+        write_attrs(group, attrs)
+        os.replace(tmp, Path(out) / "runs" / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], resume_from: dict[str, Any] | None
+                ) -> dict[str, Any]:
+    """Create (or continue) one run group and write its batches, committing progress per chunk."""
+    if resume_from is None:
+        create_run(out, name, attrs)
+    else:
+        attrs = resume_from
+        if attrs["progress"]["complete"]:
+            return attrs
+    group = open_group(out, "r+", path=f"runs/{name}")
+    n_tokens, start = int(attrs["layout"]["n_tokens"]), int(attrs["progress"]["tokens_committed"])
+
+    def commit(stop: int) -> None:
+        attrs["progress"] = {"tokens_committed": stop, "complete": stop == n_tokens}
+        write_attrs(group, attrs)
+
+    names = [n for n in group.array_keys() if n != "layer"]
+    writer = ChunkWriter(group, names, int(attrs["layout"]["chunk_tokens"]), n_tokens, start, commit)
+    write_batches(writer, run_batches(ctx, start), n_tokens - start, ctx.opts)
+    return attrs
+
+
+def check_baseline(attrs: dict[str, Any], loaded: LoadedModel, docs_sha: str, out: str) -> None:
+    """Refuse a baseline made from another model or dataset, or lacking what skip runs compare with."""
+    model = attrs["model"]
+    ours = {"model": loaded.provenance.get("weights_sha256") or loaded.provenance["spec"],
+            "tokenizer": tokenizer_sha256(loaded.tokenizer_files), "dataset": docs_sha}
+    theirs = {"model": model.get("weights_sha256") or model["spec"], "tokenizer": model["tokenizer_sha256"],
+              "dataset": attrs["dataset"]["sha256"]}
+    diffs = [key for key in ours if ours[key] != theirs[key]]
+    if diffs:
+        raise DepthcacheError(f"{out} was extracted with another {' and '.join(diffs)} (store: model "
+                              f"{model['spec']!r}, data {attrs['dataset']['spec']!r}): pass the baseline's --model "
+                              "and --data")
+    missing = sorted({"resid", "attn", "mlp"} - set(attrs["options"]["sites"]))
+    if missing:
+        raise DepthcacheError(f"{out} lacks the sites {', '.join(missing)}: skip runs are compared with the baseline's "
+                              "attn_out, mlp_out and resid_final; re-extract it with --sites resid,attn,mlp")
+
+
+def baseline_options(opts: ExtractOptions, attrs: dict[str, Any]) -> ExtractOptions:
+    """The extraction options the baseline was made with (a run reuses its batches, dtype and top-k)."""
+    o = attrs["options"]
+    return replace(opts, sites=tuple(o["sites"]), layers=",".join(map(str, o["layers"])), max_tokens=o["max_tokens"],
+                   seq_len=o["seq_len"], batch_size=o["batch_size"], dtype=o["dtype"], top_k=o["top_k"],
+                   chunk_tokens=attrs["layout"]["chunk_tokens"])
+
+
+def check_tokens(root: zarr.Group, attrs: dict[str, Any], plan: Plan, tokens: int, out: str) -> None:
+    """Refuse a run over baseline tokens that are not committed, or that differ from this dataset's tokens."""
+    committed = int(attrs["progress"]["tokens_committed"])
+    if committed < tokens:
+        raise DepthcacheError(f"{out} has {committed:,} committed baseline tokens but the skip run needs the first "
+                              f"{tokens:,}: finish the baseline first (depthcache extract --resume with its options) "
+                              "or ask for fewer --skip-tokens")
+    ours = np.concatenate([w.tokens for w in plan.windows])[:tokens]
+    if not np.array_equal(ours, root["token_id"][:tokens]):
+        raise DepthcacheError(f"the tokens of {out} differ from this dataset's tokenization: extract the skip runs "
+                              "with the library versions and tokenizer of the baseline")
+
+
+def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """``extract --skip``: the baseline first (created, or continued with --resume), then every skip run (with
+    ``loaded`` if given); returns each run's name and final attributes."""
+    check_options(opts)
+    check_skip_options(skip)
+    if opts.num_workers > 1:
+        raise DepthcacheError("skip runs are extracted by one worker: drop --num-workers")
+    exists = Path(opts.out).exists()
+    if exists and not (Path(opts.out) / "zarr.json").exists():
+        raise DepthcacheError(f"{opts.out} exists and is not a depthcache store; refusing to write into it")
+    if not exists:
+        check_destination(opts.out, resume=False)
+    device = str(resolve_device(opts.device))
+    docs = load_documents(opts.data)
+    loaded = loaded or load_model(opts.model, device=device)
+    arch = architecture_for(loaded.model)
+    depth = len(decoder_layers(loaded.model, arch))
+    runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]
+    if not exists:
+        run_tokens(skip.tokens, 1, make_plan(opts, loaded, docs, depth).n_tokens)  # refuse before writing
+    if not exists or opts.resume:
+        extract(opts, loaded)
+    root = open_group(opts.out, "r")
+    base = read_attrs(root)
+    check_baseline(base, loaded, docs.sha256, opts.out)
+    base_opts = baseline_options(replace(opts, device=device), base)
+    plan = make_plan(base_opts, loaded, docs, depth)
+    tokens = run_tokens(skip.tokens, base["layout"]["chunk_tokens"], base["layout"]["n_tokens"])
+    check_tokens(root, base, plan, tokens, opts.out)
+    windows = int(np.searchsorted(plan.offsets, tokens, side="left"))
+    layers = list(base["options"]["layers"])
+    todo = []
+    for run in runs:  # every check before the first run is written
+        start = min(run.layers)
+        stored = tuple(layer for layer in layers if layer >= start)
+        if not stored:
+            raise DepthcacheError(f"the baseline stores no layer at or after layer {start}: nothing to compare a "
+                                  "skip there with")
+        reuse = skip.prefix == "baseline" and start > 0 and start in layers
+        attrs = run_attrs(base, run, stored, tokens, windows, skip, "baseline" if reuse else "recompute", device)
+        todo.append((run, stored, reuse, attrs, existing_run(opts.out, run.name, attrs, opts.resume)))
+    stops = future_stops(plan, skip.seed) if skip.variant == "future" else None
+    done = {}
+    for run, stored, reuse, attrs, previous in todo:
+        ctx = RunContext(loaded, arch, plan, base_opts, run, stored, tokens, device,
+                         root["resid_pre"] if reuse else None, layers.index(min(run.layers)) if reuse else 0, stops)
+        done[run.name] = execute_run(ctx, opts.out, run.name, attrs, previous)
+    return done
