@@ -129,13 +129,13 @@ def check_destination(out: str, resume: bool) -> bool:
             raise DepthcacheError(f"{out} exists and is not a depthcache store; refusing to write into it")
         return True
     parent = path.resolve().parent
-    if not parent.exists():
-        raise DepthcacheError(f"folder {parent} does not exist")
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
     try:
-        with tempfile.TemporaryFile(dir=parent):
+        with tempfile.TemporaryFile(dir=existing):
             pass
+        parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DepthcacheError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out") from exc
+        raise DepthcacheError(f"cannot write to {existing} ({exc.strerror}): choose a writable --out") from exc
     return False
 
 
