@@ -1,0 +1,136 @@
+"""contributions: how much each sublayer adds to the residual, and in which direction (analyses.md §1).
+
+Per token t and stored layer l, with h = resid_pre[l], a = attn_out[l], m = mlp_out[l], d = a + m:
+relative contributions ‖a‖/‖h‖, ‖m‖/‖h + a‖ (‖m‖/‖h‖ for parallel-residual models, whose MLP reads h), ‖d‖/‖h‖;
+cosines cos(a, h), cos(m, h + a) (cos(m, h) when parallel), cos(d, h); the norms ‖h‖, ‖a‖, ‖m‖, ‖d‖; and how much
+the layer turns the residual, cos(h + d, h). Each per-token value is reduced over tokens (mean, std, max; float64)
+overall and per log-spaced position bucket. Every chunk is reduced to small partial sums in one pass over the data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from depthcache.analyze import plotting
+from depthcache.analyze.reduce import as_float32, bucket_partials, combine_partials, position_buckets, scratch
+from depthcache.analyze.registry import analysis
+from depthcache.analyze.source import Store
+
+SUBLAYERS = ("attn", "mlp", "layer")
+# per-token quantities, in the order of the partials' quantity axis
+QUANTITIES = ("rel_attn", "rel_mlp", "rel_layer", "cos_attn", "cos_mlp", "cos_layer",
+              "norm_attn", "norm_mlp", "norm_layer", "norm_resid", "turn_cos")
+
+
+def rows_dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-row dot product over the last axis, float64 result of a float32 product."""
+    return np.vecdot(x, y).astype(np.float64)
+
+
+def layer_quantities(h: np.ndarray, a: np.ndarray, m: np.ndarray, parallel: bool) -> np.ndarray:
+    """(len(QUANTITIES), tokens) float64 for one layer's float32 (tokens, d_model) blocks."""
+    d = np.add(a, m, out=scratch("d", a.shape))
+    hh, aa, mm, dd, ah, dh = (rows_dot(x, y) for x, y in ((h, h), (a, a), (m, m), (d, d), (a, h), (d, h)))
+    if parallel:
+        into, m_dot = hh, rows_dot(m, h)
+    else:
+        mid = np.add(h, a, out=scratch("mid", h.shape))
+        into, m_dot = rows_dot(mid, mid), rows_dot(m, mid)
+    nh, na, nm, nd, ninto = np.sqrt(hh), np.sqrt(aa), np.sqrt(mm), np.sqrt(dd), np.sqrt(into)
+    n_next = np.sqrt(np.maximum(hh + 2 * dh + dd, 0.0))  # ‖h + d‖
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.stack([na / nh, nm / ninto, nd / nh, ah / (na * nh), m_dot / (nm * ninto), dh / (nd * nh),
+                         na, nm, nd, nh, (hh + dh) / (n_next * nh)])
+
+
+def chunk_partials(h: np.ndarray, a: np.ndarray, m: np.ndarray, position: np.ndarray, *, parallel: bool,
+                   include_first: bool, edges: np.ndarray) -> np.ndarray:
+    """(1, 4, quantity, layer, bucket) count/sum/sum of squares/max of every quantity over one token chunk."""
+    values = np.stack([layer_quantities(as_float32(h[i], "h"), as_float32(a[i], "a"), as_float32(m[i], "m"),
+                                        parallel) for i in range(h.shape[0])], axis=1)
+    return bucket_partials(values, position, include_first, edges)[None]
+
+
+def plot(result: xr.Dataset, folder: Path) -> list[Path]:
+    """Paper-style figure (relative contribution and cosine per sublayer vs layer) and the per-position view."""
+    layers = result.layer.values
+    depth = int(result.attrs["n_layers"])
+    first = "included" if result.attrs["include_first"] else "excluded"
+    fig, (rel, cos) = plotting.figure(2)
+    for sub in SUBLAYERS:
+        r = result.sel(sublayer=sub)
+        rel.plot(layers, r.rel_mean, marker="o", ms=3, label=sub)
+        rel.fill_between(layers, np.maximum(r.rel_mean - r.rel_std, 1e-6), r.rel_mean + r.rel_std, alpha=0.15)
+        cos.plot(layers, r.cos_mean, marker="o", ms=3, label=sub)
+    rel.set(ylabel="‖contribution‖ / ‖residual‖ (mean)", yscale="log",
+            title="Relative contribution (± std over tokens)")
+    cos.axhline(0, color="grey", lw=0.8)
+    cos.set(ylabel="mean cos(contribution, residual)", title="Cosine with the residual")
+    for ax in (rel, cos):
+        ax.set_xlabel("layer")
+        ax.secondary_xaxis("top", functions=(lambda x: x / depth, lambda x: x * depth)).set_xlabel(
+            "relative depth l / L")
+        ax.legend(title="sublayer")
+    fig.suptitle(plotting.model_title(result.attrs, f"Contributions to the residual ({int(result.tokens_used)} "
+                                                    f"tokens, position 0 {first})"), fontsize=9)
+    paths = [plotting.save(fig, folder, "contributions")]
+    fig, (ax,) = plotting.figure(width=6.5)
+    by_pos = result.rel_mean_by_position.sel(sublayer="layer")
+    for bucket in result.position_bucket.values:
+        values = by_pos.sel(position_bucket=bucket)
+        if np.isfinite(values).any():
+            ax.plot(layers, values, label=str(bucket))
+    ax.set(xlabel="layer", ylabel="mean ‖d_l‖ / ‖h_l‖", yscale="log",
+           title=plotting.model_title(result.attrs, "Whole-layer relative contribution by token position"))
+    ax.legend(title="positions", fontsize=7, ncols=2)
+    paths.append(plotting.save(fig, folder, "contributions-by-position"))
+    return paths
+
+
+@analysis("contributions", "Relative norm contribution and cosine of attention, MLP and whole layer to the "
+          "residual, per layer (and per position bucket).", plot=plot)
+def contributions(store: Store, include_first: bool = False) -> xr.Dataset:
+    """Per sublayer and layer: mean/std/max of the relative contribution, mean/std cosine, norms, turning."""
+    store.require("resid_pre", "attn_out", "mlp_out")
+    ds = store.ds
+    parallel = bool(store.attrs["model"].get("parallel_residual", False))
+    edges = position_buckets(int(store.attrs["options"]["seq_len"]))
+    partials = da.blockwise(chunk_partials, "tsqlb", ds.resid_pre.data, "ltd", ds.attn_out.data, "ltd",
+                            ds.mlp_out.data, "ltd", ds.position.data, "t",
+                            new_axes={"s": 4, "q": len(QUANTITIES), "b": len(edges) - 1}, adjust_chunks={"t": 1},
+                            concatenate=True, dtype=np.float64, meta=np.empty((0,) * 5),
+                            parallel=parallel, include_first=include_first, edges=edges)
+    stats = combine_partials(partials)  # mean/std/max (quantity, layer, bucket) and overall (quantity, layer)
+    q = {name: i for i, name in enumerate(QUANTITIES)}
+    sub = [q[f"rel_{s}"] for s in SUBLAYERS], [q[f"cos_{s}"] for s in SUBLAYERS], [q[f"norm_{s}"] for s in SUBLAYERS]
+    rel, cos, nrm = sub
+    layers = ds.layer.values
+    labels = [f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])]
+    sl, slb = ("sublayer", "layer"), ("sublayer", "layer", "position_bucket")
+    return xr.Dataset(
+        {"rel_mean": (sl, stats["mean"][rel]), "rel_std": (sl, stats["std"][rel]), "rel_max": (sl, stats["max"][rel]),
+         "cos_mean": (sl, stats["mean"][cos]), "cos_std": (sl, stats["std"][cos]),
+         "norm_mean": (sl, stats["mean"][nrm]), "norm_max": (sl, stats["max"][nrm]),
+         "resid_norm_mean": ("layer", stats["mean"][q["norm_resid"]]),
+         "resid_norm_max": ("layer", stats["max"][q["norm_resid"]]),
+         "turn_cos_mean": ("layer", stats["mean"][q["turn_cos"]]),
+         "turn_cos_std": ("layer", stats["std"][q["turn_cos"]]),
+         "rel_mean_by_position": (slb, stats["mean_by_bucket"][rel]),
+         "cos_mean_by_position": (slb, stats["mean_by_bucket"][cos]),
+         "tokens_by_position": ("position_bucket", stats["count_by_bucket"]),
+         "tokens_used": ((), stats["count"])},
+        coords={"sublayer": np.array(SUBLAYERS, dtype=object), "layer": layers, "relative_depth": ("layer", layers / store.n_layers),
+                "position_bucket": np.array(labels, dtype=object), "bucket_start": ("position_bucket", edges[:-1]),
+                "bucket_end": ("position_bucket", edges[1:] - 1)},
+        attrs={"include_first": int(include_first), "parallel_residual": int(parallel), "n_layers": store.n_layers,
+               "tokens": int(ds.sizes["token"]),
+               "description": "per token: rel = ‖a‖/‖h‖ (attn), ‖m‖/‖h+a‖ (mlp; ‖m‖/‖h‖ if parallel_residual), "
+                              "‖d‖/‖h‖ (layer, d = a+m); cos = cos(a,h), cos(m,h+a) (cos(m,h) if parallel), "
+                              "cos(d,h); norm = ‖a‖, ‖m‖, ‖d‖; resid_norm = ‖h‖; turn_cos = cos(h+d, h). "
+                              "mean/std/max over tokens (float64); position 0 of each window "
+                              f"{'included' if include_first else 'excluded'} (parameter include_first); "
+                              "*_by_position: the mean per position bucket [bucket_start, bucket_end]"})
