@@ -1,0 +1,60 @@
+"""Heatmaps of location maps: layer × position with the input tokens as x tick labels, as in the paper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from depthcache.analyze.plotting import figure, save
+from depthcache.errors import DepthcacheError
+from depthcache.locate.maps import MAP_ATTR, item_info, read_map
+
+LOOK = {"erasure": ("max_prob_change", "max |Δ p(answer)|", "Residual erasure", "viridis"),
+        "igrad": ("attribution", "attribution", "Integrated gradients", "RdBu_r")}
+
+
+def tick_label(token: str) -> str:
+    """A token as a readable tick label: whitespace made visible."""
+    return token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣") or "∅"
+
+
+def heatmap(m: xr.Dataset, kind: str, model: str, folder: Path, name: str) -> Path:
+    """One prompt's map (dims layer, position) as a PNG."""
+    var, label, title, cmap = LOOK[kind]
+    info = item_info(m)
+    n, n_prompt = int(info["n_positions"]), int(info["n_prompt_tokens"])
+    values = m[var].values[:, :n]
+    tokens = [tick_label(str(t)) for t in m.token.values[:n]]
+    fig, (ax,) = figure(width=max(4.5, 0.32 * n + 2.5), height=max(3.6, 0.16 * m.sizes["layer"] + 1.6))
+    limit = float(np.nanmax(np.abs(values))) or 1.0
+    bounds = {"vmin": -limit, "vmax": limit} if kind == "igrad" else {"vmin": 0.0, "vmax": limit}
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest", **bounds)
+    ax.set_xticks(range(n), tokens, rotation=90, fontsize=8)
+    ax.set_ylabel("layer")
+    if n_prompt < n:
+        ax.axvline(n_prompt - 0.5, color="black", linewidth=0.8, linestyle="--")
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_title(f"{title} — {model}\n{info['prompt']!r} → {info['answer']!r}", fontsize=9)
+    return save(fig, folder, name)
+
+
+def plot_map(ds: xr.Dataset, kind: str, folder: Path) -> list[Path]:
+    """Heatmaps of a map dataset: one PNG, or one per item of a batch map."""
+    model = ds.attrs[MAP_ATTR]["model"].get("alias") or Path(str(ds.attrs[MAP_ATTR]["model"]["spec"])).name
+    if "item" not in ds.dims:
+        return [heatmap(ds, kind, model, folder, kind)]
+    return [heatmap(ds.sel(item=item), kind, model, folder, f"{kind}-{item}") for item in ds.item.values]
+
+
+def plot_map_store(location: str, name: str, out_dir: str | None = None) -> list[Path]:
+    """``depthcache plot MAP.zarr erasure|igrad``: draw a location-map store's heatmaps."""
+    ds = read_map(location)
+    kind = ds.attrs[MAP_ATTR]["kind"]
+    if name != kind:
+        raise DepthcacheError(f"{location} holds a location map of kind {kind!r}: plot it with `depthcache plot {location} {kind}`")
+    here = Path(location.rstrip("/"))
+    folder = Path(out_dir) if out_dir else here.with_name(f"{here.name.removesuffix('.zarr')}.plots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return plot_map(ds, kind, folder)

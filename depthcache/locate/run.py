@@ -1,0 +1,110 @@
+"""``depthcache erase`` / ``igrad``: load the model, encode every prompt (refusing bad ones before any work),
+compute one map per prompt, and write them as one location-map store."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+import xarray as xr
+from tqdm import tqdm
+
+import depthcache
+from depthcache.errors import DepthcacheError
+from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model
+from depthcache.locate.erasure import erasure_map
+from depthcache.locate.forward import n_layers
+from depthcache.locate.igrad import igrad_map
+from depthcache.locate.maps import KINDS, MAP_ATTR, MAP_SCHEMA, Prompt, check_out, context_length, encode, \
+    stack_items, write_map
+from depthcache.locate.reference import Reference, sequence_mean, store_mean
+from depthcache.tasks import load_task
+
+
+@dataclass(frozen=True)
+class LocateOptions:
+    """What ``erase``/``igrad`` compute: one prompt (prompt + answer) or task items (task, n)."""
+
+    out: str
+    model: str = DEFAULT_MODEL
+    prompt: str | None = None
+    answer: str | None = None
+    task: str | None = None
+    n: int | None = None
+    device: str = "auto"
+    reference: str | None = None  # erasure: activation store giving the mean residual
+    reference_windows: int = 8  # erasure without a reference store: pydoc-topics windows
+    steps: int = 256  # igrad
+    batch_size: int = 32
+    progress: bool | None = None  # None: a bar on a terminal only
+
+
+def check_options(kind: str, opts: LocateOptions) -> None:
+    """Refuse inconsistent options before the model is loaded."""
+    if kind not in KINDS:
+        raise DepthcacheError(f"unknown location map kind {kind!r}; choose from {', '.join(KINDS)}")
+    single = opts.prompt is not None or opts.answer is not None
+    if single == (opts.task is not None):
+        raise DepthcacheError("give either --prompt with --answer, or --task (a built-in task or a .jsonl file)")
+    if single and (opts.prompt is None or opts.answer is None):
+        raise DepthcacheError("--prompt needs --answer (the continuation whose probability is tracked), and vice versa")
+    for name, value in (("--steps", opts.steps), ("--batch-size", opts.batch_size),
+                        ("--reference-windows", opts.reference_windows)):
+        if value < 1:
+            raise DepthcacheError(f"{name} must be at least 1, got {value}")
+    if kind == "igrad" and opts.reference is not None:
+        raise DepthcacheError("--reference applies to erase only: igrad's baseline is the prompt's own mean residual")
+    check_out(opts.out)
+
+
+def prompts(opts: LocateOptions, loaded: LoadedModel) -> tuple[list[str], list[Prompt]]:
+    """(item ids, encoded prompts); every item is checked before any map is computed."""
+    limit = context_length(loaded.model.config)
+    if opts.task is None:
+        return ["prompt"], [encode(loaded.tokenizer, opts.prompt, opts.answer, limit)]
+    items = load_task(opts.task, n=opts.n)
+    encoded = []
+    for item in items:
+        try:
+            encoded.append(encode(loaded.tokenizer, item.prompt, item.answer, limit))
+        except DepthcacheError as exc:
+            raise DepthcacheError(f"task item {item.id!r}: {exc}") from exc
+    return [item.id for item in items], encoded
+
+
+def reference(opts: LocateOptions, loaded: LoadedModel) -> Reference:
+    """The mean residual per layer erasure writes: from --reference, else from pydoc-topics windows."""
+    if opts.reference is not None:
+        return store_mean(opts.reference, loaded)
+    return sequence_mean(loaded, opts.reference_windows)
+
+
+def map_attrs(kind: str, opts: LocateOptions, loaded: LoadedModel, ref: Reference | None) -> dict:
+    """The ``depthcache_map`` attribute: what the store is and how it was made."""
+    return {"kind": kind, "schema": MAP_SCHEMA, "model": loaded.provenance, "reference": None if ref is None else
+            ref.source, "task": opts.task, "steps": opts.steps if kind == "igrad" else None,
+            "code_version": depthcache.__version__, "created": datetime.now(timezone.utc).isoformat()}
+
+
+def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) -> xr.Dataset:
+    """Compute the ``kind`` map of every prompt and write them to ``opts.out`` (atomically); returns the dataset."""
+    check_options(kind, opts)
+    loaded = loaded or load_model(opts.model, device=opts.device)
+    ids, encoded = prompts(opts, loaded)
+    ref = reference(opts, loaded) if kind == "erasure" else None
+    show = sys.stderr.isatty() if opts.progress is None else opts.progress
+    depth = n_layers(loaded.model)
+    maps = []
+    with tqdm(total=len(encoded) * depth, desc=kind, unit="layer", disable=not show) as bar:
+        for prompt in encoded:
+            if ref is not None:
+                mean = torch.from_numpy(ref.mean).to(next(loaded.model.parameters()).device)
+                maps.append(erasure_map(loaded.model, prompt, mean, opts.batch_size, bar.update))
+            else:
+                maps.append(igrad_map(loaded.model, prompt, opts.steps, opts.batch_size, bar.update))
+    ds = maps[0] if opts.task is None else stack_items(maps, ids)
+    ds.attrs[MAP_ATTR] = map_attrs(kind, opts, loaded, ref)
+    write_map(ds, opts.out)
+    return ds
