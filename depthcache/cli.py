@@ -102,23 +102,32 @@ def extract(finalize: bool, skip: str | None, skip_sublayer: str, skip_tokens: i
                    "when every worker has finished (the last one marks it, or run extract --finalize)")
 
 
+def storage_option(command: Any) -> Any:
+    """The ``--storage-option key=value`` option of every command taking a STORE that may be a URL."""
+    return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                        help="fsspec option for a URL store (s3://…), e.g. endpoint_url=http://host:9000; "
+                             "repeatable. Credentials come from the usual environment variables.")(command)
+
+
 @main.command()
 @click.argument("store")
-def info(store: str) -> None:
-    """Summarise a store: model, layers, sites, tokens, size on disk and compression."""
+@storage_option
+def info(store: str, storage_options: tuple[str, ...]) -> None:
+    """Summarise a store (folder or URL): model, layers, sites, tokens, size on disk and compression."""
     from depthcache.summary import summary
 
-    click.echo(summary(store))
+    click.echo(summary(store, parse_params(storage_options)))
 
 
 @main.command()
 @click.argument("store")
 @click.option("--quick", is_flag=True, help="Check schema and shapes only; skip reading every chunk.")
-def validate(store: str, quick: bool) -> None:
+@storage_option
+def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
     """Check a store against the schema, its shapes, and every chunk's checksum."""
     from depthcache.schemas import validate_store
 
-    problems = validate_store(store, read_chunks=not quick)
+    problems = validate_store(store, read_chunks=not quick, storage_options=parse_params(storage_options))
     if problems:
         raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(problems))
     click.echo(f"{store}: valid")
@@ -166,14 +175,15 @@ def analysis_command(spec: Any) -> click.Command:
     @click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
     @click.option("--force", is_flag=True, help="Recompute even if a cached result exists.")
     @click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
-    @click.option("--results", default=None, help="Folder for results when the store is not writable.")
+    @click.option("--results", default=None, help="Folder for results when the store is not writable (or a URL).")
+    @storage_option
     def command(stores: tuple[str, ...], params: tuple[str, ...], force: bool, scheduler: str | None,
-                results: str | None) -> None:
+                results: str | None, storage_options: tuple[str, ...]) -> None:
         from depthcache.analyze import run
 
         stores = (stores,) if isinstance(stores, str) else stores
         result = run(spec.name, *stores, force=force, scheduler_address=scheduler, results_dir=results,
-                     **parse_params(params))
+                     storage_options=parse_params(storage_options), **parse_params(params))
         click.echo(result.drop_attrs().to_dataframe().to_string() if len(result.dims) <= 2 else str(result))
     return command
 
@@ -197,13 +207,65 @@ def analyze_list() -> None:
 @click.option("--out", "out_dir", default=None, help="Folder for the PNGs (default: STORE's name + .plots).")
 @click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
 @click.option("--force", is_flag=True, help="Recompute the analysis first.")
-def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], force: bool) -> None:
+@click.option("--results", default=None, help="Folder for results when the store is not writable (or a URL).")
+@storage_option
+def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], force: bool, results: str | None,
+         storage_options: tuple[str, ...]) -> None:
     """Draw an analysis's figures: `plot STORE NAME` (or `plot SHALLOW DEEP NAME` for two-store analyses)."""
     from depthcache.analyze import plot as draw
 
     *stores, name = args
-    for path in draw(name, *stores, out_dir=out_dir, force=force, **parse_params(params)):
+    extra = {"storage_options": parse_params(storage_options)} if storage_options else {}
+    for path in draw(name, *stores, out_dir=out_dir, force=force, results_dir=results, **extra,
+                     **parse_params(params)):
         click.echo(str(path))
+
+
+def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:
+    """Run a push or pull and print what it did; a failed verification is an error."""
+    from depthcache.sharing import copy_store
+
+    kw = {"destination_options": options} if push else {"source_options": options}
+    report = copy_store(source, destination, jobs=jobs, **kw)
+    if report.problems:
+        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}"
+                              f"{f' (and {len(report.problems) - 1} more)' if len(report.problems) > 1 else ''}; "
+                              "run the same command again to repair it")
+    click.echo(f"{destination}: {report.copied} objects copied ({report.bytes_copied / 2**20:,.1f} MiB), "
+               f"{report.skipped} already there; every chunk verified ({report.seconds:.1f} s)")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("url")
+@click.option("--jobs", default=16, show_default=True, type=int, help="Objects copied in parallel.")
+@storage_option
+def push(store: str, url: str, jobs: int, storage_options: tuple[str, ...]) -> None:
+    """Copy a local store to URL (s3://bucket/run.zarr): parallel, resumable, every chunk verified at the end."""
+    copy_and_report(store, url, jobs, parse_params(storage_options), push=True)
+
+
+@main.command()
+@click.argument("url")
+@click.argument("store")
+@click.option("--jobs", default=16, show_default=True, type=int, help="Objects copied in parallel.")
+@storage_option
+def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...]) -> None:
+    """Copy a store from URL to a local folder: parallel, resumable, every chunk verified at the end."""
+    copy_and_report(url, store, jobs, parse_params(storage_options), push=False)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--out", default=None, help="HTML file to write (default: STORE's name + .html).")
+@storage_option
+def report(store: str, out: str | None, storage_options: tuple[str, ...]) -> None:
+    """One self-contained HTML page: the store's provenance and every analysis cached in it, with figures."""
+    from depthcache.report import write_report
+    from depthcache.store import local_name
+
+    path = write_report(store, out or str(local_name(store).with_suffix(".html")), parse_params(storage_options))
+    click.echo(str(path))
 
 
 @main.group()

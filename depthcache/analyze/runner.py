@@ -20,10 +20,11 @@ import depthcache
 from depthcache.analyze.registry import get
 from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
-from depthcache.store import is_url
+from depthcache.store import is_url, local_name
 
 RESULT_ATTR = "depthcache_analysis"
 SCHEDULER_ENV = "DEPTHCACHE_SCHEDULER"
+MAX_RESULT_BYTES = 2**30  # a cached result larger than this is not loaded (stores are untrusted)
 
 
 @contextmanager
@@ -61,7 +62,7 @@ def result_path(store: Store, name: str, results_dir: str | None = None) -> tupl
         return str(Path(results_dir) / f"{name}.zarr"), None
     if writable(store.location):
         return store.location, f"analyses/{name}"
-    here = Path(store.location.rstrip("/"))
+    here = local_name(store.location)  # a remote store's results go to a local folder named after it
     return str(here.with_name(f"{here.name}.analyses") / f"{name}.zarr"), None
 
 
@@ -82,9 +83,12 @@ def load_cached(location: str, group: str | None, expected: dict[str, Any]) -> x
         ds = xr.open_zarr(location, group=group, consolidated=False)
     except (FileNotFoundError, KeyError, OSError, ValueError):
         return None
-    meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
-    same = all(meta.get(k) == expected[k] for k in ("name", "params", "sources", "code_version"))
-    return ds.load() if same else None
+    try:
+        meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
+        same = all(meta.get(k) == expected[k] for k in ("name", "params", "sources", "code_version"))
+    except (ValueError, TypeError, AttributeError):  # a damaged cached result is recomputed
+        return None
+    return ds.load() if same and ds.nbytes <= MAX_RESULT_BYTES else None
 
 
 def save(result: xr.Dataset, location: str, group: str | None) -> None:
@@ -104,10 +108,10 @@ def save(result: xr.Dataset, location: str, group: str | None) -> None:
 
 
 def run(name: str, *locations: str | Store, force: bool = False, scheduler_address: str | None = None,
-        results_dir: str | None = None, **params: Any) -> xr.Dataset:
+        results_dir: str | None = None, storage_options: dict[str, Any] | None = None, **params: Any) -> xr.Dataset:
     """Compute analysis ``name`` on the given store(s), or return its cached result; saves what it computes."""
     spec = get(name)
-    stores = [loc if isinstance(loc, Store) else Store(str(loc)) for loc in locations]
+    stores = [loc if isinstance(loc, Store) else Store(str(loc), dict(storage_options or {})) for loc in locations]
     if len(stores) != spec.n_stores:
         raise DepthcacheError(f"analysis {name!r} takes {spec.n_stores} store(s), got {len(stores)}")
     expected = provenance(name, stores, params)
@@ -115,19 +119,30 @@ def run(name: str, *locations: str | Store, force: bool = False, scheduler_addre
     if not force and (cached := load_cached(location, group, expected)) is not None:
         return cached
     with scheduler(scheduler_address):
-        result = spec.compute(*stores, **params).compute()
+        try:
+            result = spec.compute(*stores, **params).compute()
+        except ValueError as exc:
+            if "checksum" not in str(exc):
+                raise
+            raise corruption_error(stores, exc) from exc
     result.attrs[RESULT_ATTR] = json.dumps(expected | {"created": datetime.now(timezone.utc).isoformat()})
     save(result, location, group)
     return result
 
 
 def plot(name: str, *locations: str, out_dir: str | None = None, **run_kwargs: Any) -> list[Path]:
-    """Draw the figures of analysis ``name`` (computing or reusing its result); returns the PNG paths."""
+    """Draw the figures of analysis ``name`` (computing or reusing its result); returns the PNG paths.
+    A location-map store (``depthcache erase``/``igrad``) is drawn directly: it is a result already."""
+    from depthcache.locate.maps import is_map
+    from depthcache.locate.plot import plot_map_store
+
+    if len(locations) == 1 and is_map(locations[0]):
+        return plot_map_store(str(locations[0]), name, out_dir)
     spec = get(name)
     if spec.plot is None:
         raise DepthcacheError(f"analysis {name!r} has no plot")
     result = run(name, *locations, **run_kwargs)
-    here = Path(str(locations[-1]).rstrip("/"))
+    here = local_name(str(locations[-1]))
     folder = Path(out_dir) if out_dir else here.with_name(f"{here.name.removesuffix('.zarr')}.plots")
     folder.mkdir(parents=True, exist_ok=True)
     return spec.plot(result, folder)
