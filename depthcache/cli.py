@@ -221,6 +221,56 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
         click.echo(str(path))
 
 
+def locate_options(command: Any) -> Any:
+    """The options ``erase`` and ``igrad`` share: model, one prompt or a task, output store, device."""
+    options = [
+        click.option("--model", default="smollm2-135m", show_default=True,
+                     help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id."),
+        click.option("--prompt", default=None, help="The prompt, e.g. '5+7+5+3+1+7='."),
+        click.option("--answer", default=None, help="Its answer, a token continuation of the prompt, e.g. '28'."),
+        click.option("--task", default=None, help="Instead of --prompt/--answer: a built-in task or a .jsonl file."),
+        click.option("--n", default=None, type=int, help="With --task: a seeded subset of this many items."),
+        click.option("--out", required=True, help="Location-map store to write (a folder ending in .zarr)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--batch-size", default=32, show_default=True, type=int, help="Sequences per forward pass."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@locate_options
+@click.option("--reference", default=None,
+              help="Activation store of the same model whose mean resid_pre (positions >= 1) is the erased value "
+                   "(default: the mean over --reference-windows windows of pydoc-topics).")
+@click.option("--reference-windows", default=8, show_default=True, type=int,
+              help="Without --reference: 128-token pydoc-topics windows averaged for the mean residual.")
+def erase(**kw: Any) -> None:
+    """Residual erasure: replace each (layer, position) residual by the layer's mean, record max |Δ p(answer)|."""
+    from depthcache.locate import LocateOptions, locate
+
+    ds = locate("erasure", LocateOptions(**kw))
+    click.echo(f"{kw['out']}: erasure map, {ds.sizes['layer']} layers x {ds.sizes['position']} positions"
+               + (f" x {ds.sizes['item']} items" if "item" in ds.dims else ""))
+
+
+@main.command()
+@locate_options
+@click.option("--steps", default=256, show_default=True, type=int,
+              help="Interpolation intervals (trapezoidal rule: steps + 1 forward/backward passes per layer).")
+def igrad(**kw: Any) -> None:
+    """Integrated gradients on the residual at every (layer, position), with a completeness check per layer."""
+    from depthcache.locate import LocateOptions, locate
+
+    ds = locate("igrad", LocateOptions(**kw))
+    error = abs(ds.attribution_sum - ds.output_difference).max().item()
+    click.echo(f"{kw['out']}: igrad map, {ds.sizes['layer']} layers x {ds.sizes['position']} positions"
+               + (f" x {ds.sizes['item']} items" if "item" in ds.dims else "")
+               + f"; completeness: max |sum(attribution) - (f(h) - f(baseline))| = {error:.3g}")
+
+
 def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:
     """Run a push or pull and print what it did; a failed verification is an error."""
     from depthcache.sharing import copy_store
