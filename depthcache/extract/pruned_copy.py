@@ -1,0 +1,67 @@
+"""A copy of a model with some decoder layers removed, saved as a local Hugging Face folder (same tokenizer).
+
+Used to make a shallow model whose alignment with the original is known (layer k of an every-other copy is the
+original's layer 2k), e.g. for the layer-map check. The copy reloads with ``from_pretrained``: the layer count in the
+config, per-layer config lists (``layer_types``) and each attention module's ``layer_idx`` follow the kept layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from depthcache.errors import DepthcacheError
+from depthcache.extract.architectures import architecture_for, decoder_layers
+from depthcache.extract.engine import parse_layers
+from depthcache.extract.models import load_model
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")  # Llama/Qwen/OLMo/NeoX, GPT-2
+PRUNED_ATTR = "depthcache_pruned_from"
+
+
+def kept_layers(keep: str, n_layers: int) -> tuple[int, ...]:
+    """'every-other' (layers 0, 2, 4, …) or a layer spec such as '0-9,20' → the sorted layers to keep."""
+    layers = tuple(range(0, n_layers, 2)) if keep == "every-other" else parse_layers(keep, n_layers)
+    if not layers:
+        raise DepthcacheError(f"--keep {keep!r} keeps no layer of the {n_layers}")
+    return layers
+
+
+def prune_model(model: torch.nn.Module, keep: tuple[int, ...]) -> torch.nn.Module:
+    """Remove every decoder layer not in ``keep`` in place, renumbering layer indices and the config."""
+    layers = decoder_layers(model, architecture_for(model))
+    kept = torch.nn.ModuleList(layers[i] for i in keep)
+    parent_path, _, name = architecture_for(model).layers.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, name, kept)
+    for new_index, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    config = model.config
+    n_before = len(layers)
+    for key in LAYER_COUNT_KEYS:
+        if getattr(config, key, None) == n_before:
+            setattr(config, key, len(keep))
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n_before:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    return model
+
+
+def prune_copy(model_spec: str, keep: str, out: str) -> Path:
+    """Load ``model_spec``, keep only the layers named by ``keep``, save model and tokenizer to the folder ``out``."""
+    folder = Path(out)
+    if folder.exists() and any(folder.iterdir()):
+        raise DepthcacheError(f"{out} already exists and is not empty: choose another --out or remove it")
+    loaded = load_model(model_spec, device="cpu", dtype=torch.float32)
+    n_layers = len(decoder_layers(loaded.model, architecture_for(loaded.model)))
+    layers = kept_layers(keep, n_layers)
+    model = prune_model(loaded.model, layers)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    (folder / f"{PRUNED_ATTR}.json").write_text(json.dumps(
+        {"model": loaded.provenance, "n_layers": n_layers, "kept_layers": list(layers)}, indent=1, default=str))
+    return folder
