@@ -318,6 +318,19 @@ def report(store: str, out: str | None, storage_options: tuple[str, ...]) -> Non
     click.echo(str(path))
 
 
+@main.command(name="prune-copy")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Alias, local HF folder, .gguf file, or hub id of the model to copy.")
+@click.option("--keep", default="every-other", show_default=True,
+              help="Layers to keep: 'every-other' (0, 2, 4, ...) or a layer spec such as '0-9,20'.")
+@click.option("--out", required=True, help="New folder for the pruned Hugging Face model (loads with --model OUT).")
+def prune_copy(model: str, keep: str, out: str) -> None:
+    """Save a copy of a model with layers removed (same tokenizer), e.g. a shallow model for layer-map."""
+    from depthcache.extract.pruned_copy import prune_copy as make_copy
+
+    click.echo(f"{make_copy(model, keep, out)}: pruned copy of {model} (kept layers: {keep})")
+
+
 @main.group()
 def evaluate() -> None:
     """Score a model on a task with parts of it removed (likelihood- vs generation-based evaluation)."""
