@@ -103,6 +103,14 @@ def open_group(location: str | os.PathLike[str], mode: str = "r", path: str | No
         raise DepthcacheError(f"no depthcache store at {location}{'/' + path if path else ''}") from exc
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
         raise DepthcacheError(f"{location} is not a Zarr v3 store ({exc})") from exc
+    except (ValueError, TypeError, KeyError) as exc:  # malformed zarr.json of an untrusted store
+        raise DepthcacheError(f"{location}: unreadable zarr metadata ({type(exc).__name__}: {exc})") from exc
+
+
+def local_name(location: str | os.PathLike[str]) -> Path:
+    """A local path to name things after a store: the store itself, or its last URL component in the cwd."""
+    text = str(location).rstrip("/")
+    return Path.cwd() / text.rsplit("/", 1)[-1] if is_url(text) else Path(text)
 
 
 def read_attrs(group: zarr.Group) -> dict[str, Any]:
@@ -204,11 +212,13 @@ def _json_default(value: Any) -> Any:
 def open_dataset(location: str | os.PathLike[str], group: str | None = None,
                  storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Open a store (or a run inside it) lazily as an xarray Dataset backed by dask arrays."""
+    from depthcache.schemas import check_store  # schemas imports this module
+
     zgroup = open_group(location, "r", path=group, storage_options=storage_options)
-    attrs = read_attrs(zgroup)
+    attrs = check_store(zgroup)
     ds = xr.open_zarr(zgroup.store, group=group, consolidated=False, chunks={})
     ds.attrs = {ATTRS_KEY: attrs}
-    committed = int(attrs.get("progress", {}).get("tokens_committed", ds.sizes.get("token", 0)))
+    committed = int(attrs["progress"]["tokens_committed"])
     if "token" in ds.dims and committed < ds.sizes["token"]:
         ds = ds.isel(token=slice(0, committed))
     return ds

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import zarr
 
-from depthcache.store import open_group, read_attrs
+from depthcache.store import open_group
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -21,12 +23,12 @@ def layer_ranges(layers: list[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def disk_bytes(location: str) -> int:
+def disk_bytes(location: str, storage_options: Mapping[str, Any] | None = None) -> int:
     """Bytes the store's files take (local folders and fsspec URLs)."""
     if "://" in location:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(location)
+        fs, path = fsspec.core.url_to_fs(location, **dict(storage_options or {}))
         return int(fs.du(path))
     return sum(f.stat().st_size for f in Path(location).rglob("*") if f.is_file())
 
@@ -37,12 +39,14 @@ def raw_bytes(group: zarr.Group, committed: int, total: int) -> int:
                (a.metadata.dimension_names or ()))
 
 
-def summary(location: str) -> str:
-    """Multi-line description of a store."""
-    group = open_group(location, "r")
-    a = read_attrs(group)
+def summary(location: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Multi-line description of a store (checked like every store read: schema, limits, array metadata)."""
+    from depthcache.schemas import check_store
+
+    group = open_group(location, "r", storage_options=storage_options)
+    a = check_store(group)
     m, o, p, lay = a["model"], a["options"], a["progress"], a["layout"]
-    on_disk = disk_bytes(os.fspath(location))
+    on_disk = disk_bytes(os.fspath(location), storage_options)
     raw = raw_bytes(group, p["tokens_committed"], lay["n_tokens"])
     runs = sorted(group["runs"].group_keys()) if "runs" in group else []
     analyses = sorted(group["analyses"].group_keys()) if "analyses" in group else []

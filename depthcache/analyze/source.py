@@ -13,7 +13,7 @@ import zarr
 
 from depthcache.errors import DepthcacheError
 from depthcache.extract.modelstore import read_head
-from depthcache.store import SITE_ARRAYS, open_dataset, open_group, read_attrs
+from depthcache.store import SITE_ARRAYS, open_dataset, open_group
 
 SITE_OF_ARRAY = {name: site for site, names in SITE_ARRAYS.items() for name in names}
 
@@ -32,10 +32,10 @@ class Store:
 
     @cached_property
     def attrs(self) -> dict[str, Any]:
-        """The store's provenance attributes (schema checked)."""
-        from depthcache.schemas import check_attrs
+        """The store's provenance attributes (schema, limits, array metadata and chunk presence checked)."""
+        from depthcache.schemas import check_store
 
-        return check_attrs(read_attrs(self.group))
+        return check_store(self.group)
 
     @cached_property
     def ds(self) -> xr.Dataset:
@@ -55,7 +55,7 @@ class Store:
     @cached_property
     def head(self) -> dict[str, Any]:
         """Final norm and unembedding (float32 numpy), for the logit lens."""
-        return read_head(self.group)
+        return read_head(self.group, self.attrs)
 
     @property
     def n_layers(self) -> int:

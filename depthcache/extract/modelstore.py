@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -16,6 +18,7 @@ from depthcache.extract.architectures import architecture_for, final_norm_params
 MODEL_GROUP = "model"
 TOKENIZER_GROUP = "model/tokenizer"
 TOKENIZER_SUFFIXES = (".json", ".txt", ".jinja", ".model")
+MAX_TOKENIZER_FILE_BYTES = 2**28
 
 
 def tokenizer_sha256(files: dict[str, bytes]) -> str:
@@ -53,40 +56,93 @@ def write_model_group(root: zarr.Group, loaded: Any) -> None:
         arr.attrs["filename"] = name
 
 
-def read_head(location: str | Any) -> dict[str, Any]:
-    """Final norm (kind, eps, weight, bias) and unembedding (weight, bias) as float32 numpy arrays."""
+def read_head(location: str | Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Final norm (kind, eps, weight, bias) and unembedding (weight, bias) as float32 numpy arrays.
+
+    Shapes and types are checked against the store's attributes before anything is read (stores are untrusted)."""
     group = location if isinstance(location, zarr.Group) else zarr.open_group(str(location), mode="r")
     if MODEL_GROUP not in group:
         raise DepthcacheError("the store has no model/ group (final norm and unembedding); re-extract it")
+    if attrs is None:
+        from depthcache.schemas import check_store
+
+        attrs = check_store(group)
     model = group[MODEL_GROUP]
-    norm = dict(model.attrs["final_norm"])
+    norm, has_unembed_bias = head_attrs(model)
+    d_model, vocab = int(attrs["model"]["d_model"]), int(attrs["model"]["vocab_size"])
+    expected = {"final_norm_weight": (d_model,), "unembed": (vocab, d_model)}
+    expected |= {"final_norm_bias": (d_model,)} if norm["has_bias"] else {}
+    expected |= {"unembed_bias": (vocab,)} if has_unembed_bias else {}
+    arrays = {name: checked_array(model, name, shape) for name, shape in expected.items()}
     return {"norm_kind": norm["kind"], "eps": float(norm["eps"]),
-            "norm_weight": model["final_norm_weight"][...],
-            "norm_bias": model["final_norm_bias"][...] if norm.get("has_bias") else None,
-            "unembed": model["unembed"][...],
-            "unembed_bias": model["unembed_bias"][...] if model.attrs.get("unembed_has_bias") else None}
+            "norm_weight": arrays["final_norm_weight"], "norm_bias": arrays.get("final_norm_bias"),
+            "unembed": arrays["unembed"], "unembed_bias": arrays.get("unembed_bias")}
+
+
+def head_attrs(model: zarr.Group) -> tuple[dict[str, Any], bool]:
+    """The model group's final-norm description and unembedding-bias flag, type-checked."""
+    norm = model.attrs.get("final_norm")
+    bias = model.attrs.get("unembed_has_bias", False)
+    if (not isinstance(norm, dict) or norm.get("kind") not in ("rmsnorm", "layernorm")
+            or not isinstance(norm.get("eps"), (int, float)) or isinstance(norm.get("eps"), bool)
+            or not isinstance(norm.get("has_bias", False), bool) or not isinstance(bias, bool)):
+        raise DepthcacheError("the store's model/ attributes (final_norm, unembed_has_bias) are malformed; "
+                              "re-extract the store")
+    return {"kind": norm["kind"], "eps": norm["eps"], "has_bias": norm.get("has_bias", False)}, bias
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (a bound on what a store may make us allocate)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def checked_array(group: zarr.Group, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Read a float32 array of the model group after checking its shape and type (before allocating it)."""
+    if name not in group.array_keys():
+        raise DepthcacheError(f"the store's model/ group lacks {name}; re-extract the store")
+    array = group[name]
+    if 4 * math.prod(shape) > physical_memory() // 2:
+        raise DepthcacheError(f"the store's model/{name} of shape {shape} would take more than half of this "
+                              "machine's memory")
+    if tuple(array.shape) != shape or array.dtype != np.float32:
+        raise DepthcacheError(f"the store's model/{name} is {array.dtype} {tuple(array.shape)}, expected float32 "
+                              f"{shape} from the store's attributes")
+    values = array[...]
+    if not np.isfinite(values).all():
+        raise DepthcacheError(f"the store's model/{name} holds non-finite values")
+    return values
 
 
 def tokenizer_files(group: zarr.Group) -> dict[str, bytes]:
     """The stored tokenizer files, with names checked so none can escape a folder."""
     files = {}
     for _, arr in sorted(group[TOKENIZER_GROUP].arrays()):
-        name = str(arr.attrs.get("filename", ""))
-        if PurePosixPath(name).name != name or name.startswith(".") or not name.endswith(TOKENIZER_SUFFIXES):
+        name = arr.attrs.get("filename", "")
+        if (not isinstance(name, str) or PurePosixPath(name).name != name or "\\" in name or name.startswith(".")
+                or not name.endswith(TOKENIZER_SUFFIXES) or name in files):
             raise DepthcacheError(f"store tokenizer file name {name!r} is not allowed")
+        if arr.ndim != 1 or arr.dtype != np.uint8 or arr.shape[0] > MAX_TOKENIZER_FILE_BYTES:
+            raise DepthcacheError(f"store tokenizer file {name!r} is {arr.dtype} {arr.shape}, expected uint8 bytes "
+                                  f"of at most {MAX_TOKENIZER_FILE_BYTES} bytes")
         files[name] = arr[...].tobytes()
     return files
 
 
 def load_tokenizer(location: str | Any) -> Any:
-    """Rebuild the tokenizer from the store's files, as data only (no remote code)."""
-    from transformers import AutoTokenizer
+    """Rebuild the tokenizer from the store's JSON files, as data only: the fast tokenizer, never code or pickles."""
+    from transformers import PreTrainedTokenizerFast
 
     group = location if isinstance(location, zarr.Group) else zarr.open_group(str(location), mode="r")
+    files = tokenizer_files(group)
+    if "tokenizer.json" not in files:
+        raise DepthcacheError("the store's tokenizer has no tokenizer.json (only fast tokenizers load from stores)")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, data in tokenizer_files(group).items():
+        for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - untrusted JSON may break the tokenizer parser in any way
+            raise DepthcacheError(f"the store's tokenizer files do not load ({type(exc).__name__}: {exc})") from exc
 
 
 def apply_final_norm(h: np.ndarray, head: dict[str, Any]) -> np.ndarray:
