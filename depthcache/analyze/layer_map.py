@@ -356,6 +356,9 @@ class Results:
     val_r2: np.ndarray
     candidates: np.ndarray
     seconds: dict[str, float]
+    group: int
+    rows: int
+    passes: int
     flops: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -383,6 +386,19 @@ def fit_group(x: da.Array, y: da.Array, split: np.ndarray, grid: np.ndarray, sel
         out.seconds[key] = out.seconds.get(key, 0.0) + seconds
     out.counts = {"train": int((split == TRAIN).sum()), "validation": int((split == VAL).sum()),
                   "test": int((split == TEST).sum())}
+
+
+def fit_all(x: da.Array, y: da.Array, split: np.ndarray, penalties: np.ndarray, select: str, dtype: np.dtype,
+            memory_gib: float) -> Results:
+    """Every pair of source layers x (s, n, d) and target layers y (t, n, e), in groups of source layers."""
+    (ns, _, d), (nt, _, e) = x.shape, y.shape
+    g = group_size(ns, d, nt, e, memory_gib)
+    rows = block_rows(g, d, nt, e)
+    out = Results(np.zeros((ns, nt)), np.zeros((ns, nt)), np.zeros((ns, nt)), np.zeros((ns, nt, penalties.size)),
+                  np.zeros((ns, penalties.size)), {}, g, rows, -(-ns // g))
+    for start in range(0, ns, g):
+        fit_group(x[start:start + g], y, split, penalties, select, dtype, rows, out, slice(start, start + g))
+    return out
 
 
 def to_dataset(out: Results, shallow: Store, deep: Store, xl: np.ndarray, yl: np.ndarray,
@@ -431,17 +447,10 @@ def layer_map(shallow: Store, deep: Store, site: str = "resid", select: str = "s
     x, xl = boundaries(shallow, site)
     y, yl = boundaries(deep, site)
     split = split_tokens(deep.ds.seq_id.values, deep.ds.position.values, val_fraction, test_fraction, include_first)
-    (ns, _, d), (nt, _, e) = x.shape, y.shape
-    g = group_size(ns, d, nt, e, memory_gib)
-    rows = block_rows(g, d, nt, e)
-    out = Results(np.zeros((ns, nt)), np.zeros((ns, nt)), np.zeros((ns, nt)), np.zeros((ns, nt, penalties.size)),
-                  np.zeros((ns, penalties.size)), {})
-    for start in range(0, ns, g):
-        fit_group(x[start:start + g], y, split, penalties, select, np.dtype(dtype), rows, out,
-                  slice(start, start + g))
+    out = fit_all(x, y, split, penalties, select, np.dtype(dtype), memory_gib)
     attrs = {"site": site, "select": select, "dtype": dtype, "include_first": int(include_first),
              "grid": penalties.tolist(), "val_fraction": val_fraction, "test_fraction": test_fraction,
-             "passes": -(-ns // g), "sources_per_pass": g, "block_rows": rows,
+             "passes": out.passes, "sources_per_pass": out.group, "block_rows": out.rows,
              "split": "whole windows ranked by (seq_id * 0x9E3779B1) mod 2**32: first test_fraction test, next "
                       "val_fraction validation, rest training",
              "penalty_rule": "candidate penalties = grid * mean eigenvalue of the centered training Gram"}
