@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -105,6 +106,48 @@ def save(result: xr.Dataset, location: str, group: str | None) -> None:
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
+    """An error naming the array and token chunk that failed its checksum (found by re-reading every chunk)."""
+    from depthcache.schemas import chunk_problems
+
+    found = []
+    for store in stores:
+        for path in [None, *(f"runs/{r}" for r in store.runs())]:
+            group = store.group if path is None else store.group[path]
+            names = [n for n, a in group.arrays() if "token" in (a.metadata.dimension_names or ())]
+            tokens = int(group.attrs["depthcache"]["progress"]["tokens_committed"])
+            found += [f"{store.location}{'/' + path if path else ''}: {p}"
+                      for p in chunk_problems(group, sorted(names), tokens)]
+    where = "; ".join(found[:3]) or f"a chunk failed its checksum ({exc})"
+    return DepthcacheError(f"corrupt data, nothing saved: {where}. Re-extract or copy the store again "
+                           "(depthcache validate STORE lists every bad chunk)")
+
+
+def result_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the analysis's defaults filled in, as stored (JSON round trip)."""
+    signature = inspect.signature(get(name).compute)
+    defaults = {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+    return json.loads(canonical(defaults | params))
+
+
+def cached_result(name: str, store: Store, params: dict[str, Any] | None = None,
+                  results_dir: str | None = None) -> xr.Dataset | None:
+    """The saved result of ``name`` computed from ``store`` by this code version with ``params`` (defaults filled
+    in on both sides; None: any parameters), or None."""
+    location, group = result_path(store, name, results_dir)
+    try:
+        ds = xr.open_zarr(location, group=group, consolidated=False)
+        meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
+    except (FileNotFoundError, KeyError, OSError, ValueError, TypeError):
+        return None
+    if meta.get("name") != name or meta.get("sources") != [store.identity] or \
+            meta.get("code_version") != depthcache.__version__:
+        return None
+    if params is not None and result_params(name, meta.get("params", {})) != result_params(name, params):
+        return None
+    return ds.load()
 
 
 def run(name: str, *locations: str | Store, force: bool = False, scheduler_address: str | None = None,
