@@ -66,4 +66,13 @@ def summary(location: str, storage_options: Mapping[str, Any] | None = None) -> 
         f"runs       {', '.join(runs) or '(none)'}",
         f"analyses   {', '.join(analyses) or '(none)'}",
     ]
-    return "\n".join(lines)
+    depth = effective_depth_line(location, storage_options) if analyses else None
+    return "\n".join(lines + ([f"depth use  {depth}"] if depth else []))
+
+
+def effective_depth_line(location: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The effective-depth cutoffs when they (or the contributions and logit-lens results) are cached."""
+    from depthcache.analyze.effective_depth import info_line
+    from depthcache.analyze.source import Store
+
+    return info_line(Store(location, dict(storage_options or {})))
