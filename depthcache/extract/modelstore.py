@@ -63,17 +63,17 @@ def read_head(location: str | Any, attrs: dict[str, Any] | None = None) -> dict[
     group = location if isinstance(location, zarr.Group) else zarr.open_group(str(location), mode="r")
     if MODEL_GROUP not in group:
         raise DepthcacheError("the store has no model/ group (final norm and unembedding); re-extract it")
-    if attrs is None:
-        from depthcache.schemas import check_store
+    from depthcache.schemas import check_store, unreadable_metadata_as_error  # schemas imports the store module
 
-        attrs = check_store(group)
-    model = group[MODEL_GROUP]
-    norm, has_unembed_bias = head_attrs(model)
-    d_model, vocab = int(attrs["model"]["d_model"]), int(attrs["model"]["vocab_size"])
-    expected = {"final_norm_weight": (d_model,), "unembed": (vocab, d_model)}
-    expected |= {"final_norm_bias": (d_model,)} if norm["has_bias"] else {}
-    expected |= {"unembed_bias": (vocab,)} if has_unembed_bias else {}
-    arrays = {name: checked_array(model, name, shape) for name, shape in expected.items()}
+    attrs = check_store(group) if attrs is None else attrs
+    with unreadable_metadata_as_error(group):
+        model = group[MODEL_GROUP]
+        norm, has_unembed_bias = head_attrs(model)
+        d_model, vocab = int(attrs["model"]["d_model"]), int(attrs["model"]["vocab_size"])
+        expected = {"final_norm_weight": (d_model,), "unembed": (vocab, d_model)}
+        expected |= {"final_norm_bias": (d_model,)} if norm["has_bias"] else {}
+        expected |= {"unembed_bias": (vocab,)} if has_unembed_bias else {}
+        arrays = {name: checked_array(model, name, shape) for name, shape in expected.items()}
     return {"norm_kind": norm["kind"], "eps": float(norm["eps"]),
             "norm_weight": arrays["final_norm_weight"], "norm_bias": arrays.get("final_norm_bias"),
             "unembed": arrays["unembed"], "unembed_bias": arrays.get("unembed_bias")}
@@ -107,7 +107,13 @@ def checked_array(group: zarr.Group, name: str, shape: tuple[int, ...]) -> np.nd
     if tuple(array.shape) != shape or array.dtype != np.float32:
         raise DepthcacheError(f"the store's model/{name} is {array.dtype} {tuple(array.shape)}, expected float32 "
                               f"{shape} from the store's attributes")
-    values = array[...]
+    if not name.endswith("_bias") and array.nchunks_initialized < array.nchunks:  # absent chunks read as zeros
+        raise DepthcacheError(f"the store's model/{name} has missing chunks; copy or re-extract the store")
+    try:
+        values = array[...]
+    except Exception as exc:  # noqa: BLE001 - corrupt untrusted bytes may fail any codec in any way
+        raise DepthcacheError(f"the store's model/{name} is corrupt ({type(exc).__name__}: {exc}); copy or "
+                              "re-extract the store") from exc
     if not np.isfinite(values).all():
         raise DepthcacheError(f"the store's model/{name} holds non-finite values")
     return values

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -178,9 +179,10 @@ def check_store(group: zarr.Group) -> dict[str, Any]:
     Everything that opens a store for reading goes through this, so untrusted stores are refused before any
     array is allocated or any task is scheduled from their metadata."""
     attrs = check_attrs(read_attrs(group))
-    names = [name for name in expected_metadata(attrs) if name in set(group.array_keys())]
-    problems = (structure_problems(group, attrs, require_all="intervention" not in attrs)
-                or missing_chunk_problems(group, names, attrs["progress"]["tokens_committed"]))
+    with unreadable_metadata_as_error(group):
+        names = [name for name in expected_metadata(attrs) if name in set(group.array_keys())]
+        problems = (structure_problems(group, attrs, require_all="intervention" not in attrs)
+                    or missing_chunk_problems(group, names, attrs["progress"]["tokens_committed"]))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DepthcacheError(f"store {group.store}{'/' + group.path if group.path else ''} is damaged: "
@@ -230,8 +232,19 @@ def validate_store(location: str, read_chunks: bool = True,
                    storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """All problems found in a store and its runs: schema, shapes, missing chunks, and (optionally) checksums."""
     group = open_group(location, "r", storage_options=storage_options)
-    problems = group_problems(group, read_chunks)
-    runs = sorted(group["runs"].group_keys()) if not problems and "runs" in group.group_keys() else []
-    for name in runs:
-        problems += [f"runs/{name}: {p}" for p in group_problems(group[f"runs/{name}"], read_chunks)]
+    with unreadable_metadata_as_error(group):
+        problems = group_problems(group, read_chunks)
+        runs = sorted(group["runs"].group_keys()) if not problems and "runs" in group.group_keys() else []
+        for name in runs:
+            problems += [f"runs/{name}: {p}" for p in group_problems(group[f"runs/{name}"], read_chunks)]
     return problems
+
+
+@contextmanager
+def unreadable_metadata_as_error(group: zarr.Group) -> Iterator[None]:
+    """A member's zarr.json that zarr cannot parse (bad JSON, unknown type, wrong fields) as a DepthcacheError."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, AttributeError, zarr.errors.NodeTypeValidationError) as exc:
+        raise DepthcacheError(f"store {group.store} has unreadable array metadata "
+                              f"({type(exc).__name__}: {exc}); it is damaged or not a depthcache store") from exc
