@@ -9,6 +9,7 @@ Layout (schema 1.x, documented in docs/store-format.md and schemas/):
       mlp_out     (layer, token, d_model)   what the MLP adds to the residual
       layer       (layer,)                  model layer index of each stored layer
       token_id, doc_id, seq_id, position, next_token_id, next_logprob   (token,)
+      item, answer_index, hops              (token,)  task stores only (schema 1.2)
       topk_ids, topk_logprobs               (token, k)
       model/                    final norm parameters, unembedding, tokenizer files
       runs/<name>/              intervention runs (same arrays over a token subset)
@@ -35,7 +36,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError
 
-SCHEMA_VERSION = "1.1"  # 1.1: intervention runs under runs/<name> (attrs["intervention"])
+SCHEMA_VERSION = "1.2"  # 1.1: intervention runs under runs/<name>; 1.2: task stores (item, answer_index, hops)
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
 SITE_ARRAYS = {"resid": ("resid_pre", "resid_final"), "attn": ("attn_out",), "mlp": ("mlp_out",)}
@@ -54,6 +55,7 @@ class StoreLayout:
     sites: tuple[str, ...]
     dtype: str
     chunk_tokens: int
+    task: bool = False  # a task store (schema 1.2): also the per-token arrays TASK_ARRAYS
 
     def activation_arrays(self) -> dict[str, tuple[str, ...]]:
         """Name → dimension names of each activation array this layout stores."""
@@ -66,6 +68,8 @@ TOKEN_ARRAYS: dict[str, str] = {
     "token_id": "int32", "doc_id": "int32", "seq_id": "int32", "position": "int32",
     "next_token_id": "int32", "next_logprob": "float32",
 }
+# Task stores only: item index, k where the position predicts answer token k (else -1), the item's hops.
+TASK_ARRAYS: dict[str, str] = {"item": "int32", "answer_index": "int32", "hops": "int32"}
 
 
 def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int) -> int:
@@ -148,7 +152,7 @@ def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         chunks = (len(layout.layers), t, layout.d_model) if dims[0] == "layer" else (t, layout.d_model)
         group.create_array(name, shape=shape, chunks=chunks, dtype=act_dtype, fill_value=0,
                            compressors=compressors(layout.dtype), dimension_names=dims)
-    for name, dtype in TOKEN_ARRAYS.items():
+    for name, dtype in (TOKEN_ARRAYS | (TASK_ARRAYS if layout.task else {})).items():
         group.create_array(name, shape=(n,), chunks=(t,), dtype=dtype, fill_value=0,
                            compressors=compressors("int32"), dimension_names=("token",))
     for name, dtype in (("topk_ids", "int32"), ("topk_logprobs", "float32")):

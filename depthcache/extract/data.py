@@ -33,15 +33,24 @@ class Documents:
 
 @dataclass(frozen=True)
 class Window:
-    """One model input: ``tokens`` of document ``doc_id``; ``next_token`` follows it in the document (-1: none)."""
+    """One model input: ``tokens`` of document ``doc_id``; ``next_token`` follows it in the document (-1: none).
+
+    Task windows (one task item each) also say where the answer starts in ``tokens`` and the item's hops."""
 
     doc_id: int
     tokens: tuple[int, ...]
     next_token: int
+    answer_start: int | None = None
+    hops: int | None = None
 
 
 def load_documents(spec: str) -> Documents:
-    """A built-in dataset name, a .txt file, a folder of .txt files, or a JSONL file with a ``text`` field."""
+    """A built-in dataset name, a .txt file, a folder of .txt files, a JSONL file with a ``text`` field, or a task
+    (``task:NAME[?n=60&seed=0&option=value]``: one document per item, prompt + answer)."""
+    if spec.startswith("task:"):
+        from depthcache.extract.task_data import load_task_documents  # imports this module
+
+        return load_task_documents(spec)
     if spec == "pydoc-topics":
         from pydoc_data.topics import topics
 
@@ -49,7 +58,8 @@ def load_documents(spec: str) -> Documents:
     path = Path(spec).expanduser()
     if not path.exists():
         raise DepthcacheError(f"no dataset {spec!r}: give a .txt file, a folder of .txt files, a .jsonl file "
-                              f"with a 'text' field, or one of: {', '.join(BUILTIN_DATASETS)}")
+                              f"with a 'text' field, a task (task:two-hop-facts, task:FILE.jsonl), or one of: "
+                              f"{', '.join(BUILTIN_DATASETS)}")
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         docs = tuple(f.read_text(encoding="utf-8") for f in files)

@@ -32,6 +32,7 @@ from depthcache.extract.data import (DEFAULT_DATASET, Documents, Window, bos_tok
                                      make_windows, tokenize_documents)
 from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from depthcache.extract.progress import Progress
+from depthcache.extract.task_data import TaskDocuments, task_attrs, task_columns, task_windows
 from depthcache.extract.workers import (Worker, batch_tokens, commit_worker, finalize, segments,
                                         unfinished_workers, worker_done_until)
 from depthcache.extract.writer import ChunkWriter
@@ -207,7 +208,10 @@ def token_columns(plan: Plan, first: int, last: int) -> dict[str, np.ndarray]:
         cols["seq_id"].append(np.full(n, seq, dtype=np.int32))
         cols["position"].append(np.arange(n, dtype=np.int32))
         cols["next_token_id"].append(np.append(tokens[1:], np.int32(w.next_token)))
-    return {k: np.concatenate(v) for k, v in cols.items()}
+    out = {k: np.concatenate(v) for k, v in cols.items()}
+    if plan.windows[first].answer_start is not None:  # a task store (schema 1.2)
+        out |= task_columns(plan.windows[first:last])
+    return out
 
 
 def batch_inputs(windows: list[Window], seq_len: int, pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +330,10 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
 
 
 def make_plan(opts: ExtractOptions, loaded: LoadedModel, docs: Documents, n_layers: int) -> Plan:
-    """The deterministic windows and stored layers of an extraction of ``docs``."""
+    """The deterministic windows and stored layers of an extraction of ``docs`` (one window per item of a task)."""
+    if isinstance(docs, TaskDocuments):
+        return Plan(task_windows(loaded.tokenizer, docs.items, opts.seq_len, opts.max_tokens),
+                    parse_layers(opts.layers, n_layers))
     return Plan(make_windows(tokenize_documents(loaded.tokenizer, docs), opts.seq_len,
                              bos_token_id(loaded.tokenizer), opts.max_tokens), parse_layers(opts.layers, n_layers))
 
@@ -350,8 +357,11 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
                                                             STORED_DTYPES[opts.dtype].itemsize)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens)
     attrs["layout"]["num_workers"] = worker.count
+    task = isinstance(docs, TaskDocuments)
+    if task:
+        attrs["dataset"] |= task_attrs(docs)
     if not existing:
-        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens)
+        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task)
         if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
             existing = read_attrs(open_group(opts.out, "r"))
     if existing:

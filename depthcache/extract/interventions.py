@@ -363,7 +363,8 @@ def create_run(out: str, name: str, attrs: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        create_arrays(group, StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk))
+        create_arrays(group, StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
+                                         task="task" in attrs["dataset"]))
         group.create_array("resid_final", shape=(n, d_model), chunks=(chunk, d_model), dtype=STORED_DTYPES[dtype],
                            fill_value=0, compressors=compressors(dtype), dimension_names=("token", "d_model"))
         if attrs["intervention"]["variant"] == "future":

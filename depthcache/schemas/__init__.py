@@ -16,7 +16,7 @@ import zarr
 from zarr.core.sync import sync
 
 from depthcache.errors import DepthcacheError
-from depthcache.store import ATTRS_KEY, SITE_ARRAYS, TOKEN_ARRAYS, open_group, read_attrs
+from depthcache.store import ATTRS_KEY, SITE_ARRAYS, TASK_ARRAYS, TOKEN_ARRAYS, open_group, read_attrs
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 # Bounds no real store reaches, checked before anything is allocated or scheduled from a store's metadata.
@@ -73,7 +73,8 @@ def expected_shapes(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     n = attrs["layout"]["n_tokens"]
     d = attrs["model"]["d_model"]
     n_layers = len(attrs["options"]["layers"])
-    shapes: dict[str, tuple[int, ...]] = {name: (n,) for name in TOKEN_ARRAYS}
+    task = TASK_ARRAYS if "task" in attrs["dataset"] else {}  # schema 1.2 task stores
+    shapes: dict[str, tuple[int, ...]] = {name: (n,) for name in TOKEN_ARRAYS | task}
     shapes |= {"topk_ids": (n, attrs["options"]["top_k"]), "topk_logprobs": (n, attrs["options"]["top_k"])}
     for site in attrs["options"]["sites"]:
         for name in SITE_ARRAYS[site]:
@@ -87,7 +88,7 @@ def expected_metadata(attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     dims = {"resid_pre": ["layer", "token", "d_model"], "attn_out": ["layer", "token", "d_model"],
             "mlp_out": ["layer", "token", "d_model"], "resid_final": ["token", "d_model"],
             "topk_ids": ["token", "k"], "topk_logprobs": ["token", "k"]}
-    dtypes = TOKEN_ARRAYS | {"topk_ids": "int32", "topk_logprobs": "float32", "skip_stop": "int32"}
+    dtypes = TOKEN_ARRAYS | TASK_ARRAYS | {"topk_ids": "int32", "topk_logprobs": "float32", "skip_stop": "int32"}
     runs_only = {"skip_stop": (attrs["layout"]["n_tokens"],)} if "intervention" in attrs else {}
     shapes = expected_shapes(attrs) | runs_only
     return {name: {"shape": list(shape), "dimension_names": dims.get(name, ["token"]),
