@@ -30,10 +30,15 @@ MAX_RESULT_BYTES = 2**30  # a cached result larger than this is not loaded (stor
 
 @contextmanager
 def scheduler(address: str | None = None) -> Iterator[None]:
-    """Dask's threaded scheduler by default; a dask.distributed cluster at ``address`` (or $DEPTHCACHE_SCHEDULER)."""
+    """Dask's threaded scheduler by default; a dask.distributed cluster at ``address`` (or $DEPTHCACHE_SCHEDULER).
+
+    Threads get one BLAS thread each, as distributed workers do: OpenBLAS's float32 GEMM rounds differently with
+    another thread count, and results must not depend on the scheduler."""
+    from threadpoolctl import threadpool_limits
+
     address = address or os.environ.get(SCHEDULER_ENV)
     if not address:
-        with dask.config.set(scheduler="threads"):
+        with dask.config.set(scheduler="threads"), threadpool_limits(1):
             yield
         return
     from distributed import Client
