@@ -93,14 +93,14 @@ def expected_metadata(attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     shapes = expected_shapes(attrs) | runs_only
     return {name: {"shape": list(shape), "dimension_names": dims.get(name, ["token"]),
                    "data_type": dtypes.get(name, dtype),
-                   "chunk_shape": [min(chunk, n) if d == "token" else n for d, n in zip(dims.get(name, ["token"]), shape)]}
+                   "chunk_shape": [chunk if d == "token" else n for d, n in zip(dims.get(name, ["token"]), shape)]}
             for name, shape in shapes.items()}
 
 
-def array_metadata(group: zarr.Group, name: str) -> dict[str, Any]:
+def array_metadata(arrays: Mapping[str, zarr.Array], name: str) -> dict[str, Any]:
     """An array's zarr.json as a dict, with unreadable metadata reported as a DepthcacheError."""
     try:
-        meta = group[name].metadata.to_dict()
+        meta = arrays[name].metadata.to_dict()
     except Exception as exc:  # noqa: BLE001 - untrusted metadata may break zarr's parser in any way
         raise DepthcacheError(f"array {name!r} has unreadable metadata ({type(exc).__name__}: {exc})") from exc
     codecs = [c.get("name") if isinstance(c, dict) else None for c in meta.get("codecs", ())]
@@ -109,16 +109,17 @@ def array_metadata(group: zarr.Group, name: str) -> dict[str, Any]:
             "chunk_key_encoding": meta["chunk_key_encoding"], "checksummed": codecs[-1:] == ["crc32c"]}
 
 
-def structure_problems(group: zarr.Group, attrs: dict[str, Any], require_all: bool = True) -> list[str]:
+def structure_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any], require_all: bool = True
+                       ) -> list[str]:
     """Arrays missing (when ``require_all``) or whose metadata differs from what the attributes promise."""
-    present = set(group.array_keys())
+    present = set(arrays)
     problems = []
     for name, expected in expected_metadata(attrs).items():
         if name not in present:
             problems += [f"array {name!r} is missing"] if require_all else []
             continue
         try:
-            meta = array_metadata(group, name)
+            meta = array_metadata(arrays, name)
         except DepthcacheError as exc:
             problems.append(str(exc))
             continue
@@ -129,19 +130,19 @@ def structure_problems(group: zarr.Group, attrs: dict[str, Any], require_all: bo
         if not meta["checksummed"]:
             problems.append(f"array {name!r} has no crc32c checksum codec")
     if not problems and "layer" in present:
-        problems += layer_problems(group, attrs)
+        problems += layer_problems(arrays, attrs)
     return problems
 
 
-def layer_problems(group: zarr.Group, attrs: dict[str, Any]) -> list[str]:
+def layer_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any]) -> list[str]:
     """The ``layer`` coordinate must list the stored layers of the attributes."""
     stored = attrs["options"]["layers"]
     try:
-        meta = array_metadata(group, "layer")
+        meta = array_metadata(arrays, "layer")
         if meta["shape"] != [len(stored)] or meta["data_type"] != "int32":
             return [f"array 'layer' has shape {meta['shape']} and type {meta['data_type']}, expected "
                     f"[{len(stored)}] int32"]
-        values = group["layer"][...].tolist()
+        values = arrays["layer"][...].tolist()
     except Exception as exc:  # noqa: BLE001 - any decode failure of untrusted bytes is a problem to report
         return [f"array 'layer' is unreadable ({type(exc).__name__}: {exc})"]
     return [] if values == stored else [f"array 'layer' holds {values}, expected options.layers {stored}"]
@@ -149,14 +150,15 @@ def layer_problems(group: zarr.Group, attrs: dict[str, Any]) -> list[str]:
 
 def shape_problems(group: zarr.Group, attrs: dict[str, Any]) -> list[str]:
     """Arrays missing or shaped unlike the attributes say."""
-    return structure_problems(group, attrs)
+    return structure_problems(dict(group.arrays()), attrs)
 
 
 async def _keys(store: Any, prefix: str) -> list[str]:
     return [key async for key in store.list_prefix(prefix)]
 
 
-def missing_chunk_problems(group: zarr.Group, names: list[str], tokens: int) -> list[str]:
+def missing_chunk_problems(group: zarr.Group, arrays: Mapping[str, zarr.Array], names: list[str], tokens: int
+                           ) -> list[str]:
     """Committed chunks whose objects are absent (they would silently read as zeros)."""
     prefix = f"{group.path}/" if group.path else ""
     if hasattr(getattr(group.store, "fs", None), "invalidate_cache"):
@@ -164,7 +166,7 @@ def missing_chunk_problems(group: zarr.Group, names: list[str], tokens: int) -> 
     present = set(sync(_keys(group.store, prefix)))
     problems = []
     for name in names:
-        array = group[name]
+        array = arrays[name]
         axis = array.metadata.dimension_names.index("token")
         for index in range(math.ceil(tokens / array.chunks[axis])):
             coords = [index if i == axis else 0 for i in range(array.ndim)]
@@ -181,9 +183,10 @@ def check_store(group: zarr.Group) -> dict[str, Any]:
     array is allocated or any task is scheduled from their metadata."""
     attrs = check_attrs(read_attrs(group))
     with unreadable_metadata_as_error(group):
-        names = [name for name in expected_metadata(attrs) if name in set(group.array_keys())]
-        problems = (structure_problems(group, attrs, require_all="intervention" not in attrs)
-                    or missing_chunk_problems(group, names, attrs["progress"]["tokens_committed"]))
+        arrays = dict(group.arrays())  # each zarr.json read once (every read is a request on object storage)
+        names = [name for name in expected_metadata(attrs) if name in arrays]
+        problems = (structure_problems(arrays, attrs, require_all="intervention" not in attrs)
+                    or missing_chunk_problems(group, arrays, names, attrs["progress"]["tokens_committed"]))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DepthcacheError(f"store {group.store}{'/' + group.path if group.path else ''} is damaged: "
@@ -218,12 +221,13 @@ def group_problems(group: zarr.Group, read_chunks: bool) -> list[str]:
     problems = attr_problems(attrs) or limit_problems(attrs)
     if problems:
         return problems
-    problems = structure_problems(group, attrs, require_all="intervention" not in attrs)
+    arrays = dict(group.arrays())
+    problems = structure_problems(arrays, attrs, require_all="intervention" not in attrs)
     if problems:
         return problems
-    names = [name for name in expected_metadata(attrs) if name in set(group.array_keys())]
+    names = [name for name in expected_metadata(attrs) if name in arrays]
     tokens = attrs["progress"]["tokens_committed"]
-    problems = missing_chunk_problems(group, names, tokens)
+    problems = missing_chunk_problems(group, arrays, names, tokens)
     if read_chunks and not problems:
         problems += chunk_problems(group, names, tokens)
     return problems
