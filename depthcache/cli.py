@@ -39,7 +39,8 @@ def main() -> None:
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
 @click.option("--data", default="pydoc-topics", show_default=True,
-              help="Built-in dataset name, .txt file, folder of .txt files, or .jsonl with a 'text' field.")
+              help="Built-in dataset name, .txt file, folder of .txt files, .jsonl with a 'text' field, or a task, "
+                   "one window per item: task:two-hop-facts?n=60, task:arithmetic-chain?max_ops=3, task:FILE.jsonl.")
 @click.option("--out", required=True, help="Store to create (a folder ending in .zarr).")
 @click.option("--sites", default="resid,attn,mlp", show_default=True,
               help="Which activations to store: resid (resid_pre + resid_final), attn, mlp.")

@@ -8,8 +8,8 @@ the next ``val_fraction`` the validation split, the rest the training split (pos
 ``include_first``).
 
 Exact out-of-core scheme (one pass over the training and validation tokens, one over the test tokens):
-1. Accumulate, in float64 over blocks of token rows cast to float32 (``dtype="float64"``: float64 blocks), per split:
-   the token count, Σx per source, Σy and Σ‖y‖² per target, XᵀX per source and XᵀY per pair. Rows are shifted by
+1. Accumulate, in float64 over blocks of token rows cast to float32 (``dtype="float64"``: float64 blocks), per
+   split: the token count, Σx per source, Σy and Σ‖y‖² per target, XᵀX per source and XᵀY per pair. Rows are shifted by
    the first block's mean per layer first, so the later centering does not cancel large common offsets.
 2. Per source layer: one eigendecomposition C = V diag(λ) Vᵀ of the centered training Gram; the ridge solution
    for penalty α (centered, i.e. an intercept as in scikit-learn's ``fit_intercept=True``) is
@@ -217,8 +217,8 @@ def accumulate(x: da.Array, y: da.Array, split: np.ndarray, block_tokens: int,
 
 # ------------------------------------------------------------------------------------------------------ solving
 
-def centered(m: Moments, i: int, t: int, mx: np.ndarray, my: np.ndarray) -> tuple[np.ndarray, np.ndarray,
-                                                                                   np.ndarray]:
+def centered(m: Moments, i: int, t: int, mx: np.ndarray,
+             my: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sums of source i about the means mx (d,), my (t, e): Σ(x−mx)(x−mx)ᵀ, Σ(x−mx)⊗(y−my), Σ‖y−my‖² per target."""
     sx = m.sx[i]
     gxx = m.gxx[i] - np.outer(sx, mx) - np.outer(mx, sx) + m.n * np.outer(mx, mx)
@@ -283,7 +283,7 @@ def coefficients(fit: SourceFit, shift: Shift, i: int, penalty_index: np.ndarray
 
 @dataclass
 class TestSums:
-    """Sums over test rows for the chosen maps (float64): counts, SSE and Σ‖ŷ−y‖/‖y‖ per pair, target sums."""
+    """Sums over test rows for the chosen maps (float64): count, SSE and Σ‖ŷ−y‖/‖y‖ per pair, target sums."""
 
     n: int
     sse: np.ndarray      # (g, t)
@@ -422,8 +422,9 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     fig, axes = plotting.figure(2, width=5.2, height=4.6)
     x, y = result.deep_relative_depth.values, result.shallow_relative_depth.values
     best = result.shallow_relative_depth.sel(shallow_layer=result.best_shallow_layer).values
-    for ax, name, label, cmap in ((axes[0], "rel_error", "mean ‖ŷ − y‖ / ‖y‖ (lower is better)", "viridis_r"),
-                                  (axes[1], "r2", "R²", "viridis")):
+    panels = ((axes[0], "rel_error", "mean ‖ŷ − y‖ / ‖y‖ (lower is better)", "viridis_r"),
+              (axes[1], "r2", "R²", "viridis"))
+    for ax, name, label, cmap in panels:
         image = ax.pcolormesh(x, y, result[name].values, shading="nearest", cmap=cmap)
         ax.plot(x, best, "r.", ms=7, label="best shallow layer")
         ax.plot([0, 1], [0, 1], "w--", lw=0.8, label="equal relative depth")
