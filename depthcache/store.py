@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,19 @@ def write_attrs(group: zarr.Group, attrs: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_dataset_atomically(ds: xr.Dataset, folder: Path) -> None:
+    """Write ``ds`` as a Zarr v3 group at ``folder`` via a hidden sibling renamed into place: never partial."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.writing-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _json_default(value: Any) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ import depthcache
 from depthcache.analyze.registry import get
 from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
-from depthcache.store import is_url, local_name
+from depthcache.store import is_url, local_name, write_dataset_atomically
 
 RESULT_ATTR = "depthcache_analysis"
 SCHEDULER_ENV = "DEPTHCACHE_SCHEDULER"
@@ -102,15 +101,7 @@ def save(result: xr.Dataset, location: str, group: str | None) -> None:
     folder = Path(location) / group if group else Path(location)
     if group and "/" in group:  # make the parent (e.g. analyses/) a real zarr group, not a bare folder
         zarr.open_group(location, mode="r+").require_group(group.rsplit("/", 1)[0])
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        result.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_dataset_atomically(result, folder)
 
 
 def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:

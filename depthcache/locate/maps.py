@@ -7,7 +7,6 @@ identifies it (kind, schema, model, reference); see docs/store-format.md, "Locat
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import xarray as xr
 
 from depthcache.errors import DepthcacheError
 from depthcache.extract.data import bos_token_id
+from depthcache.store import write_dataset_atomically
 
 MAP_ATTR = "depthcache_map"
 MAP_SCHEMA = "1"
@@ -109,15 +109,7 @@ def write_map(ds: xr.Dataset, out: str) -> Path:
     """Write a map atomically: into a hidden sibling, then renamed over ``out`` (never a partial store)."""
     check_out(out)
     dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.writing-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_dataset_atomically(ds, dest)
     return dest
 
 
