@@ -171,7 +171,10 @@ def analysis_command(spec: Any) -> click.Command:
     """A click command running one analysis on its store(s)."""
     stores = "SHALLOW DEEP" if spec.n_stores == 2 else "STORE"
 
-    @click.command(name=spec.name, help=f"{spec.summary}\n\nArguments: {stores}.")
+    from depthcache.analyze.registry import describe_parameters
+
+    @click.command(name=spec.name, help=f"{spec.summary}\n\nArguments: {stores}.\n\nParameters (-p KEY=VALUE, "
+                                        f"values as JSON): {describe_parameters(spec)}.")
     @click.argument("stores", nargs=spec.n_stores)
     @click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
     @click.option("--force", is_flag=True, help="Recompute even if a cached result exists.")

@@ -225,6 +225,17 @@ def test_missing_mlp_site(tiny_models, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("param, message", [("bogus=1", "has no parameter 'bogus'; its parameters"),
+                                            ("include_first=maybe", "must be of type bool"),
+                                            ("max_tokens=1.5", "must be of type int | None")])
+def test_bad_parameter_is_a_clear_error_and_saves_nothing(stores, tmp_path, param, message):
+    store = fresh(stores["float32"], tmp_path)
+    result = CliRunner().invoke(main, ["analyze", "logit-lens", str(store), "-p", param])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert not (store / "analyses" / "logit-lens").exists()
+    assert "max_tokens=null" in CliRunner().invoke(main, ["analyze", "logit-lens", "--help"]).output
+
+
 def test_newer_schema_refused(stores, tmp_path):
     store = fresh(stores["float32"], tmp_path)
     meta_path = store / "zarr.json"

@@ -66,7 +66,8 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
         rel.plot(layers, r.rel_mean, marker="o", ms=3, label=sub)
         rel.fill_between(layers, np.maximum(r.rel_mean - r.rel_std, 1e-6), r.rel_mean + r.rel_std, alpha=0.15)
         cos.plot(layers, r.cos_mean, marker="o", ms=3, label=sub)
-    rel.set(ylabel="‖contribution‖ / ‖residual‖ (mean)", yscale="log",
+    lowest = float(np.nanmin(result.rel_mean.values))
+    rel.set(ylabel="‖contribution‖ / ‖residual‖ (mean)", yscale="log", ylim=(0.5 * lowest, None),
             title="Relative contribution (± std over tokens)")
     cos.axhline(0, color="grey", lw=0.8)
     cos.set(ylabel="mean cos(contribution, residual)", title="Cosine with the residual")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import pkgutil
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +61,55 @@ def get(name: str) -> Analysis:
     if name not in analyses:
         raise DepthcacheError(f"unknown analysis {name!r}; known: {', '.join(sorted(analyses))}")
     return analyses[name]
+
+
+def parameters(spec: Analysis) -> dict[str, inspect.Parameter]:
+    """The analysis's parameters (everything after its store arguments), by name."""
+    return dict(list(inspect.signature(spec.compute).parameters.items())[spec.n_stores:])
+
+
+def describe_parameters(spec: Analysis) -> str:
+    """'name=default, ...' for help texts."""
+    return ", ".join(f"{name}={json.dumps(p.default)}" for name, p in parameters(spec).items()) or "none"
+
+
+def accepts(hint: Any, value: Any) -> bool:
+    """Whether a JSON-parsed ``value`` fits the type ``hint`` (bool, int, float, str, list[...], unions, None)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return True
+        if origin is bool and isinstance(value, bool):
+            return True
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if origin is str and isinstance(value, str):
+            return True
+        if origin is list and isinstance(value, list):
+            inner = typing.get_args(option)
+            return not inner or all(accepts(inner[0], v) for v in value)
+    return False
+
+
+def check_params(spec: Analysis, params: dict[str, Any]) -> None:
+    """Refuse unknown parameters and values of the wrong type, naming what the analysis accepts."""
+    known = parameters(spec)
+    hints = typing.get_type_hints(spec.compute)
+    for key, value in params.items():
+        if key not in known:
+            raise DepthcacheError(f"analysis {spec.name!r} has no parameter {key!r}; its parameters (with defaults): "
+                                  f"{describe_parameters(spec)}")
+        if key in hints and not accepts(hints[key], value):
+            raise DepthcacheError(f"parameter {key}={json.dumps(value)} of {spec.name!r} must be of type "
+                                  f"{typing_name(hints[key])} (e.g. -p {key}={json.dumps(known[key].default)})")
+
+
+def typing_name(hint: Any) -> str:
+    """A readable name of a type hint: 'bool', 'int | None', 'list[float] | None'."""
+    return str(hint).replace("typing.", "").replace("NoneType", "None").removeprefix("<class '").removesuffix("'>")
 
 
 def describe() -> list[tuple[str, str, int]]:

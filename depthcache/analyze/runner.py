@@ -17,7 +17,7 @@ import xarray as xr
 import zarr
 
 import depthcache
-from depthcache.analyze.registry import get
+from depthcache.analyze.registry import check_params, get
 from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
 from depthcache.store import is_url, local_name, write_dataset_atomically
@@ -153,6 +153,7 @@ def run(name: str, *locations: str | Store, force: bool = False, scheduler_addre
     stores = [loc if isinstance(loc, Store) else Store(str(loc), dict(storage_options or {})) for loc in locations]
     if len(stores) != spec.n_stores:
         raise DepthcacheError(f"analysis {name!r} takes {spec.n_stores} store(s), got {len(stores)}")
+    check_params(spec, params)
     expected = provenance(name, stores, params)
     location, group = result_path(stores[-1], name, results_dir)
     if not force and (cached := load_cached(location, group, expected)) is not None:
