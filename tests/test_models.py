@@ -98,6 +98,13 @@ def test_local_folder_honours_dtype(tiny_folder: TinyFolder) -> None:
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_loading_bars_follow_the_progress_option(tiny_folder: TinyFolder, capfd: pytest.CaptureFixture[str],
+                                                  progress: bool) -> None:
+    load_model(str(tiny_folder[0]), progress=progress)
+    assert ("Loading weights" in capfd.readouterr().err) == progress
+
+
 def test_sharded_weights_hash_together_in_name_order(tmp_path: Path) -> None:
     (tmp_path / "b.safetensors").write_bytes(b"second")
     (tmp_path / "a.safetensors").write_bytes(b"first")

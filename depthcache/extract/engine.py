@@ -347,7 +347,7 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = loaded or load_model(opts.model, device=device)
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
     arch = architecture_for(loaded.model)
     plan = make_plan(opts, loaded, docs, len(decoder_layers(loaded.model, arch)))
     if plan.n_tokens == 0:

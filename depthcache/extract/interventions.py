@@ -453,7 +453,7 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
         check_destination(opts.out, resume=False)
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = loaded or load_model(opts.model, device=device)
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
     arch = architecture_for(loaded.model)
     depth = len(decoder_layers(loaded.model, arch))
     runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]

@@ -12,8 +12,10 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from depthcache.errors import DepthcacheError
 
@@ -324,11 +327,26 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise DepthcacheError(f"dtype {dtype!r} is not a floating-point torch dtype: use e.g. torch.float32")
 
 
-def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM named by alias, .gguf path, local folder or hub id, in eval mode on device, with provenance."""
+@contextmanager
+def _transformers_bars(show: bool | None) -> Iterator[None]:
+    """transformers' own bars ('Loading weights') follow ours: shown on a terminal only, or as ``show`` says."""
+    was = hf_logging.is_progress_bar_enabled()
+    wanted = sys.stderr.isatty() if show is None else show
+    (hf_logging.enable_progress_bar if wanted else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               progress: bool | None = None) -> LoadedModel:
+    """Load a causal LM named by alias, .gguf path, local folder or hub id, in eval mode on device, with provenance;
+    ``progress`` as in ExtractOptions (None: loading bars on a terminal only)."""
     _check_dtype(dtype)
     target = resolve_device(device)
-    model, tokenizer, provenance = _load_spec(spec, dtype)
+    with _transformers_bars(progress):
+        model, tokenizer, provenance = _load_spec(spec, dtype)
     model = model.to(target).eval()
     provenance = {
         "spec": spec,

@@ -91,7 +91,7 @@ def map_attrs(kind: str, opts: LocateOptions, loaded: LoadedModel, ref: Referenc
 def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) -> xr.Dataset:
     """Compute the ``kind`` map of every prompt and write them to ``opts.out`` (atomically); returns the dataset."""
     check_options(kind, opts)
-    loaded = loaded or load_model(opts.model, device=opts.device)
+    loaded = loaded or load_model(opts.model, device=opts.device, progress=opts.progress)
     ids, encoded = prompts(opts, loaded)
     ref = reference(opts, loaded) if kind == "erasure" else None
     show = sys.stderr.isatty() if opts.progress is None else opts.progress
