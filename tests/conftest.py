@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,13 @@ CORPUS = [
     "Language models use their depth in interesting ways; some layers matter more.",
 ]
 ARCHS = ("llama", "qwen2", "qwen3", "olmo2", "gpt2", "gpt_neox")
+
+
+def write_documents(path: Path, lengths: list[int]) -> Path:
+    """A JSONL file of documents: document i joins ``lengths[i]`` CORPUS sentences, starting at sentence i mod 4."""
+    path.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(n))})
+                              for i, n in enumerate(lengths)))
+    return path
 
 
 def tiny_tokenizer(with_bos: bool) -> transformers.PreTrainedTokenizerFast:

@@ -12,7 +12,7 @@ import xarray as xr
 import zarr
 from click.testing import CliRunner
 
-from conftest import CORPUS
+from conftest import write_documents
 from depthcache.analyze import plot, run
 from depthcache.analyze.effective_depth import cutoff_indices
 from depthcache.cli import main
@@ -29,8 +29,7 @@ def make_store(root: Path, model: Path, dtype: str, sites: tuple[str, ...] = ("r
                name: str | None = None) -> Path:
     """A store of 8 documents of different lengths (windows of ≤ 40 tokens, chunks of 32 tokens)."""
     data = root / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(1 + 2 * (i % 4)))})
-                              for i in range(8)))
+    write_documents(data, [1 + 2 * (i % 4) for i in range(8)])
     out = root / (name or f"{dtype}.zarr")
     extract(ExtractOptions(out=str(out), model=str(model), data=str(data), dtype=dtype, sites=sites, seq_len=40,
                            batch_size=4, chunk_tokens=32, progress=False, device="cpu"))

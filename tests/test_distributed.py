@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 from distributed import LocalCluster
 
-from conftest import CORPUS
+from conftest import write_documents
 from depthcache.analyze import run
 from depthcache.extract.engine import ExtractOptions, extract
 
@@ -18,8 +17,7 @@ def store(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small bf16 store of the tiny Llama (several chunks, so several tasks per analysis)."""
     root = tmp_path_factory.mktemp("distributed")
     data = root / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(1 + i))})
-                              for i in range(6)))
+    write_documents(data, [1 + i for i in range(6)])
     out = root / "store.zarr"
     extract(ExtractOptions(out=str(out), model=str(tiny_models["llama"]), data=str(data), dtype="bfloat16",
                            seq_len=40, batch_size=4, chunk_tokens=32, progress=False, device="cpu"))

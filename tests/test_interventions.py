@@ -14,7 +14,7 @@ import transformers
 import zarr
 from click.testing import CliRunner
 
-from conftest import ARCHS, CORPUS
+from conftest import ARCHS, write_documents
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
 from depthcache.extract import interventions
@@ -29,8 +29,7 @@ from depthcache.store import open_dataset
 def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six documents of 40-90 tokens: windows of 32 tokens, several batches and chunks."""
     path = tmp_path_factory.mktemp("skipdata") / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(2 + i % 3))})
-                              for i in range(6)))
+    write_documents(path, [2 + i % 3 for i in range(6)])
     return path
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 
-from conftest import CORPUS
+from conftest import write_documents
 from depthcache.analyze import layer_map as lm
 from depthcache.analyze import run
 from depthcache.analyze.source import Store
@@ -101,8 +100,7 @@ def stores(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     """float32 stores of the tiny Llama ('deep', 4 layers) and its every-other pruned copy ('shallow', 2 layers)."""
     root = tmp_path_factory.mktemp("layermap")
     data = root / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(2 + i % 3))})
-                              for i in range(12)))
+    write_documents(data, [2 + i % 3 for i in range(12)])
     result = CliRunner().invoke(main, ["prune-copy", "--model", str(tiny_models["llama"]), "--out",
                                        str(root / "pruned")])
     assert result.exit_code == 0, result.output

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from conftest import CORPUS
+from conftest import write_documents
 
 
 def extract_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -39,8 +39,7 @@ def arrays(store: Path) -> dict[str, bytes]:
 
 def write_many_docs(path: Path) -> Path:
     """A JSONL dataset of 48 documents, enough for ~180 chunks of 32 tokens."""
-    path.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(8))})
-                              for i in range(48)))
+    write_documents(path, [8] * 48)
     return path
 
 

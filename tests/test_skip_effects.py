@@ -12,7 +12,7 @@ import torch
 import transformers
 import xarray as xr
 
-from conftest import CORPUS
+from conftest import write_documents
 from depthcache.analyze import plot, run
 from depthcache.errors import DepthcacheError
 from depthcache.extract.engine import ExtractOptions, extract
@@ -25,8 +25,7 @@ def stores(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     """A float32 and a bfloat16 store of the tiny Llama with current- and future-variant runs of every layer."""
     root = tmp_path_factory.mktemp("skipeffects")
     data = root / "docs.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(CORPUS[(i + j) % 4] for j in range(3 + i % 4))})
-                              for i in range(8)))
+    write_documents(data, [3 + i % 4 for i in range(8)])
     out = {}
     for dtype in ("float32", "bfloat16"):
         opts = ExtractOptions(out=str(root / f"{dtype}.zarr"), model=str(tiny_models["llama"]), data=str(data),
