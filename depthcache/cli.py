@@ -263,16 +263,27 @@ def erase(**kw: Any) -> None:
 @main.command()
 @locate_options
 @click.option("--steps", default=256, show_default=True, type=int,
-              help="Interpolation intervals (trapezoidal rule: steps + 1 forward/backward passes per layer).")
+              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 forward/backward "
+                   "passes).")
+@click.option("--tolerance", default=0.01, show_default=True, type=float,
+              help="Bisect the intervals with the largest completeness error until |sum(attribution) - (f(h) - "
+                   "f(baseline))| is at most this times max(|f(h) - f(baseline)|, 0.01).")
+@click.option("--max-steps", default=4096, show_default=True, type=int,
+              help="Most intervals per layer after refinement (= --steps: no refinement).")
 def igrad(**kw: Any) -> None:
     """Integrated gradients on the residual at every (layer, position), with a completeness check per layer."""
     from depthcache.locate import LocateOptions, locate
 
     ds = locate("igrad", LocateOptions(**kw))
-    error = abs(ds.attribution_sum - ds.output_difference).max().item()
+    scale = abs(ds.output_difference).clip(min=0.01)
+    error = (abs(ds.attribution_sum - ds.output_difference) / scale).max().item()
     click.echo(f"{kw['out']}: igrad map, {ds.sizes['layer']} layers x {ds.sizes['position']} positions"
                + (f" x {ds.sizes['item']} items" if "item" in ds.dims else "")
-               + f"; completeness: max |sum(attribution) - (f(h) - f(baseline))| = {error:.3g}")
+               + f"; {int(ds.intervals.min())}-{int(ds.intervals.max())} intervals per layer; completeness: max "
+               f"|sum(attribution) - (f(h) - f(baseline))| / max(|f(h) - f(baseline)|, 0.01) = {error:.3g}")
+    if error > kw["tolerance"]:
+        click.echo(f"warning: completeness {error:.3g} is above --tolerance {kw['tolerance']} where --max-steps "
+                   f"{kw['max_steps']} was reached; raise --max-steps before reading magnitudes there", err=True)
 
 
 def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:

@@ -207,13 +207,19 @@ def write_attrs(group: zarr.Group, attrs: dict[str, Any]) -> None:
         os.close(dir_fd)
 
 
+def string_encoding(ds: xr.Dataset) -> dict[str, dict]:
+    """Store text variables as variable-length strings: numpy's fixed-width or StringDType text (pandas 3 string
+    indexes) would become Zarr's fixed-length UTF-32, a data type without a Zarr v3 specification."""
+    return {name: {"dtype": object} for name, var in ds.variables.items() if var.dtype.kind in "UT"}
+
+
 def write_dataset_atomically(ds: xr.Dataset, folder: Path) -> None:
     """Write ``ds`` as a Zarr v3 group at ``folder`` via a hidden sibling renamed into place: never partial."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.writing-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False)
+        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False, encoding=string_encoding(ds))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:

@@ -21,7 +21,8 @@ from depthcache.extract.data import bos_token_id
 from depthcache.store import write_dataset_atomically
 
 MAP_ATTR = "depthcache_map"
-MAP_SCHEMA = "1"
+MAP_SCHEMA = "1.1"  # 1.1: igrad adds intervals, error_bound and the tolerance, max_steps attributes
+READABLE_MAP_SCHEMAS = ("1", MAP_SCHEMA)
 KINDS = ("erasure", "igrad")
 
 
@@ -91,9 +92,9 @@ def read_map(location: str | os.PathLike[str]) -> xr.Dataset:
         raise DepthcacheError(f"{location} is not a depthcache location map (made by `depthcache erase` or `igrad`)")
     ds = xr.open_zarr(str(location), consolidated=False).load()
     found = ds.attrs[MAP_ATTR].get("schema")
-    if found != MAP_SCHEMA:
-        raise DepthcacheError(f"{location} is a location map of schema {found!r}; this depthcache reads schema "
-                              f"{MAP_SCHEMA!r}: upgrade depthcache or recompute the map")
+    if found not in READABLE_MAP_SCHEMAS:
+        raise DepthcacheError(f"{location} is a location map of schema {found!r}; this depthcache reads schemas "
+                              f"{', '.join(READABLE_MAP_SCHEMAS)}: upgrade depthcache or recompute the map")
     return ds
 
 

@@ -36,7 +36,9 @@ class LocateOptions:
     device: str = "auto"
     reference: str | None = None  # erasure: activation store giving the mean residual
     reference_windows: int = 8  # erasure without a reference store: pydoc-topics windows
-    steps: int = 256  # igrad
+    steps: int = 256  # igrad: equal trapezoid intervals to start from
+    tolerance: float = 0.01  # igrad: completeness target, relative to |f(h) - f(baseline)|
+    max_steps: int = 4096  # igrad: most intervals adaptive refinement may reach per layer
     batch_size: int = 32
     progress: bool | None = None  # None: a bar on a terminal only
 
@@ -54,6 +56,11 @@ def check_options(kind: str, opts: LocateOptions) -> None:
                         ("--reference-windows", opts.reference_windows)):
         if value < 1:
             raise DepthcacheError(f"{name} must be at least 1, got {value}")
+    if opts.tolerance < 0:
+        raise DepthcacheError(f"--tolerance must be at least 0, got {opts.tolerance}")
+    if opts.max_steps < opts.steps:
+        raise DepthcacheError(f"--max-steps ({opts.max_steps}) must be at least --steps ({opts.steps}); "
+                              "equal values turn adaptive refinement off")
     if kind == "igrad" and opts.reference is not None:
         raise DepthcacheError("--reference applies to erase only: igrad's baseline is the prompt's own mean residual")
     check_out(opts.out)
@@ -85,6 +92,7 @@ def map_attrs(kind: str, opts: LocateOptions, loaded: LoadedModel, ref: Referenc
     """The ``depthcache_map`` attribute: what the store is and how it was made."""
     return {"kind": kind, "schema": MAP_SCHEMA, "model": loaded.provenance, "reference": None if ref is None else
             ref.source, "task": opts.task, "steps": opts.steps if kind == "igrad" else None,
+            **({"tolerance": opts.tolerance, "max_steps": opts.max_steps} if kind == "igrad" else {}),
             "code_version": depthcache.__version__, "created": datetime.now(timezone.utc).isoformat()}
 
 
@@ -103,7 +111,8 @@ def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) ->
                 mean = torch.from_numpy(ref.mean).to(next(loaded.model.parameters()).device)
                 maps.append(erasure_map(loaded.model, prompt, mean, opts.batch_size, bar.update))
             else:
-                maps.append(igrad_map(loaded.model, prompt, opts.steps, opts.batch_size, bar.update))
+                maps.append(igrad_map(loaded.model, prompt, opts.steps, opts.batch_size, bar.update,
+                                            opts.tolerance, opts.max_steps))
     ds = maps[0] if opts.task is None else stack_items(maps, ids)
     ds.attrs[MAP_ATTR] = map_attrs(kind, opts, loaded, ref)
     write_map(ds, opts.out)
