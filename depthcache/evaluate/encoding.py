@@ -1,6 +1,10 @@
-"""Prompts and continuations as token ids, and left-padded batches whose last column is every prompt's end."""
+"""Prompts and continuations as token ids, left-padded batches whose last column is every prompt's end, and the
+KV cache handed back to the next incremental forward."""
 
 from __future__ import annotations
+
+import inspect
+from typing import Any
 
 import torch
 
@@ -52,3 +56,10 @@ def right_padded(seqs: list[list[int]], pad: int, device: str) -> tuple[torch.Te
         ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
     return ids.to(device), mask.to(device)
+
+
+def cache_argument(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV cache under the keyword this transformers release's forward takes: ``cache`` (5.2x) or the older
+    ``past_key_values`` (deprecated there, with a warning)."""
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache" if takes_cache else "past_key_values": cache}

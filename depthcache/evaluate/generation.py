@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from depthcache.evaluate.encoding import encode_prompt, left_padded, pad_id
+from depthcache.evaluate.encoding import cache_argument, encode_prompt, left_padded, pad_id
 from depthcache.tasks import TaskItem
 
 STOP = "\n"
@@ -37,7 +37,7 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: list[str], words: list[in
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        use_cache=True, **cache_argument(model, out.past_key_values))
             position = position + 1
     return [tokenizer.decode(g, skip_special_tokens=True).split(STOP, 1)[0] for g in generated]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from depthcache.evaluate.encoding import encode_continuation, encode_prompt, left_padded, pad_id, right_padded
+from depthcache.evaluate.encoding import cache_argument, encode_continuation, encode_prompt, left_padded, pad_id, \
+    right_padded
 from depthcache.tasks import TaskItem
 
 
@@ -33,8 +34,8 @@ def batch_scores(model: torch.nn.Module, tokenizer, items: list[TaskItem],  # no
             seqs = [c[j] if j < len(c) else c[0] for c in conts]
             cont, cont_mask = right_padded(seqs, pad, device)
             logits = model(input_ids=cont, attention_mask=torch.cat([mask, cont_mask], dim=1),
-                           position_ids=lengths + torch.arange(cont.shape[1], device=device), past_key_values=cache,
-                           use_cache=True).logits
+                           position_ids=lengths + torch.arange(cont.shape[1], device=device), use_cache=True,
+                           **cache_argument(model, cache)).logits
             logp = torch.cat([first.unsqueeze(1), torch.log_softmax(logits[:, :-1].float(), dim=-1)], dim=1)
             picked = (logp.gather(-1, cont.unsqueeze(-1)).squeeze(-1) * cont_mask).sum(-1)
             for row, c in enumerate(conts):
