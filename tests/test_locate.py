@@ -229,16 +229,18 @@ def test_cli_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     assert code == 2 and "of kind 'igrad'" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", "The quic", "--answer", "k"], "not a token continuation"),
-    (["--prompt", "fox " * 300, "--answer", " fox"], "context is 256"),
-    (["--prompt", PROMPT], "--prompt needs --answer"),
+@pytest.mark.parametrize("command, args, message", [
+    ("erase", ["--prompt", "The quic", "--answer", "k"], "not a token continuation"),
+    ("erase", ["--prompt", "fox " * 300, "--answer", " fox"], "context is 256"),
+    ("erase", ["--prompt", PROMPT], "--prompt needs --answer"),
+    ("igrad", ["--prompt", PROMPT, "--answer", ANSWER, "--steps", "8", "--max-steps", "4"], "--max-steps (4) must"),
+    ("igrad", ["--prompt", PROMPT, "--answer", ANSWER, "--tolerance", "-1"], "--tolerance must be at least 0"),
 ])
-def test_cli_bad_input_writes_nothing(tmp_path: Path, tiny_models: dict[str, Path], args: list[str],
+def test_cli_bad_input_writes_nothing(tmp_path: Path, tiny_models: dict[str, Path], command: str, args: list[str],
                                       message: str) -> None:
-    """Bad prompts: exit 2, one 'error:' line, and no store."""
+    """Bad prompts or options: exit 2, one 'error:' line, and no store."""
     out = tmp_path / "map.zarr"
-    code, text = run_cli("erase", "--model", str(tiny_models["llama"]), "--out", str(out), "--device", "cpu", *args)
+    code, text = run_cli(command, "--model", str(tiny_models["llama"]), "--out", str(out), "--device", "cpu", *args)
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in text, text
     assert not out.exists() and list(tmp_path.iterdir()) == []
