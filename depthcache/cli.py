@@ -273,10 +273,10 @@ def erase(**kw: Any) -> None:
 def igrad(**kw: Any) -> None:
     """Integrated gradients on the residual at every (layer, position), with a completeness check per layer."""
     from depthcache.locate import LocateOptions, locate
+    from depthcache.locate.igrad import completeness_error
 
     ds = locate("igrad", LocateOptions(**kw))
-    scale = abs(ds.output_difference).clip(min=0.01)
-    error = (abs(ds.attribution_sum - ds.output_difference) / scale).max().item()
+    error = completeness_error(ds)
     click.echo(f"{kw['out']}: igrad map, {ds.sizes['layer']} layers x {ds.sizes['position']} positions"
                + (f" x {ds.sizes['item']} items" if "item" in ds.dims else "")
                + f"; {int(ds.intervals.min())}-{int(ds.intervals.max())} intervals per layer; completeness: max "

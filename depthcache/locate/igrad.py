@@ -74,6 +74,13 @@ def integrate_path(evaluate: PathFunction, steps: int, tolerance: float, max_ste
     return PathIntegral(pieces.sum(0), float(f[-1]), float(f[0]), len(errors), float(np.abs(errors).sum()))
 
 
+def completeness_error(ds: xr.Dataset) -> float:
+    """Largest |Σ attribution − (f(h) − f(b))| / max(|f(h) − f(b)|, SCALE_FLOOR) over the layers (and items) of a
+    map: the quantity ``tolerance`` bounds unless ``max_steps`` was reached."""
+    scale = abs(ds.output_difference).clip(min=SCALE_FLOOR)
+    return float((abs(ds.attribution_sum - ds.output_difference) / scale).max())
+
+
 def residual_path(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, layer: int, batch_size: int
                   ) -> PathFunction:
     """f and its per-position directional derivative on the straight path from the mean residual to layer
