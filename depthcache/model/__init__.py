@@ -14,7 +14,7 @@ from depthcache.model.architectures import (
                                             submodule,
                                             unembedding,
 )
-from depthcache.model.capture import Capture, first_tensor
+from depthcache.model.capture import Capture, CaptureInto, first_tensor, token_runs
 from depthcache.model.loading import (
                                             ALIASES,
                                             DEFAULT_MODEL,
@@ -28,7 +28,7 @@ from depthcache.model.pruned import prune_copy, prune_model
 from depthcache.model.restart import Clean, answer_probs, clean_run, frozen, run_from
 from depthcache.model.skips import Skip, only_layers
 
-__all__ = ["ALIASES", "Architecture", "Capture", "Clean", "DEFAULT_MODEL", "LoadedModel", "Skip", "answer_probs",
+__all__ = ["ALIASES", "Architecture", "Capture", "CaptureInto", "Clean", "DEFAULT_MODEL", "LoadedModel", "Skip", "answer_probs",
            "architecture_for", "cache_dir", "clean_run", "decoder_layers", "file_sha256", "final_norm_params",
            "first_tensor", "frozen", "load_model", "n_layers", "only_layers", "parallel_residual", "prune_copy",
-           "prune_model", "resolve_device", "run_from", "submodule", "unembedding"]
+           "prune_model", "resolve_device", "run_from", "submodule", "token_runs", "unembedding"]

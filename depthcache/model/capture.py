@@ -74,3 +74,84 @@ class Capture:
     def stacked(self, name: str) -> torch.Tensor:
         """(layer, batch, seq, d_model) tensor of one recorded site, in stored-layer order."""
         return torch.stack([self.records[name][layer] for layer in self.layers])
+
+Runs = tuple[tuple[int, int, int], ...]  # (first source row, last source row + 1, first target row) of a selection
+
+
+class CaptureInto:
+    """Context manager: hooks copy each captured (batch, seq, d_model) tensor's selected token rows straight into
+    preallocated targets, casting to the target's dtype in the same pass (no stacking, gathering or second copy).
+
+    ``names`` are the arrays captured (``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_final``). Before each forward
+    pass ``into(targets, runs)`` says where they go: (stored layer, token, d_model) tensors for the per-layer arrays,
+    (token, d_model) for ``resid_final``, and the rows of the flattened batch × seq axis to keep (``token_runs``).
+    """
+
+    def __init__(self, model: torch.nn.Module, arch: Architecture, layers: Sequence[int],
+                 names: Sequence[str]) -> None:
+        self.model, self.arch, self.layers, self.names = model, arch, tuple(layers), tuple(names)
+        self.targets: dict[str, torch.Tensor] = {}
+        self.runs: Runs = ()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def into(self, targets: dict[str, torch.Tensor], runs: Runs) -> None:
+        """Where the next forward pass's activations go."""
+        self.targets, self.runs = targets, runs
+
+    def __enter__(self) -> CaptureInto:
+        blocks = decoder_layers(self.model, self.arch)
+        for index, layer in enumerate(self.layers):
+            block = blocks[layer]
+            if "resid_pre" in self.names:
+                self._handles.append(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True))
+            for name, path in (("attn_out", self.arch.attn), ("mlp_out", self.arch.mlp)):
+                if name in self.names:
+                    self._handles.append(submodule(block, path).register_forward_hook(self._out_hook(name, index)))
+        if "resid_final" in self.names:
+            norm = submodule(self.model, self.arch.final_norm)
+            self._handles.append(norm.register_forward_pre_hook(self._final_hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre_hook(self, index: int):  # noqa: ANN202 - torch hook signature
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self._copy(args[0] if args else kwargs["hidden_states"], self.targets["resid_pre"][index])
+        return hook
+
+    def _out_hook(self, name: str, index: int):  # noqa: ANN202 - torch hook signature
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            self._copy(first_tensor(output), self.targets[name][index])
+        return hook
+
+    def _final_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        self._copy(args[0], self.targets["resid_final"])
+
+    def _copy(self, tensor: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy the kept rows of ``tensor`` (batch, seq, d) into ``target`` (token, d), cast on the way."""
+        flat = tensor.detach().reshape(-1, tensor.shape[-1])
+        for first, last, at in self.runs:
+            target[at:at + last - first].copy_(flat[first:last], non_blocking=True)
+
+
+def token_runs(lengths: Sequence[int], seq_len: int, drop: int, keep: int) -> Runs:
+    """The rows of a right-padded (len(lengths), seq_len) batch, flattened, that hold real tokens ``drop`` to
+    ``drop + keep`` (in order), as maximal contiguous runs (first row, last row + 1, first target row)."""
+    runs: list[list[int]] = []
+    skipped = taken = 0
+    for row, length in enumerate(lengths):
+        skip = min(length, drop - skipped)
+        skipped += skip
+        take = min(length - skip, keep - taken)
+        if take <= 0:
+            continue
+        first = row * seq_len + skip
+        if runs and runs[-1][1] == first:
+            runs[-1][1] += take
+        else:
+            runs.append([first, first + take, taken])
+        taken += take
+    return tuple((a, b, c) for a, b, c in runs)
