@@ -1,19 +1,30 @@
-"""Figure helpers: one look for every depthcache plot (headless matplotlib, PNGs named after the analysis)."""
+"""Figure helpers: one look for every depthcache plot (headless matplotlib, PNGs named after the analysis).
+
+matplotlib is imported on the first figure, so computing an analysis never pays for it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def figure(ncols: int = 1, width: float = 5.5, height: float = 3.6) -> tuple[Figure, list]:
     """A figure with ``ncols`` side-by-side axes."""
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    fig, axes = pyplot().subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
     return fig, list(axes[0])
 
 
@@ -22,7 +33,7 @@ def save(fig: Figure, folder: Path, name: str) -> Path:
     path = folder / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 

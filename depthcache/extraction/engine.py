@@ -158,12 +158,13 @@ def check_destination(out: str, resume: bool) -> bool:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers."""
+    """Versions of the libraries that shape the numbers (xarray's from its metadata: importing it costs start-up)."""
+    from importlib.metadata import version
+
     import transformers
-    import xarray
 
     return {"depthcache": depthcache.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "zarr": zarr.__version__, "numpy": np.__version__, "xarray": xarray.__version__,
+            "zarr": zarr.__version__, "numpy": np.__version__, "xarray": version("xarray"),
             "python": platform.python_version()}
 
 

@@ -6,14 +6,17 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from depthcache.model import architecture_for, final_norm_params, unembedding
 from depthcache.store.head import MODEL_GROUP, TOKENIZER_GROUP
 
 
 def _array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
+    """One float32 array in a single chunk, checksummed but not compressed: float weights barely compress, and
+    zstd on the unembedding (vocab × d_model) only cost start-up time."""
     arr = group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=dims,
-                             chunks=values.shape if values.size else None)
+                             chunks=values.shape if values.size else None, compressors=[Crc32cCodec()])
     arr[...] = values
 
 

@@ -7,11 +7,13 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 import zarr
+
+if TYPE_CHECKING:  # only annotations: writing a store (extract) never imports xarray
+    import xarray as xr
 
 from depthcache.errors import DepthcacheError
 from depthcache.store.layout import ATTRS_KEY, SCHEMA_VERSION
