@@ -100,3 +100,23 @@ def test_blocked_summary_equals_the_summary_of_gathered_rows() -> None:
     got = summary_rows(logits, runs, nxt, 20)
     for name in expect:
         np.testing.assert_array_equal(got[name].numpy(), expect[name].numpy())
+
+
+def test_zstd_level_compresses_activations_to_the_same_values(tiny_models, text_file, tmp_path) -> None:
+    import json
+
+    from depthcache.errors import DepthcacheError
+
+    opts = dict(model=str(tiny_models["llama"]), data=str(text_file), seq_len=SEQ_LEN, batch_size=BATCH,
+                chunk_tokens=64, progress=False, device="cpu")
+    plain, packed = tmp_path / "plain.zarr", tmp_path / "zstd.zarr"
+    extract(ExtractOptions(out=str(plain), **opts))
+    extract(ExtractOptions(out=str(packed), zstd_level=3, **opts))
+    codecs = {p: [c["name"] for c in json.loads((p / "mlp_out" / "zarr.json").read_text())["codecs"]]
+              for p in (plain, packed)}
+    assert codecs == {plain: ["bytes", "crc32c"], packed: ["bytes", "zstd", "crc32c"]}
+    a, b = open_dataset(plain).load(), open_dataset(packed).load()
+    for name in ("resid_pre", "attn_out", "mlp_out", "resid_final"):
+        np.testing.assert_array_equal(a[name].values.view(np.uint16), b[name].values.view(np.uint16))
+    with pytest.raises(DepthcacheError, match="--zstd-level"):
+        extract(ExtractOptions(out=str(tmp_path / "bad.zarr"), zstd_level=-1, **opts))

@@ -99,6 +99,7 @@ class ExtractOptions:
     num_workers: int = 1  # several processes writing disjoint shards of one store
     worker_index: int = 0
     queue_batches: int = 2
+    zstd_level: int | None = None  # activations: checksummed only (None) or zstd-compressed at this level
 
 
 @dataclass
@@ -134,6 +135,8 @@ def check_options(opts: ExtractOptions) -> None:
             raise DepthcacheError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.max_tokens is not None and opts.max_tokens < 1:
         raise DepthcacheError("--max-tokens must be at least 1")
+    if opts.zstd_level is not None and not 1 <= opts.zstd_level <= 22:
+        raise DepthcacheError("--zstd-level must be between 1 and 22 (faster levels do not compress activations)")
 
 
 def check_destination(out: str, resume: bool) -> bool:
@@ -470,7 +473,8 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
     if task:
         attrs["dataset"] |= task_attrs(docs)
     if not existing:
-        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task)
+        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task,
+                             opts.zstd_level)
         if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
             existing = read_attrs(open_group(opts.out, "r"))
     if existing:

@@ -50,6 +50,7 @@ class StoreLayout:
     dtype: str
     chunk_tokens: int
     task: bool = False  # a task store (schema 1.2): also the per-token arrays TASK_ARRAYS
+    zstd_level: int | None = None  # activations: crc32c only (None), or zstd at this level first
 
     def activation_arrays(self) -> dict[str, tuple[str, ...]]:
         """Name → dimension names of each activation array this layout stores."""
@@ -76,10 +77,17 @@ def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int) -> int:
 
 
 def compressors(dtype: str) -> list[Any]:
-    """Codecs after serialisation: zstd where it pays (bf16, ints), then the crc32c checksum always."""
+    """Codecs after serialisation of the per-token arrays (and skip runs' arrays): zstd where it pays (bf16, ints),
+    then the crc32c checksum always."""
     if dtype in ("float16", "float32"):
         return [Crc32cCodec()]  # activations in these dtypes barely compress (storage.md)
     return [ZstdCodec(level=1), Crc32cCodec()]
+
+
+def activation_compressors(zstd_level: int | None) -> list[Any]:
+    """Codecs of the activation arrays after serialisation: the crc32c checksum alone by default (zstd saves about
+    a fifth of bf16's bytes but costs more CPU than writing them, benchmarks/README.md), zstd first when asked."""
+    return [Crc32cCodec()] if zstd_level is None else [ZstdCodec(level=zstd_level), Crc32cCodec()]
 
 
 def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
@@ -90,7 +98,7 @@ def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         shape = (len(layout.layers), n, layout.d_model) if dims[0] == "layer" else (n, layout.d_model)
         chunks = (len(layout.layers), t, layout.d_model) if dims[0] == "layer" else (t, layout.d_model)
         group.create_array(name, shape=shape, chunks=chunks, dtype=act_dtype, fill_value=0,
-                           compressors=compressors(layout.dtype), dimension_names=dims)
+                           compressors=activation_compressors(layout.zstd_level), dimension_names=dims)
     for name, dtype in (TOKEN_ARRAYS | (TASK_ARRAYS if layout.task else {})).items():
         group.create_array(name, shape=(n,), chunks=(t,), dtype=dtype, fill_value=0,
                            compressors=compressors("int32"), dimension_names=("token",))
