@@ -79,19 +79,21 @@ def run_measured(argv: list[str], env: dict[str, str], timings: Path) -> Run:
     return run
 
 
-def interleaved(tool: Tool, floor: Tool, pairs: int, work: Path) -> tuple[list[Run], list[Run], tuple, tuple]:
-    """``pairs`` runs of the tool and of the floor, A B A B, after one unrecorded warm-up of each."""
+def interleaved(tool: Tool, floor: Tool, pairs: int, work: Path, warmup: bool = True
+                ) -> tuple[list[Run], list[Run], tuple, tuple]:
+    """``pairs`` runs of the tool and of the floor, A B A B, after one unrecorded warm-up pair if ``warmup``."""
     timings = work / "timings.jsonl"
     runs: dict[str, list[Run]] = {tool.name: [], floor.name: []}
     load_before = os.getloadavg()
-    for i in range(pairs + 1):
+    for i in range(pairs + warmup):
         for t in (tool, floor):
             shutil.rmtree(t.out, ignore_errors=True)
             run = run_measured(t.argv, t.env, timings)
-            if i:  # the first pair warms the page cache and the dequantized-model cache
+            counted = i >= warmup  # a warm-up pair fills the page cache and the dequantized-model cache
+            if counted:
                 runs[t.name].append(run)
             print(f"  {t.name:<16} wall {run.wall:6.1f} s  after load {run.after_load or 0:6.1f} s  "
-                  f"peak {run.peak_mib:,.0f} MiB{'' if i else '  (warm-up)'}", flush=True)
+                  f"peak {run.peak_mib:,.0f} MiB{'' if counted else '  (warm-up)'}", flush=True)
     return runs[tool.name], runs[floor.name], load_before, os.getloadavg()
 
 
@@ -209,6 +211,14 @@ def equality(work: Path, done: list[str]) -> list[str]:
     return lines
 
 
+def equality_in_child(work: Path, done: list[str]) -> list[str]:
+    """``equality`` in a child process: the driver stays small, and a child's peak RSS (os.wait4) starts at its
+    parent's, so loading every tensor here would inflate the figures of the runs after it."""
+    proc = subprocess.run([sys.executable, __file__, "--equality", str(work), *done], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def analysis_pair(args: argparse.Namespace, work: Path) -> dict:
     """``depthcache analyze contributions`` on the bf16 store vs a numpy script over the hooks' files, interleaved."""
     store = work / "depthcache-bfloat16.zarr"
@@ -217,7 +227,7 @@ def analysis_pair(args: argparse.Namespace, work: Path) -> dict:
                 {"PYTHONPATH": str(REPO)})
     numpy_script = Tool("numpy over .npy", [args.peer_python, str(SCRIPTS / "contributions_npy.py"),
                                             str(work / "hooks")], work / "none")
-    a, b, before, after = interleaved(ours, numpy_script, args.pairs, work)
+    a, b, before, after = interleaved(ours, numpy_script, args.pairs, work, warmup=False)
     return {"analyze": [r.__dict__ for r in a], "numpy": [r.__dict__ for r in b], "load": [before, after]}
 
 
@@ -269,7 +279,13 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--dir", type=Path, default=REPO / "runs" / "extract-bench")
     parser.add_argument("--no-analysis", action="store_true", help="Skip the analyze-contributions pair.")
+    parser.add_argument("--warmup", choices=["first", "each", "none"], default="each",
+                        help="An unrecorded warm-up pair before each tool's pairs, the first tool's only, or none.")
+    parser.add_argument("--equality", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.equality:
+        print(json.dumps(equality(Path(args.equality[0]), args.equality[1:])))
+        return
     args.model_dir = args.model_dir or default_model_dir()
     work = args.dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -278,9 +294,10 @@ def main() -> None:
                      "machine": f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
                                 f"{platform.machine()}", "tokens": args.tokens, "tools": {}}
     raw: dict = {}
-    for tool in chosen:
+    for n, tool in enumerate(chosen):
         print(f"{tool.name} vs the plain forward pass", flush=True)
-        a, b, before, after = interleaved(tool, floor, args.pairs, work)
+        warm = args.warmup == "each" or (args.warmup == "first" and n == 0)
+        a, b, before, after = interleaved(tool, floor, args.pairs, work, warm)
         raw[tool.name] = {"tool": [r.__dict__ for r in a], "floor": [r.__dict__ for r in b]}
         results["tools"][tool.name] = {
             "ratio_after_load": summary([x.after_load / y.after_load for x, y in zip(a, b)]),
@@ -292,6 +309,7 @@ def main() -> None:
             "floor_to_first_batch": summary([y.to_first_batch for y in b]),
             "peak_mib": summary([x.peak_mib for x in a]), "floor_peak_mib": summary([y.peak_mib for y in b]),
             "load": [before, after]}
+        (work / "extract_bench.md").write_text(report(results, args))  # so far, in case the run is cut short
     stores = [t for t in chosen if t.name.startswith("depthcache")]
     if stores:
         results["disk_mib_s"] = disk_bandwidth(work)
@@ -302,7 +320,7 @@ def main() -> None:
             r["bound"] = summary([x["after_load"] / (y["after_load"] + write_s)
                                   for x, y in zip(runs["tool"], runs["floor"])])
     done = [t.name.replace(" ", "-") for t in chosen]
-    results["equality"] = equality(work, done)
+    results["equality"] = equality_in_child(work, done)
     if not args.no_analysis and "hooks" in done and "depthcache-bfloat16" in done:
         print("analyze contributions vs numpy", flush=True)
         pair = analysis_pair(args, work)
