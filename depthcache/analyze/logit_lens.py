@@ -19,7 +19,7 @@ import xarray as xr
 from depthcache.analyze import plotting
 from depthcache.analyze.reduce import scratch
 from depthcache.analyze.registry import analysis
-from depthcache.store.head import logits_from_residual
+from depthcache.store.head import apply_final_norm
 from depthcache.store.reader import Store
 
 LENS_TOKENS = 128
@@ -28,6 +28,14 @@ STATS = ("count", "kl", "top1", "top5")
 
 
 BLOCKS = 64  # vocabulary blocks whose maxima bound each row's top-5 threshold from below
+
+
+def lens_logits(h: np.ndarray, head: dict[str, Any], key: str) -> np.ndarray:
+    """``logits_from_residual`` written into the per-thread buffer ``key``: the same product, without fresh pages
+    for every (tokens × vocab) result."""
+    normed = apply_final_norm(h, head)
+    out = np.matmul(normed, head["unembed"].T, out=scratch(key, (len(normed), head["unembed"].shape[0])))
+    return out if head["unembed_bias"] is None else np.add(out, head["unembed_bias"], out=out)
 
 
 def softmax_terms(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,14 +105,14 @@ def chunk_sums(h: np.ndarray, final: np.ndarray, position: np.ndarray, head: dic
         rows = np.flatnonzero(keep[a:a + LENS_TOKENS]) + a
         if not len(rows):
             continue
-        z_final = np.array(logits_from_residual(final[rows], head))  # its own copy: the lens buffers are reused
+        z_final = lens_logits(final[rows], head, "lens_final")
         m, _, total = softmax_terms(z_final)
         lse_final = m.astype(np.float64) + np.log(total.astype(np.float64))
         top1 = top_of_rows(z_final, 1)[0]
         top5 = np.argpartition(z_final, -TOP, axis=-1)[:, -TOP:]
         out[0, 0] += len(rows)
         for layer in range(h.shape[0]):
-            z = logits_from_residual(h[layer, rows], head)
+            z = lens_logits(h[layer, rows], head, "lens_z")
             out[0, 1:, layer] += compare(z, z_final, lse_final, top1, top5).sum(1)
         out[0, 1:, -1] += compare(z_final, z_final, lse_final, top1, top5).sum(axis=1)
     return out
