@@ -107,6 +107,7 @@ def test_relative_depth_axes(compared, built) -> None:
     assert set(np.round(best.lines[0].y * 2, 9)) <= {0.0, 1.0, 2.0}  # boundaries of the 2-layer model
     cutoffs = compared.panels["effective-depth"][0]
     assert cutoffs.categories == labels and [len(line.x) for line in cutoffs.lines] == [3, 3, 3]
+    np.testing.assert_array_equal(cutoffs.lines[0].x, compared.table.cos_zero_depth)
 
 
 def test_table_values(compared, built, tmp_path) -> None:

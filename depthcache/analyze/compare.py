@@ -264,15 +264,16 @@ def panels(name: str, results: Sequence[xr.Dataset], names: Sequence[str]) -> li
                       curves(results, names, lambda r: r.output_kl_mean, x), yscale="log",
                       xlabel="relative depth of the skipped layer s / L")]
     if name == "effective-depth":
-        return [Panel("Effective-depth cutoffs (unmarked: never reached)", "", [
-            Line(what, np.array([float(r[f"{key}_depth"]) for r in results]), np.arange(len(results), dtype=float))
-            for key, what in CUTOFFS.items()], categories=list(names))]
+        offsets = np.linspace(-0.15, 0.15, len(CUTOFFS))  # equal cutoffs of one model stay visible side by side
+        return [Panel("Effective-depth cutoffs (no mark: never reached)", "", [
+            Line(what, np.array([float(r[f"{key}_depth"]) for r in results]), np.arange(len(results)) + offset)
+            for (key, what), offset in zip(CUTOFFS.items(), offsets)], categories=list(names))]
     if name == "layer-map":
         best = [r.shallow_relative_depth.sel(shallow_layer=r.best_shallow_layer) for r in results]
         return [Panel("Best-mapping shallow layer per deep layer", "shallow model: relative depth",
                       [Line(n, r.deep_relative_depth.values, b.values) for r, n, b in zip(results, names, best)],
                       xlabel="deep model: relative depth", diagonal=True),
-                Panel("Error of the best map", "min over shallow layers of mean ‖ŷ − y‖ / ‖y‖",
+                Panel("Error of the best map (held-out tokens)", "mean ‖ŷ − y‖ / ‖y‖",
                       curves(results, names, lambda r: r.rel_error.min("shallow_layer"), "deep_relative_depth"),
                       xlabel="deep model: relative depth")]
     raise ValueError(name)
@@ -280,9 +281,9 @@ def panels(name: str, results: Sequence[xr.Dataset], names: Sequence[str]) -> li
 
 def draw(figure_name: str, figure_panels: Sequence[Panel], title: str, folder: Path) -> Path:
     """A comparison figure in the house style: side-by-side panels, one marked line per model."""
-    fig, axes = plotting.figure(len(figure_panels))
+    categorical = any(panel.categories is not None for panel in figure_panels)
+    fig, axes = plotting.figure(len(figure_panels), width=8.0 if categorical else 5.5)
     for ax, panel in zip(axes, figure_panels):
-        categorical = panel.categories is not None
         for line, marker in zip(panel.lines, "osD^v<>p*hX" * 4):
             ax.plot(line.x, line.y, marker=marker, ms=4 if categorical else 3, ls="none" if categorical else "-",
                     label=line.label)
@@ -290,12 +291,14 @@ def draw(figure_name: str, figure_panels: Sequence[Panel], title: str, folder: P
             ax.axhline(0, color="grey", lw=0.8)
         if panel.diagonal:
             ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="equal relative depth")
-        if categorical:
-            ax.set_yticks(range(len(panel.categories)), panel.categories)
-            ax.set_ylim(len(panel.categories) - 0.5, -0.5)
-            ax.set_xlim(-0.02, 1.02)
         ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel, yscale=panel.yscale)
-        ax.legend(fontsize=7, title="cutoff" if categorical else None)
+        if categorical:  # after the scale, which resets the ticks
+            ax.set_yticks(range(len(panel.categories)), panel.categories)
+            ax.set(ylim=(len(panel.categories) - 0.5, -0.5), xlim=(-0.02, 1.02))
+        if categorical:
+            ax.legend(fontsize=7, title="cutoff", loc="upper left", bbox_to_anchor=(1.01, 1))
+        else:
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     return plotting.save(fig, folder, figure_name)
 
