@@ -1,4 +1,4 @@
-"""Tests for depthcache.extract.models: loading by local folder, GGUF alias and hub id, and the errors users see."""
+"""Tests for depthcache.model.loading: loading by local folder, GGUF alias and hub id, and the errors users see."""
 
 from __future__ import annotations
 
@@ -22,8 +22,15 @@ from transformers import (
 )
 
 from depthcache.errors import DepthcacheError
-from depthcache.extract import models as depth_models
-from depthcache.extract.models import ALIASES, DEFAULT_MODEL, cache_dir, file_sha256, load_model, resolve_device
+from depthcache.model import loading as depth_models
+from depthcache.model.loading import (
+    ALIASES,
+    DEFAULT_MODEL,
+    cache_dir,
+    file_sha256,
+    load_model,
+    resolve_device,
+)
 
 TinyFolder = tuple[Path, LlamaForCausalLM, PreTrainedTokenizerFast]
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot and the sky is blue"]
