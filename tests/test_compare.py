@@ -15,9 +15,9 @@ from conftest import save_tiny_model, write_documents
 from depthcache.analyze import run
 from depthcache.analyze.compare import compare
 from depthcache.cli import main
-from depthcache.extract.engine import ExtractOptions, extract
-from depthcache.extract.interventions import SkipOptions, extract_skips
-from depthcache.store import open_dataset
+from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.extraction.skip_runs import SkipOptions, extract_skips
+from depthcache.store.reader import open_dataset
 from test_analyses import reference_lens
 
 SKIP_TOKENS = 64

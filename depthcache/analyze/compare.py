@@ -25,9 +25,9 @@ from depthcache.analyze.layer_map import SITES as LAYER_MAP_SITES, check_same_to
 from depthcache.analyze.registry import get, parameters
 from depthcache.analyze.runner import run
 from depthcache.analyze.skip_effects import skip_runs
-from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
-from depthcache.store import local_name
+from depthcache.store.io import local_name
+from depthcache.store.reader import Store
 
 COMPARED = ("contributions", "residual-norms", "logit-lens", "skip-effects", "effective-depth", "layer-map")
 NEEDS = {"contributions": ("resid_pre", "attn_out", "mlp_out"), "residual-norms": ("resid_pre", "resid_final"),
