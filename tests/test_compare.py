@@ -3,6 +3,7 @@ numpy computations from each store's arrays and against each store's own analysi
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -10,27 +11,29 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-
 from conftest import save_tiny_model, write_documents
+from test_analyses import reference_lens
+from test_object_storage import BUCKET, s3_server  # noqa: F401 - the S3 server fixture
+
 from depthcache.analyze import run
 from depthcache.analyze.compare import compare
 from depthcache.cli import main
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.extraction.skip_runs import SkipOptions, extract_skips
+from depthcache.sharing import listing, place
 from depthcache.store.reader import open_dataset
-from test_analyses import reference_lens
 
 SKIP_TOKENS = 64
 # (folder, architecture, layers, seed, max tokens): two Llamas sharing a tokenizer and tokens (a layer-map pair) and
-# a Qwen2 with its own tokenizer (no BOS) and fewer tokens
+# a Qwen2 with its own tokenizer (no BOS) and fewer tokens; position 0 is excluded everywhere (the default)
 MODELS = (("llama2", "llama", 2, 1, None), ("llama3", "llama", 3, 2, None), ("qwen4", "qwen2", 4, 3, 96))
 
 
 def options(root: Path, model: Path, max_tokens: int | None, sites: tuple[str, ...] = ("resid", "attn", "mlp"),
             name: str | None = None) -> ExtractOptions:
-    """Extraction options of a test store of the shared documents (windows of ≤ 40 tokens, chunks of 32)."""
+    """Extraction options of a test store of the shared documents (windows of ≤ 40 tokens, chunks of 64)."""
     return ExtractOptions(out=str(root / f"{name or model.name}.zarr"), model=str(model), data=str(root / "docs.jsonl"),
-                          dtype="float32", sites=sites, seq_len=40, batch_size=4, chunk_tokens=32,
+                          dtype="float32", sites=sites, seq_len=40, batch_size=4, chunk_tokens=64,
                           max_tokens=max_tokens, progress=False, device="cpu")
 
 
@@ -53,8 +56,9 @@ def compared(built, tmp_path_factory: pytest.TempPathFactory):
     return compare([str(built[name]) for name, *_ in MODELS], tmp_path_factory.mktemp("compare-out"))
 
 
+@functools.cache
 def whole_layer_rel(store: Path) -> np.ndarray:
-    """Per layer: mean over tokens (position ≥ 1) of ‖attn + mlp‖ / ‖resid_pre‖, float64 from the stored arrays."""
+    """Per layer: mean over tokens (position ≥ 1) of ‖attn + mlp‖ / ‖resid_pre‖, float64 from stored arrays."""
     ds = open_dataset(store).load()
     keep = ds.position.values >= 1
     h = ds.resid_pre.values.astype(np.float64)[:, keep]
@@ -63,7 +67,8 @@ def whole_layer_rel(store: Path) -> np.ndarray:
 
 
 def later_effects(store: Path) -> np.ndarray:
-    """Per skipped layer s: mean over l > s of the max over tokens (position ≥ 1) of ‖Δd_l‖ / max(‖d_l‖, 1e-6)."""
+    """Per skipped layer s: mean over l > s of the max over tokens (position ≥ 1) of ‖Δd_l‖ / max(‖d_l‖, 1e-6)
+    (the last layer: NaN, no later layer)."""
     base = open_dataset(store).load()
     depth = base.sizes["layer"]
     d_base = base.attn_out.values.astype(np.float64) + base.mlp_out.values.astype(np.float64)
@@ -210,3 +215,17 @@ def test_bad_input_is_one_clear_line(built, odd, tmp_path, case, message) -> Non
     assert output.startswith(message.format(**{k: str(v) for k, v in odd.items()})), output
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_remote_stores(built, compared, tmp_path, monkeypatch) -> None:
+    urls = [f"s3://{BUCKET}/compare/{name}.zarr" for name in ("llama2", "qwen4")]
+    for name, url in zip(("llama2", "qwen4"), urls):
+        assert CliRunner().invoke(main, ["push", str(built[name]), url]).exit_code == 0
+    before = [listing(place(url)) for url in urls]
+    monkeypatch.chdir(tmp_path)  # a remote store's results go to a local folder named after it
+    done = compare(urls, tmp_path / "out", ["logit-lens"])
+    assert [listing(place(url)) for url in urls] == before  # only read
+    assert (tmp_path / "qwen4.zarr.analyses" / "logit-lens.zarr").exists()
+    local = compared.table.iloc[[0, 2]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(done.table.drop(columns="store"), local[done.table.columns].drop(columns="store"))

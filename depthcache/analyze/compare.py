@@ -21,7 +21,8 @@ import xarray as xr
 
 from depthcache.analyze import plotting
 from depthcache.analyze.effective_depth import CUTOFFS, summarise
-from depthcache.analyze.layer_map import SITES as LAYER_MAP_SITES, check_same_tokens
+from depthcache.analyze.layer_map import SITES as LAYER_MAP_SITES
+from depthcache.analyze.layer_map import check_same_tokens
 from depthcache.analyze.registry import get, parameters
 from depthcache.analyze.runner import run
 from depthcache.analyze.skip_effects import skip_runs
@@ -234,7 +235,8 @@ def gather(names: Sequence[str], models: Sequence[Model], pairs: Sequence[tuple[
 
 # ------------------------------------------------------------------------------------------------------ figures
 
-def curves(results: Sequence[xr.Dataset], names: Sequence[str], values: Any, depth: str = "relative_depth") -> list[Line]:
+def curves(results: Sequence[xr.Dataset], names: Sequence[str], values: Any,
+           depth: str = "relative_depth") -> list[Line]:
     """One line per result: ``values(result)`` over the result's relative-depth coordinate ``depth``."""
     return [Line(name, np.asarray(r[depth].values, dtype=np.float64), np.asarray(values(r), dtype=np.float64))
             for r, name in zip(results, names)]
@@ -258,7 +260,8 @@ def panels(name: str, results: Sequence[xr.Dataset], names: Sequence[str]) -> li
     if name == "skip-effects":
         x = "skipped_relative_depth"
         return [Panel("Skipping layer s: change of later layers' contributions",
-                      "mean over l > s of max ‖Δd_l‖ / ‖d_l‖", curves(results, names, lambda r: r.later_effect, x),
+                      "mean over l > s of max ‖Δd_l‖ / ‖d_l‖",
+                      curves(results, names, lambda r: r.later_effect, x),
                       xlabel="relative depth of the skipped layer s / L"),
                 Panel("Skipping layer s: change of the output", "mean KL(base ‖ skip) [nats]",
                       curves(results, names, lambda r: r.output_kl_mean, x), yscale="log",

@@ -17,7 +17,7 @@ import xarray as xr
 
 from depthcache.errors import DepthcacheError
 
-FRAMEWORK_MODULES = {"registry", "source", "runner", "reduce", "plotting"}
+FRAMEWORK_MODULES = {"registry", "source", "runner", "reduce", "plotting", "compare"}  # not analyses
 
 
 @dataclass(frozen=True)
