@@ -7,20 +7,19 @@ import functools
 import shutil
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 from conftest import save_tiny_model, write_documents
 from test_analyses import reference_lens
-from test_object_storage import BUCKET, s3_server  # noqa: F401 - the S3 server fixture
 
 from depthcache.analyze import run
 from depthcache.analyze.compare import compare
 from depthcache.cli import main
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.extraction.skip_runs import SkipOptions, extract_skips
-from depthcache.sharing import listing, place
 from depthcache.store.reader import open_dataset
 
 SKIP_TOKENS = 64
@@ -217,15 +216,21 @@ def test_bad_input_is_one_clear_line(built, odd, tmp_path, case, message) -> Non
 
 
 
-@pytest.mark.usefixtures("s3_server")
 def test_remote_stores(built, compared, tmp_path, monkeypatch) -> None:
-    urls = [f"s3://{BUCKET}/compare/{name}.zarr" for name in ("llama2", "qwen4")]
-    for name, url in zip(("llama2", "qwen4"), urls):
-        assert CliRunner().invoke(main, ["push", str(built[name]), url]).exit_code == 0
-    before = [listing(place(url)) for url in urls]
-    monkeypatch.chdir(tmp_path)  # a remote store's results go to a local folder named after it
+    """URL stores take the same path as local ones (read-only, results in a local folder named after the store);
+    fsspec's in-memory filesystem stands in for object storage (tests/test_object_storage.py covers S3 itself)."""
+    memory = fsspec.filesystem("memory")
+    urls = [f"memory://compare/{name}.zarr" for name in ("llama2", "qwen4")]
+    for name, url in zip(("llama2", "qwen4"), urls):  # the baselines only
+        memory.put(str(built[name]), url.removeprefix("memory:/"), recursive=True)
+        for extra in ("runs", "analyses"):
+            memory.rm(url.removeprefix("memory:/") + f"/{extra}", recursive=True)
+    before = memory.find("/compare")
+    monkeypatch.chdir(tmp_path)
     done = compare(urls, tmp_path / "out", ["logit-lens"])
-    assert [listing(place(url)) for url in urls] == before  # only read
+    assert memory.find("/compare") == before  # only read
     assert (tmp_path / "qwen4.zarr.analyses" / "logit-lens.zarr").exists()
     local = compared.table.iloc[[0, 2]].reset_index(drop=True)
     pd.testing.assert_frame_equal(done.table.drop(columns="store"), local[done.table.columns].drop(columns="store"))
+    assert done.table.store.tolist() == urls
+    memory.rm("/compare", recursive=True)
