@@ -184,5 +184,6 @@ def test_opening_a_remote_store_validates_it_once(pushed, s3_server, monkeypatch
     assert len([c for c in calls if "list" in c.lower()]) == len(one_check), calls
     calls.clear()
     store = Store(url)
-    _ = store.attrs, store.ds, store.head
+    _ = store.attrs, store.ds, store.run  # what analyses read: validated once, however often they ask
+    _ = store.ds.resid_pre, store.attrs
     assert len([c for c in calls if "list" in c.lower()]) == len(one_check), calls
