@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ import zarr
 import depthcache
 from depthcache.analyze.registry import check_params, get
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import is_url, local_name, write_dataset_atomically
+from depthcache.store.io import can_write, is_url, local_name, write_dataset_atomically
 from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"
@@ -52,13 +51,7 @@ def scheduler(address: str | None = None) -> Iterator[None]:
 
 def writable(location: str) -> bool:
     """True if results can be written inside a local store."""
-    if is_url(location):
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=location):
-            return True
-    except OSError:
-        return False
+    return not is_url(location) and can_write(location)
 
 
 def result_path(store: Store, name: str, results_dir: str | None = None) -> tuple[str, str | None]:
