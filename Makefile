@@ -3,14 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo.zarr
-# `make compare`: four real models on the same 8,192 pydoc-topics tokens, compared on relative depth (docs/compare.md)
-COMPARE_MODELS ?= smollm2-135m qwen2.5-coder-0.5b gemma-3-270m qwen2.5-coder-1.5b
-COMPARE_TOKENS ?= 8192
-SKIP_TOKENS    ?= 1024
-COMPARE_OUT    ?= docs/figures/compare
-COMPARE_FLAGS  ?=
 
-.PHONY: install demo test clean compare
+.PHONY: install demo test clean
 
 $(BIN)/depthcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +23,23 @@ demo: install
 	$(BIN)/depthcache plot $(DEMO) contributions
 	$(BIN)/depthcache plot $(DEMO) logit-lens
 
-runs/compare/%.done: $(BIN)/depthcache   # a store and its skip runs, resumed until complete
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
+
+# `make compare`: four real models on the same 8,192 pydoc-topics tokens, compared on relative depth (docs/compare.md).
+# The stores (and their skip runs) resume where they stopped; the figures and table go to docs/figures/compare/.
+COMPARE_MODELS ?= smollm2-135m qwen2.5-coder-0.5b gemma-3-270m qwen2.5-coder-1.5b
+COMPARE_TOKENS ?= 8192
+SKIP_TOKENS    ?= 1024
+COMPARE_OUT    ?= docs/figures/compare
+COMPARE_FLAGS  ?=
+
+.PHONY: compare
+
+runs/compare/%.done: $(BIN)/depthcache
 	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) --resume
 	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) \
 		--skip each --skip-tokens $(SKIP_TOKENS) --resume
@@ -37,9 +47,3 @@ runs/compare/%.done: $(BIN)/depthcache   # a store and its skip runs, resumed un
 
 compare: $(COMPARE_MODELS:%=runs/compare/%.done)
 	$(BIN)/depthcache compare $(COMPARE_MODELS:%=runs/compare/%.zarr) --out $(COMPARE_OUT) $(COMPARE_FLAGS)
-
-test: install
-	$(BIN)/python -m pytest -q
-
-clean:
-	rm -rf $(VENV) runs
