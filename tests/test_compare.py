@@ -126,6 +126,8 @@ def test_table_values(compared, built, tmp_path) -> None:
         assert row.tokens == (96 if name == "qwen4" else open_dataset(store).sizes["token"])
         np.testing.assert_allclose([row.rel_first_half, row.rel_second_half],
                                    halves(whole_layer_rel(store), depth), rtol=1e-5)
+        np.testing.assert_allclose(row.rel_first_half_from_1, whole_layer_rel(store)[1:(depth + 1) // 2].mean()
+                                   if depth > 2 else np.nan, rtol=1e-5)
         np.testing.assert_allclose([row.skip_later_first_half, row.skip_later_second_half],
                                    halves(later_effects(store), depth), rtol=1e-4)
         assert row.skip_tokens == SKIP_TOKENS

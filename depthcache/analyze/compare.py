@@ -37,9 +37,9 @@ NEEDS = {"contributions": ("resid_pre", "attn_out", "mlp_out"), "residual-norms"
 INPUTS = {"effective-depth": ("contributions", "logit-lens")}  # what the comparison derives it from
 LENS_DEPTHS = (0.5, 0.75)  # relative depths at which the table reads the logit-lens KL
 COLUMNS = ("model", "store", "layers", "d_model", "dataset", "dataset_sha256", "tokens", "lens_tokens", "skip_tokens",
-           *(f"{key}_{part}" for key in CUTOFFS for part in ("layer", "depth")), "rel_first_half", "rel_second_half",
-           "skip_later_first_half", "skip_later_second_half", *(f"lens_kl_{round(100 * f)}" for f in LENS_DEPTHS),
-           "lens_kl_last")
+           *(f"{key}_{part}" for key in CUTOFFS for part in ("layer", "depth")), "rel_first_half",
+           "rel_first_half_from_1", "rel_second_half", "skip_later_first_half", "skip_later_second_half",
+           *(f"lens_kl_{round(100 * f)}" for f in LENS_DEPTHS), "lens_kl_last")
 
 
 @dataclass
@@ -350,6 +350,8 @@ def row(model: Model, results: dict[str, xr.Dataset]) -> dict[str, Any]:
         c = results["contributions"]
         rel = c.rel_mean.sel(sublayer="layer")
         out["rel_first_half"], out["rel_second_half"] = half_means(c.relative_depth.values, rel.values)
+        later = c.layer.values > 0
+        out["rel_first_half_from_1"] = half_means(c.relative_depth.values[later], rel.values[later])[0]
     if "skip-effects" in results:
         s = results["skip-effects"]
         out["skip_later_first_half"], out["skip_later_second_half"] = half_means(
@@ -396,7 +398,8 @@ def describe_columns(frame: pd.DataFrame) -> list[str]:
         "cos_zero_layer": "effective-depth cutoffs as layer (fraction of depth l / L): "
                           + "; ".join(f"{k}: {v}" for k, v in CUTOFFS.items()),
         "rel_first_half": "rel_first_half / rel_second_half: mean over layers with l / L < 0.5 / ≥ 0.5 of the mean "
-                          "over tokens of ‖d_l‖ / ‖h_l‖ (contributions, whole layer)",
+                          "over tokens of ‖d_l‖ / ‖h_l‖ (contributions, whole layer); rel_first_half_from_1: the "
+                          "first half without layer 0, whose ratio to the small embedding dominates",
         "skip_later_first_half": "skip_later_*: mean over skipped layers s with s / L < 0.5 / ≥ 0.5 of later_effect "
                                  "(skip-effects: mean over l > s of the max over tokens of ‖Δd_l‖ / ‖d_l‖)",
         "lens_kl_50": "lens_kl_50 / lens_kl_75: mean logit-lens KL(lens ‖ output) at 50 % / 75 % of depth (linear "
