@@ -210,7 +210,7 @@ def test_cache_force_cli_and_plots(stores, tmp_path):
     assert all(name in listing for name in ("contributions", "logit-lens", "effective-depth"))
     for name, pngs in (("contributions", {"contributions.png", "contributions-by-position.png"}),
                        ("logit-lens", {"logit-lens.png"}), ("effective-depth", {"effective-depth.png"})):
-        out = cli.invoke(main, ["plot", str(store), name, "--out", str(tmp_path / "plots")])
+        out = cli.invoke(main, ["plot", name, str(store), "--out", str(tmp_path / "plots")])
         assert out.exit_code == 0, out.output
         assert {Path(p).name for p in out.output.split()} == pngs
     assert all((tmp_path / "plots" / p).stat().st_size > 10_000 for p in ("contributions.png", "logit-lens.png"))

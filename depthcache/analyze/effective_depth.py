@@ -117,7 +117,8 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 
 
 @analysis("effective-depth", "Scalar cutoffs: where cos(d_l, h_l) changes sign, where the logit-lens KL drops "
-          "below 0.1×max, where top-5 overlap exceeds 0.2 (from contributions and logit-lens).", plot=plot)
+          "below 0.1×max, where top-5 overlap exceeds 0.2 (from contributions and logit-lens).", plot=plot,
+          describe=describe_cutoffs)
 def effective_depth(store: Store, include_first: bool = False, max_tokens: int | None = None) -> xr.Dataset:
     """The three cutoffs, from cached contributions/logit-lens results with these parameters (computed if absent)."""
     inputs = []
