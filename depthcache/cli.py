@@ -90,7 +90,8 @@ def main() -> None:
               help="Stored dtype of activations (bf16: half of f32's bytes, never overflows).")
 @click.option("--top-k", default=20, show_default=True, type=int, help="Top-k final log-probs kept per token.")
 @click.option("--chunk-tokens", default=None, type=int,
-              help="Tokens per chunk (default: largest power of two keeping a chunk of all layers ≤ 32 MiB).")
+              help="Tokens per chunk (default: the largest power of two keeping a chunk of all layers ≤ 32 MiB, "
+                   "at most the store's tokens).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction into --out (options must match).")
 @click.option("--num-workers", type=int, default=None,
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
@@ -155,12 +156,13 @@ def storage_option(command: Any) -> Any:
 
 @main.command()
 @click.argument("store")
+@results_option
 @storage_option
-def info(store: str, storage_options: tuple[str, ...]) -> None:
-    """Summarise a store (folder or URL): model, layers, sites, tokens, size on disk and compression."""
+def info(store: str, results: str | None, storage_options: tuple[str, ...]) -> None:
+    """Summarise a store (folder or URL): model, layers, sites, tokens, size on disk, cached analysis results."""
     from depthcache.summary import summary
 
-    click.echo(summary(store, parse_params(storage_options)))
+    click.echo(summary(store, parse_params(storage_options), results))
 
 
 @main.command()
@@ -222,17 +224,24 @@ def analysis_command(spec: Any) -> click.Command:
     @click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
     @click.option("--force", is_flag=True, help="Recompute even if a cached result exists.")
     @click.option("--full", is_flag=True, help="Print every value of the result, not a short summary.")
+    @click.option("--list-cached", is_flag=True, help="List the cached results of this analysis; compute nothing.")
+    @click.option("--clear", is_flag=True,
+                  help="Remove the cached results of this analysis (with -p: only that parameter set).")
     @click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
     @results_option
     @storage_option
-    def command(stores: tuple[str, ...], params: tuple[str, ...], force: bool, full: bool, scheduler: str | None,
-                results: str | None, storage_options: tuple[str, ...]) -> None:
+    def command(stores: tuple[str, ...], params: tuple[str, ...], force: bool, full: bool, list_cached: bool,
+                clear: bool, scheduler: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
         from depthcache.analyze import run
-        from depthcache.analyze.text import result_text
+        from depthcache.analyze.text import cache_text, clear_text, result_text
 
         stores = (stores,) if isinstance(stores, str) else stores
-        result = run(spec.name, *stores, force=force, scheduler_address=scheduler, results_dir=results,
-                     storage_options=parse_params(storage_options), **parse_params(params))
+        kw = {"results_dir": results, "storage_options": parse_params(storage_options)}
+        if list_cached or clear:
+            click.echo((clear_text if clear else cache_text)(spec, stores, parse_params(params) if clear else None,
+                                                             **kw))
+            return
+        result = run(spec.name, *stores, force=force, scheduler_address=scheduler, **kw, **parse_params(params))
         click.echo(result_text(spec, result, full))
     return command
 
@@ -382,13 +391,15 @@ def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...]) -> N
 @main.command()
 @click.argument("store")
 @click.option("--out", default=None, help="HTML file to write (default: STORE's name + .html).")
+@results_option
 @storage_option
-def report(store: str, out: str | None, storage_options: tuple[str, ...]) -> None:
+def report(store: str, out: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
     """One self-contained HTML page: the store's provenance and every analysis cached for it, with figures."""
     from depthcache.report import write_report
     from depthcache.store.io import local_name
 
-    path = write_report(store, out or str(local_name(store).with_suffix(".html")), parse_params(storage_options))
+    path = write_report(store, out or str(local_name(store).with_suffix(".html")), parse_params(storage_options),
+                        results)
     click.echo(str(path))
 
 

@@ -7,6 +7,11 @@ from typing import Any
 import pandas as pd
 import xarray as xr
 
+from depthcache.analyze.registry import check_params
+from depthcache.analyze.runner import open_stores, result_params
+from depthcache.store import results
+from depthcache.store.reader import Store
+
 SHOWN_ROWS = 12
 SHOWN_COLUMNS = 8
 TABLE_DIMS = 2  # variables over more dimensions are only named in the summary
@@ -55,3 +60,33 @@ def result_text(spec: Any, result: xr.Dataset, full: bool = False) -> str:
     elif not full and any(len(dims) and result[names[0]].size > SHOWN_ROWS for dims, names in by_dims(result).items()):
         parts.append("(long tables cut; --full prints every row)")
     return "\n\n".join(parts)
+
+
+def entry_line(entry: results.Entry, stores: list[Store]) -> str:
+    """One cached result: its parameters, where it is, and whether it is current for ``stores``."""
+    state = "current" if results.current(entry, stores) else "stale: recomputed on next use"
+    what = "(old format)" if entry.old else results.params_text(entry.params)
+    return f"  {what}  [{state}]  {entry.place.location}/{entry.place.path(entry.name, entry.key)}"
+
+
+def cache_text(spec: Any, locations: tuple[str, ...], params: dict[str, Any] | None, results_dir: str | None = None,
+               storage_options: dict[str, Any] | None = None) -> str:
+    """``analyze NAME STORE --list-cached``: every cached result of the analysis for these stores."""
+    stores = open_stores(locations, storage_options)
+    found = [e for place in results.places(stores[-1], results_dir) for e in results.entries(place, spec.name)]
+    if not found:
+        return f"{spec.name}: nothing cached for {locations[-1]}"
+    return "\n".join([f"{spec.name}: {len(found)} cached for {locations[-1]}",
+                      *(entry_line(e, stores) for e in found)])
+
+
+def clear_text(spec: Any, locations: tuple[str, ...], params: dict[str, Any] | None,
+               results_dir: str | None = None, storage_options: dict[str, Any] | None = None) -> str:
+    """``analyze NAME STORE --clear [-p ...]``: remove cached results and say which."""
+    if params:
+        check_params(spec, params)
+    full = result_params(spec, params) if params else None
+    stores = open_stores(locations, storage_options)
+    removed = results.clear(stores[-1], spec.name, full, results_dir)
+    return "\n".join([f"{spec.name}: removed {len(removed)} cached result{'s' * (len(removed) != 1)}",
+                      *(f"  {'(old format)' if e.old else results.params_text(e.params)}" for e in removed)])

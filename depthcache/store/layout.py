@@ -66,13 +66,14 @@ TOKEN_ARRAYS: dict[str, str] = {
 TASK_ARRAYS: dict[str, str] = {"item": "int32", "answer_index": "int32", "hops": "int32"}
 
 
-def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int) -> int:
-    """Largest power of two of tokens whose all-layer chunk stays within TARGET_CHUNK_BYTES."""
+def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int, n_tokens: int | None = None) -> int:
+    """Largest power of two of tokens whose all-layer chunk stays within TARGET_CHUNK_BYTES, and never more than
+    the store's ``n_tokens`` (a chunk longer than the store would only store fill values)."""
     per_token = max(n_layers, 1) * d_model * itemsize
     tokens = MIN_CHUNK_TOKENS
     while tokens * 2 * per_token <= TARGET_CHUNK_BYTES:
         tokens *= 2
-    return tokens
+    return tokens if n_tokens is None else max(1, min(tokens, n_tokens))
 
 
 def compressors(dtype: str) -> list[Any]:
