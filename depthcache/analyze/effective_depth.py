@@ -1,4 +1,4 @@
-"""effective-depth: three scalar cutoffs summarising how deep a model computes (docs/analyses.md, effective-depth).
+"""effective-depth: three scalar cutoffs summarising how deep a model computes (docs/analyses.md).
 
 From the store's contributions and logit-lens results (computed, or taken from the cache, with the same parameters,
 results folder and scheduler as effective-depth itself):
@@ -129,6 +129,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
         if layer >= 0:
             ax.axvline(layer, color="tab:red", lw=1)
         ax.set(xlabel="layer", ylabel=label, title=f"{CUTOFFS[key]}: " + (f"layer {layer}" if layer >= 0 else "never"))
+        plotting.layer_axis(ax)
     fig.suptitle(plotting.model_title(result.attrs, "Effective depth"), fontsize=9)
     return [plotting.save(fig, folder, "effective-depth")]
 

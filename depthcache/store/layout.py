@@ -13,7 +13,7 @@ Layout (schema 1.x, documented in docs/store-format.md and schemas/):
       topk_ids, topk_logprobs               (token, k)
       model/                    final norm parameters, unembedding, tokenizer files
       runs/<name>/              intervention runs (same arrays over a token subset)
-      analyses/<name>/          cached analysis results (xarray datasets)
+      analyses/<name>/<key>/    cached analysis results, one per parameter set (depthcache.store.results)
 
 Every array is chunked along tokens in chunks of ``chunk_tokens`` (all layers of a token range in one
 chunk), each chunk written exactly once and whole, and checksummed with crc32c.
@@ -79,7 +79,7 @@ def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int, n_tokens: in
 def compressors(dtype: str) -> list[Any]:
     """Codecs after serialisation: zstd where it pays (bf16, ints), then the crc32c checksum always."""
     if dtype in ("float16", "float32"):
-        return [Crc32cCodec()]  # activations in these dtypes barely compress (storage.md)
+        return [Crc32cCodec()]  # activations in these dtypes barely compress (docs/store-format.md)
     return [ZstdCodec(level=1), Crc32cCodec()]
 
 
