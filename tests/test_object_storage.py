@@ -188,3 +188,34 @@ def test_report_of_a_remote_store_shows_the_results_folder(pushed, tmp_path, s3_
     assert 'id="analysis-logit-lens (include_first=false, max_tokens=null)"' in page
     info = invoke("info", url, "--results", str(folder)).output
     assert "logit-lens      include_first=false, max_tokens=64" in info
+
+
+def test_opening_a_remote_store_validates_it_once(pushed, s3_server, monkeypatch) -> None:
+    """Every S3 request goes through s3fs's ``_call_s3``: opening lists the chunk keys as often as one check does."""
+    import s3fs
+
+    import depthcache
+    from depthcache.store import Store, check_store, open_group
+
+    _, url = pushed
+    calls: list[str] = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):  # noqa: ANN001, ANN202 - s3fs's private signature
+        calls.append(getattr(method, "__name__", str(method)))
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    s3fs.S3FileSystem.clear_instance_cache()
+    check_store(open_group(url))
+    one_check = [c for c in calls if "list" in c.lower()]
+    assert one_check, f"a check lists the store's chunk keys: {calls}"
+    calls.clear()
+    ds = depthcache.open(url)
+    assert ds.sizes["token"] == 192 and "position" in ds.coords
+    assert len([c for c in calls if "list" in c.lower()]) == len(one_check), calls
+    calls.clear()
+    store = Store(url)
+    _ = store.attrs, store.ds, store.run  # what analyses read: validated once, however often they ask
+    _ = store.ds.resid_pre, store.attrs
+    assert len([c for c in calls if "list" in c.lower()]) == len(one_check), calls

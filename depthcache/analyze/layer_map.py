@@ -43,6 +43,7 @@ import xarray as xr
 from depthcache.analyze import plotting
 from depthcache.analyze.registry import analysis
 from depthcache.errors import DepthcacheError
+from depthcache.store.identity import differences
 from depthcache.store.reader import Store
 
 SITES = {"resid": ("resid_pre", "resid_final"), "attn": ("attn_out",), "mlp": ("mlp_out",)}
@@ -75,8 +76,8 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
 
 def check_same_tokens(shallow: Store, deep: Store) -> None:
     """Refuse two stores that do not hold the same tokens in the same windows (and tokenizer)."""
-    hashes = [s.attrs["model"].get("tokenizer_sha256") for s in (shallow, deep)]
-    if hashes[0] != hashes[1]:
+    if differences(shallow.attrs, deep.attrs, ("tokenizer",)):
+        hashes = [s.attrs["model"].get("tokenizer_sha256") for s in (shallow, deep)]
         raise DepthcacheError(f"the stores' tokenizers differ (sha256 {hashes[0]} in {shallow.location}, {hashes[1]} "
                               f"in {deep.location}): layer maps need two models with the same tokenizer")
     a, b = shallow.ds, deep.ds

@@ -10,7 +10,6 @@ import os
 import platform
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,7 +57,8 @@ from depthcache.model import (
     resolve_device,
 )
 from depthcache.store.head import tokenizer_sha256
-from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.identity import differences
+from depthcache.store.io import open_group, read_attrs, replace_atomically, require_writable, write_attrs
 from depthcache.store.layout import (
     SCHEMA_VERSION,
     SITES,
@@ -69,7 +69,6 @@ from depthcache.store.layout import (
 
 LAYERED = ("resid_pre", "attn_out", "mlp_out")
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IDENTITY_OPTIONS = ("sites", "layers", "max_tokens", "seq_len", "batch_size", "dtype", "top_k")
 
 
 @dataclass(frozen=True)
@@ -140,12 +139,9 @@ def check_destination(out: str, resume: bool) -> bool:
         if not (path / "zarr.json").exists():
             raise DepthcacheError(f"{out} exists and is not a depthcache store; refusing to write into it")
         return True
-    parent = path.resolve().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    existing = require_writable(path)
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-        parent.mkdir(parents=True, exist_ok=True)
+        path.resolve().parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DepthcacheError(f"cannot write to {existing} ({exc.strerror}): choose a writable --out") from exc
     return False
@@ -187,21 +183,9 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
     }
 
 
-def identity(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The fields that must match for --resume to continue a store."""
-    return {"model.weights_sha256": attrs["model"].get("weights_sha256"),
-            "model.spec": attrs["model"].get("spec") if attrs["model"].get("weights_sha256") is None else None,
-            "model.tokenizer_sha256": attrs["model"].get("tokenizer_sha256"),
-            "dataset.sha256": attrs["dataset"]["sha256"],
-            **{f"options.{k}": attrs["options"][k] for k in IDENTITY_OPTIONS},
-            "layout.num_workers": attrs["layout"].get("num_workers", 1),
-            "options.device_type": str(attrs["options"]["device"]).split(":")[0]}
-
-
 def compare_identity(existing: dict[str, Any], new: dict[str, Any], out: str) -> None:
     """Refuse to resume a store made from another model, dataset or options."""
-    old_id, new_id = identity(existing), identity(new)
-    diffs = [f"  {k}: store has {old_id[k]!r}, this run has {new_id[k]!r}" for k in old_id if old_id[k] != new_id[k]]
+    diffs = differences(existing, new)
     if diffs:
         raise DepthcacheError(f"{out} was extracted with other settings; refusing to mix them:\n" + "\n".join(diffs))
 
@@ -328,7 +312,7 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
         write_model_group(group, loaded)
         write_attrs(group, attrs)
         try:
-            os.replace(tmp, out)
+            replace_atomically(tmp, out)
         except OSError:
             if (out / "zarr.json").exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import zarr
 
-from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.data import load_documents
 from depthcache.extraction.engine import (
@@ -63,11 +62,12 @@ from depthcache.model import (
     resolve_device,
 )
 from depthcache.store.head import tokenizer_sha256
-from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.identity import differences
+from depthcache.store.io import open_group, read_attrs, replace_atomically, write_attrs
 from depthcache.store.layout import (
     SCHEMA_VERSION,
     StoreLayout,
-    compressors,
+    create_array,
     create_arrays,
 )
 
@@ -307,15 +307,14 @@ def create_run(out: str, name: str, attrs: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        create_arrays(group, StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
-                                         task="task" in attrs["dataset"]))
-        group.create_array("resid_final", shape=(n, d_model), chunks=(chunk, d_model), dtype=STORED_DTYPES[dtype],
-                           fill_value=0, compressors=compressors(dtype), dimension_names=("token", "d_model"))
+        layout = StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
+                             task="task" in attrs["dataset"])
+        create_arrays(group, layout)
+        create_array(group, "resid_final", layout)
         if attrs["intervention"]["variant"] == "future":
-            group.create_array("skip_stop", shape=(n,), chunks=(chunk,), dtype="int32", fill_value=0,
-                               compressors=compressors("int32"), dimension_names=("token",))
+            create_array(group, "skip_stop", layout)
         write_attrs(group, attrs)
-        os.replace(tmp, Path(out) / "runs" / name)
+        replace_atomically(tmp, Path(out) / "runs" / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -346,13 +345,12 @@ def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], res
 def check_baseline(attrs: dict[str, Any], loaded: LoadedModel, docs_sha: str, out: str) -> None:
     """Refuse a baseline made from another model or dataset, or lacking what skip runs compare with."""
     model = attrs["model"]
-    ours = {"model": loaded.provenance.get("weights_sha256") or loaded.provenance["spec"],
-            "tokenizer": tokenizer_sha256(loaded.tokenizer_files), "dataset": docs_sha}
-    theirs = {"model": model.get("weights_sha256") or model["spec"], "tokenizer": model["tokenizer_sha256"],
-              "dataset": attrs["dataset"]["sha256"]}
-    diffs = [key for key in ours if ours[key] != theirs[key]]
+    ours = {"model": {**loaded.provenance, "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files)},
+            "dataset": {"sha256": docs_sha}, "options": {}, "layout": {}}
+    diffs = differences(attrs, ours, ("model", "tokenizer", "data"))
     if diffs:
-        raise DepthcacheError(f"{out} was extracted with another {' and '.join(diffs)} (store: model "
+        raise DepthcacheError(f"{out} was extracted with another model, tokenizer or data:\n" + "\n".join(diffs) +
+                              f"\n(store: model "
                               f"{model['spec']!r}, data {attrs['dataset']['spec']!r}): pass the baseline's --model "
                               "and --data")
     missing = sorted({"resid", "attn", "mlp"} - set(attrs["options"]["sites"]))

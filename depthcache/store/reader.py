@@ -16,6 +16,7 @@ import zarr
 
 from depthcache.errors import DepthcacheError
 from depthcache.store.head import read_head
+from depthcache.store.identity import identity
 from depthcache.store.io import open_group
 from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS
 from depthcache.store.schema import check_store
@@ -81,8 +82,7 @@ class Store:
     def identity(self) -> str:
         """Hash of the baseline (model, data, options, committed tokens), not of its runs: keys cached results."""
         a = self.attrs
-        key = {"model": a["model"].get("weights_sha256") or a["model"]["spec"], "dataset": a["dataset"]["sha256"],
-               "options": a["options"], "tokens": a["progress"]["tokens_committed"], "created": a["created"]}
+        key = {**identity(a), "tokens": a["progress"]["tokens_committed"], "created": a["created"]}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

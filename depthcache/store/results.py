@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import xarray as xr
 import zarr
 
 import depthcache
-from depthcache.store.io import is_url, local_name, write_dataset_atomically
+from depthcache.store.io import can_write, is_url, local_name, write_dataset_atomically
 from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"
@@ -96,14 +95,8 @@ def params_text(params: dict[str, Any]) -> str:
 
 
 def writable_folder(location: str) -> bool:
-    """True if files can be created inside a local folder."""
-    if is_url(location):
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=location):
-            return True
-    except OSError:
-        return False
+    """True if files can be created inside a local folder (never for a URL)."""
+    return not is_url(location) and can_write(location)
 
 
 def places(store: Store, results_dir: str | None = None) -> list[Place]:
