@@ -19,10 +19,10 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze.registry import load_all
-from depthcache.store import results
-from depthcache.store.results import RESULT_ATTR
 from depthcache.errors import DepthcacheError
+from depthcache.store import results
 from depthcache.store.reader import Store
+from depthcache.store.results import RESULT_ATTR
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from test_extract import run
 
 from depthcache.cli import main
-from depthcache.store import results
 from depthcache.sharing import listing, place
+from depthcache.store import results
 
 BUCKET = "depthcache-test"
 # the analyses of a plain baseline store (skip-effects needs skip runs, task analyses a task store)
