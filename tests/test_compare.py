@@ -136,7 +136,7 @@ def test_table_values(compared, built, tmp_path) -> None:
         np.testing.assert_allclose([row.lens_kl_50, row.lens_kl_75, row.lens_kl_last],
                                    [np.interp(0.5, boundary, kl), np.interp(0.75, boundary, kl), kl[depth - 1]],
                                    rtol=1e-4, atol=1e-6)
-        own = run("effective-depth", str(store), results_dir=str(tmp_path / name))  # the analysis on its own
+        own = run("effective-depth", str(store), results_dir=str(tmp_path / name), force=True)  # on its own
         for key in ("cos_zero", "kl_drop", "top5_rise"):
             assert row[f"{key}_layer"] == int(own[f"{key}_layer"])
             np.testing.assert_equal(row[f"{key}_depth"], float(own[f"{key}_depth"]))
@@ -155,7 +155,7 @@ def test_cli_results_folder_and_parameters(built, tmp_path) -> None:
                                        str(tmp_path / "results")])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("| model | layers | d_model |") and "position 0" not in result.output
-    assert (tmp_path / "results" / "qwen4" / "logit-lens.zarr").exists()
+    assert (tmp_path / "results" / "qwen4" / "logit-lens").is_dir()
     lens = run("logit-lens", stores[1], results_dir=str(tmp_path / "results" / "qwen4"), include_first=True)
     table = pd.read_csv(tmp_path / "out" / "compare.csv")
     assert table.lens_tokens.tolist() == [open_dataset(stores[0]).sizes["token"], 96]
@@ -231,7 +231,7 @@ def test_remote_stores(built, compared, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     done = compare(urls, tmp_path / "out", ["logit-lens"])
     assert memory.find("/compare") == before  # only read
-    assert (tmp_path / "qwen4.zarr.analyses" / "logit-lens.zarr").exists()
+    assert (tmp_path / "qwen4.zarr.analyses" / "logit-lens").is_dir()
     local = compared.table.iloc[[0, 2]].reset_index(drop=True)
     pd.testing.assert_frame_equal(done.table.drop(columns="store"), local[done.table.columns].drop(columns="store"))
     assert done.table.store.tolist() == urls

@@ -121,9 +121,9 @@ def test_analyses_import_with_torch_unimportable() -> None:
 
 def test_store_format_doc_lists_every_array_of_the_table() -> None:
     """docs/store-format.md describes each array of the format's one table with the table's dims."""
-    from depthcache.store.layout import ARRAYS
-
     import re
+
+    from depthcache.store.layout import ARRAYS
 
     doc = (PACKAGE.parent / "docs" / "store-format.md").read_text(encoding="utf-8")
     listed = {(m[1], tuple(d.strip() for d in m[2].split(",") if d.strip()))

@@ -20,7 +20,7 @@ import pandas as pd
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.effective_depth import CUTOFFS, summarise
+from depthcache.analyze.effective_depth import CUTOFFS
 from depthcache.analyze.layer_map import SITES as LAYER_MAP_SITES
 from depthcache.analyze.layer_map import check_same_tokens
 from depthcache.analyze.registry import get, parameters
@@ -34,7 +34,7 @@ COMPARED = ("contributions", "residual-norms", "logit-lens", "skip-effects", "ef
 NEEDS = {"contributions": ("resid_pre", "attn_out", "mlp_out"), "residual-norms": ("resid_pre", "resid_final"),
          "logit-lens": ("resid_pre", "resid_final"), "skip-effects": ("attn_out", "mlp_out", "resid_final"),
          "effective-depth": ("resid_pre", "attn_out", "mlp_out", "resid_final")}
-INPUTS = {"effective-depth": ("contributions", "logit-lens")}  # what the comparison derives it from
+INPUTS = {"effective-depth": ("contributions", "logit-lens")}  # computed (or read) first, with the same parameters
 LENS_DEPTHS = (0.5, 0.75)  # relative depths at which the table reads the logit-lens KL
 COLUMNS = ("model", "store", "layers", "d_model", "dataset", "dataset_sha256", "tokens", "lens_tokens", "skip_tokens",
            *(f"{key}_{part}" for key in CUTOFFS for part in ("layer", "depth")), "rel_first_half",
@@ -211,25 +211,17 @@ def choose(requested: Sequence[str] | None, models: Sequence[Model],
 
 def gather(names: Sequence[str], models: Sequence[Model], pairs: Sequence[tuple[Model, Model]],
            params: dict[str, Any], **run_kwargs: Any) -> dict[str, list[xr.Dataset]]:
-    """Each chosen analysis's result per model (effective-depth from the same contributions and logit-lens results
-    the figures show); layer-map's per pair."""
+    """Each chosen analysis's result per model (and its inputs': effective-depth's contributions and logit-lens fill
+    table columns too); layer-map's per pair."""
     out: dict[str, list[xr.Dataset]] = {}
-
-    def result(name: str) -> list[xr.Dataset]:
-        if name not in out:
-            out[name] = [run(name, m.store, results_dir=m.results_dir, **run_kwargs, **params_for(name, params))
-                         for m in models]
-        return out[name]
-
     for name in names:
-        if name == "effective-depth":
-            out[name] = [summarise(c, lens, m.store.n_layers)
-                         for c, lens, m in zip(result("contributions"), result("logit-lens"), models)]
-        elif name == "layer-map":
-            out[name] = [run(name, shallow.store, deep.store, results_dir=deep.results_dir, **run_kwargs,
-                             **params_for(name, params)) for shallow, deep in pairs]
-        else:
-            result(name)
+        for needed in (*INPUTS.get(name, ()), name):
+            if needed == "layer-map":
+                out[needed] = [run(needed, shallow.store, deep.store, results_dir=deep.results_dir, **run_kwargs,
+                                   **params_for(needed, params)) for shallow, deep in pairs]
+            elif needed not in out:
+                out[needed] = [run(needed, m.store, results_dir=m.results_dir, **run_kwargs,
+                                   **params_for(needed, params)) for m in models]
     return out
 
 
@@ -299,7 +291,7 @@ def draw(figure_name: str, figure_panels: Sequence[Panel], title: str, folder: P
             ax.set_yticks(range(len(panel.categories)), panel.categories)
             ax.set(ylim=(len(panel.categories) - 0.5, -0.5), xlim=(-0.02, 1.02))
         if categorical:
-            ax.legend(fontsize=7, title="cutoff", loc="upper left", bbox_to_anchor=(1.01, 1))
+            plotting.legend_outside(ax, title="cutoff")
         else:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

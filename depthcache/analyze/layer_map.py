@@ -1,4 +1,4 @@
-"""layer-map: affine maps from a shallow model's residual stream to a deeper model's, for every layer pair (§6).
+"""layer-map: affine maps from a shallow model's residual stream to a deeper model's, for every layer pair (docs/analyses.md).
 
 Both stores must hold the same tokens (same tokenizer, data and windows). Sources are the shallow model's residual
 boundaries i (the inputs of its stored layers, then the residual after its last layer), targets the deep model's
@@ -16,7 +16,7 @@ Exact out-of-core scheme (one pass over the training and validation tokens, one 
    W(α) = V diag(1/(λ+α)) Vᵀ Cxy for every target at once. The validation error of every candidate penalty
    follows in d×d space from the validation sums: SSE(α) = Syy − 2 tr(Wᵀ Gxy) + tr(Wᵀ Gxx W) in the eigenbasis.
    Candidate penalties are ``grid`` × the mean eigenvalue tr(C)/d of that source layer; the penalty is chosen per
-   source layer (``select="source"``: best mean validation R² over the targets, as the issue asks) or per pair
+   source layer (``select="source"``: best mean validation R² over the targets) or per pair
    (``select="pair"``).
 3. Test metrics for the chosen maps come from one pass over the test tokens only: R² = 1 − SSE/SST over all
    dimensions (SST about the test mean; scikit-learn's ``r2_score(..., multioutput="variance_weighted")``) and the
@@ -273,13 +273,6 @@ def solve_source(train: Moments, val: Moments, i: int, grid: np.ndarray, select:
     return SourceFit(mx, my, lam, vecs, rotated, penalties, val_r2, chosen)
 
 
-def coefficients(fit: SourceFit, shift: Shift, i: int, penalty_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(W (t, d, e), intercept (t, e)) in the stores' original coordinates: ŷ = x W + b (scikit-learn's convention)."""
-    w = fit.weights(penalty_index)
-    intercept = fit.mean_y + shift.y - np.einsum("d,tde->te", fit.mean_x + shift.x[i], w)
-    return w, intercept
-
-
 # ------------------------------------------------------------------------------------------------------ testing
 
 @dataclass
@@ -431,7 +424,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
         ax.plot([0, 1], [0, 1], "w--", lw=0.8, label="equal relative depth")
         ax.set(xlabel="deep model: relative depth", ylabel="shallow model: relative depth", title=label)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-    axes[0].legend(loc="lower right", fontsize=7)
+    plotting.legend_outside(axes[0], below=True)
     fig.suptitle(plotting.model_title(result.attrs, f"Linear maps shallow → deep ({result.attrs['site']}, "
                                                     f"{result.attrs['test_tokens']} test tokens)"), fontsize=9)
     return [plotting.save(fig, folder, "layer-map")]

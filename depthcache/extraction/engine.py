@@ -85,7 +85,7 @@ class ExtractOptions:
     batch_size: int = 8
     dtype: str = "bfloat16"
     top_k: int = 20
-    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB
+    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB (≤ tokens)
     device: str = "auto"
     resume: bool = False
     progress: bool | None = None  # None: a bar on a terminal only
@@ -349,7 +349,7 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
-                                                            STORED_DTYPES[opts.dtype].itemsize)
+                                                            STORED_DTYPES[opts.dtype].itemsize, plan.n_tokens)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens)
     attrs["layout"]["num_workers"] = worker.count
     task = isinstance(docs, TaskDocuments)

@@ -2,7 +2,7 @@
 
 Skipping layer s makes it contribute nothing to the residual: forward hooks zero what its branches add (the
 attention and MLP outputs; OLMo 2's post-norm outputs), so the layer returns its input; ``attn``/``mlp`` zero one
-branch. Position 0 is never skipped. Variants (analyses.md §2): ``current`` skips positions 1..T−1 of every window;
+branch. Position 0 is never skipped. Variants (docs/interventions.md): ``current`` skips positions 1..T−1 of every window;
 ``future`` skips positions 1..t−1 for up to 4 drawn t per window (every 8th position, ≥ 8 from both ends), one
 pass per draw, and skip-effects measures positions ≥ t only.
 

@@ -13,7 +13,7 @@ Layout (schema 1.x, documented in docs/store-format.md and schemas/):
       topk_ids, topk_logprobs               (token, k)
       model/                    final norm parameters, unembedding, tokenizer files
       runs/<name>/              intervention runs (same arrays over a token subset)
-      analyses/<name>/          cached analysis results (xarray datasets)
+      analyses/<name>/<key>/    cached analysis results, one per parameter set (depthcache.store.results)
 
 Every array is chunked along tokens in chunks of ``chunk_tokens`` (all layers of a token range in one
 chunk), each chunk written exactly once and whole, and checksummed with crc32c.
@@ -119,19 +119,20 @@ class StoreLayout:
         return {name: ARRAYS[name].dims for site in self.sites for name in SITE_ARRAYS[site]}
 
 
-def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int) -> int:
-    """Largest power of two of tokens whose all-layer chunk stays within TARGET_CHUNK_BYTES."""
+def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int, n_tokens: int | None = None) -> int:
+    """Largest power of two of tokens whose all-layer chunk stays within TARGET_CHUNK_BYTES, and never more than
+    the store's ``n_tokens`` (a chunk longer than the store would only store fill values)."""
     per_token = max(n_layers, 1) * d_model * itemsize
     tokens = MIN_CHUNK_TOKENS
     while tokens * 2 * per_token <= TARGET_CHUNK_BYTES:
         tokens *= 2
-    return tokens
+    return tokens if n_tokens is None else max(1, min(tokens, n_tokens))
 
 
 def compressors(dtype: str) -> list[Any]:
     """Codecs after serialisation: zstd where it pays (bf16, ints), then the crc32c checksum always."""
     if dtype in ("float16", "float32"):
-        return [Crc32cCodec()]  # activations in these dtypes barely compress (storage.md)
+        return [Crc32cCodec()]  # activations in these dtypes barely compress (docs/store-format.md)
     return [ZstdCodec(level=1), Crc32cCodec()]
 
 

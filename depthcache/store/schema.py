@@ -140,11 +140,6 @@ def layer_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any]) -> l
     return [] if values == stored else [f"array 'layer' holds {values}, expected options.layers {stored}"]
 
 
-def shape_problems(group: zarr.Group, attrs: dict[str, Any]) -> list[str]:
-    """Arrays missing or shaped unlike the attributes say."""
-    return structure_problems(dict(group.arrays()), attrs)
-
-
 async def _keys(store: Any, prefix: str) -> list[str]:
     return [key async for key in store.list_prefix(prefix)]
 
