@@ -302,6 +302,33 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
         click.echo(str(path))
 
 
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Folder for the figures, compare.csv and compare.md.")
+@click.option("--analyses", default=None,
+              help="Comma-separated subset of contributions, residual-norms, logit-lens, skip-effects, "
+                   "effective-depth, layer-map; each must then be available in every store (default: all, leaving "
+                   "out with a note what some store lacks).")
+@click.option("-p", "--param", "params", multiple=True,
+              help="key=value for every compared analysis that takes it, e.g. include_first=true (repeatable).")
+@click.option("--force", is_flag=True, help="Recompute the analyses even if cached results exist.")
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
+@click.option("--results", default=None,
+              help="Folder for results when stores are not writable: one subfolder per store, named after it.")
+@storage_option
+def compare(stores: tuple[str, ...], out_dir: str, analyses: str | None, params: tuple[str, ...], force: bool,
+            scheduler: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
+    """Compare models on relative depth l / L: one figure per analysis, one line per store, and a table."""
+    from depthcache.analyze.compare import compare as run_compare
+
+    done = run_compare(stores, out_dir, [a.strip() for a in analyses.split(",")] if analyses else None,
+                       parse_params(params), force=force, scheduler_address=scheduler, results_dir=results,
+                       storage_options=parse_params(storage_options))
+    click.echo(done.summary)
+    for path in [*done.figures, *done.files]:
+        click.echo(str(path))
+
+
 def locate_options(command: Any) -> Any:
     """The options ``erase`` and ``igrad`` share: one prompt or a task, output store, model and device."""
     return options(
