@@ -47,13 +47,11 @@ from depthcache.extraction.writer import ChunkWriter
 from depthcache.layerspec import parse_layers
 from depthcache.model import (
     DEFAULT_MODEL,
-    Architecture,
     Capture,
     LoadedModel,
-    architecture_for,
+    Structure,
+    checked,
     load_model,
-    n_layers,
-    parallel_residual,
     resolve_device,
 )
 from depthcache.store.head import tokenizer_sha256
@@ -92,6 +90,7 @@ class ExtractOptions:
     num_workers: int = 1  # several processes writing disjoint shards of one store
     worker_index: int = 0
     queue_batches: int = 2
+    check: bool = True  # the load check before anything is written (--no-check: only for users who know why)
 
 
 @dataclass
@@ -159,21 +158,25 @@ def library_versions() -> dict[str, str]:
 
 def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_sha: str, n_docs: int, plan: Plan,
                device: str, chunk_tokens: int) -> dict[str, Any]:
-    """The root attributes of a new store (schema ``SCHEMA_VERSION``)."""
+    """The root attributes of a new store (schema ``SCHEMA_VERSION``): with the model's discovered structure and its
+    load-check errors (None when the check was skipped)."""
     model = loaded.model
     config = model.config
+    structure, result = checked(model, opts.check)
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "activations",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "model": {**loaded.provenance,
-                  "n_layers": n_layers(model),
-                  "d_model": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
+                  "n_layers": structure.n_layers,
+                  "d_model": int(model.get_output_embeddings().weight.shape[1]),
                   "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
                   "config": config.to_diff_dict() | {"model_type": config.model_type},
                   "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files),
-                  "parallel_residual": parallel_residual(model)},
+                  "parallel_residual": structure.parallel,
+                  "structure": structure.attrs(),
+                  "load_check": None if result is None else result.attrs()},
         "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
                     "seq_len": opts.seq_len, "batch_size": opts.batch_size, "dtype": opts.dtype, "top_k": opts.top_k,
@@ -242,7 +245,7 @@ def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> 
     return {"next_logprob": next_lp, "topk_ids": ids.int(), "topk_logprobs": values - lse.unsqueeze(-1)}
 
 
-def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions, first: int, last: int,
+def run_batch(model: torch.nn.Module, structure: Structure, plan: Plan, opts: ExtractOptions, first: int, last: int,
               pad_id: int, device: str, drop: int) -> tuple[dict[str, np.ndarray], torch.cuda.Event | None]:
     """Forward windows first..last-1 and return every stored array for their real tokens (minus the first ``drop``)."""
     sites = parse_sites(opts.sites)
@@ -256,7 +259,7 @@ def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: Extr
         flat = t.flatten(-3, -2)
         return flat[..., drop:, :] if keep is None else flat.index_select(-2, keep)
 
-    with Capture(model, arch, plan.layers, sites, TORCH_DTYPES[opts.dtype]) as cap, torch.inference_mode():
+    with Capture(model, structure, plan.layers, sites, TORCH_DTYPES[opts.dtype]) as cap, torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out: dict[str, np.ndarray] = {}
         if "resid" in sites:
@@ -342,9 +345,9 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
-    arch = architecture_for(loaded.model)
-    plan = make_plan(opts, loaded, docs, n_layers(loaded.model))
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    structure, _ = checked(loaded.model, opts.check)  # a model passed in is checked here, before any store exists
+    plan = make_plan(opts, loaded, docs, structure.n_layers)
     if plan.n_tokens == 0:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
@@ -364,7 +367,7 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
         if existing["progress"]["complete"]:
             return existing
         attrs = existing
-    return run_pipeline(opts, attrs, loaded, arch, plan, device, worker)
+    return run_pipeline(opts, attrs, loaded, structure, plan, device, worker)
 
 
 def finalize_store(out: str) -> dict[str, Any]:
@@ -376,7 +379,7 @@ def finalize_store(out: str) -> dict[str, Any]:
     return finalize(group, attrs, int(attrs["layout"].get("num_workers", 1)))
 
 
-def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, arch: Architecture, plan: Plan,
+def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, structure: Structure, plan: Plan,
                  device: str, worker: Worker = Worker()) -> dict[str, Any]:
     """Forward in this thread, write in a background thread, joined by a bounded queue."""
     group = open_group(opts.out, "r+")
@@ -394,21 +397,21 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
     start = todo[0][0] if todo else plan.n_tokens
     writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    batches = planned_batches(loaded.model, arch, plan, opts, todo, pad_id, device)
+    batches = planned_batches(loaded.model, structure, plan, opts, todo, pad_id, device)
     write_batches(writer, batches, sum(b - a for a, b in todo), opts)
     if worker.count > 1 and not unfinished_workers(group, attrs, worker.count):
         attrs = finalize(group, attrs, worker.count)
     return attrs
 
 
-def planned_batches(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions,
+def planned_batches(model: torch.nn.Module, structure: Structure, plan: Plan, opts: ExtractOptions,
                     todo: list[tuple[int, int]], pad_id: int, device: str
                     ) -> Iterator[tuple[int, dict[str, np.ndarray], torch.cuda.Event | None]]:
     """(first token, stored arrays, copy event) of each batch covering the token ranges ``todo``, run lazily."""
     for seg_start, seg_stop in todo:
         at = seg_start
         for first, last, drop, keep in batches_between(plan, seg_start, seg_stop, opts.batch_size):
-            batch, copied = run_batch(model, arch, plan, opts, first, last, pad_id, device, drop)
+            batch, copied = run_batch(model, structure, plan, opts, first, last, pad_id, device, drop)
             yield at, first_tokens(batch, keep), copied
             at += keep
 

@@ -51,13 +51,12 @@ from depthcache.extraction.engine import (
 )
 from depthcache.extraction.writer import ChunkWriter
 from depthcache.model import (
-    Architecture,
     Capture,
     LoadedModel,
     Skip,
-    architecture_for,
+    Structure,
+    checked,
     load_model,
-    n_layers,
     only_layers,
     resolve_device,
 )
@@ -117,7 +116,7 @@ class RunContext:
     """Everything the batches of one skip run need."""
 
     loaded: LoadedModel
-    arch: Architecture
+    structure: Structure
     plan: Plan
     opts: ExtractOptions  # the baseline's options (same batches, dtype, top-k)
     run: SkipRun
@@ -229,12 +228,12 @@ def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
 
     dtype = TORCH_DTYPES[opts.dtype]
     with ExitStack() as stack, torch.inference_mode():
-        stack.enter_context(Skip(model, ctx.arch, ctx.run.layers, ctx.run.sublayer,
+        stack.enter_context(Skip(model, ctx.structure, ctx.run.layers, ctx.run.sublayer,
                                  skip_mask(ctx, draw, first, last, real)))
-        cap = stack.enter_context(Capture(model, ctx.arch, ctx.stored, RUN_SITES, dtype, final=True))
+        cap = stack.enter_context(Capture(model, ctx.structure, ctx.stored, RUN_SITES, dtype, final=True))
         if ctx.prefix is not None:
-            later = list(range(min(ctx.run.layers), n_layers(model)))
-            stack.enter_context(only_layers(model, ctx.arch, later, baseline_residual(ctx, first, last, real)))
+            later = list(range(min(ctx.run.layers), ctx.structure.n_layers))
+            stack.enter_context(only_layers(model, ctx.structure, later, baseline_residual(ctx, first, last, real)))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out = {name: to_host(rows(cap.stacked(name)), opts.dtype) for name in ("attn_out", "mlp_out")}
         out["resid_final"] = to_host(rows(cap.resid_final), opts.dtype)
@@ -395,9 +394,9 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
         check_destination(opts.out, resume=False)
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
-    arch = architecture_for(loaded.model)
-    depth = n_layers(loaded.model)
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    structure, _ = checked(loaded.model, opts.check)
+    depth = structure.n_layers
     runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]
     if not exists:
         run_tokens(skip.tokens, 1, make_plan(opts, loaded, docs, depth).n_tokens)  # refuse before writing
@@ -425,7 +424,7 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
     stops = future_stops(plan, skip.seed) if skip.variant == "future" else None
     done = {}
     for run, stored, reuse, attrs, previous in todo:
-        ctx = RunContext(loaded, arch, plan, base_opts, run, stored, tokens, device,
+        ctx = RunContext(loaded, structure, plan, base_opts, run, stored, tokens, device,
                          root["resid_pre"] if reuse else None, layers.index(min(run.layers)) if reuse else 0, stops)
         done[run.name] = execute_run(ctx, opts.out, run.name, attrs, previous)
     return done

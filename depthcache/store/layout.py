@@ -30,7 +30,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from depthcache.dtypes import STORED_DTYPES
 
-SCHEMA_VERSION = "1.2"  # 1.1: intervention runs under runs/<name>; 1.2: task stores (item, answer_index, hops)
+SCHEMA_VERSION = "1.3"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
 TARGET_CHUNK_BYTES = 32 * 2**20
