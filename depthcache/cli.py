@@ -246,7 +246,7 @@ def analysis_command(spec: Any) -> click.Command:
     return command
 
 
-@main.group(cls=AnalysisGroup)
+@main.group(cls=AnalysisGroup, subcommand_metavar="NAME STORE [ARGS]...")
 def analyze() -> None:
     """Compute an analysis from a store: `analyze NAME STORE` (`analyze list` shows every NAME).
 
