@@ -14,7 +14,7 @@ import zarr
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.model import Capture, Skip, check_model, checked, discover, structure_of
-from depthcache.model.coverage import CORPUS, cover, loaded_tiny, tiny_config, tiny_model, tiny_tokenizer
+from depthcache.coverage import CORPUS, cover, loaded_tiny, tiny_config, tiny_model, tiny_tokenizer
 from depthcache.model.structure import decoder_layers
 from depthcache.store.head import logits_from_residual, read_head
 from depthcache.store.io import read_attrs, write_attrs
@@ -43,7 +43,8 @@ EXPECTED: dict[str, dict] = {
     "gpt2": {"parallel": False, "norm_kind": "layernorm", "embed_scale": None, "tied_embeddings": True},
     "opt": {"mlp": ("fc2",) * 4, "norm_kind": "layernorm"},
     "bloom": {"attn_adds_residual": True, "mlp_adds_residual": True, "embed_scale": None},
-    "qwen3_next": {"attn_classes": ("Qwen3NextGatedDeltaNet",) * 3 + ("Qwen3NextAttention",), "moe_layers": (0, 1, 2, 3)},
+    "qwen3_next": {"attn_classes": ("Qwen3NextGatedDeltaNet",) * 3 + ("Qwen3NextAttention",),
+                   "moe_layers": (0, 1, 2, 3)},
 }
 CI_FAMILIES = tuple(EXPECTED)
 

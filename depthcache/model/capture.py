@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from depthcache.model.structure import Structure, decoder_layers, first_input, first_tensor, residual_argument, submodule
+from depthcache.model.structure import (
+    Structure,
+    decoder_layers,
+    first_input,
+    first_tensor,
+    residual_argument,
+    submodule,
+)
 
 
 class BranchHooks:
