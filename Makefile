@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo.zarr
 
-.PHONY: install demo test clean
+.PHONY: install demo test architectures clean
 
 $(BIN)/depthcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Every causal LM in transformers' registry, built tiny offline, through the load check and a 2-window extraction.
+architectures: install
+	$(BIN)/python -m depthcache.coverage --out docs/architectures.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -97,6 +97,9 @@ def main() -> None:
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
 @click.option("--worker-index", type=int, default=None, help="This process's index (default: $RANK / Slurm).")
 @click.option("--finalize", is_flag=True, help="Only mark a store written by several workers complete.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="The load check (the residual identity and the logit lens on 32 tokens) before anything is "
+                   "written; --no-check only if you know why.")
 @click.option("--skip", default=None,
               help="Also store layer-skip runs beside the baseline (runs/skip_<l>): one layer '7', one run per layer "
                    "'3,7', one run skipping several '3+7', 'each', or 'range 20-29'.")

@@ -27,9 +27,7 @@ import numpy as np
 import torch
 
 from depthcache.errors import DepthcacheError
-from depthcache.model.check import TOLERANCES, checked, relative_errors
-from depthcache.model.loading import LoadedModel, tokenizer_files
-from depthcache.model.structure import Structure
+from depthcache.model import TOLERANCES, LoadedModel, Structure, checked, relative_errors, tokenizer_files
 
 VOCAB = 384
 TINY: dict[str, Any] = {
@@ -54,7 +52,7 @@ MAX_PARAMETERS = 20_000_000
 CORPUS = ("The quick brown fox jumps over the lazy dog. Residual streams carry information from layer to layer. "
           "Numbers: 0 1 2 3 4 5 6 7 8 9 and some punctuation, too! Language models use their depth in many ways.")
 SEQ_LEN = 16
-DOC = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 
 
 @dataclass(frozen=True)

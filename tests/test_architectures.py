@@ -43,7 +43,8 @@ EXPECTED: dict[str, dict] = {
     "gpt2": {"parallel": False, "norm_kind": "layernorm", "embed_scale": None, "tied_embeddings": True},
     "opt": {"mlp": ("fc2",) * 4, "norm_kind": "layernorm"},
     "bloom": {"attn_adds_residual": True, "mlp_adds_residual": True, "embed_scale": None},
-    "qwen3_next": {"attn_classes": ("Qwen3NextGatedDeltaNet",) * 3 + ("Qwen3NextAttention",), "moe_layers": (0, 1, 2, 3)},
+    "qwen3_next": {"attn_classes": ("Qwen3NextGatedDeltaNet",) * 3 + ("Qwen3NextAttention",),
+                   "moe_layers": (0, 1, 2, 3)},
 }
 CI_FAMILIES = tuple(EXPECTED)
 

@@ -6,7 +6,7 @@ package (they read stores).
 """
 
 from depthcache.model.capture import Capture
-from depthcache.model.check import CheckResult, check_model, checked
+from depthcache.model.check import TOLERANCES, CheckResult, check_model, checked, relative_errors
 from depthcache.model.loading import (
                                             ALIASES,
                                             DEFAULT_MODEL,
@@ -15,6 +15,7 @@ from depthcache.model.loading import (
                                             file_sha256,
                                             load_model,
                                             resolve_device,
+                                            tokenizer_files,
 )
 from depthcache.model.pruned import prune_copy, prune_model
 from depthcache.model.restart import Clean, answer_probs, clean_run, frozen, run_from
@@ -30,7 +31,8 @@ from depthcache.model.structure import (
                                             submodule,
 )
 
-__all__ = ["ALIASES", "Capture", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel", "Skip", "Structure",
-           "answer_probs", "cache_dir", "check_model", "checked", "clean_run", "decoder_layers", "discover",
-           "file_sha256", "first_tensor", "frozen", "load_model", "model_head", "n_layers", "only_layers",
-           "prune_copy", "prune_model", "resolve_device", "run_from", "structure_of", "submodule"]
+__all__ = ["ALIASES", "TOLERANCES", "Capture", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel", "Skip",
+           "Structure", "answer_probs", "cache_dir", "check_model", "checked", "clean_run", "decoder_layers",
+           "discover", "file_sha256", "first_tensor", "frozen", "load_model", "model_head", "n_layers", "only_layers",
+           "prune_copy", "prune_model", "relative_errors", "resolve_device", "run_from", "structure_of", "submodule",
+           "tokenizer_files"]
