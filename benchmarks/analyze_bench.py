@@ -51,7 +51,8 @@ def template(workdir: Path) -> Path:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import tiny_tokenizer
-    from depthcache.extract.engine import ExtractOptions, extract
+
+    from depthcache.extraction.engine import ExtractOptions, extract
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=256,
@@ -84,8 +85,9 @@ def synthetic_chunk(rng: np.random.Generator, tokens: int) -> dict[str, np.ndarr
 
 def build(workdir: Path, n_tokens: int) -> Path:
     """A synthetic bf16 store of ``n_tokens`` tokens (reused when already complete)."""
-    from depthcache.extract.writer import ChunkWriter
-    from depthcache.store import StoreLayout, create_arrays, open_group, read_attrs, write_attrs
+    from depthcache.extraction.writer import ChunkWriter
+    from depthcache.store.io import open_group, read_attrs, write_attrs
+    from depthcache.store.layout import StoreLayout, create_arrays
 
     out = workdir / f"synthetic-{n_tokens}.zarr"
     if (out / "zarr.json").exists() and read_attrs(open_group(out))["progress"]["complete"]:

@@ -44,10 +44,12 @@ def disk_bandwidth(folder: Path, mib: int = 512) -> float:
 
 def setup(args: argparse.Namespace, out: str):  # noqa: ANN201 - returns the engine's pieces
     """Load the model and plan the same batches the extraction runs (not timed)."""
-    from depthcache.extract.architectures import architecture_for, decoder_layers
-    from depthcache.extract.data import bos_token_id, load_documents, make_windows, tokenize_documents
-    from depthcache.extract.engine import ExtractOptions, Plan, parse_layers
-    from depthcache.extract.models import load_model
+    from depthcache.extraction.data import load_documents
+    from depthcache.extraction.engine import ExtractOptions, Plan
+    from depthcache.extraction.windows import bos_token_id, make_windows, tokenize_documents
+    from depthcache.layerspec import parse_layers
+    from depthcache.model.architectures import architecture_for, decoder_layers
+    from depthcache.model.loading import load_model
 
     opts = ExtractOptions(out=out, model=args.model, max_tokens=args.tokens, device=args.device,
                           batch_size=args.batch_size, progress=False)
@@ -64,7 +66,7 @@ def part_forward(args: argparse.Namespace) -> dict:
     """(a) The same fixed-shape batches through the model, no hooks, logits only."""
     import torch
 
-    from depthcache.extract.engine import batch_inputs
+    from depthcache.extraction.engine import batch_inputs
 
     opts, loaded, _, plan, _ = setup(args, "unused")
     pad = loaded.tokenizer.pad_token_id or 0
@@ -79,8 +81,13 @@ def part_forward(args: argparse.Namespace) -> dict:
 
 def part_extract(args: argparse.Namespace) -> dict:
     """(b) The real pipeline (capture, cast, queue, chunk writer, fsync, commits) into a fresh store."""
-    from depthcache.extract.engine import parse_sites, prepare_store, provenance, run_pipeline
-    from depthcache.store import STORED_DTYPES, StoreLayout, choose_chunk_tokens
+    from depthcache.extraction.engine import (
+        parse_sites,
+        prepare_store,
+        provenance,
+        run_pipeline,
+    )
+    from depthcache.store.layout import STORED_DTYPES, StoreLayout, choose_chunk_tokens
 
     out = Path(args.dir) / "bench.zarr"
     shutil.rmtree(out, ignore_errors=True)

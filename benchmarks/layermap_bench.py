@@ -32,7 +32,7 @@ import zarr
 import depthcache  # noqa: F401 - registers the bfloat16 zarr data type
 from depthcache.analyze import layer_map as lm
 from depthcache.dtypes import STORED_DTYPES
-from depthcache.store import compressors
+from depthcache.store.layout import compressors
 
 SEQ_LEN = 128
 CHUNK = 1024

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import depthcache  # noqa: F401 - registers bfloat16
-from depthcache.schemas import validate_store
 from depthcache.sharing import copy_store, listing, place
+from depthcache.store.schema import validate_store
 
 
 def timed(label: str, fn, size: int, baseline: float | None) -> float:  # noqa: ANN001 - any callable

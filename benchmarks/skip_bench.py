@@ -47,10 +47,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from depthcache.analyze import run
-    from depthcache.extract.architectures import architecture_for, decoder_layers
-    from depthcache.extract.engine import ExtractOptions, extract
-    from depthcache.extract.interventions import SkipOptions, extract_skips
-    from depthcache.extract.models import load_model
+    from depthcache.extraction.engine import ExtractOptions, extract
+    from depthcache.extraction.skip_runs import SkipOptions, extract_skips
+    from depthcache.model.architectures import architecture_for, decoder_layers
+    from depthcache.model.loading import load_model
 
     folder = Path(args.dir)
     shutil.rmtree(folder, ignore_errors=True)

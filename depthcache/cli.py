@@ -77,8 +77,9 @@ def main() -> None:
 def extract(finalize: bool, skip: str | None, skip_sublayer: str, skip_tokens: int, skip_variant: str,
             skip_prefix: str, **kw: Any) -> None:
     """Run a model over a dataset and store every layer's residual stream and sublayer outputs."""
-    from depthcache.extract.engine import ExtractOptions, extract as run_extract, finalize_store
-    from depthcache.extract.workers import worker_from_env
+    from depthcache.extraction.engine import ExtractOptions, finalize_store
+    from depthcache.extraction.engine import extract as run_extract
+    from depthcache.extraction.workers import worker_from_env
 
     if finalize:
         attrs = finalize_store(kw["out"])
@@ -88,7 +89,7 @@ def extract(finalize: bool, skip: str | None, skip_sublayer: str, skip_tokens: i
         kw["worker_index"] = env.index if kw["worker_index"] is None else kw["worker_index"]
         kw["max_tokens"] = kw["max_tokens"] or None
         if skip:
-            from depthcache.extract.interventions import SkipOptions, extract_skips
+            from depthcache.extraction.skip_runs import SkipOptions, extract_skips
 
             runs = extract_skips(ExtractOptions(**kw), SkipOptions(skip, skip_sublayer, skip_tokens or None,
                                                                    skip_variant, skip_prefix))
@@ -126,7 +127,7 @@ def info(store: str, storage_options: tuple[str, ...]) -> None:
 @storage_option
 def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
     """Check a store against the schema, its shapes, and every chunk's checksum."""
-    from depthcache.schemas import validate_store
+    from depthcache.store.schema import validate_store
 
     problems = validate_store(store, read_chunks=not quick, storage_options=parse_params(storage_options))
     if problems:
@@ -217,11 +218,16 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
          storage_options: tuple[str, ...]) -> None:
     """Draw an analysis's figures: `plot STORE NAME` (or `plot SHALLOW DEEP NAME` for two-store analyses)."""
     from depthcache.analyze import plot as draw
+    from depthcache.locate.maps import is_map
+    from depthcache.locate.plot import plot_map_store
 
     *stores, name = args
     extra = {"storage_options": parse_params(storage_options)} if storage_options else {}
-    for path in draw(name, *stores, out_dir=out_dir, force=force, results_dir=results, **extra,
-                     **parse_params(params)):
+    if len(stores) == 1 and is_map(stores[0]):  # a location map (erase/igrad) is a result already
+        paths = plot_map_store(stores[0], name, out_dir)
+    else:
+        paths = draw(name, *stores, out_dir=out_dir, force=force, results_dir=results, **extra, **parse_params(params))
+    for path in paths:
         click.echo(str(path))
 
 
@@ -327,7 +333,7 @@ def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...]) -> N
 def report(store: str, out: str | None, storage_options: tuple[str, ...]) -> None:
     """One self-contained HTML page: the store's provenance and every analysis cached in it, with figures."""
     from depthcache.report import write_report
-    from depthcache.store import local_name
+    from depthcache.store.io import local_name
 
     path = write_report(store, out or str(local_name(store).with_suffix(".html")), parse_params(storage_options))
     click.echo(str(path))
@@ -341,7 +347,7 @@ def report(store: str, out: str | None, storage_options: tuple[str, ...]) -> Non
 @click.option("--out", required=True, help="New folder for the pruned Hugging Face model (loads with --model OUT).")
 def prune_copy(model: str, keep: str, out: str) -> None:
     """Save a copy of a model with layers removed (same tokenizer), e.g. a shallow model for layer-map."""
-    from depthcache.extract.pruned_copy import prune_copy as make_copy
+    from depthcache.model import prune_copy as make_copy
 
     click.echo(f"{make_copy(model, keep, out)}: pruned copy of {model} (kept layers: {keep})")
 

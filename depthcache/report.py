@@ -19,8 +19,8 @@ import xarray as xr
 
 from depthcache.analyze.registry import load_all
 from depthcache.analyze.runner import MAX_RESULT_BYTES, RESULT_ATTR
-from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
+from depthcache.store.reader import Store
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;

@@ -20,7 +20,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from depthcache.errors import DepthcacheError
-from depthcache.store import ATTRS_KEY, is_url
+from depthcache.store.io import is_url
+from depthcache.store.layout import ATTRS_KEY
 
 ROOT_METADATA = "zarr.json"
 CRC_BYTES = 4  # crc32c is the last codec of every store array: a chunk's last 4 bytes are its checksum
@@ -135,7 +136,7 @@ def copy_store(source: str, destination: str, source_options: Mapping[str, Any] 
                destination_options: Mapping[str, Any] | None = None, jobs: int = 8,
                verify: bool = True) -> CopyReport:
     """Copy a store object by object (parallel, resumable, root metadata last), then verify every chunk."""
-    from depthcache.schemas import validate_store
+    from depthcache.store.schema import validate_store
 
     started = time.perf_counter()
     src, dst = place(source, source_options), place(destination, destination_options)

@@ -9,7 +9,7 @@ from typing import Any
 
 import zarr
 
-from depthcache.store import open_group
+from depthcache.store.io import open_group
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -41,7 +41,7 @@ def raw_bytes(group: zarr.Group, committed: int, total: int) -> int:
 
 def summary(location: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """Multi-line description of a store (checked like every store read: schema, limits, array metadata)."""
-    from depthcache.schemas import check_store
+    from depthcache.store.schema import check_store
 
     group = open_group(location, "r", storage_options=storage_options)
     a = check_store(group)
@@ -73,6 +73,6 @@ def summary(location: str, storage_options: Mapping[str, Any] | None = None) -> 
 def effective_depth_line(location: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The effective-depth cutoffs when they (or the contributions and logit-lens results) are cached."""
     from depthcache.analyze.effective_depth import info_line
-    from depthcache.analyze.source import Store
+    from depthcache.store.reader import Store
 
     return info_line(Store(location, dict(storage_options or {})))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import depthcache  # noqa: F401 - registers the bfloat16 zarr data type
 

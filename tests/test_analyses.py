@@ -11,15 +11,15 @@ import pytest
 import xarray as xr
 import zarr
 from click.testing import CliRunner
-
 from conftest import write_documents
-from depthcache.analyze import plot, run
+
+from depthcache.analyze import run
 from depthcache.analyze.effective_depth import cutoff_indices
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
-from depthcache.extract.engine import ExtractOptions, extract
-from depthcache.extract.modelstore import read_head
-from depthcache.store import open_dataset
+from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.store.head import read_head
+from depthcache.store.reader import open_dataset
 
 F32_TOL = 1e-5  # float32 store: per-token values from float32 dot products vs float64 reference
 BF16_TOL = 1e-4  # bf16 store: both sides read the same bf16 values; only float32 arithmetic differs

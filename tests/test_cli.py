@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import errno
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_extract import run
+from test_resume import arrays
 
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
-from depthcache.extract import writer as writer_module
-from depthcache.store import open_dataset
-from test_extract import run
-from test_resume import arrays
+from depthcache.extraction import writer as writer_module
+from depthcache.store.reader import open_dataset
 
 
 def invoke(*args: str):  # noqa: ANN201 - click Result
@@ -69,7 +68,7 @@ def test_default_model_end_to_end(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     ds = open_dataset(store).load()
     assert ds.sizes["layer"] == 30 and ds.sizes["d_model"] == 576 and ds.resid_pre.dtype.name == "bfloat16"
-    from depthcache.extract.modelstore import load_tokenizer
+    from depthcache.store.head import load_tokenizer
 
     tok = load_tokenizer(store)
     last = int(np.flatnonzero(ds.doc_id.values == 0)[-1])

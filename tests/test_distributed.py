@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
+from conftest import write_documents
 from distributed import LocalCluster
 
-from conftest import write_documents
 from depthcache.analyze import run
-from depthcache.extract.engine import ExtractOptions, extract
+from depthcache.extraction.engine import ExtractOptions, extract
 
 
 @pytest.fixture(scope="module")

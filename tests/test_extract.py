@@ -11,13 +11,13 @@ import torch
 import transformers
 import xarray as xr
 import zarr
-
 from conftest import ARCHS
+
 from depthcache.errors import DepthcacheError
-from depthcache.extract.engine import ExtractOptions, extract
-from depthcache.extract.modelstore import load_tokenizer, logits_from_residual, read_head
-from depthcache.schemas import validate_store
-from depthcache.store import open_dataset
+from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.store.head import load_tokenizer, logits_from_residual, read_head
+from depthcache.store.reader import open_dataset
+from depthcache.store.schema import validate_store
 
 
 def run(tmp_path: Path, model: Path, data: Path, name: str = "s.zarr", **kw) -> Path:

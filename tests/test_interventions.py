@@ -13,16 +13,17 @@ import torch
 import transformers
 import zarr
 from click.testing import CliRunner
-
 from conftest import ARCHS, write_documents
+
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
-from depthcache.extract import interventions
-from depthcache.extract.architectures import architecture_for, decoder_layers
-from depthcache.extract.capture import Capture
-from depthcache.extract.engine import ExtractOptions
-from depthcache.extract.interventions import Skip, SkipOptions, extract_skips, parse_skip
-from depthcache.store import open_dataset
+from depthcache.extraction import skip_runs as interventions
+from depthcache.extraction.engine import ExtractOptions
+from depthcache.extraction.skip_runs import SkipOptions, extract_skips, parse_skip
+from depthcache.model.architectures import architecture_for, decoder_layers
+from depthcache.model.capture import Capture
+from depthcache.model.skips import Skip
+from depthcache.store.reader import open_dataset
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,18 @@ import pytest
 import transformers
 import zarr
 from click.testing import CliRunner
+from conftest import write_documents
 from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 
-from conftest import write_documents
 from depthcache.analyze import layer_map as lm
 from depthcache.analyze import run
-from depthcache.analyze.source import Store
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
-from depthcache.extract.engine import ExtractOptions, extract
-from depthcache.extract.pruned_copy import prune_copy
-from depthcache.store import open_dataset, read_attrs, write_attrs
+from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.model.pruned import prune_copy
+from depthcache.store.io import read_attrs, write_attrs
+from depthcache.store.reader import Store, open_dataset
 
 EXACT = 1e-6  # relative tolerance of the float64 path against scikit-learn (float32 store data)
 

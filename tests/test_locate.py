@@ -14,15 +14,15 @@ from click.testing import CliRunner
 
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
-from depthcache.extract.architectures import architecture_for, decoder_layers, submodule
-from depthcache.extract.engine import ExtractOptions, extract
-from depthcache.extract.models import load_model
+from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.locate import LocateOptions, is_map, locate, read_map
 from depthcache.locate.erasure import erase_layer
-from depthcache.locate.forward import answer_probs, clean_run
 from depthcache.locate.igrad import igrad_map, integrate_path
 from depthcache.locate.maps import encode
 from depthcache.locate.reference import sequence_mean, store_mean
+from depthcache.model.architectures import architecture_for, decoder_layers
+from depthcache.model.loading import load_model
+from depthcache.model.restart import answer_probs, clean_run
 
 PROMPT, ANSWER = "The quick brown", " fox jumps"
 
@@ -167,7 +167,8 @@ def test_integrate_path_equal_steps_is_the_trapezoidal_rule() -> None:
 def test_sequence_mean_matches_hidden_states(llama) -> None:
     """The default reference mean = mean of output_hidden_states[l] over positions ≥ 1 of the same windows."""
     ref = sequence_mean(llama, windows=2)
-    from depthcache.extract.data import load_documents, make_windows
+    from depthcache.extraction.data import load_documents
+    from depthcache.extraction.windows import make_windows
 
     texts = load_documents("pydoc-topics").texts
     tokens = [llama.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:3]]

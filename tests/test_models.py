@@ -1,4 +1,4 @@
-"""Tests for depthcache.extract.models: loading by local folder, GGUF alias and hub id, and the errors users see."""
+"""Tests for depthcache.model.loading: loading by local folder, GGUF alias and hub id, and the errors users see."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from transformers import (
 )
 
 from depthcache.errors import DepthcacheError
-from depthcache.extract import models as depth_models
-from depthcache.extract.models import (
+from depthcache.model import loading as depth_models
+from depthcache.model.loading import (
     ALIASES,
     DEFAULT_MODEL,
     cache_dir,

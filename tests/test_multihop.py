@@ -16,10 +16,12 @@ from click.testing import CliRunner
 from depthcache.analyze import plot, run
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
-from depthcache.extract.engine import ExtractOptions, extract
-from depthcache.extract.interventions import SkipOptions, extract_skips
-from depthcache.schemas import validate_store
-from depthcache.store import SCHEMA_VERSION, open_dataset, open_group, read_attrs, write_attrs
+from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.extraction.skip_runs import SkipOptions, extract_skips
+from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.layout import SCHEMA_VERSION
+from depthcache.store.reader import open_dataset
+from depthcache.store.schema import validate_store
 
 ITEMS = [  # prompt + answer split at a space, so the answer's tokens continue the prompt's
     {"id": "a", "prompt": "The quick brown fox", "answer": " jumps over", "hops": 1},

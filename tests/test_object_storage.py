@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import xarray as xr
 from click.testing import CliRunner
+from test_extract import run
 
 from depthcache.cli import main
 from depthcache.sharing import listing, place
-from test_extract import run
 
 BUCKET = "depthcache-test"
 # the analyses of a plain baseline store (skip-effects needs skip runs, task analyses a task store)

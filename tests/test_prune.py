@@ -18,8 +18,8 @@ from depthcache.evaluate.generation import greedy, parse_answer
 from depthcache.evaluate.influence import block_influence
 from depthcache.evaluate.likelihood import batch_scores
 from depthcache.evaluate.prune import Scorer
-from depthcache.extract.architectures import architecture_for, decoder_layers
-from depthcache.extract.interventions import only_layers
+from depthcache.model.architectures import architecture_for, decoder_layers
+from depthcache.model.skips import only_layers
 from depthcache.tasks import TaskItem, load_task, write_task_jsonl
 
 ITEMS = [
@@ -169,7 +169,7 @@ def test_prune_cli_and_bad_input_write_nothing(tiny_models, task_file, tmp_path)
 @pytest.mark.slow
 def test_smollm2_generation_breaks_before_likelihood_when_late_layers_go() -> None:
     """On two-hop facts, removing SmolLM2's last 4 layers costs exact match far more than choice accuracy."""
-    from depthcache.extract.models import load_model
+    from depthcache.model.loading import load_model
 
     loaded = load_model("smollm2-135m")
     items = load_task("two-hop-facts", n=8)

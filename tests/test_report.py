@@ -9,10 +9,10 @@ from html.parser import HTMLParser
 
 from click.testing import CliRunner
 from PIL import Image
+from test_extract import run
 
 from depthcache.analyze.registry import load_all
 from depthcache.cli import main
-from test_extract import run
 
 ANALYSES = ("residual-norms", "logit-lens")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-
 from conftest import write_documents
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import transformers
 import xarray as xr
-
 from conftest import write_documents
+
 from depthcache.analyze import plot, run
 from depthcache.errors import DepthcacheError
-from depthcache.extract.engine import ExtractOptions, extract
-from depthcache.extract.interventions import SkipOptions, extract_skips
-from depthcache.store import open_dataset
+from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.extraction.skip_runs import SkipOptions, extract_skips
+from depthcache.store.reader import open_dataset
 
 
 @pytest.fixture(scope="module")

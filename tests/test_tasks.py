@@ -13,7 +13,13 @@ import pytest
 from depthcache.errors import DepthcacheError
 from depthcache.tasks import TASKS, TaskItem, load_task, write_task_jsonl
 from depthcache.tasks.addition import near_misses
-from depthcache.tasks.two_hop_facts import DATA_DIR, Chain, Hop, load_table, table_problems
+from depthcache.tasks.two_hop_facts import (
+    DATA_DIR,
+    Chain,
+    Hop,
+    load_table,
+    table_problems,
+)
 
 RELATIONS = {"landmark_city": "", "city_country": ""}
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from test_extract import run
 
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
-from depthcache.extract.modelstore import load_tokenizer, read_head
-from test_extract import run
+from depthcache.store.head import load_tokenizer, read_head
 
 N_MUTATIONS = 30
 SECONDS_PER_CALL = 20

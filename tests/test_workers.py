@@ -6,15 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_resume import arrays, extract_cmd, write_many_docs
 
 from depthcache.errors import DepthcacheError
-from depthcache.extract.workers import Worker, segments, worker_from_env
-from test_resume import arrays, extract_cmd, write_many_docs
+from depthcache.extraction.workers import Worker, segments, worker_from_env
 
 
 def test_shards_are_disjoint_and_cover_every_token() -> None:

@@ -2,6 +2,6 @@
 
 from depthcache.analyze.registry import ANALYSES, analysis, describe, get, load_all
 from depthcache.analyze.runner import plot, run
-from depthcache.analyze.source import Store
+from depthcache.store.reader import Store
 
 __all__ = ["ANALYSES", "Store", "analysis", "describe", "get", "load_all", "plot", "run"]

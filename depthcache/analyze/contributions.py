@@ -16,9 +16,15 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.reduce import as_float32, bucket_partials, combine_partials, position_buckets, scratch
+from depthcache.analyze.reduce import (
+    as_float32,
+    bucket_partials,
+    combine_partials,
+    position_buckets,
+    scratch,
+)
 from depthcache.analyze.registry import analysis
-from depthcache.analyze.source import Store
+from depthcache.store.reader import Store
 
 SUBLAYERS = ("attn", "mlp", "layer")
 # per-token quantities, in the order of the partials' quantity axis

@@ -19,7 +19,7 @@ import xarray as xr
 from depthcache.analyze import plotting
 from depthcache.analyze.registry import analysis
 from depthcache.analyze.runner import cached_result, run
-from depthcache.analyze.source import Store
+from depthcache.store.reader import Store
 
 KL_FRACTION = 0.1
 TOP5_THRESHOLD = 0.2

@@ -32,8 +32,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
@@ -42,8 +42,8 @@ import xarray as xr
 
 from depthcache.analyze import plotting
 from depthcache.analyze.registry import analysis
-from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
+from depthcache.store.reader import Store
 
 SITES = {"resid": ("resid_pre", "resid_final"), "attn": ("attn_out",), "mlp": ("mlp_out",)}
 DEFAULT_GRID = tuple(float(g) for g in np.logspace(-7, 1, 9))

@@ -18,8 +18,8 @@ import xarray as xr
 
 from depthcache.analyze import plotting
 from depthcache.analyze.registry import analysis
-from depthcache.analyze.source import Store
-from depthcache.extract.modelstore import logits_from_residual
+from depthcache.store.head import logits_from_residual
+from depthcache.store.reader import Store
 
 LENS_TOKENS = 128
 TOP = 5

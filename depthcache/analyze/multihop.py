@@ -32,9 +32,9 @@ from depthcache.analyze import plotting
 from depthcache.analyze.reduce import f32
 from depthcache.analyze.registry import analysis
 from depthcache.analyze.skip_effects import skip_runs
-from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
-from depthcache.extract.modelstore import logits_from_residual
+from depthcache.store.head import logits_from_residual
+from depthcache.store.reader import Store
 
 LENS_ROWS = 128
 SUMMARIZED = ("formation_depth", "depth_score", "depth_score_l2")

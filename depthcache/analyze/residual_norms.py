@@ -9,9 +9,15 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.reduce import masked_max, norm, token_weights, weighted_mean, weighted_std
+from depthcache.analyze.reduce import (
+    masked_max,
+    norm,
+    token_weights,
+    weighted_mean,
+    weighted_std,
+)
 from depthcache.analyze.registry import analysis
-from depthcache.analyze.source import Store
+from depthcache.store.reader import Store
 
 
 def plot(result: xr.Dataset, folder: Path) -> list[Path]:

@@ -18,9 +18,9 @@ import zarr
 
 import depthcache
 from depthcache.analyze.registry import check_params, get
-from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
-from depthcache.store import is_url, local_name, write_dataset_atomically
+from depthcache.store.io import is_url, local_name, write_dataset_atomically
+from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"
 SCHEDULER_ENV = "DEPTHCACHE_SCHEDULER"
@@ -106,7 +106,7 @@ def save(result: xr.Dataset, location: str, group: str | None) -> None:
 
 def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
     """An error naming the array and token chunk that failed its checksum (found by re-reading every chunk)."""
-    from depthcache.schemas import chunk_problems
+    from depthcache.store.schema import chunk_problems
 
     found = []
     for store in stores:
@@ -171,13 +171,7 @@ def run(name: str, *locations: str | Store, force: bool = False, scheduler_addre
 
 
 def plot(name: str, *locations: str, out_dir: str | None = None, **run_kwargs: Any) -> list[Path]:
-    """Draw the figures of analysis ``name`` (computing or reusing its result); returns the PNG paths.
-    A location-map store (``depthcache erase``/``igrad``) is drawn directly: it is a result already."""
-    from depthcache.locate.maps import is_map
-    from depthcache.locate.plot import plot_map_store
-
-    if len(locations) == 1 and is_map(locations[0]):
-        return plot_map_store(str(locations[0]), name, out_dir)
+    """Draw the figures of analysis ``name`` (computing or reusing its result); returns the PNG paths."""
     spec = get(name)
     if spec.plot is None:
         raise DepthcacheError(f"analysis {name!r} has no plot")

@@ -20,9 +20,9 @@ import xarray as xr
 from depthcache.analyze import plotting
 from depthcache.analyze.reduce import f32, masked_max, norm, token_weights
 from depthcache.analyze.registry import analysis
-from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
-from depthcache.extract.modelstore import logits_from_residual
+from depthcache.store.head import logits_from_residual
+from depthcache.store.reader import Store
 
 CLAMP = 1e-6
 OUTPUT_SLICE = 128  # tokens per logits block inside a chunk (bounds memory at ~4 × 128 × vocab floats)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from depthcache.extract.data import bos_token_id
+from depthcache.extraction.windows import bos_token_id
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:  # noqa: ANN001 - any HF tokenizer

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from depthcache.evaluate.encoding import cache_argument, encode_prompt, left_padded, pad_id
+from depthcache.evaluate.encoding import (
+    cache_argument,
+    encode_prompt,
+    left_padded,
+    pad_id,
+)
 from depthcache.tasks import TaskItem
 
 STOP = "\n"

@@ -6,14 +6,13 @@ import numpy as np
 import torch
 
 from depthcache.evaluate.encoding import encode_prompt, left_padded, pad_id
-from depthcache.extract.architectures import Architecture, decoder_layers
-from depthcache.extract.capture import Capture
+from depthcache.model import Architecture, Capture, n_layers
 
 
 def block_influence(model: torch.nn.Module, arch: Architecture, tokenizer, texts: list[str],  # noqa: ANN001
                     batch_size: int, device: str) -> np.ndarray:
     """BI of every layer over the real tokens of ``texts`` (h_L: the residual before the final norm), float64."""
-    depth = len(decoder_layers(model, arch))
+    depth = n_layers(model)
     total, count = np.zeros(depth), 0
     for start in range(0, len(texts), batch_size):
         seqs = [encode_prompt(tokenizer, t) for t in texts[start:start + batch_size]]

@@ -9,8 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from depthcache.evaluate.encoding import cache_argument, encode_continuation, encode_prompt, left_padded, pad_id, \
-    right_padded
+from depthcache.evaluate.encoding import (
+    cache_argument,
+    encode_continuation,
+    encode_prompt,
+    left_padded,
+    pad_id,
+    right_padded,
+)
 from depthcache.tasks import TaskItem
 
 

@@ -22,10 +22,17 @@ from depthcache.evaluate.influence import block_influence
 from depthcache.evaluate.likelihood import score_likelihood
 from depthcache.evaluate.orders import check_order, fixed_order, greedy_next
 from depthcache.evaluate.plot import plot_prune
-from depthcache.extract.architectures import Architecture, architecture_for, decoder_layers
-from depthcache.extract.engine import parse_layers
-from depthcache.extract.interventions import only_layers
-from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
+from depthcache.layerspec import parse_layers
+from depthcache.model import (
+    DEFAULT_MODEL,
+    Architecture,
+    LoadedModel,
+    architecture_for,
+    load_model,
+    n_layers,
+    only_layers,
+    resolve_device,
+)
 from depthcache.tasks import TaskItem, load_task
 
 METRICS = ("likelihood", "generation")
@@ -92,7 +99,7 @@ class Scorer:
 
     def kept(self, removed: list[int]) -> list[int]:
         """The layers left after removing ``removed``."""
-        return [layer for layer in range(len(decoder_layers(self.loaded.model, self.arch))) if layer not in removed]
+        return [layer for layer in range(n_layers(self.loaded.model)) if layer not in removed]
 
     def likelihood(self, removed: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Gold log-prob and choice correctness per item."""
@@ -158,7 +165,7 @@ def evaluate_prune(opts: PruneOptions) -> xr.Dataset:
     device = str(resolve_device(opts.device))
     loaded = load_model(opts.model, device=device)
     arch = architecture_for(loaded.model)
-    depth = len(decoder_layers(loaded.model, arch))
+    depth = n_layers(loaded.model)
     candidates = parse_layers(opts.layers, depth)
     steps = min(opts.steps or len(candidates), len(candidates), depth - 1)
     scorer = Scorer(loaded, arch, items, opts, device)

@@ -13,9 +13,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from depthcache.extract.architectures import architecture_for
-from depthcache.locate.forward import Clean, clean_run, n_layers, run_from
 from depthcache.locate.maps import Prompt, map_dataset
+from depthcache.model import Clean, architecture_for, clean_run, n_layers, run_from
 
 
 def erased_copies(resid: torch.Tensor, positions: list[int], mean: torch.Tensor) -> torch.Tensor:

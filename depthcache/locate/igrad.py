@@ -25,9 +25,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from depthcache.extract.architectures import architecture_for
-from depthcache.locate.forward import clean_run, frozen, n_layers, run_from
 from depthcache.locate.maps import Prompt, map_dataset
+from depthcache.model import architecture_for, clean_run, frozen, n_layers, run_from
 
 RULE = "trapezoid, adaptive bisection"
 SCALE_FLOOR = 0.01  # output differences below 1% probability are judged on this absolute scale (float32 noise)

@@ -17,8 +17,8 @@ import pandas as pd
 import xarray as xr
 
 from depthcache.errors import DepthcacheError
-from depthcache.extract.data import bos_token_id
-from depthcache.store import write_dataset_atomically
+from depthcache.extraction.windows import bos_token_id
+from depthcache.store.io import write_dataset_atomically
 
 MAP_ATTR = "depthcache_map"
 MAP_SCHEMA = "1.1"  # 1.1: igrad adds intervals, error_bound and the tolerance, max_steps attributes

@@ -12,13 +12,11 @@ import numpy as np
 import torch
 
 from depthcache.analyze.reduce import f32, token_weights
-from depthcache.analyze.source import Store
 from depthcache.errors import DepthcacheError
-from depthcache.extract.architectures import architecture_for
-from depthcache.extract.capture import Capture
-from depthcache.extract.data import bos_token_id, load_documents, make_windows
-from depthcache.extract.models import LoadedModel
-from depthcache.locate.forward import n_layers
+from depthcache.extraction.data import load_documents
+from depthcache.extraction.windows import bos_token_id, make_windows
+from depthcache.model import Capture, LoadedModel, architecture_for, n_layers
+from depthcache.store.reader import Store
 
 REFERENCE_DATA = "pydoc-topics"
 REFERENCE_SEQ_LEN = 128

@@ -13,13 +13,21 @@ from tqdm import tqdm
 
 import depthcache
 from depthcache.errors import DepthcacheError
-from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model
 from depthcache.locate.erasure import erasure_map
-from depthcache.locate.forward import n_layers
 from depthcache.locate.igrad import igrad_map
-from depthcache.locate.maps import KINDS, MAP_ATTR, MAP_SCHEMA, Prompt, check_out, context_length, encode, \
-    stack_items, write_map
+from depthcache.locate.maps import (
+    KINDS,
+    MAP_ATTR,
+    MAP_SCHEMA,
+    Prompt,
+    check_out,
+    context_length,
+    encode,
+    stack_items,
+    write_map,
+)
 from depthcache.locate.reference import Reference, sequence_mean, store_mean
+from depthcache.model import DEFAULT_MODEL, LoadedModel, load_model, n_layers
 from depthcache.tasks import load_task
 
 

@@ -11,7 +11,12 @@ from pathlib import Path
 from types import ModuleType
 
 from depthcache.errors import DepthcacheError
-from depthcache.tasks import addition, arithmetic_chain, prose_continuation, two_hop_facts
+from depthcache.tasks import (
+    addition,
+    arithmetic_chain,
+    prose_continuation,
+    two_hop_facts,
+)
 from depthcache.tasks.base import TaskItem, require_int, subset_indices
 from depthcache.tasks.jsonl import read_task_jsonl, write_task_jsonl
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import random
 
-from depthcache.tasks.base import TaskItem, check_count, item_rng, require_int, with_distractors
+from depthcache.tasks.base import (
+    TaskItem,
+    check_count,
+    item_rng,
+    require_int,
+    with_distractors,
+)
 
 DESCRIPTION = "n-digit addition after 3 solved examples ('What is 23+58? Answer:' -> ' 81'); option digits=2"
 DEFAULT_SEED = 0

@@ -8,7 +8,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from depthcache.tasks.base import N_DISTRACTORS, TaskItem, item_rng, require_int, subset_indices, with_distractors
+from depthcache.tasks.base import (
+    N_DISTRACTORS,
+    TaskItem,
+    item_rng,
+    require_int,
+    subset_indices,
+    with_distractors,
+)
 
 DESCRIPTION = ("the next few words of a sentence from Python's own documentation (pydoc_data.topics), after up to two "
                "preceding sentences; option words=3")

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from depthcache.errors import DepthcacheError
-from depthcache.tasks.base import N_DISTRACTORS, TaskItem, item_rng, subset_indices, with_distractors
+from depthcache.tasks.base import (
+    N_DISTRACTORS,
+    TaskItem,
+    item_rng,
+    subset_indices,
+    with_distractors,
+)
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 TABLE = DATA_DIR / "two_hop_facts.json"

@@ -13,7 +13,6 @@ import numpy as np
 import zarr
 
 from depthcache.errors import DepthcacheError
-from depthcache.extract.architectures import architecture_for, final_norm_params, unembedding
 
 MODEL_GROUP = "model"
 TOKENIZER_GROUP = "model/tokenizer"
@@ -29,33 +28,6 @@ def tokenizer_sha256(files: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
-def _array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
-    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=dims,
-                             chunks=values.shape if values.size else None)
-    arr[...] = values
-
-
-def write_model_group(root: zarr.Group, loaded: Any) -> None:
-    """Write final-norm parameters, the unembedding (float32) and the tokenizer files into ``root/model``."""
-    model = loaded.model
-    norm = final_norm_params(model, architecture_for(model))
-    weight, bias = unembedding(model)
-    group = root.create_group(MODEL_GROUP)
-    group.attrs["final_norm"] = {"kind": norm["kind"], "eps": norm["eps"], "has_bias": norm["bias"] is not None}
-    group.attrs["unembed_has_bias"] = bias is not None
-    _array(group, "final_norm_weight", norm["weight"].numpy(), ("d_model",))
-    if norm["bias"] is not None:
-        _array(group, "final_norm_bias", norm["bias"].numpy(), ("d_model",))
-    _array(group, "unembed", weight.numpy(), ("vocab", "d_model"))
-    if bias is not None:
-        _array(group, "unembed_bias", bias.numpy(), ("vocab",))
-    tok = root.create_group(TOKENIZER_GROUP)
-    for i, (name, data) in enumerate(sorted(loaded.tokenizer_files.items())):
-        arr = tok.create_array(f"file_{i}", shape=(len(data),), dtype="uint8", dimension_names=("byte",))
-        arr[:] = np.frombuffer(data, dtype=np.uint8)
-        arr.attrs["filename"] = name
-
-
 def read_head(location: str | Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Final norm (kind, eps, weight, bias) and unembedding (weight, bias) as float32 numpy arrays.
 
@@ -63,7 +35,10 @@ def read_head(location: str | Any, attrs: dict[str, Any] | None = None) -> dict[
     group = location if isinstance(location, zarr.Group) else zarr.open_group(str(location), mode="r")
     if MODEL_GROUP not in group:
         raise DepthcacheError("the store has no model/ group (final norm and unembedding); re-extract it")
-    from depthcache.schemas import check_store, unreadable_metadata_as_error  # schemas imports the store module
+    from depthcache.store.schema import (  # schemas imports the store module
+        check_store,
+        unreadable_metadata_as_error,
+    )
 
     attrs = check_store(group) if attrs is None else attrs
     with unreadable_metadata_as_error(group):

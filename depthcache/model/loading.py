@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType, LlamaFileType
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from depthcache.errors import DepthcacheError

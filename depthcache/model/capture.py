@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from depthcache.extract.architectures import Architecture, decoder_layers, submodule
+from depthcache.model.architectures import Architecture, decoder_layers, submodule
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -23,8 +23,9 @@ class Capture:
     """Context manager: hooks on the chosen layers; after a forward, ``records[name][layer]`` holds tensors."""
 
     def __init__(self, model: torch.nn.Module, arch: Architecture, layers: Sequence[int],
-                 sites: Sequence[str], dtype: torch.dtype | None = None) -> None:
+                 sites: Sequence[str], dtype: torch.dtype | None = None, final: bool | None = None) -> None:
         self.model, self.arch, self.layers, self.sites = model, arch, tuple(layers), tuple(sites)
+        self.final = "resid" in self.sites if final is None else final  # also record resid_final
         self.dtype = dtype  # cast as soon as captured: later stacking and gathering move half the bytes
         self.records: dict[str, dict[int, torch.Tensor]] = {"resid_pre": {}, "attn_out": {}, "mlp_out": {}}
         self.resid_final: torch.Tensor | None = None
@@ -42,7 +43,7 @@ class Capture:
             if "mlp" in self.sites:
                 mlp = submodule(block, self.arch.mlp)
                 self._handles.append(mlp.register_forward_hook(self._out_hook("mlp_out", layer)))
-        if "resid" in self.sites:
+        if self.final:
             norm = submodule(self.model, self.arch.final_norm)
             self._handles.append(norm.register_forward_pre_hook(self._final_hook))
         return self

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,18 +31,45 @@ import zarr
 
 from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError
-from depthcache.extract.architectures import Architecture, architecture_for, decoder_layers, submodule
-from depthcache.extract.capture import Capture, first_tensor
-from depthcache.extract.data import load_documents
-from depthcache.extract.engine import (TORCH_DTYPES, ExtractOptions, Plan, batch_inputs, batches_between,
-                                       check_destination, check_options, copied_event, extract, first_tokens,
-                                       library_versions, make_plan, output_summary, to_host, token_columns,
-                                       write_batches)
-from depthcache.extract.modelstore import tokenizer_sha256
-from depthcache.extract.models import LoadedModel, load_model, resolve_device
-from depthcache.extract.writer import ChunkWriter
-from depthcache.store import (SCHEMA_VERSION, StoreLayout, compressors, create_arrays, open_group, read_attrs,
-                              write_attrs)
+from depthcache.extraction.data import load_documents
+from depthcache.extraction.engine import (
+    TORCH_DTYPES,
+    ExtractOptions,
+    Plan,
+    batch_inputs,
+    batches_between,
+    check_destination,
+    check_options,
+    copied_event,
+    extract,
+    first_tokens,
+    library_versions,
+    make_plan,
+    output_summary,
+    to_host,
+    token_columns,
+    write_batches,
+)
+from depthcache.extraction.writer import ChunkWriter
+from depthcache.model import (
+    Architecture,
+    Capture,
+    LoadedModel,
+    Skip,
+    architecture_for,
+    load_model,
+    n_layers,
+    only_layers,
+    resolve_device,
+)
+from depthcache.store.head import tokenizer_sha256
+from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.layout import (
+    SCHEMA_VERSION,
+    StoreLayout,
+    compressors,
+    create_arrays,
+)
 
 SUBLAYERS = ("layer", "attn", "mlp")
 VARIANTS = ("current", "future")
@@ -168,88 +195,6 @@ def future_stops(plan: Plan, seed: int) -> np.ndarray:
     return stops
 
 
-class Skip:
-    """Context manager: hooks zeroing what the skipped layers' branches add to the residual where ``mask`` is set."""
-
-    def __init__(self, model: torch.nn.Module, arch: Architecture, layers: tuple[int, ...], sublayer: str,
-                 mask: torch.Tensor) -> None:
-        self.model, self.arch, self.layers, self.sublayer = model, arch, layers, sublayer
-        self.mask = mask.unsqueeze(-1)  # (batch, seq, 1)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> Skip:
-        blocks = decoder_layers(self.model, self.arch)
-        branches = {"layer": (self.arch.attn, self.arch.mlp), "attn": (self.arch.attn,), "mlp": (self.arch.mlp,)}
-        for layer in self.layers:
-            for branch in branches[self.sublayer]:
-                module = submodule(blocks[layer], branch)
-                self._handles.append(module.register_forward_hook(self._zero))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _zero(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        out = first_tensor(output).masked_fill(self.mask, 0.0)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-
-
-@contextmanager
-def only_layers(model: torch.nn.Module, arch: Architecture, keep: list[int],
-                hidden: torch.Tensor | None = None) -> Iterator[None]:
-    """Run only the decoder layers ``keep`` (renumbered for the KV cache), feeding ``hidden`` into the first if given."""
-    parent, _, attr = arch.layers.rpartition(".")
-    owner = submodule(model, parent)
-    full = getattr(owner, attr)
-    kept = [full[i] for i in keep]
-    numbered = [(m, new) for new, layer in enumerate(kept) for m in layer.modules()
-                if isinstance(getattr(m, "layer_idx", None), int)]
-    original = [m.layer_idx for m, _ in numbered]
-    handle = kept[0].register_forward_pre_hook(feeder(hidden), with_kwargs=True) if hidden is not None else None
-    setattr(owner, attr, torch.nn.ModuleList(kept))
-    for m, new in numbered:
-        m.layer_idx = new
-    try:
-        yield
-    finally:
-        setattr(owner, attr, full)
-        for (m, _), idx in zip(numbered, original):
-            m.layer_idx = idx
-        if handle is not None:
-            handle.remove()
-
-
-def feeder(hidden: torch.Tensor):  # noqa: ANN201 - torch hook
-    """A forward pre-hook replacing a decoder layer's input hidden states by ``hidden``."""
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-    return hook
-
-
-class FinalResidual:
-    """Context manager: records the residual entering the final norm (``resid_final``)."""
-
-    def __init__(self, model: torch.nn.Module, arch: Architecture) -> None:
-        self.norm = submodule(model, arch.final_norm)
-        self.value: torch.Tensor | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
-
-    def __enter__(self) -> FinalResidual:
-        self._handle = self.norm.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-
-    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
-        self.value = args[0].detach()
-
-
 def skip_mask(ctx: RunContext, draw: int, first: int, last: int, real: torch.Tensor) -> torch.Tensor:
     """(batch, seq) positions where the run skips: 1..T−1 (current) or 1..t−1 of the draw's t (future)."""
     pos = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
@@ -286,14 +231,13 @@ def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
     with ExitStack() as stack, torch.inference_mode():
         stack.enter_context(Skip(model, ctx.arch, ctx.run.layers, ctx.run.sublayer,
                                  skip_mask(ctx, draw, first, last, real)))
-        cap = stack.enter_context(Capture(model, ctx.arch, ctx.stored, RUN_SITES, dtype))
-        final = stack.enter_context(FinalResidual(model, ctx.arch))
+        cap = stack.enter_context(Capture(model, ctx.arch, ctx.stored, RUN_SITES, dtype, final=True))
         if ctx.prefix is not None:
-            later = list(range(min(ctx.run.layers), len(decoder_layers(model, ctx.arch))))
+            later = list(range(min(ctx.run.layers), n_layers(model)))
             stack.enter_context(only_layers(model, ctx.arch, later, baseline_residual(ctx, first, last, real)))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out = {name: to_host(rows(cap.stacked(name)), opts.dtype) for name in ("attn_out", "mlp_out")}
-        out["resid_final"] = to_host(rows(final.value), opts.dtype)
+        out["resid_final"] = to_host(rows(cap.resid_final), opts.dtype)
         next_ids = torch.from_numpy(host["next_token_id"][drop:]).long().to(ctx.device)
         summary = output_summary(rows(logits), next_ids, opts.top_k)
     out.update({k: to_host(v) for k, v in summary.items()})
@@ -455,7 +399,7 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
     docs = load_documents(opts.data)
     loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
     arch = architecture_for(loaded.model)
-    depth = len(decoder_layers(loaded.model, arch))
+    depth = n_layers(loaded.model)
     runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]
     if not exists:
         run_tokens(skip.tokens, 1, make_plan(opts, loaded, docs, depth).n_tokens)  # refuse before writing

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from depthcache.errors import DepthcacheError
-from depthcache.extract.data import Documents, Window, bos_token_id
+from depthcache.extraction.windows import Documents, Window, bos_token_id
 from depthcache.tasks import BUILTIN, FILE_SEED, TaskItem, load_task
 
 TASK_PREFIX = "task:"

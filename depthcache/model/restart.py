@@ -9,13 +9,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from depthcache.extract.architectures import Architecture, architecture_for, decoder_layers
-from depthcache.extract.capture import Capture
-from depthcache.extract.interventions import only_layers
-from depthcache.locate.maps import Prompt
+from depthcache.model.architectures import (
+    Architecture,
+    architecture_for,
+    n_layers,
+)
+from depthcache.model.capture import Capture
+from depthcache.model.skips import only_layers
+
+
+class Prompt(Protocol):
+    """What a restarted run needs of a prompt: its token ids and the answer tokens predicted at its end."""
+
+    input_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+
+    @property
+    def n_answer(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -24,11 +38,6 @@ class Clean:
 
     resid: torch.Tensor  # (layer, position, d_model) in the model's dtype
     answer_prob: torch.Tensor  # (n_answer,) float32
-
-
-def n_layers(model: torch.nn.Module) -> int:
-    """Number of decoder layers."""
-    return len(decoder_layers(model, architecture_for(model)))
 
 
 def input_ids(model: torch.nn.Module, prompt: Prompt, batch: int) -> torch.Tensor:

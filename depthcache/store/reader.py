@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -12,8 +15,10 @@ import xarray as xr
 import zarr
 
 from depthcache.errors import DepthcacheError
-from depthcache.extract.modelstore import read_head
-from depthcache.store import SITE_ARRAYS, open_dataset, open_group
+from depthcache.store.head import read_head
+from depthcache.store.io import open_group
+from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS
+from depthcache.store.schema import check_store
 
 SITE_OF_ARRAY = {name: site for site, names in SITE_ARRAYS.items() for name in names}
 
@@ -33,24 +38,23 @@ class Store:
     @cached_property
     def attrs(self) -> dict[str, Any]:
         """The store's provenance attributes (schema, limits, array metadata and chunk presence checked)."""
-        from depthcache.schemas import check_store
-
         return check_store(self.group)
 
     @cached_property
     def ds(self) -> xr.Dataset:
-        """The baseline run as a lazy dataset (committed tokens only)."""
-        return open_dataset(self.location, storage_options=self.storage_options)
+        """The baseline run as a lazy dataset (committed tokens only), from the group checked once by ``attrs``."""
+        return lazy_dataset(self.group, self.attrs)
 
     def run(self, name: str) -> xr.Dataset:
-        """An intervention run stored under ``runs/<name>`` as a lazy dataset."""
-        if "runs" not in self.group or name not in self.group["runs"]:
-            raise DepthcacheError(f"{self.location} has no run {name!r}")
-        return open_dataset(self.location, group=f"runs/{name}", storage_options=self.storage_options)
+        """An intervention run stored under ``runs/<name>`` as a lazy dataset (its own attributes checked)."""
+        if name not in self.runs():
+            raise DepthcacheError(f"{self.location} has no run {name!r}; runs: {', '.join(self.runs()) or 'none'}")
+        group = self.group["runs"][name]
+        return lazy_dataset(group, check_store(group))
 
     def runs(self) -> list[str]:
         """Names of the intervention runs in the store."""
-        return sorted(self.group["runs"].group_keys()) if "runs" in self.group else []
+        return natural_sorted(self.group["runs"].group_keys()) if "runs" in self.group else []
 
     @cached_property
     def head(self) -> dict[str, Any]:
@@ -79,3 +83,25 @@ class Store:
                "options": a["options"], "tokens": a["progress"]["tokens_committed"], "created": a["created"],
                "runs": self.runs()}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def natural_sorted(names: Iterable[str]) -> list[str]:
+    """Names in human order: ``skip_2`` before ``skip_10``."""
+    return sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
+
+
+def lazy_dataset(group: zarr.Group, attrs: dict[str, Any]) -> xr.Dataset:
+    """A checked group as a lazy xarray Dataset backed by dask arrays, cut to its committed tokens."""
+    ds = xr.open_zarr(group.store, group=group.path or None, consolidated=False, chunks={})
+    ds.attrs = {ATTRS_KEY: attrs}
+    committed = int(attrs["progress"]["tokens_committed"])
+    if "token" in ds.dims and committed < ds.sizes["token"]:
+        ds = ds.isel(token=slice(0, committed))
+    return ds
+
+
+def open_dataset(location: str | os.PathLike[str], group: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """Open a store (or a run inside it) lazily as an xarray Dataset backed by dask arrays, checked once."""
+    zgroup = open_group(location, "r", path=group, storage_options=storage_options)
+    return lazy_dataset(zgroup, check_store(zgroup))

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from depthcache.errors import DepthcacheError
-from depthcache.extract.architectures import architecture_for, decoder_layers
-from depthcache.extract.engine import parse_layers
-from depthcache.extract.models import load_model
+from depthcache.layerspec import parse_layers
+from depthcache.model.architectures import architecture_for, decoder_layers, n_layers
+from depthcache.model.loading import load_model
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")  # Llama/Qwen/OLMo/NeoX, GPT-2
 PRUNED_ATTR = "depthcache_pruned_from"
@@ -56,12 +56,12 @@ def prune_copy(model_spec: str, keep: str, out: str) -> Path:
     if folder.exists() and any(folder.iterdir()):
         raise DepthcacheError(f"{out} already exists and is not empty: choose another --out or remove it")
     loaded = load_model(model_spec, device="cpu", dtype=torch.float32)
-    n_layers = len(decoder_layers(loaded.model, architecture_for(loaded.model)))
-    layers = kept_layers(keep, n_layers)
+    depth = n_layers(loaded.model)
+    layers = kept_layers(keep, depth)
     model = prune_model(loaded.model, layers)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     (folder / f"{PRUNED_ATTR}.json").write_text(json.dumps(
-        {"model": loaded.provenance, "n_layers": n_layers, "kept_layers": list(layers)}, indent=1, default=str))
+        {"model": loaded.provenance, "n_layers": depth, "kept_layers": list(layers)}, indent=1, default=str))
     return folder

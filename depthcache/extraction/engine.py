@@ -25,19 +25,47 @@ import zarr
 import depthcache
 from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError
-from depthcache.extract import modelstore
-from depthcache.extract.architectures import Architecture, architecture_for, decoder_layers, parallel_residual
-from depthcache.extract.capture import Capture
-from depthcache.extract.data import (DEFAULT_DATASET, Documents, Window, bos_token_id, load_documents,
-                                     make_windows, tokenize_documents)
-from depthcache.extract.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
-from depthcache.extract.progress import Progress
-from depthcache.extract.task_data import TaskDocuments, task_attrs, task_columns, task_windows
-from depthcache.extract.workers import (Worker, batch_tokens, commit_worker, finalize, segments,
-                                        unfinished_workers, worker_done_until)
-from depthcache.extract.writer import ChunkWriter
-from depthcache.store import (ATTRS_KEY, SCHEMA_VERSION, SITES, TOKEN_ARRAYS, StoreLayout, choose_chunk_tokens,
-                              create_arrays, open_group, read_attrs, write_attrs)
+from depthcache.extraction.data import DEFAULT_DATASET, load_documents
+from depthcache.extraction.model_group import write_model_group
+from depthcache.extraction.progress import Progress
+from depthcache.extraction.task_data import (
+    TaskDocuments,
+    task_attrs,
+    task_columns,
+    task_windows,
+)
+from depthcache.extraction.windows import Documents, Window, bos_token_id, make_windows, tokenize_documents
+from depthcache.extraction.workers import (
+    Worker,
+    batch_tokens,
+    commit_worker,
+    finalize,
+    segments,
+    unfinished_workers,
+    worker_done_until,
+)
+from depthcache.extraction.writer import ChunkWriter
+from depthcache.layerspec import parse_layers
+from depthcache.model import (
+    DEFAULT_MODEL,
+    Architecture,
+    Capture,
+    LoadedModel,
+    architecture_for,
+    load_model,
+    n_layers,
+    parallel_residual,
+    resolve_device,
+)
+from depthcache.store.head import tokenizer_sha256
+from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.layout import (
+    SCHEMA_VERSION,
+    SITES,
+    StoreLayout,
+    choose_chunk_tokens,
+    create_arrays,
+)
 
 LAYERED = ("resid_pre", "attn_out", "mlp_out")
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -89,23 +117,6 @@ def parse_sites(sites: tuple[str, ...] | str) -> tuple[str, ...]:
     if unknown or not names:
         raise DepthcacheError(f"unknown site(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SITES)}")
     return tuple(s for s in SITES if s in names)
-
-
-def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
-    """'all', '3', '0-5,10' → sorted layer indices, each checked against the model's depth."""
-    if spec.strip() in ("", "all"):
-        return tuple(range(n_layers))
-    layers: set[int] = set()
-    for part in spec.split(","):
-        try:
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
-        except ValueError as exc:
-            raise DepthcacheError(f"bad layer spec {part!r}: use e.g. 'all', '5', '0-5,10'") from exc
-        if not 0 <= first <= last < n_layers:
-            raise DepthcacheError(f"layer(s) {part.strip()} out of range: the model has layers 0..{n_layers - 1}")
-        layers.update(range(first, last + 1))
-    return tuple(sorted(layers))
 
 
 def check_options(opts: ExtractOptions) -> None:
@@ -161,11 +172,11 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "model": {**loaded.provenance,
-                  "n_layers": len(decoder_layers(model, architecture_for(model))),
+                  "n_layers": n_layers(model),
                   "d_model": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
                   "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
                   "config": config.to_diff_dict() | {"model_type": config.model_type},
-                  "tokenizer_sha256": modelstore.tokenizer_sha256(loaded.tokenizer_files),
+                  "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files),
                   "parallel_residual": parallel_residual(model)},
         "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
@@ -314,7 +325,7 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         create_arrays(group, layout)
-        modelstore.write_model_group(group, loaded)
+        write_model_group(group, loaded)
         write_attrs(group, attrs)
         try:
             os.replace(tmp, out)
@@ -349,7 +360,7 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
     docs = load_documents(opts.data)
     loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
     arch = architecture_for(loaded.model)
-    plan = make_plan(opts, loaded, docs, len(decoder_layers(loaded.model, arch)))
+    plan = make_plan(opts, loaded, docs, n_layers(loaded.model))
     if plan.n_tokens == 0:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])

@@ -14,7 +14,7 @@ from typing import Any
 import zarr
 
 from depthcache.errors import DepthcacheError
-from depthcache.store import read_attrs, write_attrs
+from depthcache.store.io import read_attrs, write_attrs
 
 PROGRESS_GROUP = "progress"
 

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 import jsonschema
@@ -16,9 +16,9 @@ import zarr
 from zarr.core.sync import sync
 
 from depthcache.errors import DepthcacheError
-from depthcache.store import ATTRS_KEY, SITE_ARRAYS, TASK_ARRAYS, TOKEN_ARRAYS, open_group, read_attrs
+from depthcache.store.io import open_group, read_attrs
+from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS, TASK_ARRAYS, TOKEN_ARRAYS
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 # Bounds no real store reaches, checked before anything is allocated or scheduled from a store's metadata.
 MAX_CHUNKS = 2**22
 MAX_CHUNK_BYTES = 2**30
@@ -28,8 +28,8 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 @cache
 def load_schema(name: str = "store.schema.json") -> dict[str, Any]:
-    """A JSON Schema from the repository's language-neutral ``schemas/`` folder."""
-    return json.loads((SCHEMA_DIR / name).read_text())
+    """A JSON Schema shipped in the package (identical to the published copy in the repository's schemas/)."""
+    return json.loads(files("depthcache.store").joinpath(name).read_text(encoding="utf-8"))
 
 
 def attr_problems(attrs: Any) -> list[str]:

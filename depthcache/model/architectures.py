@@ -57,6 +57,11 @@ def decoder_layers(model: torch.nn.Module, arch: Architecture) -> torch.nn.Modul
     return submodule(model, arch.layers)
 
 
+def n_layers(model: torch.nn.Module) -> int:
+    """Number of decoder layers of a loaded model."""
+    return len(decoder_layers(model, architecture_for(model)))
+
+
 def final_norm_params(model: torch.nn.Module, arch: Architecture) -> dict[str, Any]:
     """Weight, bias (or None) and epsilon of the final norm, as float32 CPU tensors and a float."""
     norm = submodule(model, arch.final_norm)

@@ -12,7 +12,7 @@ import numpy as np
 import zarr
 
 from depthcache.errors import DepthcacheError
-from depthcache.store import local_root
+from depthcache.store.io import local_root
 
 
 def token_axis(array: zarr.Array) -> int:

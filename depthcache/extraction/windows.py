@@ -1,17 +1,11 @@
-"""Text datasets → documents → deterministic fixed-length token windows."""
+"""Documents and the deterministic fixed-length token windows a model reads (the extraction's unit of input)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from depthcache.errors import DepthcacheError
-
-DEFAULT_DATASET = "pydoc-topics"
-BUILTIN_DATASETS = {"pydoc-topics": "Python's own documentation topics (pydoc_data.topics): ~465k characters "
-                                    "of real English prose that ships with Python"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +25,7 @@ class Documents:
         return digest.hexdigest()
 
 
+
 @dataclass(frozen=True)
 class Window:
     """One model input: ``tokens`` of document ``doc_id``; ``next_token`` follows it in the document (-1: none).
@@ -43,50 +38,6 @@ class Window:
     answer_start: int | None = None
     hops: int | None = None
 
-
-def load_documents(spec: str) -> Documents:
-    """A built-in dataset name, a .txt file, a folder of .txt files, a JSONL file with a ``text`` field, or a task
-    (``task:NAME[?n=60&seed=0&option=value]``: one document per item, prompt + answer)."""
-    if spec.startswith("task:"):
-        from depthcache.extract.task_data import load_task_documents  # imports this module
-
-        return load_task_documents(spec)
-    if spec == "pydoc-topics":
-        from pydoc_data.topics import topics
-
-        return Documents(spec, tuple(topics[key] for key in sorted(topics)))
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise DepthcacheError(f"no dataset {spec!r}: give a .txt file, a folder of .txt files, a .jsonl file "
-                              f"with a 'text' field, a task (task:two-hop-facts, task:FILE.jsonl), or one of: "
-                              f"{', '.join(BUILTIN_DATASETS)}")
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        docs = tuple(f.read_text(encoding="utf-8") for f in files)
-    elif path.suffix == ".jsonl":
-        docs = tuple(_jsonl_texts(path))
-    else:
-        docs = (path.read_text(encoding="utf-8"),)
-    docs = tuple(d for d in docs if d.strip())
-    if not docs:
-        raise DepthcacheError(f"dataset {spec!r} holds no text")
-    return Documents(str(path), docs)
-
-
-def _jsonl_texts(path: Path) -> list[str]:
-    """The ``text`` field of every line of a JSONL file, with the line number of any bad line."""
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DepthcacheError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DepthcacheError(f"{path}:{number}: each line needs a string field 'text'")
-        texts.append(record["text"])
-    return texts
 
 
 def make_windows(token_docs: list[list[int]], seq_len: int, bos_id: int | None,
@@ -115,9 +66,11 @@ def make_windows(token_docs: list[list[int]], seq_len: int, bos_id: int | None,
     return windows
 
 
+
 def tokenize_documents(tokenizer, docs: Documents) -> list[list[int]]:  # noqa: ANN001 - any HF tokenizer
     """Token ids of each document, without special tokens (BOS is added per window)."""
     return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in docs.texts]
+
 
 
 def bos_token_id(tokenizer) -> int | None:  # noqa: ANN001 - any HF tokenizer
