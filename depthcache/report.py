@@ -20,6 +20,7 @@ import xarray as xr
 from depthcache.analyze.registry import load_all
 from depthcache.analyze.runner import MAX_RESULT_BYTES, RESULT_ATTR
 from depthcache.errors import DepthcacheError
+from depthcache.store.io import model_display_name
 from depthcache.store.reader import Store
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -112,7 +113,7 @@ def build_report(location: str, storage_options: Mapping[str, Any] | None = None
     store = Store(location, dict(storage_options or {}))
     attrs = store.attrs
     results = cached_results(store)
-    title = f"depthcache report — {attrs['model']['spec']} on {attrs['dataset']['name']}"
+    title = f"depthcache report — {model_display_name(attrs['model'])} on {attrs['dataset']['name']}"
     body = [f"<h1>{esc(title)}</h1>", f"<p>Store <code>{esc(location)}</code>; runs: "
             f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(results) or '(none)')}.</p>",
             "<h2>Provenance</h2>", table(provenance_rows(attrs), ("section", "field", "value"), "provenance")]

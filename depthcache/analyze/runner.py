@@ -19,7 +19,7 @@ import zarr
 import depthcache
 from depthcache.analyze.registry import check_params, get
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import is_url, local_name, write_dataset_atomically
+from depthcache.store.io import is_url, local_name, model_display_name, write_dataset_atomically
 from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"
@@ -79,7 +79,8 @@ def canonical(params: dict[str, Any]) -> str:
 def provenance(name: str, stores: list[Store], params: dict[str, Any]) -> dict[str, Any]:
     """What identifies a result: analysis, parameters, source stores, code version."""
     return {"name": name, "params": json.loads(canonical(params)), "sources": [s.identity for s in stores],
-            "source_locations": [s.location for s in stores], "code_version": depthcache.__version__}
+            "source_locations": [s.location for s in stores],
+            "models": [model_display_name(s.attrs["model"]) for s in stores], "code_version": depthcache.__version__}
 
 
 def load_cached(location: str, group: str | None, expected: dict[str, Any]) -> xr.Dataset | None:

@@ -194,9 +194,10 @@ def _join_checked(parts: list[Path], dest: Path, sha256: str, reinstall: str) ->
     """Concatenate parts into dest atomically, keeping the result only if its sha256 is the expected one."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    staging = Path(tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")[1])
+    descriptor, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    staging = Path(name)
     try:
-        with open(staging, "wb") as out:
+        with os.fdopen(descriptor, "wb") as out:
             for part in parts:
                 with open(part, "rb") as handle:
                     while block := handle.read(_HASH_BLOCK):
