@@ -10,6 +10,10 @@ import click
 from depthcache.errors import DepthcacheError
 
 
+MODEL_HELP = ("Alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m), local HF folder, .gguf "
+              "file, or hub id.")
+
+
 class Commands(click.Group):
     """A click group that turns DepthcacheError into 'error: …' and exit status 2."""
 
@@ -37,7 +41,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True,
-              help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
+              help=MODEL_HELP)
 @click.option("--data", default="pydoc-topics", show_default=True,
               help="Built-in dataset name, .txt file, folder of .txt files, .jsonl with a 'text' field, or a task, "
                    "one window per item: task:two-hop-facts?n=60, task:arithmetic-chain?max_ops=3, task:FILE.jsonl.")
@@ -235,7 +239,7 @@ def locate_options(command: Any) -> Any:
     """The options ``erase`` and ``igrad`` share: model, one prompt or a task, output store, device."""
     options = [
         click.option("--model", default="smollm2-135m", show_default=True,
-                     help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id."),
+                     help=MODEL_HELP),
         click.option("--prompt", default=None, help="The prompt, e.g. '5+7+5+3+1+7='."),
         click.option("--answer", default=None, help="Its answer, a token continuation of the prompt, e.g. '28'."),
         click.option("--task", default=None, help="Instead of --prompt/--answer: a built-in task or a .jsonl file."),
@@ -359,7 +363,7 @@ def evaluate() -> None:
 
 @evaluate.command()
 @click.option("--model", default="smollm2-135m", show_default=True,
-              help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
+              help=MODEL_HELP)
 @click.option("--task", required=True,
               help="Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl file.")
 @click.option("--layers", default="all", show_default=True, help="Candidate layers to remove, e.g. '20-29'.")

@@ -15,7 +15,8 @@ from test_models import fake_gguf_loaders, write_gguf
 
 from depthcache.analyze import run as run_analysis
 from depthcache.analyze.plotting import model_title
-from depthcache.cli import main
+from depthcache.cli import MODEL_HELP, main
+from depthcache.model.loading import ALIASES
 from depthcache.store.io import model_display_name
 from depthcache.store.schema import validate_store
 
@@ -82,3 +83,7 @@ def test_schema_refuses_a_malformed_quantization_record(gguf_store: Path) -> Non
     meta["attributes"]["depthcache"]["model"]["quantization"]["source_sha256"] = "not a hash"
     meta_path.write_text(json.dumps(meta))
     assert any("quantization.source_sha256" in problem for problem in validate_store(str(gguf_store)))
+
+
+def test_model_help_lists_every_alias() -> None:
+    assert all(alias in MODEL_HELP for alias in ALIASES)
