@@ -39,12 +39,31 @@ models: qwen-0.5b qwen-1.5b gemma-3-270m
 demo: install
 	$(BIN)/depthcache extract --out $(DEMO) --max-tokens 8192 --resume
 	$(BIN)/depthcache info $(DEMO)
-	$(BIN)/depthcache plot $(DEMO) residual-norms
-	$(BIN)/depthcache plot $(DEMO) contributions
-	$(BIN)/depthcache plot $(DEMO) logit-lens
+	$(BIN)/depthcache plot residual-norms $(DEMO)
+	$(BIN)/depthcache plot contributions $(DEMO)
+	$(BIN)/depthcache plot logit-lens $(DEMO)
 
 test: install
 	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs
+
+# `make compare`: four real models on the same 8,192 pydoc-topics tokens, compared on relative depth (docs/compare.md).
+# The stores (and their skip runs) resume where they stopped; the figures and table go to docs/figures/compare/.
+COMPARE_MODELS ?= smollm2-135m qwen2.5-coder-0.5b gemma-3-270m qwen2.5-coder-1.5b
+COMPARE_TOKENS ?= 8192
+SKIP_TOKENS    ?= 1024
+COMPARE_OUT    ?= docs/figures/compare
+COMPARE_FLAGS  ?=
+
+.PHONY: compare
+
+runs/compare/%.done: $(BIN)/depthcache
+	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) --resume
+	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) \
+		--skip each --skip-tokens $(SKIP_TOKENS) --resume
+	touch $@
+
+compare: $(COMPARE_MODELS:%=runs/compare/%.done)
+	$(BIN)/depthcache compare $(COMPARE_MODELS:%=runs/compare/%.zarr) --out $(COMPARE_OUT) $(COMPARE_FLAGS)

@@ -1,4 +1,4 @@
-"""A shareable, self-contained HTML report of a store: provenance and every cached analysis with its figures.
+"""A shareable, self-contained HTML report of a store: provenance and every cached analysis result with its figures.
 
 Everything read from the store is untrusted and HTML-escaped; figures are drawn by the analyses' own plot
 functions and embedded as base64 PNGs, so the page is one file that opens anywhere.
@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze.registry import load_all
-from depthcache.analyze.runner import MAX_RESULT_BYTES, RESULT_ATTR
 from depthcache.errors import DepthcacheError
+from depthcache.store import results
 from depthcache.store.io import model_display_name
 from depthcache.store.reader import Store
+from depthcache.store.results import RESULT_ATTR
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
@@ -64,30 +66,33 @@ def value_rows(result: xr.Dataset) -> list[tuple[str, str, str, str, str, str]]:
     return rows
 
 
-def cached_results(store: Store) -> dict[str, xr.Dataset]:
-    """Every analysis result cached under ``analyses/<name>`` in the store, loaded (size-checked first)."""
-    group = store.group
-    names = sorted(group["analyses"].group_keys()) if "analyses" in group.group_keys() else []
-    results = {}
-    for name in names:
-        try:
-            ds = xr.open_zarr(group.store, group=f"analyses/{name}", consolidated=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged cached result is reported, not fatal
-            raise DepthcacheError(f"cached analysis {name!r} in {store.location} is unreadable ({exc}); "
-                                  f"recompute it with depthcache analyze {name} --force") from exc
-        if ds.nbytes > MAX_RESULT_BYTES:
-            raise DepthcacheError(f"cached analysis {name!r} in {store.location} is implausibly large")
-        results[name] = ds.load()
-    return results
+def cached_results(store: Store, results_dir: str | None = None) -> dict[str, xr.Dataset]:
+    """The current cached result of every analysis of ``store`` (several parameter sets: 'NAME (KEY=VALUE, ...)')."""
+    current = [e for e in results.all_entries(store, results_dir) if results.belongs(e, store)]
+    counts = Counter(e.name for e in current)
+    found = {}
+    for entry in current:
+        ds = results.load(entry)
+        if ds is None:
+            raise DepthcacheError(f"cached analysis {entry.name!r} for {store.location} is unreadable or "
+                                  f"implausibly large; recompute it with depthcache analyze {entry.name} STORE --force")
+        label = entry.name if counts[entry.name] == 1 else f"{entry.name} ({results.params_text(entry.params)})"
+        found[label] = ds
+    return found
 
 
 def figures(name: str, result: xr.Dataset) -> list[str]:
     """The analysis's figures as base64 PNG strings (none if it has no plot or is unknown here)."""
-    spec = load_all().get(name)
+    spec = load_all().get(analysis_name(name))
     if spec is None or spec.plot is None:
         return []
     with tempfile.TemporaryDirectory() as tmp:
         return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in spec.plot(result, Path(tmp))]
+
+
+def analysis_name(label: str) -> str:
+    """The analysis of a report section label ('logit-lens (max_tokens=2048)' → 'logit-lens')."""
+    return label.split(" (", 1)[0]
 
 
 def analysis_section(name: str, result: xr.Dataset) -> str:
@@ -97,7 +102,7 @@ def analysis_section(name: str, result: xr.Dataset) -> str:
     except (ValueError, TypeError):
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
-    spec = load_all().get(name)
+    spec = load_all().get(analysis_name(name))
     parts = [f'<section class="analysis" id="analysis-{esc(name)}"><h2>{esc(name)}</h2>',
              f"<p>{esc(spec.summary if spec else 'analysis unknown to this depthcache version')}</p>",
              table([("parameters", meta.get("params", {})), ("computed", meta.get("created", "?")),
@@ -108,25 +113,28 @@ def analysis_section(name: str, result: xr.Dataset) -> str:
     return "\n".join(parts)
 
 
-def build_report(location: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def build_report(location: str, storage_options: Mapping[str, Any] | None = None,
+                 results_dir: str | None = None) -> str:
     """The whole HTML page for the store at ``location``."""
     store = Store(location, dict(storage_options or {}))
     attrs = store.attrs
-    results = cached_results(store)
+    found = cached_results(store, results_dir)
     title = f"depthcache report — {model_display_name(attrs['model'])} on {attrs['dataset']['name']}"
     body = [f"<h1>{esc(title)}</h1>", f"<p>Store <code>{esc(location)}</code>; runs: "
-            f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(results) or '(none)')}.</p>",
+            f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(found) or '(none)')}.</p>",
             "<h2>Provenance</h2>", table(provenance_rows(attrs), ("section", "field", "value"), "provenance")]
-    body += [analysis_section(name, result) for name, result in results.items()]
-    if not results:
-        body.append("<p>No analyses are cached in this store yet: run <code>depthcache analyze NAME STORE</code>.</p>")
+    body += [analysis_section(name, result) for name, result in found.items()]
+    if not found:
+        body.append("<p>No analyses are cached for this store yet: run <code>depthcache analyze NAME STORE</code>."
+                    "</p>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(location: str, out: str, storage_options: Mapping[str, Any] | None = None) -> Path:
-    """Write the report of ``location`` to the file ``out``; returns its path."""
+def write_report(location: str, out: str, storage_options: Mapping[str, Any] | None = None,
+                 results_dir: str | None = None) -> Path:
+    """Write the report of ``location`` (with the results cached in ``results_dir`` too) to ``out``."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_report(location, storage_options), encoding="utf-8")
+    path.write_text(build_report(location, storage_options, results_dir), encoding="utf-8")
     return path

@@ -5,7 +5,7 @@ already at the destination with the same size and the same trailing crc32c is sk
 resumes where it stopped. Metadata (every ``zarr.json``) is always copied, and the root ``zarr.json``, which
 holds the progress, is copied last: a half-copied store has no root metadata and never looks complete. At the
 end every committed chunk of the destination is read back and checked against its crc32c
-(``depthcache.schemas.validate_store``).
+(``depthcache.store.schema.validate_store``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,30 @@ def place(location: str, storage_options: Mapping[str, Any] | None = None) -> Pl
     except (ImportError, ValueError, TypeError) as exc:
         raise DepthcacheError(f"cannot open {location}: {exc} (check the URL and --storage-option values)") from exc
     return Place(fs, root.rstrip("/"))
+
+
+def bucket(location: str) -> str | None:
+    """'s3://bucket' of a URL (its first path component after the protocol); None for local folders."""
+    if not is_url(location):
+        return None
+    protocol, _, rest = str(location).partition("://")
+    return f"{protocol}://{rest.split('/', 1)[0]}"
+
+
+def require_bucket(where: Place, location: str) -> None:
+    """Refuse, in one line, a URL whose bucket does not exist (or cannot be seen with these credentials)."""
+    name = bucket(location)
+    if name is None:
+        return
+    try:
+        found = where.fs.exists(name.partition("://")[2])
+    except (OSError, PermissionError, ValueError) as exc:
+        raise DepthcacheError(f"cannot reach {name}: {exc} (check the credentials and --storage-option "
+                              "endpoint_url=...)") from exc
+    if not found:
+        how = f" (e.g. aws s3 mb {name})" if name.startswith("s3://") else ""
+        raise DepthcacheError(f"the bucket {name} does not exist (or these credentials cannot see it): create it "
+                              f"first{how}, or name an existing bucket")
 
 
 def listing(where: Place) -> dict[str, int]:
@@ -140,16 +164,22 @@ def copy_store(source: str, destination: str, source_options: Mapping[str, Any] 
 
     started = time.perf_counter()
     src, dst = place(source, source_options), place(destination, destination_options)
+    require_bucket(src, source)
     src_attrs = source_attrs(src, source)
+    require_bucket(dst, destination)
     check_same_store(dst, src_attrs, destination)
     objects = {k: v for k, v in listing(src).items() if not is_temporary(k)}
     dst_sizes = listing(dst)
     keys = sorted(k for k in objects if k != ROOT_METADATA)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes), keys)))
-        todo = [k for k in keys if not present[k]]
-        sizes = list(pool.map(lambda k: copy_object(src, dst, k), todo))
-    sizes.append(copy_object(src, dst, ROOT_METADATA))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes), keys)))
+            todo = [k for k in keys if not present[k]]
+            sizes = list(pool.map(lambda k: copy_object(src, dst, k), todo))
+        sizes.append(copy_object(src, dst, ROOT_METADATA))
+    except OSError as exc:
+        raise DepthcacheError(f"copying {source} to {destination} stopped: {exc}; fix the cause and run the same "
+                              "command again (it resumes)") from exc
     arrived = listing(dst) if verify else {}
     problems = [f"{k} did not arrive whole" for k, size in sorted(objects.items()) if verify and arrived.get(k) != size]
     if verify and not problems:

@@ -10,7 +10,6 @@ import os
 import platform
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,17 +47,16 @@ from depthcache.extraction.writer import ChunkWriter
 from depthcache.layerspec import parse_layers
 from depthcache.model import (
     DEFAULT_MODEL,
-    Architecture,
     Capture,
     LoadedModel,
-    architecture_for,
+    Structure,
+    checked,
     load_model,
-    n_layers,
-    parallel_residual,
     resolve_device,
 )
 from depthcache.store.head import tokenizer_sha256
-from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.identity import differences
+from depthcache.store.io import open_group, read_attrs, replace_atomically, require_writable, write_attrs
 from depthcache.store.layout import (
     SCHEMA_VERSION,
     SITES,
@@ -69,7 +67,6 @@ from depthcache.store.layout import (
 
 LAYERED = ("resid_pre", "attn_out", "mlp_out")
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IDENTITY_OPTIONS = ("sites", "layers", "max_tokens", "seq_len", "batch_size", "dtype", "top_k")
 
 
 @dataclass(frozen=True)
@@ -86,13 +83,14 @@ class ExtractOptions:
     batch_size: int = 8
     dtype: str = "bfloat16"
     top_k: int = 20
-    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB
+    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB (≤ tokens)
     device: str = "auto"
     resume: bool = False
     progress: bool | None = None  # None: a bar on a terminal only
     num_workers: int = 1  # several processes writing disjoint shards of one store
     worker_index: int = 0
     queue_batches: int = 2
+    check: bool = True  # the load check before anything is written (--no-check: only for users who know why)
 
 
 @dataclass
@@ -140,12 +138,9 @@ def check_destination(out: str, resume: bool) -> bool:
         if not (path / "zarr.json").exists():
             raise DepthcacheError(f"{out} exists and is not a depthcache store; refusing to write into it")
         return True
-    parent = path.resolve().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    existing = require_writable(path)
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-        parent.mkdir(parents=True, exist_ok=True)
+        path.resolve().parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DepthcacheError(f"cannot write to {existing} ({exc.strerror}): choose a writable --out") from exc
     return False
@@ -163,21 +158,25 @@ def library_versions() -> dict[str, str]:
 
 def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_sha: str, n_docs: int, plan: Plan,
                device: str, chunk_tokens: int) -> dict[str, Any]:
-    """The root attributes of a new store (schema ``SCHEMA_VERSION``)."""
+    """The root attributes of a new store (schema ``SCHEMA_VERSION``): with the model's discovered structure and its
+    load-check errors (None when the check was skipped)."""
     model = loaded.model
     config = model.config
+    structure, result = checked(model, opts.check)
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "activations",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "model": {**loaded.provenance,
-                  "n_layers": n_layers(model),
-                  "d_model": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
+                  "n_layers": structure.n_layers,
+                  "d_model": int(model.get_output_embeddings().weight.shape[1]),
                   "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
                   "config": config.to_diff_dict() | {"model_type": config.model_type},
                   "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files),
-                  "parallel_residual": parallel_residual(model)},
+                  "parallel_residual": structure.parallel,
+                  "structure": structure.attrs(),
+                  "load_check": None if result is None else result.attrs()},
         "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
                     "seq_len": opts.seq_len, "batch_size": opts.batch_size, "dtype": opts.dtype, "top_k": opts.top_k,
@@ -187,21 +186,9 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
     }
 
 
-def identity(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The fields that must match for --resume to continue a store."""
-    return {"model.weights_sha256": attrs["model"].get("weights_sha256"),
-            "model.spec": attrs["model"].get("spec") if attrs["model"].get("weights_sha256") is None else None,
-            "model.tokenizer_sha256": attrs["model"].get("tokenizer_sha256"),
-            "dataset.sha256": attrs["dataset"]["sha256"],
-            **{f"options.{k}": attrs["options"][k] for k in IDENTITY_OPTIONS},
-            "layout.num_workers": attrs["layout"].get("num_workers", 1),
-            "options.device_type": str(attrs["options"]["device"]).split(":")[0]}
-
-
 def compare_identity(existing: dict[str, Any], new: dict[str, Any], out: str) -> None:
     """Refuse to resume a store made from another model, dataset or options."""
-    old_id, new_id = identity(existing), identity(new)
-    diffs = [f"  {k}: store has {old_id[k]!r}, this run has {new_id[k]!r}" for k in old_id if old_id[k] != new_id[k]]
+    diffs = differences(existing, new)
     if diffs:
         raise DepthcacheError(f"{out} was extracted with other settings; refusing to mix them:\n" + "\n".join(diffs))
 
@@ -258,7 +245,7 @@ def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> 
     return {"next_logprob": next_lp, "topk_ids": ids.int(), "topk_logprobs": values - lse.unsqueeze(-1)}
 
 
-def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions, first: int, last: int,
+def run_batch(model: torch.nn.Module, structure: Structure, plan: Plan, opts: ExtractOptions, first: int, last: int,
               pad_id: int, device: str, drop: int) -> tuple[dict[str, np.ndarray], torch.cuda.Event | None]:
     """Forward windows first..last-1 and return every stored array for their real tokens (minus the first ``drop``)."""
     sites = parse_sites(opts.sites)
@@ -272,7 +259,7 @@ def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: Extr
         flat = t.flatten(-3, -2)
         return flat[..., drop:, :] if keep is None else flat.index_select(-2, keep)
 
-    with Capture(model, arch, plan.layers, sites, TORCH_DTYPES[opts.dtype]) as cap, torch.inference_mode():
+    with Capture(model, structure, plan.layers, sites, TORCH_DTYPES[opts.dtype]) as cap, torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out: dict[str, np.ndarray] = {}
         if "resid" in sites:
@@ -328,7 +315,7 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
         write_model_group(group, loaded)
         write_attrs(group, attrs)
         try:
-            os.replace(tmp, out)
+            replace_atomically(tmp, out)
         except OSError:
             if (out / "zarr.json").exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -358,14 +345,14 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
-    arch = architecture_for(loaded.model)
-    plan = make_plan(opts, loaded, docs, n_layers(loaded.model))
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    structure, _ = checked(loaded.model, opts.check)  # a model passed in is checked here, before any store exists
+    plan = make_plan(opts, loaded, docs, structure.n_layers)
     if plan.n_tokens == 0:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
-                                                            STORED_DTYPES[opts.dtype].itemsize)
+                                                            STORED_DTYPES[opts.dtype].itemsize, plan.n_tokens)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens)
     attrs["layout"]["num_workers"] = worker.count
     task = isinstance(docs, TaskDocuments)
@@ -380,7 +367,7 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
         if existing["progress"]["complete"]:
             return existing
         attrs = existing
-    return run_pipeline(opts, attrs, loaded, arch, plan, device, worker)
+    return run_pipeline(opts, attrs, loaded, structure, plan, device, worker)
 
 
 def finalize_store(out: str) -> dict[str, Any]:
@@ -392,7 +379,7 @@ def finalize_store(out: str) -> dict[str, Any]:
     return finalize(group, attrs, int(attrs["layout"].get("num_workers", 1)))
 
 
-def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, arch: Architecture, plan: Plan,
+def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, structure: Structure, plan: Plan,
                  device: str, worker: Worker = Worker()) -> dict[str, Any]:
     """Forward in this thread, write in a background thread, joined by a bounded queue."""
     group = open_group(opts.out, "r+")
@@ -410,21 +397,21 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
     start = todo[0][0] if todo else plan.n_tokens
     writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    batches = planned_batches(loaded.model, arch, plan, opts, todo, pad_id, device)
+    batches = planned_batches(loaded.model, structure, plan, opts, todo, pad_id, device)
     write_batches(writer, batches, sum(b - a for a, b in todo), opts)
     if worker.count > 1 and not unfinished_workers(group, attrs, worker.count):
         attrs = finalize(group, attrs, worker.count)
     return attrs
 
 
-def planned_batches(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions,
+def planned_batches(model: torch.nn.Module, structure: Structure, plan: Plan, opts: ExtractOptions,
                     todo: list[tuple[int, int]], pad_id: int, device: str
                     ) -> Iterator[tuple[int, dict[str, np.ndarray], torch.cuda.Event | None]]:
     """(first token, stored arrays, copy event) of each batch covering the token ranges ``todo``, run lazily."""
     for seg_start, seg_stop in todo:
         at = seg_start
         for first, last, drop, keep in batches_between(plan, seg_start, seg_stop, opts.batch_size):
-            batch, copied = run_batch(model, arch, plan, opts, first, last, pad_id, device, drop)
+            batch, copied = run_batch(model, structure, plan, opts, first, last, pad_id, device, drop)
             yield at, first_tokens(batch, keep), copied
             at += keep
 

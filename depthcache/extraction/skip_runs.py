@@ -2,7 +2,7 @@
 
 Skipping layer s makes it contribute nothing to the residual: forward hooks zero what its branches add (the
 attention and MLP outputs; OLMo 2's post-norm outputs), so the layer returns its input; ``attn``/``mlp`` zero one
-branch. Position 0 is never skipped. Variants (analyses.md §2): ``current`` skips positions 1..T−1 of every window;
+branch. Position 0 is never skipped. Variants (docs/interventions.md): ``current`` skips positions 1..T−1 of every window;
 ``future`` skips positions 1..t−1 for up to 4 drawn t per window (every 8th position, ≥ 8 from both ends), one
 pass per draw, and skip-effects measures positions ≥ t only.
 
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import zarr
 
-from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.data import load_documents
 from depthcache.extraction.engine import (
@@ -52,22 +51,22 @@ from depthcache.extraction.engine import (
 )
 from depthcache.extraction.writer import ChunkWriter
 from depthcache.model import (
-    Architecture,
     Capture,
     LoadedModel,
     Skip,
-    architecture_for,
+    Structure,
+    checked,
     load_model,
-    n_layers,
     only_layers,
     resolve_device,
 )
 from depthcache.store.head import tokenizer_sha256
-from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.identity import differences
+from depthcache.store.io import open_group, read_attrs, replace_atomically, write_attrs
 from depthcache.store.layout import (
     SCHEMA_VERSION,
     StoreLayout,
-    compressors,
+    create_array,
     create_arrays,
 )
 
@@ -117,7 +116,7 @@ class RunContext:
     """Everything the batches of one skip run need."""
 
     loaded: LoadedModel
-    arch: Architecture
+    structure: Structure
     plan: Plan
     opts: ExtractOptions  # the baseline's options (same batches, dtype, top-k)
     run: SkipRun
@@ -229,12 +228,12 @@ def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
 
     dtype = TORCH_DTYPES[opts.dtype]
     with ExitStack() as stack, torch.inference_mode():
-        stack.enter_context(Skip(model, ctx.arch, ctx.run.layers, ctx.run.sublayer,
+        stack.enter_context(Skip(model, ctx.structure, ctx.run.layers, ctx.run.sublayer,
                                  skip_mask(ctx, draw, first, last, real)))
-        cap = stack.enter_context(Capture(model, ctx.arch, ctx.stored, RUN_SITES, dtype, final=True))
+        cap = stack.enter_context(Capture(model, ctx.structure, ctx.stored, RUN_SITES, dtype, final=True))
         if ctx.prefix is not None:
-            later = list(range(min(ctx.run.layers), n_layers(model)))
-            stack.enter_context(only_layers(model, ctx.arch, later, baseline_residual(ctx, first, last, real)))
+            later = list(range(min(ctx.run.layers), ctx.structure.n_layers))
+            stack.enter_context(only_layers(model, ctx.structure, later, baseline_residual(ctx, first, last, real)))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out = {name: to_host(rows(cap.stacked(name)), opts.dtype) for name in ("attn_out", "mlp_out")}
         out["resid_final"] = to_host(rows(cap.resid_final), opts.dtype)
@@ -307,15 +306,14 @@ def create_run(out: str, name: str, attrs: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        create_arrays(group, StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
-                                         task="task" in attrs["dataset"]))
-        group.create_array("resid_final", shape=(n, d_model), chunks=(chunk, d_model), dtype=STORED_DTYPES[dtype],
-                           fill_value=0, compressors=compressors(dtype), dimension_names=("token", "d_model"))
+        layout = StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
+                             task="task" in attrs["dataset"])
+        create_arrays(group, layout)
+        create_array(group, "resid_final", layout)
         if attrs["intervention"]["variant"] == "future":
-            group.create_array("skip_stop", shape=(n,), chunks=(chunk,), dtype="int32", fill_value=0,
-                               compressors=compressors("int32"), dimension_names=("token",))
+            create_array(group, "skip_stop", layout)
         write_attrs(group, attrs)
-        os.replace(tmp, Path(out) / "runs" / name)
+        replace_atomically(tmp, Path(out) / "runs" / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -346,13 +344,12 @@ def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], res
 def check_baseline(attrs: dict[str, Any], loaded: LoadedModel, docs_sha: str, out: str) -> None:
     """Refuse a baseline made from another model or dataset, or lacking what skip runs compare with."""
     model = attrs["model"]
-    ours = {"model": loaded.provenance.get("weights_sha256") or loaded.provenance["spec"],
-            "tokenizer": tokenizer_sha256(loaded.tokenizer_files), "dataset": docs_sha}
-    theirs = {"model": model.get("weights_sha256") or model["spec"], "tokenizer": model["tokenizer_sha256"],
-              "dataset": attrs["dataset"]["sha256"]}
-    diffs = [key for key in ours if ours[key] != theirs[key]]
+    ours = {"model": {**loaded.provenance, "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files)},
+            "dataset": {"sha256": docs_sha}, "options": {}, "layout": {}}
+    diffs = differences(attrs, ours, ("model", "tokenizer", "data"))
     if diffs:
-        raise DepthcacheError(f"{out} was extracted with another {' and '.join(diffs)} (store: model "
+        raise DepthcacheError(f"{out} was extracted with another model, tokenizer or data:\n" + "\n".join(diffs) +
+                              f"\n(store: model "
                               f"{model['spec']!r}, data {attrs['dataset']['spec']!r}): pass the baseline's --model "
                               "and --data")
     missing = sorted({"resid", "attn", "mlp"} - set(attrs["options"]["sites"]))
@@ -397,9 +394,9 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
         check_destination(opts.out, resume=False)
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
-    arch = architecture_for(loaded.model)
-    depth = n_layers(loaded.model)
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    structure, _ = checked(loaded.model, opts.check)
+    depth = structure.n_layers
     runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]
     if not exists:
         run_tokens(skip.tokens, 1, make_plan(opts, loaded, docs, depth).n_tokens)  # refuse before writing
@@ -427,7 +424,7 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
     stops = future_stops(plan, skip.seed) if skip.variant == "future" else None
     done = {}
     for run, stored, reuse, attrs, previous in todo:
-        ctx = RunContext(loaded, arch, plan, base_opts, run, stored, tokens, device,
+        ctx = RunContext(loaded, structure, plan, base_opts, run, stored, tokens, device,
                          root["resid_pre"] if reuse else None, layers.index(min(run.layers)) if reuse else 0, stops)
         done[run.name] = execute_run(ctx, opts.out, run.name, attrs, previous)
     return done

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import local_root
+from depthcache.store.io import fsync_path, local_root
 
 
 def token_axis(array: zarr.Array) -> int:
@@ -32,15 +30,6 @@ def chunk_file(array: zarr.Array, chunk_index: int) -> str:
     grid = ["0"] * array.ndim
     grid[token_axis(array)] = str(chunk_index)
     return "/".join(["c", *grid])
-
-
-def fsync_file(path: Path) -> None:
-    """Force one file's bytes to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ChunkWriter:
@@ -115,7 +104,7 @@ class ChunkWriter:
         axis = token_axis(array)
         array[along(axis, array.ndim, self.chunk_start, stop)] = buffer[along(axis, array.ndim, 0, self.filled)]
         if self.folder is not None:
-            fsync_file(self.folder / name / chunk_file(array, chunk_index))
+            fsync_path(self.folder / name / chunk_file(array, chunk_index))
 
     def close(self) -> None:
         """Stop the write threads."""

@@ -34,9 +34,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from depthcache.defaults import DEFAULT_MODEL  # noqa: F401 - re-exported; defined torch-free for the CLI
 from depthcache.errors import DepthcacheError
-
-DEFAULT_MODEL = "smollm2-135m"
+from depthcache.model.check import checked
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ def _snapshot_revision(folder: Path) -> str | None:
     return None
 
 
-def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
     """The tokenizer's saved files as bytes, so a store can rebuild it without the model."""
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
@@ -543,14 +543,16 @@ def _transformers_bars(show: bool | None) -> Iterator[None]:
 
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool | None = None) -> LoadedModel:
+               progress: bool | None = None, check: bool = True) -> LoadedModel:
     """Load a causal LM named by alias, .gguf path, local folder or hub id, in eval mode on device, with provenance;
-    ``progress`` as in ExtractOptions (None: loading bars on a terminal only)."""
+    ``progress`` as in ExtractOptions (None: loading bars on a terminal only). Its structure is discovered and,
+    unless ``check`` is False, proven by the load check (``model.check``) before it is returned."""
     _check_dtype(dtype)
     target = resolve_device(device)
     with _transformers_bars(progress):
         model, tokenizer, provenance = _load_spec(spec, dtype)
     model = model.to(target).eval()
+    checked(model, check)
     provenance = {
         "spec": spec,
         **provenance,
@@ -558,4 +560,4 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         "architecture": _architecture(model),
         "model_type": model.config.model_type,
     }
-    return LoadedModel(model, tokenizer, provenance, _tokenizer_files(tokenizer))
+    return LoadedModel(model, tokenizer, provenance, tokenizer_files(tokenizer))

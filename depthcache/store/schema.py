@@ -17,7 +17,7 @@ from zarr.core.sync import sync
 
 from depthcache.errors import DepthcacheError
 from depthcache.store.io import open_group, read_attrs
-from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS, TASK_ARRAYS, TOKEN_ARRAYS
+from depthcache.store.layout import ARRAYS, ATTRS_KEY, array_dtype, array_shape
 
 # Bounds no real store reaches, checked before anything is allocated or scheduled from a store's metadata.
 MAX_CHUNKS = 2**22
@@ -68,33 +68,25 @@ def check_attrs(attrs: Any) -> dict[str, Any]:
     return attrs
 
 
-def expected_shapes(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Shape of every array the attributes promise."""
-    n = attrs["layout"]["n_tokens"]
-    d = attrs["model"]["d_model"]
-    n_layers = len(attrs["options"]["layers"])
-    task = TASK_ARRAYS if "task" in attrs["dataset"] else {}  # schema 1.2 task stores
-    shapes: dict[str, tuple[int, ...]] = {name: (n,) for name in TOKEN_ARRAYS | task}
-    shapes |= {"topk_ids": (n, attrs["options"]["top_k"]), "topk_logprobs": (n, attrs["options"]["top_k"])}
-    for site in attrs["options"]["sites"]:
-        for name in SITE_ARRAYS[site]:
-            shapes[name] = (n, d) if name == "resid_final" else (n_layers, n, d)
-    return shapes
+def expected_arrays(attrs: dict[str, Any]) -> list[str]:
+    """Every array of the format the attributes promise, in table order."""
+    sites = attrs["options"]["sites"]
+    groups = {"base"} | ({"task"} if "task" in attrs["dataset"] else set())  # schema 1.2 task stores
+    groups |= {"run"} if "intervention" in attrs else set()  # a run's arrays are checked where present
+    return [name for name, spec in ARRAYS.items() if spec.group in groups and (spec.site is None or spec.site in sites)]
 
 
 def expected_metadata(attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The zarr metadata (shape, chunk shape, data type, dimension names) every known array must have."""
-    chunk, dtype = attrs["layout"]["chunk_tokens"], attrs["options"]["dtype"]
-    dims = {"resid_pre": ["layer", "token", "d_model"], "attn_out": ["layer", "token", "d_model"],
-            "mlp_out": ["layer", "token", "d_model"], "resid_final": ["token", "d_model"],
-            "topk_ids": ["token", "k"], "topk_logprobs": ["token", "k"]}
-    dtypes = TOKEN_ARRAYS | TASK_ARRAYS | {"topk_ids": "int32", "topk_logprobs": "float32", "skip_stop": "int32"}
-    runs_only = {"skip_stop": (attrs["layout"]["n_tokens"],)} if "intervention" in attrs else {}
-    shapes = expected_shapes(attrs) | runs_only
-    return {name: {"shape": list(shape), "dimension_names": dims.get(name, ["token"]),
-                   "data_type": dtypes.get(name, dtype),
-                   "chunk_shape": [chunk if d == "token" else n for d, n in zip(dims.get(name, ["token"]), shape)]}
-            for name, shape in shapes.items()}
+    lay, opts = attrs["layout"], attrs["options"]
+    result = {}
+    for name in expected_arrays(attrs):
+        dims = ARRAYS[name].dims
+        shape = array_shape(name, lay["n_tokens"], len(opts["layers"]), attrs["model"]["d_model"], opts["top_k"])
+        result[name] = {"shape": list(shape), "dimension_names": list(dims),
+                        "data_type": array_dtype(name, opts["dtype"]),
+                        "chunk_shape": [lay["chunk_tokens"] if d == "token" else n for d, n in zip(dims, shape)]}
+    return result
 
 
 def array_metadata(arrays: Mapping[str, zarr.Array], name: str) -> dict[str, Any]:
@@ -146,11 +138,6 @@ def layer_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any]) -> l
     except Exception as exc:  # noqa: BLE001 - any decode failure of untrusted bytes is a problem to report
         return [f"array 'layer' is unreadable ({type(exc).__name__}: {exc})"]
     return [] if values == stored else [f"array 'layer' holds {values}, expected options.layers {stored}"]
-
-
-def shape_problems(group: zarr.Group, attrs: dict[str, Any]) -> list[str]:
-    """Arrays missing or shaped unlike the attributes say."""
-    return structure_problems(dict(group.arrays()), attrs)
 
 
 async def _keys(store: Any, prefix: str) -> list[str]:
