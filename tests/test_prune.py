@@ -126,6 +126,7 @@ def test_prune_evaluation_outputs(order, tiny_models, task_file, tmp_path) -> No
     ds = evaluate_prune(PruneOptions(task=str(task_file), model=str(tiny_models["llama"]), layers="1-3", n=None,
                                      order=order, max_new_tokens=4, batch_size=3, device="cpu", out=str(out)))
     assert ds.sizes == {"step": 4, "item": 4, "layer": 4}
+    assert ds.attrs["model"] == tiny_models["llama"].name  # the display name the figure's title uses
     removed = list(ds.removed_layer.values)
     assert removed[0] == -1 and sorted(removed[1:]) == [1, 2, 3]
     if order == "last-first":

@@ -27,7 +27,7 @@ from depthcache.analyze.registry import get, parameters
 from depthcache.analyze.runner import run
 from depthcache.analyze.skip_effects import skip_runs
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import local_name
+from depthcache.store.io import local_name, model_display_name
 from depthcache.store.reader import Store
 
 COMPARED = ("contributions", "residual-norms", "logit-lens", "skip-effects", "effective-depth", "layer-map")
@@ -89,15 +89,9 @@ class Comparison:
 
 # ------------------------------------------------------------------------------------------------ stores and labels
 
-def model_name(attrs: dict[str, Any]) -> str:
-    """The model's alias, else the last component of how it was named (folder, file or hub id)."""
-    model = attrs["model"]
-    return model.get("alias") or Path(str(model["spec"]).rstrip("/")).name
-
-
 def labels(stores: Sequence[Store]) -> list[str]:
     """'<model> (<L> layers)' per store, the store's name appended where two would read the same."""
-    base = [f"{model_name(s.attrs)} ({s.n_layers} layers)" for s in stores]
+    base = [f"{model_display_name(s.attrs['model'])} ({s.n_layers} layers)" for s in stores]
     return [f"{b}, {local_name(s.location).name}" if base.count(b) > 1 else b for b, s in zip(base, stores)]
 
 

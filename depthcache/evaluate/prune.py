@@ -177,7 +177,8 @@ def evaluate_prune(opts: PruneOptions) -> xr.Dataset:
                 "item_id": ("item", np.array([it.id for it in items], dtype=object)),
                 "hops": ("item", np.array([it.hops for it in items])), "layer": np.arange(depth),
                 "relative_depth": ("layer", np.arange(depth) / depth)},
-        attrs={"model": opts.model, "task": opts.task, "metrics": ",".join(metrics), "order": opts.order,
+        attrs={"model": loaded.provenance["display_name"], "model_spec": opts.model, "task": opts.task,
+               "metrics": ",".join(metrics), "order": opts.order,
                "candidates": json.dumps(list(candidates)), "options": json.dumps(asdict(opts) | {"device": device}),
                "description": "step k: the model with the first k layers of the removal order removed; "
                               "gold_logprob: summed log-prob (nats) of the gold answer; choice_correct: the gold "

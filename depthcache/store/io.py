@@ -50,6 +50,15 @@ def local_name(location: str | os.PathLike[str]) -> Path:
 
 
 
+def model_display_name(model: dict[str, Any]) -> str:
+    """The exact name of a store's model for figures and summaries, e.g. 'SmolLM2-135M-Instruct (Q4_1 GGUF,
+    dequantized)'; stores made before names were recorded fall back to their alias or spec."""
+    if isinstance(model.get("display_name"), str) and model["display_name"]:
+        return model["display_name"]
+    name = model.get("alias") or str(model.get("spec", "?")).rstrip("/").rsplit("/", 1)[-1]
+    return f"{name} (GGUF, dequantized)" if model.get("source") == "gguf" else name
+
+
 def read_attrs(group: zarr.Group) -> dict[str, Any]:
     """The depthcache attributes of a store or run group, refusing stores that are not ours or too new."""
     attrs = group.attrs.asdict().get(ATTRS_KEY)

@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 import depthcache
-from depthcache.store.io import can_write, is_url, local_name, write_dataset_atomically
+from depthcache.store.io import can_write, is_url, local_name, model_display_name, write_dataset_atomically
 from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"
@@ -173,7 +173,8 @@ def provenance(name: str, params: dict[str, Any], stores: Sequence[Store], read_
     """What identifies a result computed now: analysis, parameters, source stores (and runs read), code version."""
     return {"name": name, "params": json.loads(canonical(params)), "sources": [s.identity for s in stores],
             "runs": [runs_identity(s) if used else None for s, used in zip(stores, read_runs)],
-            "source_locations": [s.location for s in stores], "code_version": depthcache.__version__}
+            "source_locations": [s.location for s in stores],
+            "models": [model_display_name(s.attrs["model"]) for s in stores], "code_version": depthcache.__version__}
 
 
 def current(entry: Entry, stores: Sequence[Store]) -> bool:
