@@ -127,12 +127,14 @@ def info(store: str, storage_options: tuple[str, ...]) -> None:
 @storage_option
 def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
     """Check a store against the schema, its shapes, and every chunk's checksum."""
-    from depthcache.store.schema import validate_store
+    from depthcache.store.schema import validate, verified
 
-    problems = validate_store(store, read_chunks=not quick, storage_options=parse_params(storage_options))
-    if problems:
-        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(problems))
-    click.echo(f"{store}: valid")
+    found = validate(store, read_chunks=not quick, storage_options=parse_params(storage_options))
+    if found:
+        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(found.report()))
+    click.echo(f"{store}: valid; {verified(found) if not quick else 'metadata and chunk presence checked (--quick)'}")
+    for note in found.notes:
+        click.echo(f"note: {note}")
 
 
 class AnalysisGroup(click.Group):

@@ -44,7 +44,7 @@ from depthcache.extraction.workers import (
     unfinished_workers,
     worker_done_until,
 )
-from depthcache.extraction.writer import ChunkWriter
+from depthcache.extraction.writer import ChunkWriter, resume_point
 from depthcache.layerspec import parse_layers
 from depthcache.model import (
     DEFAULT_MODEL,
@@ -397,7 +397,8 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
     """Forward in this thread, write in a background thread, joined by a bounded queue."""
     group = open_group(opts.out, "r+")
     chunk_tokens = int(attrs["layout"]["chunk_tokens"])
-    todo = segments(worker, plan.n_tokens, chunk_tokens, batch_tokens(attrs), worker_done_until(group, worker))
+    done = resume_point(worker_done_until(group, worker), chunk_tokens, plan.n_tokens)
+    todo = segments(worker, plan.n_tokens, chunk_tokens, batch_tokens(attrs), done)
     names = [n for n in group.array_keys() if n != "layer"]
 
     def commit(stop: int) -> None:
@@ -432,18 +433,23 @@ def planned_batches(model: torch.nn.Module, arch: Architecture, plan: Plan, opts
 def write_batches(writer: ChunkWriter, batches: Iterator[tuple[int, dict[str, np.ndarray], Any]], total: int,
                   opts: ExtractOptions) -> None:
     """Run ``batches`` (the forward passes) in this thread and write them in a background thread, joined by a
-    bounded queue; ``total`` tokens drive the progress bar."""
+    bounded queue; ``total`` tokens drive the progress bar. When this thread stops early (an interrupt, an
+    error), the writer finishes the chunk it is writing and drops the tokens of the chunk it is filling."""
     pending: queue.Queue[tuple[int, dict[str, np.ndarray], Any] | None] = queue.Queue(maxsize=opts.queue_batches)
     failure: list[BaseException] = []
+    stopped = threading.Event()
 
     def drain() -> None:
         try:
             while (item := pending.get()) is not None:
+                if stopped.is_set():
+                    continue
                 at, batch, copied = item
                 if copied is not None:
                     copied.synchronize()
                 writer.append(batch, at)
-            writer.flush()
+            if not stopped.is_set():
+                writer.finish()
         except BaseException as exc:  # handed to the forward thread, which re-raises it
             failure.append(exc)
             while pending.get() is not None:
@@ -452,13 +458,18 @@ def write_batches(writer: ChunkWriter, batches: Iterator[tuple[int, dict[str, np
     thread = threading.Thread(target=drain, name="depthcache-writer", daemon=True)
     thread.start()
     bar = Progress(total, 0, lambda: writer.bytes_written, enabled=opts.progress)
+    finished = False
     try:
         for at, batch, copied in batches:
             pending.put((at, batch, copied))
             bar.update(len(batch["token_id"]))
             if failure:
                 break
+        else:
+            finished = True
     finally:
+        if not finished:
+            stopped.set()
         pending.put(None)
         thread.join()
         writer.close()
