@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
 import click
 
-from depthcache.errors import DepthcacheError
+from depthcache.errors import DepthcacheError, Interrupted
 
 
 class Commands(click.Group):
-    """A click group that turns DepthcacheError into 'error: …' and exit status 2."""
+    """A click group that turns DepthcacheError into 'error: …' and exit status 2, and an interrupt into
+    'error: …' (what was kept, how to continue) and 128 + the signal's number."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -19,6 +21,10 @@ class Commands(click.Group):
         except DepthcacheError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            click.echo(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted by SIGINT'}", err=True)
+            sys.exit(128 + signum)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -6,6 +6,7 @@ same batches as an uninterrupted one; progress is committed per chunk after its 
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import queue
@@ -24,9 +25,11 @@ import zarr
 
 import depthcache
 from depthcache.dtypes import STORED_DTYPES
-from depthcache.errors import DepthcacheError
+from depthcache.errors import DepthcacheError, Interrupted
 from depthcache.extraction.data import DEFAULT_DATASET, load_documents
+from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
 from depthcache.extraction.model_group import write_model_group
+from depthcache.extraction.preflight import Sizes, preflight
 from depthcache.extraction.progress import Progress
 from depthcache.extraction.task_data import (
     TaskDocuments,
@@ -131,7 +134,8 @@ def check_options(opts: ExtractOptions) -> None:
 
 
 def check_destination(out: str, resume: bool) -> bool:
-    """True if ``out`` holds a store to resume; refuses to touch an existing store without --resume."""
+    """True if ``out`` holds a store to resume; refuses to touch an existing store without --resume, and a place
+    this process cannot write (checked before anything is loaded; nothing is created here)."""
     path = Path(out)
     if path.exists():
         if not resume:
@@ -139,16 +143,49 @@ def check_destination(out: str, resume: bool) -> bool:
                                   "(with identical options), or choose another --out")
         if not (path / "zarr.json").exists():
             raise DepthcacheError(f"{out} exists and is not a depthcache store; refusing to write into it")
+        check_writable(path, f"cannot resume into {out}")
         return True
     parent = path.resolve().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DepthcacheError(f"cannot write to {existing} ({exc.strerror}): choose a writable --out") from exc
+    check_writable(existing, f"cannot create {out}")
     return False
+
+
+def check_writable(folder: Path, doing: str) -> None:
+    """Refuse a folder this process cannot create files in, saying what could not be done."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise DepthcacheError(f"{doing}: {folder} is not writable ({exc.strerror or exc}); choose a writable "
+                              "--out") from exc
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, deepest last (to remove on failure)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    for p in missing:
+        p.mkdir(exist_ok=True)
+    return missing
+
+
+def remove_stale_creations(out: Path) -> None:
+    """Remove temporary store folders (``.NAME.creating-PID``) left by killed processes of this machine."""
+    for tmp in out.parent.glob(f".{out.name}.creating-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """True if a process with this id runs on this machine (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def library_versions() -> dict[str, str]:
@@ -315,11 +352,15 @@ def first_tokens(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
 
 
 def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayout, loaded: LoadedModel) -> bool:
-    """Create a complete empty store in a temporary sibling folder and move it into place atomically.
+    """Create a complete empty store in a temporary sibling folder and move it into place atomically; on any
+    failure (a full disk, an interrupt) nothing is left behind, not even the parent folders this created.
 
     Returns False (and leaves the existing store alone) when another worker moved its store into place first.
     """
-    out = Path(opts.out)
+    out = Path(opts.out).resolve()
+    created = make_parents(out.parent)
+    if opts.num_workers == 1:
+        remove_stale_creations(out)
     tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -335,9 +376,23 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
                 return False
             raise
         return True
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(created):
+            remove_if_empty(folder)
+        if isinstance(exc, OSError):
+            advice = "free space and run again" if exc.errno == errno.ENOSPC else "fix that and run again"
+            raise DepthcacheError(f"cannot create {opts.out}: {exc.strerror or exc}; nothing was left behind: "
+                                  f"{advice}") from exc
         raise
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove a folder this run created, unless something else has been put in it meanwhile."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def make_plan(opts: ExtractOptions, loaded: LoadedModel, docs: Documents, n_layers: int) -> Plan:
@@ -350,7 +405,19 @@ def make_plan(opts: ExtractOptions, loaded: LoadedModel, docs: Documents, n_laye
 
 
 def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str, Any]:
-    """Run (or resume) one extraction into ``opts.out`` (with ``loaded`` if given); returns the final attributes."""
+    """Run (or resume) one extraction into ``opts.out`` (with ``loaded`` if given); returns the final attributes.
+
+    SIGINT and SIGTERM stop it at the last committed chunk (the chunk being filled is dropped) and raise
+    Interrupted, whose message says how to resume."""
+    with stop_on_signals():
+        try:
+            return extract_store(opts, loaded)
+        except Interrupted as exc:
+            raise Interrupted(exc.signum, interrupted_message(exc.signum, opts.out)) from None
+
+
+def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    """The body of ``extract``: every check (options, destination, model, limits, machine), then the store."""
     check_options(opts)
     sites = parse_sites(opts.sites)
     worker = Worker(opts.worker_index, opts.num_workers)
@@ -371,16 +438,31 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
     task = isinstance(docs, TaskDocuments)
     if task:
         attrs["dataset"] |= task_attrs(docs)
-    if not existing:
-        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task)
-        if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
-            existing = read_attrs(open_group(opts.out, "r"))
     if existing:
         compare_identity(existing, attrs, opts.out)
         if existing["progress"]["complete"]:
             return existing
         attrs = existing
+    sizes = extraction_sizes(opts, attrs, plan, sites, d_model)
+    preflight(attrs, sizes, loaded.model.config, opts.out, device, new=existing is None)
+    if not existing:
+        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task)
+        if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
+            existing = read_attrs(open_group(opts.out, "r"))
+            compare_identity(existing, attrs, opts.out)
+            attrs = existing
     return run_pipeline(opts, attrs, loaded, arch, plan, device, worker)
+
+
+def extraction_sizes(opts: ExtractOptions, attrs: dict[str, Any], plan: Plan, sites: tuple[str, ...],
+                     d_model: int) -> Sizes:
+    """The sizes the preflight checks weigh: tokens (still to write), stored layers and sites, chunk and batch."""
+    o = attrs["options"]
+    return Sizes(n_tokens=plan.n_tokens, remaining=plan.n_tokens - int(attrs["progress"]["tokens_committed"]),
+                 n_layers=len(plan.layers), d_model=d_model, vocab=int(attrs["model"]["vocab_size"]),
+                 sites=len(sites), final=int("resid" in sites), itemsize=STORED_DTYPES[o["dtype"]].itemsize,
+                 chunk_tokens=int(attrs["layout"]["chunk_tokens"]), seq_len=int(o["seq_len"]),
+                 batch_size=int(o["batch_size"]), top_k=int(o["top_k"]), queue_batches=opts.queue_batches)
 
 
 def finalize_store(out: str) -> dict[str, Any]:

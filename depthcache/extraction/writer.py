@@ -115,15 +115,15 @@ class ChunkWriter:
         chunk_index = self.chunk_start // self.chunk_tokens
         try:
             list(self.pool.map(lambda name: self._write(name, stop, chunk_index), self.arrays))
-            self.bytes_written += sum(b[along(token_axis(self.arrays[n]), b.ndim, 0, self.filled)].nbytes
-                                      for n, b in self.buffers.items())
+            self.commit(stop)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DepthcacheError(
-                    f"disk full while writing tokens {self.chunk_start}..{stop}; {self.chunk_start} tokens are "
-                    "committed and intact: free space and rerun with --resume") from exc
-            raise
-        self.commit(stop)
+            full = exc.errno == errno.ENOSPC
+            raise DepthcacheError(
+                f"{'disk full' if full else exc.strerror or exc} while writing tokens {self.chunk_start}..{stop}; "
+                f"the {self.chunk_start:,} tokens before are committed and intact: "
+                f"{'free space' if full else 'fix that'} and rerun with --resume") from exc
+        self.bytes_written += sum(b[along(token_axis(self.arrays[n]), b.ndim, 0, self.filled)].nbytes
+                                  for n, b in self.buffers.items())
         self.chunk_start, self.filled = stop, 0
 
     def _write(self, name: str, stop: int, chunk_index: int) -> None:
