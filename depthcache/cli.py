@@ -301,17 +301,25 @@ def igrad(**kw: Any) -> None:
 
 
 def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:
-    """Run a push or pull and print what it did; a failed verification is an error."""
+    """Run a push or pull and print what it did; a failed verification is an error saying whose it is."""
     from depthcache.sharing import copy_store
 
     kw = {"destination_options": options} if push else {"source_options": options}
     report = copy_store(source, destination, jobs=jobs, **kw)
     if report.problems:
-        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}"
-                              f"{f' (and {len(report.problems) - 1} more)' if len(report.problems) > 1 else ''}; "
-                              "run the same command again to repair it")
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        advice = (f"the source has the same problem: repair or re-extract {source} (depthcache validate lists it)"
+                  if report.source_damaged else "run the same command again to finish the copy")
+        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}{more}; "
+                              f"{advice}")
+    repaired = f", {report.repaired} damaged at the destination fetched again" if report.repaired else ""
     click.echo(f"{destination}: {report.copied} objects copied ({report.bytes_copied / 2**20:,.1f} MiB), "
-               f"{report.skipped} already there; every chunk verified ({report.seconds:.1f} s)")
+               f"{report.skipped} already there{repaired}; valid: {report.verified} ({report.seconds:.1f} s)")
+    if report.ignored:
+        click.echo(f"note: {len(report.ignored)} source object(s) whose names cannot be store keys were not copied "
+                   f"(first: {report.ignored[0][:200]!r})")
+    for note in report.notes:
+        click.echo(f"note: {note}")
 
 
 @main.command()

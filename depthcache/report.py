@@ -18,9 +18,15 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze.registry import load_all
-from depthcache.analyze.runner import MAX_RESULT_BYTES, RESULT_ATTR
+from depthcache.analyze.runner import RESULT_ATTR
 from depthcache.errors import DepthcacheError
+from depthcache.limits import MAX_RESULT_BYTES
+from depthcache.store.head import every_chunk_written
+from depthcache.store.io import parse_json
+from depthcache.store.layout import is_checksummed
 from depthcache.store.reader import Store
+
+MAX_CELL = 2000  # characters of one table cell (store values are untrusted and may be huge)
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
@@ -28,9 +34,12 @@ vertical-align:top;font-size:0.9em}th{background:#f3f3f3}img{max-width:100%;bord
 code{font-size:0.9em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}"""
 
 
-def esc(value: Any) -> str:
-    """Any value as escaped HTML text (store contents are untrusted)."""
-    return html.escape(value if isinstance(value, str) else json.dumps(value, default=str))
+def esc(value: Any, limit: int = MAX_CELL) -> str:
+    """Any value as escaped HTML text (store contents are untrusted), cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+    return html.escape(text)
 
 
 def table(rows: Iterable[tuple[Any, ...]], header: tuple[str, ...] | None = None, css: str = "") -> str:
@@ -63,21 +72,30 @@ def value_rows(result: xr.Dataset) -> list[tuple[str, str, str, str, str, str]]:
     return rows
 
 
-def cached_results(store: Store) -> dict[str, xr.Dataset]:
-    """Every analysis result cached under ``analyses/<name>`` in the store, loaded (size-checked first)."""
+def cached_names(store: Store) -> list[str]:
+    """Names of the analyses cached under ``analyses/`` in the store."""
     group = store.group
-    names = sorted(group["analyses"].group_keys()) if "analyses" in group.group_keys() else []
-    results = {}
-    for name in names:
-        try:
-            ds = xr.open_zarr(group.store, group=f"analyses/{name}", consolidated=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged cached result is reported, not fatal
-            raise DepthcacheError(f"cached analysis {name!r} in {store.location} is unreadable ({exc}); "
-                                  f"recompute it with depthcache analyze {name} --force") from exc
-        if ds.nbytes > MAX_RESULT_BYTES:
-            raise DepthcacheError(f"cached analysis {name!r} in {store.location} is implausibly large")
-        results[name] = ds.load()
-    return results
+    return sorted(group["analyses"].group_keys()) if "analyses" in group.group_keys() else []
+
+
+def cached_result(store: Store, name: str) -> xr.Dataset:
+    """One cached analysis, size-checked, checksummed (schema >= 1.3) and decoded, or an error saying to recompute it."""
+    redo = f"recompute it with depthcache analyze {name} {store.location} --force"
+    try:
+        ds = xr.open_zarr(store.group.store, group=f"analyses/{name}", consolidated=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged cached result is reported, not fatal
+        raise DepthcacheError(f"cached analysis {name!r} in {store.location} is unreadable "
+                              f"({type(exc).__name__}); {redo}") from exc
+    if ds.nbytes > MAX_RESULT_BYTES:
+        raise DepthcacheError(f"cached analysis {name!r} in {store.location} is implausibly large; {redo}")
+    if every_chunk_written(store.attrs) and not all(is_checksummed(v.encoding.get("compressors"))
+                                                   for v in ds.variables.values()):
+        raise DepthcacheError(f"cached analysis {name!r} in {store.location} is not checksummed; {redo}")
+    try:
+        return ds.load()
+    except Exception as exc:  # noqa: BLE001 - a corrupt cached result (checksum, codec) is reported, not shown
+        raise DepthcacheError(f"cached analysis {name!r} in {store.location} is corrupt ({type(exc).__name__}); "
+                              f"{redo}") from exc
 
 
 def figures(name: str, result: xr.Dataset) -> list[str]:
@@ -86,14 +104,20 @@ def figures(name: str, result: xr.Dataset) -> list[str]:
     if spec is None or spec.plot is None:
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in spec.plot(result, Path(tmp))]
+        try:
+            paths = spec.plot(result, Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - a cached result is untrusted: junk in it fails plotting anyhow
+            raise DepthcacheError(f"cached analysis {name!r} is not a {name} result this version can draw "
+                                  f"({type(exc).__name__}: {str(exc)[:200]}); recompute it with depthcache analyze "
+                                  f"{name} STORE --force") from exc
+        return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
 
 
 def analysis_section(name: str, result: xr.Dataset) -> str:
     """One analysis: its parameters, figures and key values."""
     try:
-        meta = json.loads(result.attrs.get(RESULT_ATTR, "{}"))
-    except (ValueError, TypeError):
+        meta = parse_json(result.attrs.get(RESULT_ATTR, "{}"), f"the provenance of cached analysis {name!r}")
+    except (DepthcacheError, TypeError):
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
     spec = load_all().get(name)
@@ -111,13 +135,13 @@ def build_report(location: str, storage_options: Mapping[str, Any] | None = None
     """The whole HTML page for the store at ``location``."""
     store = Store(location, dict(storage_options or {}))
     attrs = store.attrs
-    results = cached_results(store)
+    names = cached_names(store)
     title = f"depthcache report — {attrs['model']['spec']} on {attrs['dataset']['name']}"
     body = [f"<h1>{esc(title)}</h1>", f"<p>Store <code>{esc(location)}</code>; runs: "
-            f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(results) or '(none)')}.</p>",
+            f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(names) or '(none)')}.</p>",
             "<h2>Provenance</h2>", table(provenance_rows(attrs), ("section", "field", "value"), "provenance")]
-    body += [analysis_section(name, result) for name, result in results.items()]
-    if not results:
+    body += [analysis_section(name, cached_result(store, name)) for name in names]  # one result in memory at a time
+    if not names:
         body.append("<p>No analyses are cached in this store yet: run <code>depthcache analyze NAME STORE</code>.</p>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
@@ -126,6 +150,11 @@ def build_report(location: str, storage_options: Mapping[str, Any] | None = None
 def write_report(location: str, out: str, storage_options: Mapping[str, Any] | None = None) -> Path:
     """Write the report of ``location`` to the file ``out``; returns its path."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_report(location, storage_options), encoding="utf-8")
+    page = build_report(location, storage_options)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise DepthcacheError(f"cannot write the report to {out}: {exc.strerror or exc}; pass --out FILE in a "
+                              "writable folder") from exc
     return path

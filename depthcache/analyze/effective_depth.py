@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Count, analysis
 from depthcache.analyze.runner import cached_result, run
 from depthcache.store.reader import Store
 
@@ -118,7 +118,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 
 @analysis("effective-depth", "Scalar cutoffs: where cos(d_l, h_l) changes sign, where the logit-lens KL drops "
           "below 0.1×max, where top-5 overlap exceeds 0.2 (from contributions and logit-lens).", plot=plot)
-def effective_depth(store: Store, include_first: bool = False, max_tokens: int | None = None) -> xr.Dataset:
+def effective_depth(store: Store, include_first: bool = False, max_tokens: Count | None = None) -> xr.Dataset:
     """The three cutoffs, from cached contributions/logit-lens results with these parameters (computed if absent)."""
     inputs = []
     for name, params in (("contributions", {"include_first": include_first}),

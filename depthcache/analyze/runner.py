@@ -19,12 +19,13 @@ import zarr
 import depthcache
 from depthcache.analyze.registry import check_params, get
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import is_url, local_name, write_dataset_atomically
+from depthcache.limits import MAX_RESULT_BYTES
+from depthcache.store.io import is_url, local_name, parse_json, write_dataset_atomically
+from depthcache.store.layout import is_checksummed
 from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"
 SCHEDULER_ENV = "DEPTHCACHE_SCHEDULER"
-MAX_RESULT_BYTES = 2**30  # a cached result larger than this is not loaded (stores are untrusted)
 
 
 @contextmanager
@@ -67,8 +68,24 @@ def result_path(store: Store, name: str, results_dir: str | None = None) -> tupl
         return str(Path(results_dir) / f"{name}.zarr"), None
     if writable(store.location):
         return store.location, f"analyses/{name}"
-    here = local_name(store.location)  # a remote store's results go to a local folder named after it
+    here = Path.cwd() / local_name(store.location).name  # a remote or read-only store's results: ./NAME.analyses/
     return str(here.with_name(f"{here.name}.analyses") / f"{name}.zarr"), None
+
+
+def check_results_location(location: str) -> None:
+    """Refuse, before computing, a results folder that cannot be created or written (a file in the way, no
+    permission): the error says to pass --results."""
+    if is_url(location):
+        return
+    path = Path(location).resolve()
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is None:
+        return
+    if not blocker.is_dir() or (blocker == path and not (path / "zarr.json").exists() and any(path.iterdir())):
+        raise DepthcacheError(f"cannot save results at {location}: {blocker} is in the way (not a results folder); "
+                              "pass --results FOLDER")
+    if not os.access(blocker, os.W_OK | os.X_OK):
+        raise DepthcacheError(f"cannot save results at {location}: {blocker} is not writable; pass --results FOLDER")
 
 
 def canonical(params: dict[str, Any]) -> str:
@@ -86,14 +103,25 @@ def load_cached(location: str, group: str | None, expected: dict[str, Any]) -> x
     """The cached result if it exists and was computed from the same stores with the same parameters."""
     try:
         ds = xr.open_zarr(location, group=group, consolidated=False)
-    except (FileNotFoundError, KeyError, OSError, ValueError):
+    except (FileNotFoundError, KeyError, OSError, ValueError, TypeError, RecursionError):
         return None
     try:
-        meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
+        meta = parse_json(ds.attrs.get(RESULT_ATTR, "{}"), "a cached result's provenance")
         same = all(meta.get(k) == expected[k] for k in ("name", "params", "sources", "code_version"))
-    except (ValueError, TypeError, AttributeError):  # a damaged cached result is recomputed
+    except (DepthcacheError, TypeError, AttributeError):  # a damaged cached result is recomputed
         return None
-    return ds.load() if same and ds.nbytes <= MAX_RESULT_BYTES else None
+    return verified_load(ds) if same else None
+
+
+def verified_load(ds: xr.Dataset) -> xr.Dataset | None:
+    """A cached result loaded if it is checksummed, bounded and decodes cleanly; None (recompute it) otherwise."""
+    if ds.nbytes > MAX_RESULT_BYTES or not all(is_checksummed(v.encoding.get("compressors"))
+                                                for v in ds.variables.values()):
+        return None
+    try:
+        return ds.load()
+    except Exception:  # noqa: BLE001 - a corrupt cached result (checksum, codec) is recomputed, never trusted
+        return None
 
 
 def save(result: xr.Dataset, location: str, group: str | None) -> None:
@@ -104,8 +132,9 @@ def save(result: xr.Dataset, location: str, group: str | None) -> None:
     write_dataset_atomically(result, folder)
 
 
-def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
-    """An error naming the array and token chunk that failed its checksum (found by re-reading every chunk)."""
+def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError | None:
+    """An error naming the array and token chunk that failed to decode or checksum (found by re-reading every
+    chunk); None when every chunk reads cleanly (the failure was not the data's)."""
     from depthcache.store.schema import chunk_problems
 
     found = []
@@ -116,6 +145,8 @@ def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
             tokens = int(group.attrs["depthcache"]["progress"]["tokens_committed"])
             found += [f"{store.location}{'/' + path if path else ''}: {p}"
                       for p in chunk_problems(group, sorted(names), tokens)]
+    if not found and "checksum" not in str(exc):
+        return None
     where = "; ".join(found[:3]) or f"a chunk failed its checksum ({exc})"
     return DepthcacheError(f"corrupt data, nothing saved: {where}. Re-extract or copy the store again "
                            "(depthcache validate STORE lists every bad chunk)")
@@ -135,15 +166,16 @@ def cached_result(name: str, store: Store, params: dict[str, Any] | None = None,
     location, group = result_path(store, name, results_dir)
     try:
         ds = xr.open_zarr(location, group=group, consolidated=False)
-        meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
-    except (FileNotFoundError, KeyError, OSError, ValueError, TypeError):
+        meta = parse_json(ds.attrs.get(RESULT_ATTR, "{}"), "a cached result's provenance")
+    except (DepthcacheError, FileNotFoundError, KeyError, OSError, ValueError, TypeError, RecursionError):
         return None
-    if meta.get("name") != name or meta.get("sources") != [store.identity] or \
+    if not isinstance(meta, dict) or meta.get("name") != name or meta.get("sources") != [store.identity] or \
             meta.get("code_version") != depthcache.__version__:
         return None
-    if params is not None and result_params(name, meta.get("params", {})) != result_params(name, params):
+    if params is not None and (not isinstance(meta.get("params", {}), dict)
+                               or result_params(name, meta.get("params", {})) != result_params(name, params)):
         return None
-    return ds.load()
+    return verified_load(ds)
 
 
 def run(name: str, *locations: str | Store, force: bool = False, scheduler_address: str | None = None,
@@ -158,13 +190,15 @@ def run(name: str, *locations: str | Store, force: bool = False, scheduler_addre
     location, group = result_path(stores[-1], name, results_dir)
     if not force and (cached := load_cached(location, group, expected)) is not None:
         return cached
+    check_results_location(location)
     with scheduler(scheduler_address):
         try:
             result = spec.compute(*stores, **params).compute()
-        except ValueError as exc:
-            if "checksum" not in str(exc):
+        except (ValueError, RuntimeError) as exc:  # a chunk that fails to decode: find and name it
+            corrupt = corruption_error(stores, exc)
+            if corrupt is None:
                 raise
-            raise corruption_error(stores, exc) from exc
+            raise corrupt from exc
     result.attrs[RESULT_ATTR] = json.dumps(expected | {"created": datetime.now(timezone.utc).isoformat()})
     save(result, location, group)
     return result

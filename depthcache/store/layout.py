@@ -107,7 +107,8 @@ def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         layer[:] = np.asarray(layout.layers, dtype=np.int32)
 
 
-def is_checksummed(codecs: Sequence[Any]) -> bool:
-    """True if an array's codec list (from its zarr.json) ends with crc32c: every chunk carries its checksum."""
+def is_checksummed(codecs: Sequence[Any] | None) -> bool:
+    """True if an array's codecs (dicts from its zarr.json, or codec objects) end with crc32c: every chunk carries
+    its checksum."""
     last = codecs[-1] if codecs else None
-    return isinstance(last, dict) and last.get("name") == "crc32c"
+    return isinstance(last, Crc32cCodec) or (isinstance(last, dict) and last.get("name") == "crc32c")

@@ -5,6 +5,7 @@ over that listing, and the problems reported are capped (MAX_REPORTED_PROBLEMS l
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -37,7 +38,7 @@ from depthcache.store.layout import (
     TOKEN_ARRAYS,
     is_checksummed,
 )
-from depthcache.store.problems import Problems, chunk_key, chunks_by_array, grid_problems
+from depthcache.store.problems import MAX_KEYS, Problems, chunk_key, chunks_by_array, grid_problems
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 ANALYSES = "analyses"
@@ -316,8 +317,11 @@ def read_result_problems(name: str, arrays: Mapping[str, zarr.Array], problems: 
         try:
             array[...]
         except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt result to report
-            problems.add(f"{ANALYSES}/{name}/{array_name}: {type(exc).__name__}: {shorten(str(exc))}: recompute it "
-                         f"with depthcache analyze {name} STORE --force")
+            path = f"{ANALYSES}/{name}/{array_name}"
+            problems.add(f"{path}: {type(exc).__name__}: {shorten(str(exc))}: recompute it with depthcache analyze "
+                         f"{name} STORE --force")
+            problems.keys.update(itertools.islice((chunk_key(path, c) for c in np.ndindex(*array.cdata_shape)),
+                                                  MAX_KEYS))
             continue
         problems.count_read(label)
 
