@@ -120,7 +120,7 @@ class ChunkWriter:
             full = exc.errno == errno.ENOSPC
             raise DepthcacheError(
                 f"{'disk full' if full else exc.strerror or exc} while writing tokens {self.chunk_start}..{stop}; "
-                f"the {self.chunk_start:,} tokens before are committed and intact: "
+                f"the first {self.chunk_start:,} tokens are committed and intact: "
                 f"{'free space' if full else 'fix that'} and rerun with --resume") from exc
         self.bytes_written += sum(b[along(token_axis(self.arrays[n]), b.ndim, 0, self.filled)].nbytes
                                   for n, b in self.buffers.items())

@@ -207,6 +207,10 @@ def head_array_problems(path: str, array: zarr.Array, shape: tuple[int, ...] | N
         problems.add(f"array {path!r} is {array.dtype} {tuple(array.shape)}, expected float32 {shape} from the "
                      "store's attributes")
         return
+    if array.nbytes > physical_memory() // 2:
+        problems.add(f"array {path!r} of shape {tuple(array.shape)} would take more than half of this machine's "
+                     "memory")
+        return
     problem = chunking_problem(array)
     if problem:
         problems.add(f"array {path!r} {problem}")

@@ -23,13 +23,22 @@ from depthcache.limits import (
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
     MAX_D_MODEL,
+    MAX_JSON_DEPTH,
     MAX_METADATA_BYTES,
     MAX_RESULT_BYTES,
     max_object_bytes,
 )
 from depthcache.store.head import head_problems
-from depthcache.store.io import METADATA, NOT_A_FILE, check_json_depth, object_listing, open_group, read_attrs
-from depthcache.store.io import version_tuple
+from depthcache.store.io import (
+    METADATA,
+    NOT_A_FILE,
+    check_json_depth,
+    json_depth,
+    object_listing,
+    open_group,
+    read_attrs,
+    version_tuple,
+)
 from depthcache.store.layout import (
     ATTRS_KEY,
     CHECKSUMMED_HEAD,
@@ -56,8 +65,14 @@ def attr_problems(attrs: Any) -> list[str]:
     """Every way ``attrs`` breaks the store schema, as 'path: message' lines (empty when valid; messages cut short,
     since they quote the offending value)."""
     validator = jsonschema.Draft202012Validator(load_schema())
-    return [f"attributes.{ATTRS_KEY}.{'.'.join(map(str, e.absolute_path)) or '(root)'}: {shorten(e.message)}"
+    return [f"attributes.{ATTRS_KEY}.{'.'.join(map(str, e.absolute_path)) or '(root)'}: {error_message(e)}"
             for e in sorted(validator.iter_errors(attrs), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def error_message(error: jsonschema.ValidationError) -> str:
+    """A schema error's message with the offending value cut short (it may be megabytes long)."""
+    value = repr(error.instance)
+    return shorten(error.message.replace(value, shorten(value, 60)) if len(value) > 60 else error.message)
 
 
 def shorten(text: str, limit: int = 200) -> str:
@@ -222,6 +237,11 @@ def store_problems(group: zarr.Group, attrs: dict[str, Any], objects: Mapping[st
     if problems:
         return
     arrays = dict(group.arrays())  # each zarr.json read once (every read is a request on object storage)
+    for name, array in arrays.items():  # before xarray copies attributes recursively
+        if json_depth(array.metadata.attributes) > MAX_JSON_DEPTH:
+            problems.add(f"array {name!r} has attributes nested more than {MAX_JSON_DEPTH} levels deep")
+    if problems:
+        return
     structure_problems(arrays, attrs, problems, require_all="intervention" not in attrs)
     if problems:
         return
