@@ -186,6 +186,10 @@ def run(name: str, *locations: str | Store, force: bool = False, scheduler_addre
     if len(stores) != spec.n_stores:
         raise DepthcacheError(f"analysis {name!r} takes {spec.n_stores} store(s), got {len(stores)}")
     check_params(spec, params)
+    empty = [s.location for s in stores if int(s.attrs["progress"]["tokens_committed"]) == 0]
+    if empty:
+        raise DepthcacheError(f"{empty[0]} has no committed tokens yet (nothing to analyse): finish its extraction "
+                              "with depthcache extract ... --resume")
     expected = provenance(name, stores, params)
     location, group = result_path(stores[-1], name, results_dir)
     if not force and (cached := load_cached(location, group, expected)) is not None:

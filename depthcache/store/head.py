@@ -17,7 +17,7 @@ from depthcache.errors import DepthcacheError
 from depthcache.limits import (
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
-    MAX_TOKENIZER_FILE_BYTES,
+    MAX_TOKENIZER_BYTES,
     MAX_TOKENIZER_FILES,
     max_object_bytes,
 )
@@ -127,8 +127,8 @@ def checked_array(group: zarr.Group, name: str, shape: tuple[int, ...], every_ch
     try:
         values = array[...]
     except Exception as exc:  # noqa: BLE001 - corrupt untrusted bytes may fail any codec in any way
-        raise DepthcacheError(f"the store's model/{name} is corrupt ({type(exc).__name__}: {exc}); copy or "
-                              "re-extract the store") from exc
+        raise DepthcacheError(f"the store's model/{name} is corrupt ({type(exc).__name__}: {str(exc)[:200]}); copy "
+                              "or re-extract the store") from exc
     if not np.isfinite(values).all():
         raise DepthcacheError(f"the store's model/{name} holds non-finite values")
     return values
@@ -136,19 +136,23 @@ def checked_array(group: zarr.Group, name: str, shape: tuple[int, ...], every_ch
 
 def tokenizer_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
     """The stored tokenizer files' arrays by file name, names and shapes checked (nothing read yet) so no name can
-    escape a folder and no file is larger than MAX_TOKENIZER_FILE_BYTES."""
+    escape a folder and the files together take at most MAX_TOKENIZER_BYTES."""
+    if TOKENIZER_GROUP not in group:
+        raise DepthcacheError("the store has no model/tokenizer/ group; re-extract it")
     arrays = sorted(group[TOKENIZER_GROUP].arrays())
     if len(arrays) > MAX_TOKENIZER_FILES:
         raise DepthcacheError(f"the store's tokenizer has {len(arrays)} files, more than {MAX_TOKENIZER_FILES}")
+    total = sum(math.prod(arr.shape) for _, arr in arrays)
+    if total > MAX_TOKENIZER_BYTES:
+        raise DepthcacheError(f"the store's tokenizer files take {total:,} bytes, more than {MAX_TOKENIZER_BYTES:,}")
     files: dict[str, zarr.Array] = {}
     for _, arr in arrays:
         name = arr.attrs.get("filename", "")
         if (not isinstance(name, str) or len(name) > MAX_FILENAME or PurePosixPath(name).name != name
                 or "\\" in name or name.startswith(".") or not name.endswith(TOKENIZER_SUFFIXES) or name in files):
             raise DepthcacheError(f"store tokenizer file name {name[:MAX_FILENAME]!r} is not allowed")
-        if arr.ndim != 1 or arr.dtype != np.uint8 or arr.shape[0] > MAX_TOKENIZER_FILE_BYTES:
-            raise DepthcacheError(f"store tokenizer file {name!r} is {arr.dtype} {arr.shape}, expected uint8 bytes "
-                                  f"of at most {MAX_TOKENIZER_FILE_BYTES} bytes")
+        if arr.ndim != 1 or arr.dtype != np.uint8:
+            raise DepthcacheError(f"store tokenizer file {name!r} is {arr.dtype} {arr.shape}, expected uint8 bytes")
         files[name] = arr
     return files
 
@@ -161,8 +165,8 @@ def tokenizer_files(group: zarr.Group, attrs: dict[str, Any] | None = None) -> d
     except DepthcacheError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt untrusted bytes may fail any codec in any way
-        raise DepthcacheError(f"the store's tokenizer files are corrupt ({type(exc).__name__}: {exc}); copy or "
-                              "re-extract the store") from exc
+        raise DepthcacheError(f"the store's tokenizer files are corrupt ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "copy or re-extract the store") from exc
     if attrs is not None and tokenizer_sha256(files) != attrs["model"]["tokenizer_sha256"]:
         raise DepthcacheError("the store's tokenizer files do not match the sha256 recorded at extraction; copy or "
                               "re-extract the store")
