@@ -19,9 +19,9 @@ install: $(BIN)/depthcache
 demo: install
 	$(BIN)/depthcache extract --out $(DEMO) --max-tokens 8192 --resume
 	$(BIN)/depthcache info $(DEMO)
-	$(BIN)/depthcache plot $(DEMO) residual-norms
-	$(BIN)/depthcache plot $(DEMO) contributions
-	$(BIN)/depthcache plot $(DEMO) logit-lens
+	$(BIN)/depthcache plot residual-norms $(DEMO)
+	$(BIN)/depthcache plot contributions $(DEMO)
+	$(BIN)/depthcache plot logit-lens $(DEMO)
 
 test: install
 	$(BIN)/python -m pytest -q

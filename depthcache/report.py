@@ -1,4 +1,4 @@
-"""A shareable, self-contained HTML report of a store: provenance and every cached analysis with its figures.
+"""A shareable, self-contained HTML report of a store: provenance and every cached analysis result with its figures.
 
 Everything read from the store is untrusted and HTML-escaped; figures are drawn by the analyses' own plot
 functions and embedded as base64 PNGs, so the page is one file that opens anywhere.
@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,11 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze.registry import load_all
-from depthcache.analyze.runner import RESULT_ATTR
 from depthcache.errors import DepthcacheError
-from depthcache.limits import MAX_RESULT_BYTES
-from depthcache.store.head import every_chunk_written
+from depthcache.store import results
 from depthcache.store.io import parse_json
-from depthcache.store.layout import is_checksummed
 from depthcache.store.reader import Store
+from depthcache.store.results import RESULT_ATTR
 
 MAX_CELL = 2000  # characters of one table cell (store values are untrusted and may be huge)
 
@@ -72,45 +71,42 @@ def value_rows(result: xr.Dataset) -> list[tuple[str, str, str, str, str, str]]:
     return rows
 
 
-def cached_names(store: Store) -> list[str]:
-    """Names of the analyses cached under ``analyses/`` in the store."""
-    group = store.group
-    return sorted(group["analyses"].group_keys()) if "analyses" in group.group_keys() else []
+def cached_entries(store: Store, results_dir: str | None = None) -> dict[str, results.Entry]:
+    """The current cached result of every analysis of ``store`` by label (several parameter sets: 'NAME (KEY=VALUE,
+    ...)'), not loaded yet: the report loads one at a time."""
+    current = [e for e in results.all_entries(store, results_dir) if results.belongs(e, store)]
+    counts = Counter(e.name for e in current)
+    return {(entry.name if counts[entry.name] == 1 else f"{entry.name} ({results.params_text(entry.params)})"): entry
+            for entry in current}
 
 
-def cached_result(store: Store, name: str) -> xr.Dataset:
-    """One cached analysis, size-checked, checksummed (schema >= 1.3) and decoded, or an error saying to recompute it."""
-    redo = f"recompute it with depthcache analyze {name} {store.location} --force"
-    try:
-        ds = xr.open_zarr(store.group.store, group=f"analyses/{name}", consolidated=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged cached result is reported, not fatal
-        raise DepthcacheError(f"cached analysis {name!r} in {store.location} is unreadable "
-                              f"({type(exc).__name__}); {redo}") from exc
-    if ds.nbytes > MAX_RESULT_BYTES:
-        raise DepthcacheError(f"cached analysis {name!r} in {store.location} is implausibly large; {redo}")
-    if every_chunk_written(store.attrs) and not all(is_checksummed(v.encoding.get("compressors"))
-                                                   for v in ds.variables.values()):
-        raise DepthcacheError(f"cached analysis {name!r} in {store.location} is not checksummed; {redo}")
-    try:
-        return ds.load()
-    except Exception as exc:  # noqa: BLE001 - a corrupt cached result (checksum, codec) is reported, not shown
-        raise DepthcacheError(f"cached analysis {name!r} in {store.location} is corrupt ({type(exc).__name__}); "
-                              f"{redo}") from exc
+def loaded(entry: results.Entry) -> xr.Dataset:
+    """One cached result in memory (bounded, checksummed), or an error saying to recompute it."""
+    ds = results.load(entry)
+    if ds is None:
+        raise DepthcacheError(f"cached analysis {entry.name!r} is unreadable, implausibly large, not checksummed or "
+                              f"corrupt; recompute it with depthcache analyze {entry.name} STORE --force")
+    return ds
 
 
 def figures(name: str, result: xr.Dataset) -> list[str]:
     """The analysis's figures as base64 PNG strings (none if it has no plot or is unknown here)."""
-    spec = load_all().get(name)
+    spec = load_all().get(analysis_name(name))
     if spec is None or spec.plot is None:
         return []
     with tempfile.TemporaryDirectory() as tmp:
         try:
             paths = spec.plot(result, Path(tmp))
         except Exception as exc:  # noqa: BLE001 - a cached result is untrusted: junk in it fails plotting anyhow
-            raise DepthcacheError(f"cached analysis {name!r} is not a {name} result this version can draw "
-                                  f"({type(exc).__name__}: {str(exc)[:200]}); recompute it with depthcache analyze "
-                                  f"{name} STORE --force") from exc
+            raise DepthcacheError(f"cached analysis {name!r} is not a {analysis_name(name)} result this version can "
+                                  f"draw ({type(exc).__name__}: {str(exc)[:200]}); recompute it with depthcache "
+                                  f"analyze {analysis_name(name)} STORE --force") from exc
         return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
+
+
+def analysis_name(label: str) -> str:
+    """The analysis of a report section label ('logit-lens (max_tokens=2048)' → 'logit-lens')."""
+    return label.split(" (", 1)[0]
 
 
 def analysis_section(name: str, result: xr.Dataset) -> str:
@@ -120,7 +116,7 @@ def analysis_section(name: str, result: xr.Dataset) -> str:
     except (DepthcacheError, TypeError):
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
-    spec = load_all().get(name)
+    spec = load_all().get(analysis_name(name))
     parts = [f'<section class="analysis" id="analysis-{esc(name)}"><h2>{esc(name)}</h2>',
              f"<p>{esc(spec.summary if spec else 'analysis unknown to this depthcache version')}</p>",
              table([("parameters", meta.get("params", {})), ("computed", meta.get("created", "?")),
@@ -131,26 +127,29 @@ def analysis_section(name: str, result: xr.Dataset) -> str:
     return "\n".join(parts)
 
 
-def build_report(location: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def build_report(location: str, storage_options: Mapping[str, Any] | None = None,
+                 results_dir: str | None = None) -> str:
     """The whole HTML page for the store at ``location``."""
     store = Store(location, dict(storage_options or {}))
     attrs = store.attrs
-    names = cached_names(store)
+    found = cached_entries(store, results_dir)
     title = f"depthcache report — {attrs['model']['spec']} on {attrs['dataset']['name']}"
     body = [f"<h1>{esc(title)}</h1>", f"<p>Store <code>{esc(location)}</code>; runs: "
-            f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(names) or '(none)')}.</p>",
+            f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(found) or '(none)')}.</p>",
             "<h2>Provenance</h2>", table(provenance_rows(attrs), ("section", "field", "value"), "provenance")]
-    body += [analysis_section(name, cached_result(store, name)) for name in names]  # one result in memory at a time
-    if not names:
-        body.append("<p>No analyses are cached in this store yet: run <code>depthcache analyze NAME STORE</code>.</p>")
+    body += [analysis_section(name, loaded(entry)) for name, entry in found.items()]  # one result in memory at a time
+    if not found:
+        body.append("<p>No analyses are cached for this store yet: run <code>depthcache analyze NAME STORE</code>."
+                    "</p>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(location: str, out: str, storage_options: Mapping[str, Any] | None = None) -> Path:
-    """Write the report of ``location`` to the file ``out``; returns its path."""
+def write_report(location: str, out: str, storage_options: Mapping[str, Any] | None = None,
+                 results_dir: str | None = None) -> Path:
+    """Write the report of ``location`` (with the results cached in ``results_dir`` too) to ``out``."""
     path = Path(out)
-    page = build_report(location, storage_options)
+    page = build_report(location, storage_options, results_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")

@@ -71,6 +71,30 @@ def place(location: str, storage_options: Mapping[str, Any] | None = None) -> Pl
     return Place(fs, root.rstrip("/"))
 
 
+def bucket(location: str) -> str | None:
+    """'s3://bucket' of a URL (its first path component after the protocol); None for local folders."""
+    if not is_url(location):
+        return None
+    protocol, _, rest = str(location).partition("://")
+    return f"{protocol}://{rest.split('/', 1)[0]}"
+
+
+def require_bucket(where: Place, location: str) -> None:
+    """Refuse, in one line, a URL whose bucket does not exist (or cannot be seen with these credentials)."""
+    name = bucket(location)
+    if name is None:
+        return
+    try:
+        found = where.fs.exists(name.partition("://")[2])
+    except (OSError, PermissionError, ValueError) as exc:
+        raise DepthcacheError(f"cannot reach {name}: {exc} (check the credentials and --storage-option "
+                              "endpoint_url=...)") from exc
+    if not found:
+        how = f" (e.g. aws s3 mb {name})" if name.startswith("s3://") else ""
+        raise DepthcacheError(f"the bucket {name} does not exist (or these credentials cannot see it): create it "
+                              f"first{how}, or name an existing bucket")
+
+
 def listing(where: Place) -> dict[str, int]:
     """Relative key → size of every object under the store root ({} if it does not exist)."""
     where.fs.invalidate_cache()
@@ -223,25 +247,31 @@ def copy_store(source: str, destination: str, source_options: Mapping[str, Any] 
 
     started = time.perf_counter()
     src, dst = place(source, source_options), place(destination, destination_options)
+    require_bucket(src, source)
     objects, ignored = source_objects(src, source)
     src_attrs = source_attrs(src, source, objects.get(ROOT_METADATA))
+    require_bucket(dst, destination)
     check_same_store(dst, src_attrs, destination)
     dst_sizes = listing(dst)
     keys = sorted(k for k in objects if k != ROOT_METADATA)
     checksummed = checksummed_arrays(src, objects, jobs) if dst_sizes else set()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes, checksummed),
-                                          keys)))
-    todo = [k for k in keys if not present[k]]
-    sizes = copy_all(src, dst, todo, jobs) + [copy_object(src, dst, ROOT_METADATA)]
-    if not verify:
-        return CopyReport(len(todo) + 1, len(keys) - len(todo), sum(sizes), time.perf_counter() - started, (),
-                          ignored=ignored)
-    found, whole = verification(destination, objects, dst, destination_options)
-    refetch = sorted(k for k in found.keys if k in objects)
-    if refetch:  # fetch what failed again (e.g. a chunk damaged at the destination), then check everything again
-        sizes += copy_all(src, dst, refetch, jobs)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes, checksummed),
+                                              keys)))
+        todo = [k for k in keys if not present[k]]
+        sizes = copy_all(src, dst, todo, jobs) + [copy_object(src, dst, ROOT_METADATA)]
+        if not verify:
+            return CopyReport(len(todo) + 1, len(keys) - len(todo), sum(sizes), time.perf_counter() - started, (),
+                              ignored=ignored)
         found, whole = verification(destination, objects, dst, destination_options)
+        refetch = sorted(k for k in found.keys if k in objects)
+        if refetch:  # fetch what failed again (e.g. a chunk damaged at the destination), then check everything again
+            sizes += copy_all(src, dst, refetch, jobs)
+            found, whole = verification(destination, objects, dst, destination_options)
+    except OSError as exc:
+        raise DepthcacheError(f"copying {source} to {destination} stopped: {exc}; fix the cause and run the same "
+                              "command again (it resumes)") from exc
     return CopyReport(len(todo) + 1, len(keys) - len(todo), sum(sizes), time.perf_counter() - started,
                       tuple(found.report()), verified(found), len(refetch), ignored, tuple(found.notes),
                       source_damaged=bool(found) and whole)

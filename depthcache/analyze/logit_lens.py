@@ -1,4 +1,4 @@
-"""logit-lens: what each layer's residual would predict through the final norm and unembedding (analyses.md §3).
+"""logit-lens: what each layer's residual would predict through the final norm and unembedding (docs/analyses.md).
 
 For every stored layer's input h_l and the final residual h_L, per token: KL(lens_l ‖ final), whether the top-1
 tokens agree, and the overlap |top5_l ∩ top5_final| / 5, where the final distribution is the lens of h_L (the
@@ -73,9 +73,10 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     agree.plot(layers, result.top1_agreement, marker="o", ms=3, label="top-1 agreement")
     agree.plot(layers, result.top5_overlap, marker="s", ms=3, label="top-5 overlap")
     agree.set(ylabel="fraction (mean over tokens)", ylim=(-0.02, 1.02), title="Logit lens: agreement with the output")
-    agree.legend()
+    plotting.legend_outside(agree)
     for ax in (kl, agree):
         ax.set_xlabel(f"layer (input of layer l; {depth} = final residual)")
+        plotting.layer_axis(ax)
         ax.secondary_xaxis("top", functions=(lambda x: x / depth, lambda x: x * depth)).set_xlabel(
             "relative depth l / L")
     first = "included" if result.attrs["include_first"] else "excluded"

@@ -18,7 +18,7 @@ import xarray as xr
 
 from depthcache.errors import DepthcacheError
 
-FRAMEWORK_MODULES = {"registry", "source", "runner", "reduce", "plotting"}
+FRAMEWORK_MODULES = {"registry", "runner", "reduce", "plotting", "text"}
 
 
 @dataclass(frozen=True)
@@ -30,19 +30,21 @@ class Analysis:
     compute: Callable[..., xr.Dataset]
     n_stores: int = 1
     plot: Callable[[xr.Dataset, Path], list[Path]] | None = None
+    describe: Callable[[xr.Dataset], str] | None = None  # one line for the command line's summary
 
 
 ANALYSES: dict[str, Analysis] = {}
 
 
 def analysis(name: str, summary: str, n_stores: int = 1,
-             plot: Callable[[xr.Dataset, Path], list[Path]] | None = None) -> Callable[[Callable[..., xr.Dataset]],
-                                                                                      Callable[..., xr.Dataset]]:
+             plot: Callable[[xr.Dataset, Path], list[Path]] | None = None,
+             describe: Callable[[xr.Dataset], str] | None = None) -> Callable[[Callable[..., xr.Dataset]],
+                                                                             Callable[..., xr.Dataset]]:
     """Decorator registering ``compute`` under ``name`` (the CLI name, e.g. 'logit-lens')."""
     def register(compute: Callable[..., xr.Dataset]) -> Callable[..., xr.Dataset]:
         if name in ANALYSES:
             raise RuntimeError(f"analysis {name!r} registered twice")
-        ANALYSES[name] = Analysis(name, summary, compute, n_stores, plot)
+        ANALYSES[name] = Analysis(name, summary, compute, n_stores, plot, describe)
         return compute
     return register
 
@@ -155,12 +157,3 @@ def typing_name(hint: Any) -> str:
 def describe() -> list[tuple[str, str, int]]:
     """(name, summary, number of stores) of every analysis, sorted by name."""
     return [(a.name, a.summary, a.n_stores) for a in sorted(load_all().values(), key=lambda a: a.name)]
-
-
-def plot_with(name: str) -> Callable[[Callable[[xr.Dataset, Path], list[Path]]], Any]:
-    """Decorator attaching a plot function to an already registered analysis."""
-    def attach(plot: Callable[[xr.Dataset, Path], list[Path]]) -> Callable[[xr.Dataset, Path], list[Path]]:
-        a = ANALYSES[name]
-        ANALYSES[name] = Analysis(a.name, a.summary, a.compute, a.n_stores, plot)
-        return plot
-    return attach

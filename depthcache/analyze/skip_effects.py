@@ -1,4 +1,4 @@
-"""skip-effects: how skipping a layer changes every later layer's contribution and the output (analyses.md §2).
+"""skip-effects: how skipping a layer changes every later layer's contribution and the output (docs/interventions.md).
 
 For each single-layer skip run (``depthcache extract --skip ...``) of the chosen variant and sublayer, and each
 stored layer l: the relative change of the layer's contribution ``‖d_l^skip − d_l^base‖ / max(‖d_l^base‖, 1e-6)``
@@ -29,22 +29,26 @@ OUTPUT_SLICE = 128  # tokens per logits block inside a chunk (bounds memory at ~
 
 
 def plot(result: xr.Dataset, folder: Path) -> list[Path]:
-    """Heatmap of the max relative change (skipped layer × affected layer, 0..1) and the output effect per skip."""
+    """Heatmaps of the max and mean relative change (skipped layer × affected layer; the colour scale stops at 1 and
+    its bar says how many cells lie above) and the output effect per skip."""
     what = f"{result.attrs['variant']} variant, {result.attrs['sublayer']} skipped, {result.attrs['tokens']} tokens"
     paths = []
     for stat, label in (("max", "max"), ("mean", "mean")):
         fig, (heat, bars) = plotting.figure(2, width=5.4, height=4.6)
-        image = heat.imshow(result[f"{stat}_effect"].values, vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                            interpolation="nearest")
+        values = result[f"{stat}_effect"].values
+        above = int((values > 1).sum())
+        image = heat.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
         heat.set_xticks(*ticks(result.layer.values))
         heat.set_yticks(*ticks(result.skipped_layer.values))
-        heat.set(xlabel="Effect @ layer", ylabel="Layer skipped",
-                 title=f"{label} over tokens of ‖Δd_l‖ / ‖d_l‖ (clipped at 1)")
-        fig.colorbar(image, ax=heat, fraction=0.046, pad=0.03)
+        heat.set(xlabel="Effect @ layer", ylabel="Layer skipped", title=f"{label} over tokens of ‖Δd_l‖ / ‖d_l‖")
+        bar = fig.colorbar(image, ax=heat, fraction=0.046, pad=0.03, extend="max" if above else "neither")
+        bar.set_label(f"colours stop at 1: {above} of {values.size} cells are above (max {np.nanmax(values):.3g})"
+                      if above else "‖Δd_l‖ / ‖d_l‖ (every cell ≤ 1)", fontsize=7)
         output = result.output_l2_max if stat == "max" else result.output_l2_mean
         bars.bar(result.skipped_layer.values, output.values, color="tab:red")
         bars.set(xlabel="Layer skipped", ylabel=f"{label} ‖p_skip − p_base‖₂",
                  title="Effect on the output distribution")
+        plotting.layer_axis(bars)
         fig.suptitle(plotting.model_title(result.attrs, f"Skipping one layer ({what})"), fontsize=9)
         paths.append(plotting.save(fig, folder, "skip-effects" if stat == "max" else "skip-effects-mean"))
     return paths

@@ -9,7 +9,6 @@ dataset (prune.zarr), one CSV row per step (prune.csv) and per step and item wit
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from depthcache.model import (
     only_layers,
     resolve_device,
 )
+from depthcache.store.io import require_writable
 from depthcache.tasks import TaskItem, load_task
 
 METRICS = ("likelihood", "generation")
@@ -77,14 +77,7 @@ def check_prune_options(opts: PruneOptions) -> None:
         folder = Path(opts.out)
         if folder.exists() and not folder.is_dir():
             raise DepthcacheError(f"--out {opts.out} is a file: give a folder for the outputs")
-        parent = folder.resolve().parent
-        while not parent.exists():  # missing folders are created when the outputs are written
-            parent = parent.parent
-        try:
-            with tempfile.TemporaryFile(dir=parent):
-                pass
-        except OSError as exc:
-            raise DepthcacheError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out") from exc
+        require_writable(folder)  # missing folders are created when the outputs are written
 
 
 @dataclass

@@ -11,7 +11,6 @@ import os
 import platform
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,7 +60,15 @@ from depthcache.model import (
     resolve_device,
 )
 from depthcache.store.head import tokenizer_sha256
-from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.identity import differences
+from depthcache.store.io import (
+    can_write,
+    open_group,
+    read_attrs,
+    replace_atomically,
+    require_writable,
+    write_attrs,
+)
 from depthcache.store.layout import (
     SCHEMA_VERSION,
     SITES,
@@ -72,7 +79,6 @@ from depthcache.store.layout import (
 
 LAYERED = ("resid_pre", "attn_out", "mlp_out")
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IDENTITY_OPTIONS = ("sites", "layers", "max_tokens", "seq_len", "batch_size", "dtype", "top_k")
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class ExtractOptions:
     batch_size: int = 8
     dtype: str = "bfloat16"
     top_k: int = 20
-    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB
+    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB (≤ tokens)
     device: str = "auto"
     resume: bool = False
     progress: bool | None = None  # None: a bar on a terminal only
@@ -143,22 +149,12 @@ def check_destination(out: str, resume: bool) -> bool:
                                   "(with identical options), or choose another --out")
         if not (path / "zarr.json").exists():
             raise DepthcacheError(f"{out} exists and is not a depthcache store; refusing to write into it")
-        check_writable(path, f"cannot resume into {out}")
+        if not can_write(path):
+            raise DepthcacheError(f"cannot resume into {out}: it is not writable (a read-only copy?); resume a "
+                                  "writable copy of it")
         return True
-    parent = path.resolve().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    check_writable(existing, f"cannot create {out}")
+    require_writable(path)  # nothing is created before every check has passed (prepare_store makes the folders)
     return False
-
-
-def check_writable(folder: Path, doing: str) -> None:
-    """Refuse a folder this process cannot create files in, saying what could not be done."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise DepthcacheError(f"{doing}: {folder} is not writable ({exc.strerror or exc}); choose a writable "
-                              "--out") from exc
 
 
 def make_parents(folder: Path) -> list[Path]:
@@ -224,21 +220,9 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
     }
 
 
-def identity(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The fields that must match for --resume to continue a store."""
-    return {"model.weights_sha256": attrs["model"].get("weights_sha256"),
-            "model.spec": attrs["model"].get("spec") if attrs["model"].get("weights_sha256") is None else None,
-            "model.tokenizer_sha256": attrs["model"].get("tokenizer_sha256"),
-            "dataset.sha256": attrs["dataset"]["sha256"],
-            **{f"options.{k}": attrs["options"][k] for k in IDENTITY_OPTIONS},
-            "layout.num_workers": attrs["layout"].get("num_workers", 1),
-            "options.device_type": str(attrs["options"]["device"]).split(":")[0]}
-
-
 def compare_identity(existing: dict[str, Any], new: dict[str, Any], out: str) -> None:
     """Refuse to resume a store made from another model, dataset or options."""
-    old_id, new_id = identity(existing), identity(new)
-    diffs = [f"  {k}: store has {old_id[k]!r}, this run has {new_id[k]!r}" for k in old_id if old_id[k] != new_id[k]]
+    diffs = differences(existing, new)
     if diffs:
         raise DepthcacheError(f"{out} was extracted with other settings; refusing to mix them:\n" + "\n".join(diffs))
 
@@ -369,7 +353,7 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
         write_model_group(group, loaded)
         write_attrs(group, attrs)
         try:
-            os.replace(tmp, out)
+            replace_atomically(tmp, out)
         except OSError:
             if (out / "zarr.json").exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -432,7 +416,7 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None) -> di
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
-                                                            STORED_DTYPES[opts.dtype].itemsize)
+                                                            STORED_DTYPES[opts.dtype].itemsize, plan.n_tokens)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens)
     attrs["layout"]["num_workers"] = worker.count
     task = isinstance(docs, TaskDocuments)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import zarr
 
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import local_root
+from depthcache.store.io import fsync_path, local_root
 
 
 def token_axis(array: zarr.Array) -> int:
@@ -32,15 +31,6 @@ def chunk_file(array: zarr.Array, chunk_index: int) -> str:
     grid = ["0"] * array.ndim
     grid[token_axis(array)] = str(chunk_index)
     return "/".join(["c", *grid])
-
-
-def fsync_path(path: Path) -> None:
-    """Force one file's bytes (or one folder's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_chunk(array_folder: Path, key: str) -> None:

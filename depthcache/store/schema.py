@@ -40,11 +40,11 @@ from depthcache.store.io import (
     version_tuple,
 )
 from depthcache.store.layout import (
+    ARRAYS,
     ATTRS_KEY,
     CHECKSUMMED_HEAD,
-    SITE_ARRAYS,
-    TASK_ARRAYS,
-    TOKEN_ARRAYS,
+    array_dtype,
+    array_shape,
     is_checksummed,
 )
 from depthcache.store.problems import MAX_KEYS, Problems, chunk_key, chunks_by_array, grid_problems
@@ -119,33 +119,25 @@ def check_attrs(attrs: Any) -> dict[str, Any]:
     return attrs
 
 
-def expected_shapes(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Shape of every array the attributes promise."""
-    n = attrs["layout"]["n_tokens"]
-    d = attrs["model"]["d_model"]
-    n_layers = len(attrs["options"]["layers"])
-    task = TASK_ARRAYS if "task" in attrs["dataset"] else {}  # schema 1.2 task stores
-    shapes: dict[str, tuple[int, ...]] = {name: (n,) for name in TOKEN_ARRAYS | task}
-    shapes |= {"topk_ids": (n, attrs["options"]["top_k"]), "topk_logprobs": (n, attrs["options"]["top_k"])}
-    for site in attrs["options"]["sites"]:
-        for name in SITE_ARRAYS[site]:
-            shapes[name] = (n, d) if name == "resid_final" else (n_layers, n, d)
-    return shapes
+def expected_arrays(attrs: dict[str, Any]) -> list[str]:
+    """Every array of the format the attributes promise, in table order."""
+    sites = attrs["options"]["sites"]
+    groups = {"base"} | ({"task"} if "task" in attrs["dataset"] else set())  # schema 1.2 task stores
+    groups |= {"run"} if "intervention" in attrs else set()  # a run's arrays are checked where present
+    return [name for name, spec in ARRAYS.items() if spec.group in groups and (spec.site is None or spec.site in sites)]
 
 
 def expected_metadata(attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The zarr metadata (shape, chunk shape, data type, dimension names) every known array must have."""
-    chunk, dtype = attrs["layout"]["chunk_tokens"], attrs["options"]["dtype"]
-    dims = {"resid_pre": ["layer", "token", "d_model"], "attn_out": ["layer", "token", "d_model"],
-            "mlp_out": ["layer", "token", "d_model"], "resid_final": ["token", "d_model"],
-            "topk_ids": ["token", "k"], "topk_logprobs": ["token", "k"]}
-    dtypes = TOKEN_ARRAYS | TASK_ARRAYS | {"topk_ids": "int32", "topk_logprobs": "float32", "skip_stop": "int32"}
-    runs_only = {"skip_stop": (attrs["layout"]["n_tokens"],)} if "intervention" in attrs else {}
-    shapes = expected_shapes(attrs) | runs_only
-    return {name: {"shape": list(shape), "dimension_names": dims.get(name, ["token"]),
-                   "data_type": dtypes.get(name, dtype),
-                   "chunk_shape": [chunk if d == "token" else n for d, n in zip(dims.get(name, ["token"]), shape)]}
-            for name, shape in shapes.items()}
+    lay, opts = attrs["layout"], attrs["options"]
+    result = {}
+    for name in expected_arrays(attrs):
+        dims = ARRAYS[name].dims
+        shape = array_shape(name, lay["n_tokens"], len(opts["layers"]), attrs["model"]["d_model"], opts["top_k"])
+        result[name] = {"shape": list(shape), "dimension_names": list(dims),
+                        "data_type": array_dtype(name, opts["dtype"]),
+                        "chunk_shape": [lay["chunk_tokens"] if d == "token" else n for d, n in zip(dims, shape)]}
+    return result
 
 
 def array_metadata(arrays: Mapping[str, zarr.Array], name: str) -> dict[str, Any]:
@@ -304,43 +296,61 @@ def chunk_problems(group: zarr.Group, names: list[str], tokens: int) -> list[str
     return problems.report()
 
 
+def result_groups(analyses: zarr.Group) -> Iterator[tuple[str, zarr.Group]]:
+    """Every cached result under ``analyses/`` with its path: ``NAME/KEY`` (one per parameter set), or ``NAME`` for
+    a result of the old layout (one dataset directly under the analysis's group)."""
+    for name in sorted(analyses.group_keys()):
+        group = analyses[name]
+        if any(True for _ in group.array_keys()):
+            yield name, group
+        for key in sorted(group.group_keys()):
+            yield f"{name}/{key}", group[key]
+
+
 def analyses_problems(analyses: zarr.Group, attrs: dict[str, Any], problems: Problems, read: bool) -> None:
     """Cached analysis results: every array checksummed (schema >= 1.3; older results get a note), at most
     MAX_RESULT_BYTES per result, and with ``read`` every chunk decoded (crc32c checked)."""
     current = version_tuple(str(attrs["schema_version"])) >= CHECKSUMMED_HEAD
-    for name in sorted(analyses.group_keys()):
+    try:
+        groups = list(result_groups(analyses))
+    except Exception as exc:  # noqa: BLE001 - untrusted metadata may break zarr's parser in any way
+        problems.add(f"{ANALYSES}/ is unreadable ({type(exc).__name__}: {shorten(str(exc))}): clear it with "
+                     "depthcache analyze NAME STORE --clear")
+        return
+    for path, group in groups:
+        name = path.split("/")[0]
+        redo = f"recompute it with depthcache analyze {name} STORE --force"
         try:
-            arrays = dict(analyses[name].arrays())
+            arrays = dict(group.arrays())
             size = sum(a.nbytes for a in arrays.values())
             unchecked = sorted(n for n, a in arrays.items() if not is_checksummed(a.metadata.to_dict()["codecs"]))
         except Exception as exc:  # noqa: BLE001 - untrusted metadata may break zarr's parser in any way
-            problems.add(f"{ANALYSES}/{name} is unreadable ({type(exc).__name__}: {shorten(str(exc))}): recompute it "
-                         f"with depthcache analyze {name} STORE --force")
+            problems.add(f"{ANALYSES}/{path} is unreadable ({type(exc).__name__}: {shorten(str(exc))}): {redo}")
             continue
         if size > MAX_RESULT_BYTES:
-            problems.add(f"{ANALYSES}/{name} declares {size:,} bytes, more than a cached result may take "
-                         f"({MAX_RESULT_BYTES:,})")
+            problems.add(f"{ANALYSES}/{path} declares {size:,} bytes, more than a cached result may take "
+                         f"({MAX_RESULT_BYTES:,}): {redo}")
             continue
         if unchecked and current:
-            problems.add(f"{ANALYSES}/{name}: {', '.join(unchecked)} not checksummed: recompute it with "
-                         f"depthcache analyze {name} STORE --force")
+            problems.add(f"{ANALYSES}/{path}: {', '.join(unchecked)} not checksummed: {redo}")
         elif unchecked:
             problems.note(UNCHECKSUMMED_RESULTS_NOTE)
         if read:
-            read_result_problems(name, arrays, problems, "cached analysis arrays (crc32c)" if not unchecked
+            read_result_problems(path, arrays, problems, "cached analysis arrays (crc32c)" if not unchecked
                                  else "cached analysis arrays (no checksum)")
 
 
-def read_result_problems(name: str, arrays: Mapping[str, zarr.Array], problems: Problems, label: str) -> None:
+def read_result_problems(path: str, arrays: Mapping[str, zarr.Array], problems: Problems, label: str) -> None:
     """Decode every array of one cached result (crc32c checked where present)."""
+    name = path.split("/")[0]
     for array_name, array in arrays.items():
         try:
             array[...]
         except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt result to report
-            path = f"{ANALYSES}/{name}/{array_name}"
-            problems.add(f"{path}: {type(exc).__name__}: {shorten(str(exc))}: recompute it with depthcache analyze "
+            where = f"{ANALYSES}/{path}/{array_name}"
+            problems.add(f"{where}: {type(exc).__name__}: {shorten(str(exc))}: recompute it with depthcache analyze "
                          f"{name} STORE --force")
-            problems.keys.update(itertools.islice((chunk_key(path, c) for c in np.ndindex(*array.cdata_shape)),
+            problems.keys.update(itertools.islice((chunk_key(where, c) for c in np.ndindex(*array.cdata_shape)),
                                                   MAX_KEYS))
             continue
         problems.count_read(label)
