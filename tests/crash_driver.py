@@ -91,6 +91,11 @@ def interrupt_problems(kill: Kill, code: int, stderr: str, store: Path, total: i
     problems = []
     if code == 0:
         return [] if committed(store) == total else [f"{name}: exit 0 with {committed(store)} of {total} tokens"]
+    if committed(store) == total:  # the signal came as the finished process was exiting: nothing to resume
+        lines = stderr.strip().splitlines()
+        ok = code in (128 + kill.signum, -kill.signum) and len(lines) <= 1 and all(
+            line.startswith("error: interrupted") for line in lines)
+        return [] if ok else [f"{name} after completion: exit {code}: {stderr[-500:]}"]
     if kill.signum == signal.SIGKILL:
         problems += [] if code == -signal.SIGKILL else [f"SIGKILL: exit status {code}"]
     elif code != 128 + kill.signum and code != -kill.signum:  # -signum: the signal came before Python set up
