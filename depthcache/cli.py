@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
 import click
 
 from depthcache.defaults import DEFAULT_MODEL
-from depthcache.errors import DepthcacheError
+from depthcache.errors import DepthcacheError, Interrupted
 
 MODEL_HELP = ("Alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m), local HF folder, .gguf "
               "file, or hub id.")
@@ -49,7 +50,8 @@ def task_options(required: bool, seed: bool) -> Any:
 
 
 class Commands(click.Group):
-    """A click group that turns DepthcacheError into 'error: …' and exit status 2."""
+    """A click group that turns DepthcacheError into 'error: …' and exit status 2, and an interrupt into
+    'error: …' (what was kept, how to continue) and 128 + the signal's number."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -57,6 +59,10 @@ class Commands(click.Group):
         except DepthcacheError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            click.echo(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted by SIGINT'}", err=True)
+            sys.exit(128 + signum)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -175,12 +181,14 @@ def info(store: str, results: str | None, storage_options: tuple[str, ...]) -> N
 @storage_option
 def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
     """Check a store against the schema, its shapes, and every chunk's checksum."""
-    from depthcache.store.schema import validate_store
+    from depthcache.store.schema import validate, verified
 
-    problems = validate_store(store, read_chunks=not quick, storage_options=parse_params(storage_options))
-    if problems:
-        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(problems))
-    click.echo(f"{store}: valid")
+    found = validate(store, read_chunks=not quick, storage_options=parse_params(storage_options))
+    if found:
+        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(found.report()))
+    click.echo(f"{store}: valid; {verified(found) if not quick else 'metadata and chunk presence checked (--quick)'}")
+    for note in found.notes:
+        click.echo(f"note: {note}")
 
 
 class AnalysisGroup(click.Group):
@@ -386,17 +394,25 @@ def igrad(**kw: Any) -> None:
 
 
 def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:
-    """Run a push or pull and print what it did; a failed verification is an error."""
+    """Run a push or pull and print what it did; a failed verification is an error saying whose it is."""
     from depthcache.sharing import copy_store
 
     kw = {"destination_options": options} if push else {"source_options": options}
     report = copy_store(source, destination, jobs=jobs, **kw)
     if report.problems:
-        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}"
-                              f"{f' (and {len(report.problems) - 1} more)' if len(report.problems) > 1 else ''}; "
-                              "run the same command again to repair it")
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        advice = (f"the source has the same problem: repair or re-extract {source} (depthcache validate lists it)"
+                  if report.source_damaged else "run the same command again to finish the copy")
+        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}{more}; "
+                              f"{advice}")
+    repaired = f", {report.repaired} damaged at the destination fetched again" if report.repaired else ""
     click.echo(f"{destination}: {report.copied} objects copied ({report.bytes_copied / 2**20:,.1f} MiB), "
-               f"{report.skipped} already there; every chunk verified ({report.seconds:.1f} s)")
+               f"{report.skipped} already there{repaired}; valid: {report.verified} ({report.seconds:.1f} s)")
+    if report.ignored:
+        click.echo(f"note: {len(report.ignored)} source object(s) whose names cannot be store keys were not copied "
+                   f"(first: {report.ignored[0][:200]!r})")
+    for note in report.notes:
+        click.echo(f"note: {note}")
 
 
 @main.command()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import zarr
 
-from depthcache.errors import DepthcacheError
+from depthcache.errors import DepthcacheError, Interrupted
 from depthcache.extraction.data import load_documents
 from depthcache.extraction.engine import (
     TORCH_DTYPES,
@@ -49,7 +49,8 @@ from depthcache.extraction.engine import (
     token_columns,
     write_batches,
 )
-from depthcache.extraction.writer import ChunkWriter
+from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
+from depthcache.extraction.writer import ChunkWriter, resume_point
 from depthcache.model import (
     Capture,
     LoadedModel,
@@ -314,8 +315,11 @@ def create_run(out: str, name: str, attrs: dict[str, Any]) -> None:
             create_array(group, "skip_stop", layout)
         write_attrs(group, attrs)
         replace_atomically(tmp, Path(out) / "runs" / name)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise DepthcacheError(f"cannot create run {name!r} in {out}: {exc.strerror or exc}; nothing was left "
+                                  "behind: fix that and run again") from exc
         raise
 
 
@@ -329,14 +333,15 @@ def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], res
         if attrs["progress"]["complete"]:
             return attrs
     group = open_group(out, "r+", path=f"runs/{name}")
-    n_tokens, start = int(attrs["layout"]["n_tokens"]), int(attrs["progress"]["tokens_committed"])
+    n_tokens, chunk_tokens = int(attrs["layout"]["n_tokens"]), int(attrs["layout"]["chunk_tokens"])
+    start = resume_point(int(attrs["progress"]["tokens_committed"]), chunk_tokens, n_tokens)
 
     def commit(stop: int) -> None:
         attrs["progress"] = {"tokens_committed": stop, "complete": stop == n_tokens}
         write_attrs(group, attrs)
 
     names = [n for n in group.array_keys() if n != "layer"]
-    writer = ChunkWriter(group, names, int(attrs["layout"]["chunk_tokens"]), n_tokens, start, commit)
+    writer = ChunkWriter(group, names, chunk_tokens, n_tokens, start, commit)
     write_batches(writer, run_batches(ctx, start), n_tokens - start, ctx.opts)
     return attrs
 
@@ -382,7 +387,18 @@ def check_tokens(root: zarr.Group, attrs: dict[str, Any], plan: Plan, tokens: in
 def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel | None = None
                   ) -> dict[str, dict[str, Any]]:
     """``extract --skip``: the baseline first (created, or continued with --resume), then every skip run (with
-    ``loaded`` if given); returns each run's name and final attributes."""
+    ``loaded`` if given); returns each run's name and final attributes. SIGINT and SIGTERM stop it at the last
+    committed chunk of the run being written and raise Interrupted (resume with --resume)."""
+    with stop_on_signals():
+        try:
+            return extract_skip_runs(opts, skip, loaded)
+        except Interrupted as exc:
+            raise Interrupted(exc.signum, interrupted_message(exc.signum, opts.out)) from None
+
+
+def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel | None = None
+                      ) -> dict[str, dict[str, Any]]:
+    """The body of ``extract_skips``."""
     check_options(opts)
     check_skip_options(skip)
     if opts.num_workers > 1:
