@@ -7,7 +7,8 @@ so a command that only writes a store (``depthcache extract``) does not import x
 from typing import Any
 
 _LAZY = {
-    **dict.fromkeys(("is_url", "local_name", "open_group", "read_attrs", "write_attrs", "write_dataset_atomically"),
+    **dict.fromkeys(("is_url", "local_name", "model_display_name", "open_group", "read_attrs", "write_attrs",
+                     "write_dataset_atomically"),
                     "depthcache.store.io"),
     **dict.fromkeys(("ATTRS_KEY", "SCHEMA_VERSION", "SITE_ARRAYS", "SITES", "TASK_ARRAYS", "TOKEN_ARRAYS",
                      "StoreLayout"), "depthcache.store.layout"),
