@@ -228,13 +228,12 @@ def test_gguf_hash_is_remembered_until_the_file_changes(
     monkeypatch.setenv("DEPTHCACHE_CACHE", str(tmp_path / "cache"))
     hashed: list[Path] = []
     monkeypatch.setattr(depth_models, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
-    gguf = tmp_path / "weights.gguf"
-    gguf.write_bytes(b"GGUF stand-in")
-    load_model(str(gguf))
-    assert load_model(str(gguf)).provenance["weights_sha256"] == hashlib.sha256(b"GGUF stand-in").hexdigest()
-    assert hashed == [gguf.resolve()]  # the second load found the remembered hash
-    gguf.write_bytes(b"other GGUF bytes")
-    assert load_model(str(gguf)).provenance["weights_sha256"] == hashlib.sha256(b"other GGUF bytes").hexdigest()
+    path = write_gguf(tmp_path / "weights.gguf")
+    load_model(str(path))
+    assert load_model(str(path)).provenance["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashed == [path.resolve()]  # the second load found the remembered hash
+    write_gguf(path, name="Another Tiny Llama")
+    assert load_model(str(path)).provenance["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert len(hashed) == 2
 
 
