@@ -290,9 +290,10 @@ def main() -> None:
     work = args.dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     floor, chosen = tools(args, work)
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     results: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                     "machine": f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-                                f"{platform.machine()}", "tokens": args.tokens, "tools": {}}
+                     "machine": f"{os.cpu_count()} CPUs, {memory_gib:.0f} GiB, {platform.machine()}",
+                     "tokens": args.tokens, "tools": {}}
     raw: dict = {}
     for n, tool in enumerate(chosen):
         print(f"{tool.name} vs the plain forward pass", flush=True)
