@@ -231,6 +231,12 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
         click.echo(str(path))
 
 
+progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Progress with ETA (default: a bar on a terminal, else a line per step or per minute on stderr; "
+         "--progress forces the bar, --no-progress silences both).")
+
+
 def locate_options(command: Any) -> Any:
     """The options ``erase`` and ``igrad`` share: model, one prompt or a task, output store, device."""
     options = [
@@ -241,9 +247,13 @@ def locate_options(command: Any) -> Any:
         click.option("--task", default=None, help="Instead of --prompt/--answer: a built-in task or a .jsonl file."),
         click.option("--n", default=None, type=int, help="With --task: a seeded subset of this many items."),
         click.option("--out", required=True, help="Location-map store to write (a folder ending in .zarr)."),
+        click.option("--layers", default="all", show_default=True, help="Layers to map, e.g. 'all', '0-5,20'."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--batch-size", default=32, show_default=True, type=int, help="Sequences per forward pass."),
-        click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal)."),
+        click.option("--batch-size", default=64, show_default=True, type=int,
+                     help="Sequences per forward pass (erase: erased positions; igrad: points on the path)."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run from OUT.partial (each finished layer is saved there)."),
+        progress_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -268,9 +278,9 @@ def erase(**kw: Any) -> None:
 
 @main.command()
 @locate_options
-@click.option("--steps", default=256, show_default=True, type=int,
-              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 forward/backward "
-                   "passes).")
+@click.option("--steps", default=64, show_default=True, type=int,
+              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 points, evaluated "
+                   "--batch-size at a time in one forward/backward pass), before adaptive refinement.")
 @click.option("--tolerance", default=0.01, show_default=True, type=float,
               help="Bisect the intervals with the largest completeness error until |sum(attribution) - (f(h) - "
                    "f(baseline))| is at most this times max(|f(h) - f(baseline)|, 0.01).")
@@ -377,6 +387,9 @@ def evaluate() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", default=None,
               help="Folder for prune.zarr, prune.csv, prune-items.csv and prune.png (default: runs/prune-TASK).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUT/prune.partial (each finished step is saved there).")
+@progress_option
 def prune(**kw: Any) -> None:
     """Remove more and more layers and score a task by likelihood and by generation at each step."""
     from pathlib import Path
