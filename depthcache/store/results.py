@@ -57,6 +57,11 @@ class Place:
         """Group path of ``parts`` below the prefix."""
         return "/".join(p for p in (self.prefix, *parts) if p)
 
+    @property
+    def options(self) -> dict[str, Any] | None:
+        """fsspec options for a URL place (None for a local folder)."""
+        return dict(self.storage_options) if self.storage_options and not self.writable else None
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -115,7 +120,7 @@ def open_place(place: Place, path: str = "") -> zarr.Group | None:
     """A group of a place, read-only, or None when absent or unreadable."""
     try:
         return zarr.open_group(place.location, mode="r", path=place.path(path) or None, zarr_format=3,
-                               storage_options=dict(place.storage_options) or None)
+                               storage_options=place.options)
     except UNREADABLE:
         return None
 
@@ -202,7 +207,7 @@ def load(entry: Entry) -> xr.Dataset | None:
     """An entry's dataset in memory, or None when it is unreadable or implausibly large (stores are untrusted)."""
     try:
         ds = xr.open_zarr(entry.place.location, group=entry.place.path(entry.name, entry.key), consolidated=False,
-                          storage_options=dict(entry.place.storage_options) or None)
+                          storage_options=entry.place.options)
         return ds.load() if ds.nbytes <= MAX_RESULT_BYTES else None
     except (*UNREADABLE, RuntimeError):
         return None
