@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
 import click
 
 from depthcache.defaults import DEFAULT_MODEL
-from depthcache.errors import DepthcacheError
+from depthcache.errors import DepthcacheError, Interrupted
 
-MODEL_HELP = "Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id."
+MODEL_HELP = ("Alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m), local HF folder, .gguf "
+              "file, or hub id.")
 TASK_HELP = ("Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl task file; "
              "the same task as extract --data task:NAME.")
 N_HELP = ("Task size: a seeded subset of N items (two-hop-facts: N chains, each with its hop items); default: the "
@@ -48,7 +50,8 @@ def task_options(required: bool, seed: bool) -> Any:
 
 
 class Commands(click.Group):
-    """A click group that turns DepthcacheError into 'error: …' and exit status 2."""
+    """A click group that turns DepthcacheError into 'error: …' and exit status 2, and an interrupt into
+    'error: …' (what was kept, how to continue) and 128 + the signal's number."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -56,6 +59,10 @@ class Commands(click.Group):
         except DepthcacheError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            click.echo(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted by SIGINT'}", err=True)
+            sys.exit(128 + signum)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -97,6 +104,9 @@ def main() -> None:
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
 @click.option("--worker-index", type=int, default=None, help="This process's index (default: $RANK / Slurm).")
 @click.option("--finalize", is_flag=True, help="Only mark a store written by several workers complete.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="The load check (the residual identity and the logit lens on 32 tokens) before anything is "
+                   "written; --no-check only if you know why.")
 @click.option("--skip", default=None,
               help="Also store layer-skip runs beside the baseline (runs/skip_<l>): one layer '7', one run per layer "
                    "'3,7', one run skipping several '3+7', 'each', or 'range 20-29'.")
@@ -171,12 +181,14 @@ def info(store: str, results: str | None, storage_options: tuple[str, ...]) -> N
 @storage_option
 def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
     """Check a store against the schema, its shapes, and every chunk's checksum."""
-    from depthcache.store.schema import validate_store
+    from depthcache.store.schema import validate, verified
 
-    problems = validate_store(store, read_chunks=not quick, storage_options=parse_params(storage_options))
-    if problems:
-        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(problems))
-    click.echo(f"{store}: valid")
+    found = validate(store, read_chunks=not quick, storage_options=parse_params(storage_options))
+    if found:
+        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(found.report()))
+    click.echo(f"{store}: valid; {verified(found) if not quick else 'metadata and chunk presence checked (--quick)'}")
+    for note in found.notes:
+        click.echo(f"note: {note}")
 
 
 class AnalysisGroup(click.Group):
@@ -302,6 +314,33 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
         click.echo(str(path))
 
 
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Folder for the figures, compare.csv and compare.md.")
+@click.option("--analyses", default=None,
+              help="Comma-separated subset of contributions, residual-norms, logit-lens, skip-effects, "
+                   "effective-depth, layer-map; each must then be available in every store (default: all, leaving "
+                   "out with a note what some store lacks).")
+@click.option("-p", "--param", "params", multiple=True,
+              help="key=value for every compared analysis that takes it, e.g. include_first=true (repeatable).")
+@click.option("--force", is_flag=True, help="Recompute the analyses even if cached results exist.")
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
+@click.option("--results", default=None,
+              help="Folder for results when stores are not writable: one subfolder per store, named after it.")
+@storage_option
+def compare(stores: tuple[str, ...], out_dir: str, analyses: str | None, params: tuple[str, ...], force: bool,
+            scheduler: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
+    """Compare models on relative depth l / L: one figure per analysis, one line per store, and a table."""
+    from depthcache.analyze.compare import compare as run_compare
+
+    done = run_compare(stores, out_dir, [a.strip() for a in analyses.split(",")] if analyses else None,
+                       parse_params(params), force=force, scheduler_address=scheduler, results_dir=results,
+                       storage_options=parse_params(storage_options))
+    click.echo(done.summary)
+    for path in [*done.figures, *done.files]:
+        click.echo(str(path))
+
+
 def locate_options(command: Any) -> Any:
     """The options ``erase`` and ``igrad`` share: one prompt or a task, output store, model and device."""
     return options(
@@ -355,17 +394,25 @@ def igrad(**kw: Any) -> None:
 
 
 def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:
-    """Run a push or pull and print what it did; a failed verification is an error."""
+    """Run a push or pull and print what it did; a failed verification is an error saying whose it is."""
     from depthcache.sharing import copy_store
 
     kw = {"destination_options": options} if push else {"source_options": options}
     report = copy_store(source, destination, jobs=jobs, **kw)
     if report.problems:
-        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}"
-                              f"{f' (and {len(report.problems) - 1} more)' if len(report.problems) > 1 else ''}; "
-                              "run the same command again to repair it")
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        advice = (f"the source has the same problem: repair or re-extract {source} (depthcache validate lists it)"
+                  if report.source_damaged else "run the same command again to finish the copy")
+        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}{more}; "
+                              f"{advice}")
+    repaired = f", {report.repaired} damaged at the destination fetched again" if report.repaired else ""
     click.echo(f"{destination}: {report.copied} objects copied ({report.bytes_copied / 2**20:,.1f} MiB), "
-               f"{report.skipped} already there; every chunk verified ({report.seconds:.1f} s)")
+               f"{report.skipped} already there{repaired}; valid: {report.verified} ({report.seconds:.1f} s)")
+    if report.ignored:
+        click.echo(f"note: {len(report.ignored)} source object(s) whose names cannot be store keys were not copied "
+                   f"(first: {report.ignored[0][:200]!r})")
+    for note in report.notes:
+        click.echo(f"note: {note}")
 
 
 @main.command()

@@ -21,8 +21,11 @@ import xarray as xr
 from depthcache.analyze.registry import load_all
 from depthcache.errors import DepthcacheError
 from depthcache.store import results
+from depthcache.store.io import model_display_name, parse_json
 from depthcache.store.reader import Store
 from depthcache.store.results import RESULT_ATTR
+
+MAX_CELL = 2000  # characters of one table cell (store values are untrusted and may be huge)
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
@@ -30,9 +33,12 @@ vertical-align:top;font-size:0.9em}th{background:#f3f3f3}img{max-width:100%;bord
 code{font-size:0.9em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}"""
 
 
-def esc(value: Any) -> str:
-    """Any value as escaped HTML text (store contents are untrusted)."""
-    return html.escape(value if isinstance(value, str) else json.dumps(value, default=str))
+def esc(value: Any, limit: int = MAX_CELL) -> str:
+    """Any value as escaped HTML text (store contents are untrusted), cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+    return html.escape(text)
 
 
 def table(rows: Iterable[tuple[Any, ...]], header: tuple[str, ...] | None = None, css: str = "") -> str:
@@ -65,19 +71,22 @@ def value_rows(result: xr.Dataset) -> list[tuple[str, str, str, str, str, str]]:
     return rows
 
 
-def cached_results(store: Store, results_dir: str | None = None) -> dict[str, xr.Dataset]:
-    """The current cached result of every analysis of ``store`` (several parameter sets: 'NAME (KEY=VALUE, ...)')."""
+def cached_entries(store: Store, results_dir: str | None = None) -> dict[str, results.Entry]:
+    """The current cached result of every analysis of ``store`` by label (several parameter sets: 'NAME (KEY=VALUE,
+    ...)'), not loaded yet: the report loads one at a time."""
     current = [e for e in results.all_entries(store, results_dir) if results.belongs(e, store)]
     counts = Counter(e.name for e in current)
-    found = {}
-    for entry in current:
-        ds = results.load(entry)
-        if ds is None:
-            raise DepthcacheError(f"cached analysis {entry.name!r} for {store.location} is unreadable or "
-                                  f"implausibly large; recompute it with depthcache analyze {entry.name} STORE --force")
-        label = entry.name if counts[entry.name] == 1 else f"{entry.name} ({results.params_text(entry.params)})"
-        found[label] = ds
-    return found
+    return {(entry.name if counts[entry.name] == 1 else f"{entry.name} ({results.params_text(entry.params)})"): entry
+            for entry in current}
+
+
+def loaded(entry: results.Entry) -> xr.Dataset:
+    """One cached result in memory (bounded, checksummed), or an error saying to recompute it."""
+    ds = results.load(entry)
+    if ds is None:
+        raise DepthcacheError(f"cached analysis {entry.name!r} is unreadable, implausibly large, not checksummed or "
+                              f"corrupt; recompute it with depthcache analyze {entry.name} STORE --force")
+    return ds
 
 
 def figures(name: str, result: xr.Dataset) -> list[str]:
@@ -86,7 +95,13 @@ def figures(name: str, result: xr.Dataset) -> list[str]:
     if spec is None or spec.plot is None:
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in spec.plot(result, Path(tmp))]
+        try:
+            paths = spec.plot(result, Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - a cached result is untrusted: junk in it fails plotting anyhow
+            raise DepthcacheError(f"cached analysis {name!r} is not a {analysis_name(name)} result this version can "
+                                  f"draw ({type(exc).__name__}: {str(exc)[:200]}); recompute it with depthcache "
+                                  f"analyze {analysis_name(name)} STORE --force") from exc
+        return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
 
 
 def analysis_name(label: str) -> str:
@@ -97,8 +112,8 @@ def analysis_name(label: str) -> str:
 def analysis_section(name: str, result: xr.Dataset) -> str:
     """One analysis: its parameters, figures and key values."""
     try:
-        meta = json.loads(result.attrs.get(RESULT_ATTR, "{}"))
-    except (ValueError, TypeError):
+        meta = parse_json(result.attrs.get(RESULT_ATTR, "{}"), f"the provenance of cached analysis {name!r}")
+    except (DepthcacheError, TypeError):
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
     spec = load_all().get(analysis_name(name))
@@ -117,12 +132,12 @@ def build_report(location: str, storage_options: Mapping[str, Any] | None = None
     """The whole HTML page for the store at ``location``."""
     store = Store(location, dict(storage_options or {}))
     attrs = store.attrs
-    found = cached_results(store, results_dir)
-    title = f"depthcache report — {attrs['model']['spec']} on {attrs['dataset']['name']}"
+    found = cached_entries(store, results_dir)
+    title = f"depthcache report — {model_display_name(attrs['model'])} on {attrs['dataset']['name']}"
     body = [f"<h1>{esc(title)}</h1>", f"<p>Store <code>{esc(location)}</code>; runs: "
             f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(found) or '(none)')}.</p>",
             "<h2>Provenance</h2>", table(provenance_rows(attrs), ("section", "field", "value"), "provenance")]
-    body += [analysis_section(name, result) for name, result in found.items()]
+    body += [analysis_section(name, loaded(entry)) for name, entry in found.items()]  # one result in memory at a time
     if not found:
         body.append("<p>No analyses are cached for this store yet: run <code>depthcache analyze NAME STORE</code>."
                     "</p>")
@@ -134,6 +149,11 @@ def write_report(location: str, out: str, storage_options: Mapping[str, Any] | N
                  results_dir: str | None = None) -> Path:
     """Write the report of ``location`` (with the results cached in ``results_dir`` too) to ``out``."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_report(location, storage_options, results_dir), encoding="utf-8")
+    page = build_report(location, storage_options, results_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise DepthcacheError(f"cannot write the report to {out}: {exc.strerror or exc}; pass --out FILE in a "
+                              "writable folder") from exc
     return path

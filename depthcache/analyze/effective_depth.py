@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Count, analysis
 from depthcache.analyze.runner import cached, run
 from depthcache.store.reader import Store
 
@@ -134,7 +134,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 @analysis("effective-depth", "Scalar cutoffs: where cos(d_l, h_l) changes sign for good, where the logit-lens KL "
           f"drops to {KL_FRACTION}×max, where top-5 overlap exceeds {TOP5_THRESHOLD} (from contributions and "
           "logit-lens).", plot=plot, describe=describe_cutoffs)
-def effective_depth(store: Store, include_first: bool = False, max_tokens: int | None = None) -> xr.Dataset:
+def effective_depth(store: Store, include_first: bool = False, max_tokens: Count | None = None) -> xr.Dataset:
     """The three cutoffs, from the contributions and logit-lens results with these parameters (cached or computed
     in the caller's results folder and scheduler)."""
     contrib = run("contributions", store, include_first=include_first)

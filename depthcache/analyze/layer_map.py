@@ -41,7 +41,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Positive, analysis
 from depthcache.errors import DepthcacheError
 from depthcache.store.identity import differences
 from depthcache.store.reader import Store
@@ -434,7 +434,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
           "held-out ‖ŷ−y‖/‖y‖ and R² per pair.", n_stores=2, plot=plot)
 def layer_map(shallow: Store, deep: Store, site: str = "resid", select: str = "source",
               grid: list[float] | None = None, val_fraction: float = 0.15, test_fraction: float = 0.15,
-              include_first: bool = False, dtype: str = "float32", memory_gib: float = 4.0) -> xr.Dataset:
+              include_first: bool = False, dtype: str = "float32", memory_gib: Positive = 4.0) -> xr.Dataset:
     """Fit, select and test an affine ridge map for every (shallow boundary, deep boundary) pair out of core."""
     penalties = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
     check_params(site, select, dtype, penalties, memory_gib)

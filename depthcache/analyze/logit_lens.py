@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Count, analysis
 from depthcache.store.head import logits_from_residual
 from depthcache.store.reader import Store
 
@@ -87,7 +87,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 
 @analysis("logit-lens", "Final norm + unembedding applied to every layer's residual: KL to the output, top-1 "
           "agreement and top-5 overlap per layer.", plot=plot)
-def logit_lens(store: Store, include_first: bool = False, max_tokens: int | None = None) -> xr.Dataset:
+def logit_lens(store: Store, include_first: bool = False, max_tokens: Count | None = None) -> xr.Dataset:
     """Per layer (and the final residual, layer L): mean KL(lens ‖ final), top-1 agreement, top-5 overlap, over
     the first ``max_tokens`` tokens (all by default)."""
     store.require("resid_pre", "resid_final")

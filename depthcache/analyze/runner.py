@@ -59,8 +59,9 @@ def scheduler(address: str | None = None) -> Iterator[None]:
         yield
 
 
-def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
-    """An error naming the array and token chunk that failed its checksum (found by re-reading every chunk)."""
+def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError | None:
+    """An error naming the array and token chunk that failed to decode or checksum (found by re-reading every
+    chunk); None when every chunk reads cleanly (the failure was not the data's)."""
     from depthcache.store.schema import chunk_problems
 
     found = []
@@ -71,6 +72,8 @@ def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
             tokens = int(group.attrs["depthcache"]["progress"]["tokens_committed"])
             found += [f"{store.location}{'/' + path if path else ''}: {p}"
                       for p in chunk_problems(group, sorted(names), tokens)]
+    if not found and "checksum" not in str(exc):
+        return None
     where = "; ".join(found[:3]) or f"a chunk failed its checksum ({exc})"
     return DepthcacheError(f"corrupt data, nothing saved: {where}. Re-extract or copy the store again "
                            "(depthcache validate STORE lists every bad chunk)")
@@ -121,10 +124,11 @@ def compute(spec: Analysis, stores: list[Store], params: dict[str, Any]) -> tupl
         s.runs_read = False
     try:
         result = spec.compute(*stores, **params).compute()
-    except ValueError as exc:
-        if "checksum" not in str(exc):
+    except (ValueError, RuntimeError) as exc:  # a chunk that fails to decode: find and name it
+        corrupt = corruption_error(stores, exc)
+        if corrupt is None:
             raise
-        raise corruption_error(stores, exc) from exc
+        raise corrupt from exc
     finally:
         read = [s.runs_read for s in stores]
         for s, was in zip(stores, before):
@@ -140,8 +144,13 @@ def run(name: str, *locations: str | Store, force: bool = False, scheduler_addre
     folder and scheduler."""
     spec, stores, full = checked(name, locations, storage_options, params)
     results_dir, scheduler_address = inherited(results_dir, scheduler_address)
+    empty = [s.location for s in stores if int(s.attrs["progress"]["tokens_committed"]) == 0]
+    if empty:
+        raise DepthcacheError(f"{empty[0]} has no committed tokens yet (nothing to analyse): finish its extraction "
+                              "with depthcache extract ... --resume")
     if not force and (hit := results.lookup(name, full, stores, results_dir)) is not None:
         return hit
+    results.require_writable_place(stores[-1], results_dir)  # before computing, not after
     nested = CONTEXT.get() is not None
     token = CONTEXT.set(Context(results_dir, scheduler_address))
     try:

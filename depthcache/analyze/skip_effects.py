@@ -19,7 +19,7 @@ import xarray as xr
 
 from depthcache.analyze import plotting
 from depthcache.analyze.reduce import f32, masked_max, norm, token_weights
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Count, analysis
 from depthcache.errors import DepthcacheError
 from depthcache.store.head import logits_from_residual
 from depthcache.store.reader import Store
@@ -156,7 +156,7 @@ def padded_row(values: da.Array, before: int) -> da.Array:
 @analysis("skip-effects", "Effect of skipping each layer on every later layer's contribution and on the output "
           "(needs skip runs: extract --skip each).", plot=plot)
 def skip_effects(store: Store, variant: str = "current", sublayer: str = "layer", include_first: bool = False,
-                 max_tokens: int | None = None) -> xr.Dataset:
+                 max_tokens: Count | None = None) -> xr.Dataset:
     """Skipped layer × layer relative change (max and mean over measured tokens) and per-skip output effects, over
     the first ``max_tokens`` baseline tokens the runs share (all by default)."""
     store.require("attn_out", "mlp_out", "resid_final")

@@ -9,6 +9,7 @@ import xarray as xr
 
 from depthcache.analyze.registry import check_params
 from depthcache.analyze.runner import open_stores, result_params
+from depthcache.errors import DepthcacheError
 from depthcache.store import results
 from depthcache.store.reader import Store
 
@@ -46,7 +47,12 @@ def result_text(spec: Any, result: xr.Dataset, full: bool = False) -> str:
     sizes = ", ".join(f"{dim} {n}" for dim, n in result.sizes.items())
     parts = [f"{spec.name}: {sizes or 'scalars only'}"]
     if spec.describe is not None:
-        parts.append(spec.describe(result))
+        try:
+            parts.append(spec.describe(result))
+        except Exception as exc:  # noqa: BLE001 - a cached result is untrusted: junk in it fails describing anyhow
+            raise DepthcacheError(f"the cached {spec.name} result is not one this version can read "
+                                  f"({type(exc).__name__}); recompute it with depthcache analyze {spec.name} STORE "
+                                  "--force") from exc
     hidden = []
     for dims, names in by_dims(result).items():
         if not dims:

@@ -24,13 +24,12 @@ from depthcache.evaluate.plot import plot_prune
 from depthcache.layerspec import parse_layers
 from depthcache.model import (
     DEFAULT_MODEL,
-    Architecture,
     LoadedModel,
-    architecture_for,
+    Structure,
     load_model,
-    n_layers,
     only_layers,
     resolve_device,
+    structure_of,
 )
 from depthcache.store.io import require_writable
 from depthcache.tasks import TaskItem, load_task
@@ -85,24 +84,24 @@ class Scorer:
     """Scores the task items with a given set of layers removed."""
 
     loaded: LoadedModel
-    arch: Architecture
+    structure: Structure
     items: list[TaskItem]
     opts: PruneOptions
     device: str
 
     def kept(self, removed: list[int]) -> list[int]:
         """The layers left after removing ``removed``."""
-        return [layer for layer in range(n_layers(self.loaded.model)) if layer not in removed]
+        return [layer for layer in range(self.structure.n_layers) if layer not in removed]
 
     def likelihood(self, removed: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Gold log-prob and choice correctness per item."""
-        with only_layers(self.loaded.model, self.arch, self.kept(removed)):
+        with only_layers(self.loaded.model, self.structure, self.kept(removed)):
             return score_likelihood(self.loaded.model, self.loaded.tokenizer, self.items, self.opts.batch_size,
                                     self.device)
 
     def generation(self, removed: list[int]) -> tuple[np.ndarray, list[str]]:
         """Exact match and generated text per item."""
-        with only_layers(self.loaded.model, self.arch, self.kept(removed)):
+        with only_layers(self.loaded.model, self.structure, self.kept(removed)):
             return score_generation(self.loaded.model, self.loaded.tokenizer, self.items, self.opts.batch_size,
                                     self.opts.max_new_tokens, self.device)
 
@@ -157,13 +156,13 @@ def evaluate_prune(opts: PruneOptions) -> xr.Dataset:
     items = load_task(opts.task, opts.n, opts.seed)
     device = str(resolve_device(opts.device))
     loaded = load_model(opts.model, device=device)
-    arch = architecture_for(loaded.model)
-    depth = n_layers(loaded.model)
+    structure = structure_of(loaded.model)
+    depth = structure.n_layers
     candidates = parse_layers(opts.layers, depth)
     steps = min(opts.steps or len(candidates), len(candidates), depth - 1)
-    scorer = Scorer(loaded, arch, items, opts, device)
-    influence = block_influence(loaded.model, arch, loaded.tokenizer, [it.prompt for it in items], opts.batch_size,
-                                device)
+    scorer = Scorer(loaded, structure, items, opts, device)
+    influence = block_influence(loaded.model, structure, loaded.tokenizer, [it.prompt for it in items],
+                                opts.batch_size, device)
     order, chosen = removal_sequence(scorer, candidates, steps, influence)
     results = [step_results(scorer, order[:k], metrics) for k in range(steps + 1)]
     per_item = {k: np.stack([r[k] for r in results]) for k in ("gold_logprob", "choice_correct", "exact_match")}
@@ -178,7 +177,8 @@ def evaluate_prune(opts: PruneOptions) -> xr.Dataset:
                 "item_id": ("item", np.array([it.id for it in items], dtype=object)),
                 "hops": ("item", np.array([it.hops for it in items])), "layer": np.arange(depth),
                 "relative_depth": ("layer", np.arange(depth) / depth)},
-        attrs={"model": opts.model, "task": opts.task, "metrics": ",".join(metrics), "order": opts.order,
+        attrs={"model": loaded.provenance["display_name"], "model_spec": opts.model, "task": opts.task,
+               "metrics": ",".join(metrics), "order": opts.order,
                "candidates": json.dumps(list(candidates)), "options": json.dumps(asdict(opts) | {"device": device}),
                "description": "step k: the model with the first k layers of the removal order removed; "
                               "gold_logprob: summed log-prob (nats) of the gold answer; choice_correct: the gold "

@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 from depthcache.locate.maps import Prompt, map_dataset
-from depthcache.model import Clean, architecture_for, clean_run, n_layers, run_from
+from depthcache.model import Clean, clean_run, n_layers, run_from, structure_of
 
 
 def erased_copies(resid: torch.Tensor, positions: list[int], mean: torch.Tensor) -> torch.Tensor:
@@ -27,13 +27,13 @@ def erased_copies(resid: torch.Tensor, positions: list[int], mean: torch.Tensor)
 def erase_layer(model: torch.nn.Module, prompt: Prompt, clean: Clean, layer: int, mean: torch.Tensor,
                 batch_size: int) -> np.ndarray:
     """(positions,) max |Δ p(answer)| of erasing each position at ``layer``, ``batch_size`` positions per forward."""
-    arch = architecture_for(model)
+    structure = structure_of(model)
     n = len(prompt.input_ids)
     out = np.empty(n, dtype=np.float32)
     for start in range(0, n, batch_size):
         positions = list(range(start, min(start + batch_size, n)))
         with torch.inference_mode():
-            probs = run_from(model, arch, layer, erased_copies(clean.resid[layer], positions, mean), prompt)
+            probs = run_from(model, structure, layer, erased_copies(clean.resid[layer], positions, mean), prompt)
         out[start:start + len(positions)] = (probs - clean.answer_prob).abs().amax(-1).cpu().numpy()
     return out
 

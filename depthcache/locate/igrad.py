@@ -26,7 +26,7 @@ import torch
 import xarray as xr
 
 from depthcache.locate.maps import Prompt, map_dataset
-from depthcache.model import architecture_for, clean_run, frozen, n_layers, run_from
+from depthcache.model import clean_run, frozen, n_layers, run_from, structure_of
 
 RULE = "trapezoid, adaptive bisection"
 SCALE_FLOOR = 0.01  # output differences below 1% probability are judged on this absolute scale (float32 noise)
@@ -84,7 +84,7 @@ def residual_path(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, l
                   ) -> PathFunction:
     """f and its per-position directional derivative on the straight path from the mean residual to layer
     ``layer``'s residual (T, d), evaluated in batches of ``batch_size`` values of α."""
-    arch = architecture_for(model)
+    structure = structure_of(model)
     h = resid.float()
     base = h[:prompt.n_prompt].double().mean(0).float().expand_as(h)
 
@@ -93,7 +93,7 @@ def residual_path(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, l
         for start in range(0, len(alphas), batch_size):
             a = torch.tensor(alphas[start:start + batch_size], dtype=h.dtype, device=h.device).view(-1, 1, 1)
             x = (base + a * (h - base)).to(resid.dtype).requires_grad_(True)
-            f = run_from(model, arch, layer, x, prompt).sum(-1)
+            f = run_from(model, structure, layer, x, prompt).sum(-1)
             (grad,) = torch.autograd.grad(f.sum(), x)
             values.append(f.detach().double().cpu().numpy())
             slopes.append((grad.double() * (h - base).double()).sum(-1).cpu().numpy())

@@ -16,11 +16,13 @@ Layout (schema 1.x, documented in docs/store-format.md and schemas/):
       analyses/<name>/<key>/    cached analysis results, one per parameter set (depthcache.store.results)
 
 Every array is chunked along tokens in chunks of ``chunk_tokens`` (all layers of a token range in one
-chunk), each chunk written exactly once and whole, and checksummed with crc32c.
+chunk), each chunk written exactly once and whole, and checksummed with crc32c; since schema 1.3 so is every array
+of ``model/`` (in chunks of whole rows) and every cached result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from depthcache.dtypes import STORED_DTYPES
 
-SCHEMA_VERSION = "1.2"  # 1.1: intervention runs under runs/<name>; 1.2: task stores (item, answer_index, hops)
+SCHEMA_VERSION = "1.3"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure,
+# model head and tokenizer files checksummed (crc32c) and every chunk written, string lengths capped, limits
+CHECKSUMMED_HEAD = (1, 3)  # the first schema version whose model/ arrays carry crc32c
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
 TARGET_CHUNK_BYTES = 32 * 2**20
@@ -146,3 +150,10 @@ def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         layer = group.create_array("layer", shape=(len(layout.layers),), dtype="int32",
                                    dimension_names=("layer",), compressors=None)
         layer[:] = np.asarray(layout.layers, dtype=np.int32)
+
+
+def is_checksummed(codecs: Sequence[Any] | None) -> bool:
+    """True if an array's codecs (dicts from its zarr.json, or codec objects) end with crc32c: every chunk carries
+    its checksum."""
+    last = codecs[-1] if codecs else None
+    return isinstance(last, Crc32cCodec) or (isinstance(last, dict) and last.get("name") == "crc32c")

@@ -92,13 +92,15 @@ def natural_sorted(names: Iterable[str]) -> list[str]:
 
 
 def lazy_dataset(group: zarr.Group, attrs: dict[str, Any]) -> xr.Dataset:
-    """A checked group as a lazy xarray Dataset backed by dask arrays, cut to its committed tokens."""
-    ds = xr.open_zarr(group.store, group=group.path or None, consolidated=False, chunks={})
+    """A checked group as a lazy xarray Dataset backed by dask arrays, cut to its committed tokens before the dask
+    graph is built: the graph covers only committed chunks (which exist), whatever the metadata claims."""
+    ds = xr.open_dataset(group.store, group=group.path or None, engine="zarr", consolidated=False, chunks=None,
+                         cache=False)
     ds.attrs = {ATTRS_KEY: attrs}
     committed = int(attrs["progress"]["tokens_committed"])
     if "token" in ds.dims and committed < ds.sizes["token"]:
         ds = ds.isel(token=slice(0, committed))
-    return ds
+    return ds.chunk({"token": int(attrs["layout"]["chunk_tokens"])} if "token" in ds.dims else {})
 
 
 def open_dataset(location: str | os.PathLike[str], group: str | None = None,

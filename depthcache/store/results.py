@@ -29,14 +29,16 @@ import xarray as xr
 import zarr
 
 import depthcache
-from depthcache.store.io import can_write, is_url, local_name, write_dataset_atomically
+from depthcache.errors import DepthcacheError
+from depthcache.limits import MAX_RESULT_BYTES
+from depthcache.store.io import can_write, is_url, local_name, model_display_name, parse_json, write_dataset_atomically
+from depthcache.store.layout import is_checksummed
 from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"
-MAX_RESULT_BYTES = 2**30  # a cached result larger than this is not loaded (stores are untrusted)
 KEY_DIGITS = 16
 IN_STORE = "analyses"
-UNREADABLE = (FileNotFoundError, KeyError, OSError, ValueError, TypeError, AttributeError,
+UNREADABLE = (FileNotFoundError, KeyError, OSError, ValueError, TypeError, AttributeError, RecursionError,
               zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError)
 
 
@@ -112,8 +114,24 @@ def places(store: Store, results_dir: str | None = None) -> list[Place]:
         return [Place(str(results_dir)), inside]
     if writable_folder(store.location):
         return [inside]
-    here = local_name(store.location)
+    here = Path.cwd() / local_name(store.location).name  # a URL or read-only store's results: ./NAME.analyses/
     return [Place(str(here.with_name(f"{here.name}.analyses"))), inside]
+
+
+def require_writable_place(store: Store, results_dir: str | None = None) -> None:
+    """Refuse, before computing, a place new results cannot be written to (a file in the way, no permission):
+    the error says to pass --results."""
+    place = places(store, results_dir)[0]
+    path = Path(place.location).resolve()
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is None:
+        return
+    if not blocker.is_dir():
+        raise DepthcacheError(f"cannot save results in {place.location}: {blocker} is in the way (not a folder); "
+                              "pass --results FOLDER")
+    if not can_write(blocker):
+        raise DepthcacheError(f"cannot save results in {place.location}: {blocker} is not writable; pass --results "
+                              "FOLDER")
 
 
 def open_place(place: Place, path: str = "") -> zarr.Group | None:
@@ -128,8 +146,8 @@ def open_place(place: Place, path: str = "") -> zarr.Group | None:
 def recorded(attrs: Any) -> dict[str, Any] | None:
     """The provenance recorded in a result's attributes, or None when absent or malformed (untrusted input)."""
     try:
-        meta = json.loads(attrs.get(RESULT_ATTR, "null"))
-    except (ValueError, TypeError, AttributeError):
+        meta = parse_json(attrs.get(RESULT_ATTR, "null"), "a cached result's provenance")
+    except (DepthcacheError, TypeError, AttributeError):
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -178,7 +196,8 @@ def provenance(name: str, params: dict[str, Any], stores: Sequence[Store], read_
     """What identifies a result computed now: analysis, parameters, source stores (and runs read), code version."""
     return {"name": name, "params": json.loads(canonical(params)), "sources": [s.identity for s in stores],
             "runs": [runs_identity(s) if used else None for s, used in zip(stores, read_runs)],
-            "source_locations": [s.location for s in stores], "code_version": depthcache.__version__}
+            "source_locations": [s.location for s in stores],
+            "models": [model_display_name(s.attrs["model"]) for s in stores], "code_version": depthcache.__version__}
 
 
 def current(entry: Entry, stores: Sequence[Store]) -> bool:
@@ -204,11 +223,15 @@ def belongs(entry: Entry, store: Store) -> bool:
 
 
 def load(entry: Entry) -> xr.Dataset | None:
-    """An entry's dataset in memory, or None when it is unreadable or implausibly large (stores are untrusted)."""
+    """An entry's dataset in memory, or None when it is unreadable, implausibly large, not checksummed or fails its
+    checksums (stores are untrusted: such a result is recomputed, never used)."""
     try:
         ds = xr.open_zarr(entry.place.location, group=entry.place.path(entry.name, entry.key), consolidated=False,
                           storage_options=entry.place.options)
-        return ds.load() if ds.nbytes <= MAX_RESULT_BYTES else None
+        if ds.nbytes > MAX_RESULT_BYTES or not all(is_checksummed(v.encoding.get("compressors"))
+                                                    for v in ds.variables.values()):
+            return None
+        return ds.load()
     except (*UNREADABLE, RuntimeError):
         return None
 
