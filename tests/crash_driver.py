@@ -223,7 +223,8 @@ def run_seed(seed: int, model: Path, data: Path, workdir: Path, reference: dict[
     got = array_bytes(store)
     problems += [f"seed {seed}: {name} differs from the uninterrupted run" for name in reference
                  if got.get(name) != reference[name]]
-    problems += [f"seed {seed}: arrays {sorted(set(got) - set(reference))} are extra"] if set(got) - set(reference) else []
+    extra = sorted(set(got) - set(reference))
+    problems += [f"seed {seed}: arrays {extra} are extra"] if extra else []
     problems += [f"seed {seed}: {p}" for p in validate(str(store)).report()]
     leftovers = [p.name for p in workdir.glob(f".seed{seed}.zarr.creating-*")]
     problems += [f"seed {seed}: temporary folders left behind: {leftovers}"] if leftovers else []

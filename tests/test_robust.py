@@ -114,8 +114,9 @@ def test_interrupt_commits_whole_chunks_only_and_resume_is_bit_identical(tiny_mo
     progress = json.loads((tmp_path / "cut.zarr" / "zarr.json").read_text())["attributes"]["depthcache"]["progress"]
     total = json.loads((reference / "zarr.json").read_text())["attributes"]["depthcache"]["layout"]["n_tokens"]
     assert progress["tokens_committed"] % 64 == 0 and 0 < progress["tokens_committed"] < total  # whole chunks only
-    assert str(caught.value).startswith(f"interrupted by SIGTERM; {tmp_path / 'cut.zarr'} keeps its "
-                                        f"{progress['tokens_committed']} committed tokens") and "--resume" in str(caught.value)
+    message = str(caught.value)
+    assert message.startswith(f"interrupted by SIGTERM; {tmp_path / 'cut.zarr'} keeps its "
+                              f"{progress['tokens_committed']} committed tokens") and "--resume" in message
     monkeypatch.setattr(engine, "planned_batches", real)
     run(tmp_path, tiny_models["llama"], text_file, name="cut.zarr", resume=True)
     assert arrays(tmp_path / "cut.zarr") == arrays(reference)
