@@ -7,9 +7,11 @@ so ``import depthcache`` stays cheap for the command line.
 
 from typing import Any
 
+from depthcache.codecs import register_bounded_zstd
 from depthcache.dtypes import register_bfloat16
 
 register_bfloat16()
+register_bounded_zstd()
 
 __version__ = "0.1.0"
 

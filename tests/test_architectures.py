@@ -11,10 +11,10 @@ import pytest
 import torch
 import zarr
 
+from depthcache.coverage import CORPUS, cover, loaded_tiny, tiny_config, tiny_model, tiny_tokenizer
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.model import Capture, Skip, check_model, checked, discover, structure_of
-from depthcache.coverage import CORPUS, cover, loaded_tiny, tiny_config, tiny_model, tiny_tokenizer
 from depthcache.model.structure import decoder_layers
 from depthcache.store.head import logits_from_residual, read_head
 from depthcache.store.io import read_attrs, write_attrs

@@ -20,9 +20,9 @@ from depthcache.errors import DepthcacheError
 from depthcache.extraction import skip_runs as interventions
 from depthcache.extraction.engine import ExtractOptions
 from depthcache.extraction.skip_runs import SkipOptions, extract_skips, parse_skip
-from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.model.capture import Capture
 from depthcache.model.skips import Skip
+from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.store.reader import open_dataset
 
 

@@ -20,9 +20,9 @@ from depthcache.locate.erasure import erase_layer
 from depthcache.locate.igrad import igrad_map, integrate_path
 from depthcache.locate.maps import encode
 from depthcache.locate.reference import sequence_mean, store_mean
-from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.model.loading import load_model
 from depthcache.model.restart import answer_probs, clean_run
+from depthcache.model.structure import decoder_layers, structure_of
 
 PROMPT, ANSWER = "The quick brown", " fox jumps"
 
@@ -223,10 +223,10 @@ def test_cli_end_to_end(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     assert code == 0 and "completeness" in out, out
     assert read_map(igrad).attrs["depthcache_map"]["steps"] == 16
     for store, kind, pngs in ((erase, "erasure", ["erasure-a.png", "erasure-b.png"]), (igrad, "igrad", ["igrad.png"])):
-        code, out = run_cli("plot", store, kind, "--out", str(tmp_path / kind))
+        code, out = run_cli("plot", kind, store, "--out", str(tmp_path / kind))
         assert code == 0, out
         assert sorted(p.name for p in (tmp_path / kind).iterdir()) == pngs
-    code, out = run_cli("plot", igrad, "erasure")
+    code, out = run_cli("plot", "erasure", igrad)
     assert code == 2 and "of kind 'igrad'" in out
 
 

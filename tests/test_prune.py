@@ -18,8 +18,8 @@ from depthcache.evaluate.generation import greedy, parse_answer
 from depthcache.evaluate.influence import block_influence
 from depthcache.evaluate.likelihood import batch_scores
 from depthcache.evaluate.prune import Scorer
-from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.model.skips import only_layers
+from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.tasks import TaskItem, load_task, write_task_jsonl
 
 ITEMS = [
@@ -126,6 +126,7 @@ def test_prune_evaluation_outputs(order, tiny_models, task_file, tmp_path) -> No
     ds = evaluate_prune(PruneOptions(task=str(task_file), model=str(tiny_models["llama"]), layers="1-3", n=None,
                                      order=order, max_new_tokens=4, batch_size=3, device="cpu", out=str(out)))
     assert ds.sizes == {"step": 4, "item": 4, "layer": 4}
+    assert ds.attrs["model"] == tiny_models["llama"].name  # the display name the figure's title uses
     removed = list(ds.removed_layer.values)
     assert removed[0] == -1 and sorted(removed[1:]) == [1, 2, 3]
     if order == "last-first":

@@ -9,7 +9,6 @@ dataset (prune.zarr), one CSV row per step (prune.csv) and per step and item wit
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from depthcache.model import (
     resolve_device,
     structure_of,
 )
+from depthcache.store.io import require_writable
 from depthcache.tasks import TaskItem, load_task
 
 METRICS = ("likelihood", "generation")
@@ -76,14 +76,7 @@ def check_prune_options(opts: PruneOptions) -> None:
         folder = Path(opts.out)
         if folder.exists() and not folder.is_dir():
             raise DepthcacheError(f"--out {opts.out} is a file: give a folder for the outputs")
-        parent = folder.resolve().parent
-        while not parent.exists():  # missing folders are created when the outputs are written
-            parent = parent.parent
-        try:
-            with tempfile.TemporaryFile(dir=parent):
-                pass
-        except OSError as exc:
-            raise DepthcacheError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out") from exc
+        require_writable(folder)  # missing folders are created when the outputs are written
 
 
 @dataclass
@@ -184,7 +177,8 @@ def evaluate_prune(opts: PruneOptions) -> xr.Dataset:
                 "item_id": ("item", np.array([it.id for it in items], dtype=object)),
                 "hops": ("item", np.array([it.hops for it in items])), "layer": np.arange(depth),
                 "relative_depth": ("layer", np.arange(depth) / depth)},
-        attrs={"model": opts.model, "task": opts.task, "metrics": ",".join(metrics), "order": opts.order,
+        attrs={"model": loaded.provenance["display_name"], "model_spec": opts.model, "task": opts.task,
+               "metrics": ",".join(metrics), "order": opts.order,
                "candidates": json.dumps(list(candidates)), "options": json.dumps(asdict(opts) | {"device": device}),
                "description": "step k: the model with the first k layers of the removal order removed; "
                               "gold_logprob: summed log-prob (nats) of the gold answer; choice_correct: the gold "

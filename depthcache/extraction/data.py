@@ -8,6 +8,7 @@ from pathlib import Path
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.task_data import load_task_documents
 from depthcache.extraction.windows import Documents
+from depthcache.textio import read_text
 
 DEFAULT_DATASET = "pydoc-topics"
 BUILTIN_DATASETS = {"pydoc-topics": "Python's own documentation topics (pydoc_data.topics): ~465k characters "
@@ -30,11 +31,11 @@ def load_documents(spec: str) -> Documents:
                               f"{', '.join(BUILTIN_DATASETS)}")
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
-        docs = tuple(f.read_text(encoding="utf-8") for f in files)
+        docs = tuple(read_text(f) for f in files)
     elif path.suffix == ".jsonl":
         docs = tuple(_jsonl_texts(path))
     else:
-        docs = (path.read_text(encoding="utf-8"),)
+        docs = (read_text(path),)
     docs = tuple(d for d in docs if d.strip())
     if not docs:
         raise DepthcacheError(f"dataset {spec!r} holds no text")
@@ -44,13 +45,15 @@ def load_documents(spec: str) -> Documents:
 def _jsonl_texts(path: Path) -> list[str]:
     """The ``text`` field of every line of a JSONL file, with the line number of any bad line."""
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DepthcacheError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise DepthcacheError(f"{path}:{number}: JSON nested too deeply") from exc
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DepthcacheError(f"{path}:{number}: each line needs a string field 'text'")
         texts.append(record["text"])

@@ -9,13 +9,25 @@ import zarr
 
 from depthcache.model import model_head, structure_of
 from depthcache.store.head import MODEL_GROUP, TOKENIZER_GROUP
+from depthcache.store.layout import TARGET_CHUNK_BYTES, compressors
 
 
-def _array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ...]) -> None:
+def row_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunk shape of a model array: whole rows, as many as fit in TARGET_CHUNK_BYTES (at least one)."""
+    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    rows = max(1, min(shape[0], TARGET_CHUNK_BYTES // max(row_bytes, 1)))
+    return (rows, *(max(n, 1) for n in shape[1:]))
+
+
+def _array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ...]) -> zarr.Array:
+    """One array of the model group, checksummed (crc32c) like every store array and written even where it is
+    all zeros, so every chunk exists (a missing chunk would read as zeros)."""
     arr = group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=dims,
-                             chunks=values.shape if values.size else None)
+                             chunks=row_chunks(values.shape, values.dtype.itemsize),
+                             compressors=compressors(str(values.dtype)), fill_value=0,
+                             config={"write_empty_chunks": True})
     arr[...] = values
-
+    return arr
 
 
 def write_model_group(root: zarr.Group, loaded: Any) -> None:
@@ -36,6 +48,5 @@ def write_model_group(root: zarr.Group, loaded: Any) -> None:
         _array(group, "unembed_bias", head["unembed_bias"], ("vocab",))
     tok = root.create_group(TOKENIZER_GROUP)
     for i, (name, data) in enumerate(sorted(loaded.tokenizer_files.items())):
-        arr = tok.create_array(f"file_{i}", shape=(len(data),), dtype="uint8", dimension_names=("byte",))
-        arr[:] = np.frombuffer(data, dtype=np.uint8)
+        arr = _array(tok, f"file_{i}", np.frombuffer(data, dtype=np.uint8), ("byte",))
         arr.attrs["filename"] = name

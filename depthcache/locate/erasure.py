@@ -1,4 +1,4 @@
-"""Residual erasure (analyses.md §4): how much does the answer depend on one (layer, position) cell of the residual?
+"""Residual erasure (docs/analyses.md, where information lives): how much does the answer depend on one (layer, position) cell of the residual?
 
 Each cell's residual is replaced by its layer's mean residual; the run restarts at that layer from the clean run's
 cached residual (batched: one copy of the sequence per erased position), and the cell's value is the max over answer

@@ -1,4 +1,4 @@
-"""Integrated gradients on the residual (analyses.md §4): which residual cells carry the answer?
+"""Integrated gradients on the residual (docs/analyses.md): which residual cells carry the answer?
 
 For each layer l, the residual entering l at ALL positions is interpolated from a baseline (the mean of that
 layer's residual over the prompt's positions, at every position) to its clean value, x(α) = b + α (h − b), and
