@@ -330,7 +330,12 @@ def numeric_config_values(config: Any, pattern: str) -> list[float]:
     return values
 
 
-def snap(value: float, candidates: list[float], tol: float = 1e-3) -> float | None:
+def fit_tolerance(model: torch.nn.Module) -> float:
+    """Relative tolerance of a scale fitted from the model's activations: 1e-3, or a few roundings of a half dtype."""
+    return max(1e-3, 4 * torch.finfo(next(model.parameters()).dtype).eps)
+
+
+def snap(value: float, candidates: list[float], tol: float) -> float | None:
     """The candidate within relative ``tol`` of ``value`` (the config's exact number), or None."""
     for candidate in candidates:
         if abs(value - candidate) <= tol * max(abs(candidate), 1e-12):
@@ -353,7 +358,7 @@ def branch_scale(model: torch.nn.Module, text: Any, block: Call, attn: Call, mlp
     depth_scale = getattr(text, "scale_depth", None)
     if isinstance(depth_scale, (int, float)) and layer_count(text):
         candidates.append(float(depth_scale) / math.sqrt(layer_count(text)))
-    found = snap(scale, candidates)
+    found = snap(scale, candidates, fit_tolerance(model))
     if found is None:
         raise not_a_decoder(model, f"layer 0 adds its branches times {scale:.4g}, a factor no config value explains")
     return found
@@ -449,14 +454,14 @@ def logit_transform(model: torch.nn.Module, text: Any, normed: torch.Tensor, log
         keep = z.abs() < 0.9 * cap
         raw, z = raw[keep], cap * torch.atanh(z[keep] / cap)
     scale = fitted_scale(z, raw)
-    if float((z - scale * raw).abs().max()) > 1e-2 * float(z.abs().max()):
+    if float((z - scale * raw).abs().max()) > 10 * fit_tolerance(model) * float(z.abs().max()):
         raise not_a_decoder(model, "its logits are not a scaled unembedding of the final norm's output (the head "
                             "transforms it first)")
     values = numeric_config_values(text, r"logit|lm_head|output_mult")
     base = getattr(text, "dim_model_base", None)  # MiniCPM divides the last residual by hidden_size / dim_model_base
     if isinstance(base, (int, float)) and getattr(text, "hidden_size", None):
         values.append(float(base) / float(text.hidden_size))
-    found = snap(scale, [1.0, *values, *(1.0 / v for v in values)])
+    found = snap(scale, [1.0, *values, *(1.0 / v for v in values)], fit_tolerance(model))
     if found is None:
         raise not_a_decoder(model, f"its logits are the unembedding times {scale:.4g}, a factor no config value "
                             "explains")
@@ -467,7 +472,7 @@ def embedding_scale(model: torch.nn.Module, ids: torch.Tensor, first: torch.Tens
     """c with resid_pre[0] = c · embedding row when that holds (Gemma: sqrt(d_model)), else None."""
     rows = model.get_input_embeddings().weight.detach()[ids].double()
     scale = fitted_scale(first.double(), rows)
-    if float((first.double() - scale * rows).abs().max()) > 1e-3 * float(first.double().abs().max()):
+    if float((first.double() - scale * rows).abs().max()) > fit_tolerance(model) * float(first.double().abs().max()):
         return None
     return float(f"{scale:.6g}")
 
