@@ -369,7 +369,7 @@ def final_norm_call(model: torch.nn.Module, trace: Trace, last: Call) -> Call:
     output = first_tensor(last.output)
     readers = [c for c in trace.group("outside") if c.order > last.order and c.input is output]
     if not readers:
-        raise not_a_decoder(model, "nothing reads the last layer's output")
+        raise not_a_decoder(model, "no final norm reads the last layer's output")
     reader = min(readers, key=lambda c: c.order)
     if not is_norm(reader.module):
         raise not_a_decoder(model, f"the last layer's output goes to {reader.path} ({type(reader.module).__name__}),"
