@@ -191,7 +191,8 @@ def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
     found = validate(store, read_chunks=not quick, storage_options=parse_params(storage_options))
     if found:
         raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(found.report()))
-    click.echo(f"{store}: valid; {verified(found) if not quick else 'metadata and chunk presence checked (--quick)'}")
+    click.echo(f"{store}: valid; " + (f"read and verified {verified(found)}" if not quick
+                                      else "metadata and chunk presence checked (--quick)"))
     for note in found.notes:
         click.echo(f"note: {note}")
 
@@ -417,7 +418,8 @@ def copy_and_report(source: str, destination: str, jobs: int, options: dict[str,
                               f"{advice}")
     repaired = f", {report.repaired} damaged at the destination fetched again" if report.repaired else ""
     click.echo(f"{destination}: {report.copied} objects copied ({report.bytes_copied / 2**20:,.1f} MiB), "
-               f"{report.skipped} already there{repaired}; valid: {report.verified} ({report.seconds:.1f} s)")
+               f"{report.skipped} already there{repaired}; every chunk verified: {report.verified} "
+               f"({report.seconds:.1f} s)")
     if report.ignored:
         click.echo(f"note: {len(report.ignored)} source object(s) whose names cannot be store keys were not copied "
                    f"(first: {report.ignored[0][:200]!r})")
