@@ -100,6 +100,9 @@ def main() -> None:
 @model_options(batch_size=8, unit="Windows")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]),
               help="Stored dtype of activations (bf16: half of f32's bytes, never overflows).")
+@click.option("--zstd-level", type=int, default=None,
+              help="Compress activation chunks with zstd at this level (default: checksum only; zstd 1 saves ~20% "
+                   "of bf16's bytes for more CPU time than writing them takes on most machines).")
 @click.option("--top-k", default=20, show_default=True, type=int, help="Top-k final log-probs kept per token.")
 @click.option("--chunk-tokens", default=None, type=int,
               help="Tokens per chunk (default: the largest power of two keeping a chunk of all layers ≤ 32 MiB, "

@@ -221,6 +221,23 @@ def test_gguf_is_dequantized_once_into_the_cache(
         assert torch.equal(second.model(ids).logits, tiny_folder[1](ids).logits)
 
 
+def test_gguf_hash_is_remembered_until_the_file_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_folder: TinyFolder
+) -> None:
+    fake_gguf_loaders(monkeypatch, tiny_folder, [])
+    monkeypatch.setenv("DEPTHCACHE_CACHE", str(tmp_path / "cache"))
+    hashed: list[Path] = []
+    monkeypatch.setattr(depth_models, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+    gguf = tmp_path / "weights.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    load_model(str(gguf))
+    assert load_model(str(gguf)).provenance["weights_sha256"] == hashlib.sha256(b"GGUF stand-in").hexdigest()
+    assert hashed == [gguf.resolve()]  # the second load found the remembered hash
+    gguf.write_bytes(b"other GGUF bytes")
+    assert load_model(str(gguf)).provenance["weights_sha256"] == hashlib.sha256(b"other GGUF bytes").hexdigest()
+    assert len(hashed) == 2
+
+
 def test_interrupted_dequantization_leaves_no_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_folder: TinyFolder
 ) -> None:
