@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from depthcache.extraction.engine import ExtractOptions, extract, output_summary, summary_rows
-from depthcache.model import architecture_for, submodule, token_runs
+from depthcache.model import decoder_layers, structure_of, submodule, token_runs
 from depthcache.store.reader import open_dataset
 
 SEQ_LEN, BATCH = 32, 3
@@ -20,16 +20,18 @@ def plain_capture(model_dir: Path, windows: list[np.ndarray], pad_id: int) -> di
     """Every site of every layer, the final residual and the logits of the real tokens, batch by batch, with
     hand-written hooks on a fresh model: what the store must hold."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    arch = architecture_for(model)
-    layers = submodule(model, arch.layers)
+    structure = structure_of(model)
+    layers = decoder_layers(model, structure)
     seen: dict[str, list[torch.Tensor]] = {"resid_pre": [], "attn_out": [], "mlp_out": [], "resid_final": []}
-    for block in layers:
+    for i, block in enumerate(layers):
         block.register_forward_pre_hook(lambda m, a, k: seen["resid_pre"].append(
             (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
-        submodule(block, arch.attn).register_forward_hook(lambda m, a, o: seen["attn_out"].append(
+        submodule(block, structure.attn[i]).register_forward_hook(lambda m, a, o: seen["attn_out"].append(
             (o[0] if isinstance(o, tuple) else o).clone()))
-        submodule(block, arch.mlp).register_forward_hook(lambda m, a, o: seen["mlp_out"].append(o.clone()))
-    submodule(model, arch.final_norm).register_forward_pre_hook(lambda m, a: seen["resid_final"].append(a[0].clone()))
+        submodule(block, structure.mlp[i]).register_forward_hook(lambda m, a, o: seen["mlp_out"].append(
+            (o[0] if isinstance(o, tuple) else o).clone()))
+    submodule(model, structure.final_norm).register_forward_pre_hook(
+        lambda m, a, k: seen["resid_final"].append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
     out: dict[str, list[np.ndarray]] = {name: [] for name in [*seen, "logits"]}
     for first in range(0, len(windows), BATCH):
         group = windows[first:first + BATCH]

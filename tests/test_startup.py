@@ -1,4 +1,4 @@
-"""Start-up: each command imports only what it needs (extract: no xarray or jsonschema; analyses: no torch)."""
+"""Start-up: each command imports only what it needs (extract: no xarray, pandas or dask; analyses: no torch)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def modules_after(code: str) -> set[str]:
 def test_extraction_does_not_import_the_readers_libraries() -> None:
     loaded = modules_after("import depthcache.extraction.engine")
     assert "torch" in loaded and "zarr" in loaded
-    assert not loaded & {"xarray", "jsonschema", "dask", "matplotlib"}
+    assert not loaded & {"xarray", "pandas", "dask", "matplotlib"}
 
 
 def test_computing_an_analysis_does_not_import_torch() -> None:

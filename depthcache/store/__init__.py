@@ -1,7 +1,7 @@
 """The store format: the layout table, atomic IO, validation against the schema, the model head and the reader.
 
 Nothing here imports torch: a store is read, checked and analysed without a model. The names below load on first use,
-so a command that only writes a store (``depthcache extract``) does not import xarray or jsonschema.
+so a command that only writes a store (``depthcache extract``) does not import xarray.
 """
 
 from typing import Any
