@@ -30,6 +30,12 @@ def options(*decorators: Any) -> Any:
     return apply
 
 
+progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Progress with ETA (default: a bar on a terminal, else a line per step or per minute on stderr; "
+         "--progress forces the bar, --no-progress silences both).")
+
+
 def model_options(batch_size: int, unit: str, progress: bool = True, model_help: str = MODEL_HELP) -> Any:
     """The options of every command that runs a model: --model, --device, --batch-size and --progress."""
     return options(
@@ -37,8 +43,7 @@ def model_options(batch_size: int, unit: str, progress: bool = True, model_help:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--batch-size", default=batch_size, show_default=True, type=int,
                      help=f"{unit} per forward pass."),
-        *([click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")]
-          if progress else []))
+        *([progress_option] if progress else []))
 
 
 def task_options(required: bool, seed: bool) -> Any:
@@ -189,7 +194,8 @@ def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
     found = validate(store, read_chunks=not quick, storage_options=parse_params(storage_options))
     if found:
         raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(found.report()))
-    click.echo(f"{store}: valid; {verified(found) if not quick else 'metadata and chunk presence checked (--quick)'}")
+    click.echo(f"{store}: valid; " + (f"read and verified {verified(found)}" if not quick
+                                      else "metadata and chunk presence checked (--quick)"))
     for note in found.notes:
         click.echo(f"note: {note}")
 
@@ -344,6 +350,8 @@ def compare(stores: tuple[str, ...], out_dir: str, analyses: str | None, params:
         click.echo(str(path))
 
 
+
+
 def locate_options(command: Any) -> Any:
     """The options ``erase`` and ``igrad`` share: one prompt or a task, output store, model and device."""
     return options(
@@ -351,7 +359,10 @@ def locate_options(command: Any) -> Any:
         click.option("--answer", default=None, help="Its answer, a token continuation of the prompt, e.g. '28'."),
         task_options(required=False, seed=False),
         click.option("--out", required=True, help="Location-map store to write (a folder ending in .zarr)."),
-        model_options(batch_size=32, unit="Sequences"))(command)
+        click.option("--layers", default="all", show_default=True, help="Layers to map, e.g. 'all', '0-5,20'."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run from OUT.partial (each finished layer is saved there)."),
+        model_options(batch_size=64, unit="Sequences (erase: erased positions; igrad: points on the path)"))(command)
 
 
 @main.command()
@@ -372,9 +383,9 @@ def erase(**kw: Any) -> None:
 
 @main.command()
 @locate_options
-@click.option("--steps", default=256, show_default=True, type=int,
-              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 forward/backward "
-                   "passes).")
+@click.option("--steps", default=64, show_default=True, type=int,
+              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 points, evaluated "
+                   "--batch-size at a time in one forward/backward pass), before adaptive refinement.")
 @click.option("--tolerance", default=0.01, show_default=True, type=float,
               help="Bisect the intervals with the largest completeness error until |sum(attribution) - (f(h) - "
                    "f(baseline))| is at most this times max(|f(h) - f(baseline)|, 0.01).")
@@ -410,7 +421,8 @@ def copy_and_report(source: str, destination: str, jobs: int, options: dict[str,
                               f"{advice}")
     repaired = f", {report.repaired} damaged at the destination fetched again" if report.repaired else ""
     click.echo(f"{destination}: {report.copied} objects copied ({report.bytes_copied / 2**20:,.1f} MiB), "
-               f"{report.skipped} already there{repaired}; valid: {report.verified} ({report.seconds:.1f} s)")
+               f"{report.skipped} already there{repaired}; every chunk verified: {report.verified} "
+               f"({report.seconds:.1f} s)")
     if report.ignored:
         click.echo(f"note: {len(report.ignored)} source object(s) whose names cannot be store keys were not copied "
                    f"(first: {report.ignored[0][:200]!r})")
@@ -484,6 +496,9 @@ def evaluate() -> None:
 @model_options(batch_size=16, unit="Items", progress=False)
 @click.option("--out", default=None,
               help="Folder for prune.zarr, prune.csv, prune-items.csv and prune.png (default: runs/prune-TASK).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUT/prune.partial (each finished step is saved there).")
+@progress_option
 def prune(**kw: Any) -> None:
     """Remove more and more layers and score a task by likelihood and by generation at each step."""
     from pathlib import Path

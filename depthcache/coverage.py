@@ -27,7 +27,10 @@ import numpy as np
 import torch
 
 from depthcache.errors import DepthcacheError
+from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.model import TOLERANCES, LoadedModel, Structure, checked, relative_errors, tokenizer_files
+from depthcache.store.head import logits_from_residual, read_head
+from depthcache.store.reader import open_dataset
 
 VOCAB = 384
 TINY: dict[str, Any] = {
@@ -129,15 +132,10 @@ def loaded_tiny(model: torch.nn.Module, tokenizer: Any) -> LoadedModel:
 def store_errors(store: Path) -> tuple[float, float]:
     """(identity, next-token log-prob) errors of an extracted store: the residual identity on the stored arrays, and
     the stored head's logit lens of resid_final against the stored next-token log-probs."""
-    from depthcache.store.head import logits_from_residual
-    from depthcache.store.reader import open_dataset
-
     ds = open_dataset(str(store)).load()
     h, a, m = (ds[name].values.astype(np.float64) for name in ("resid_pre", "attn_out", "mlp_out"))
     nxt = np.concatenate([h[1:], ds.resid_final.values[None].astype(np.float64)])
     identity = float(relative_errors(h + a + m, nxt).max())
-    from depthcache.store.head import read_head
-
     z = logits_from_residual(ds.resid_final.values, read_head(str(store))).astype(np.float64)
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -149,8 +147,6 @@ def store_errors(store: Path) -> tuple[float, float]:
 
 def two_window_extraction(loaded: LoadedModel, folder: Path) -> tuple[float, float]:
     """Extract 2 windows of ``SEQ_LEN`` tokens in float32 and measure the store's errors."""
-    from depthcache.extraction.engine import ExtractOptions, extract
-
     data = folder / "docs.jsonl"
     data.write_text(json.dumps({"text": CORPUS}) + "\n")
     out = folder / "store.zarr"
@@ -175,9 +171,9 @@ def time_limit(seconds: int) -> Iterator[None]:
             signal.signal(signal.SIGALRM, previous)
 
 
-def short(exc: BaseException) -> str:
-    """One line describing an exception, at most 160 characters."""
-    text = " ".join(str(exc).split())
+def short(exc: BaseException, text: str | None = None) -> str:
+    """One line describing an exception (or ``text`` from it), at most 160 characters."""
+    text = " ".join((str(exc) if text is None else text).split())
     return (text if isinstance(exc, DepthcacheError) else f"{type(exc).__name__}: {text}")[:160]
 
 
@@ -210,14 +206,16 @@ def cover(model_type: str, class_name: str = "", tokenizer: Any = None, timeout:
                time.perf_counter() - start)
 
 
+REASONS = {"is not a residual attention+MLP decoder: ": "not a residual attention+MLP decoder: ",
+           "fails the load check: ": "load check fails: "}
+
+
 def reason(exc: DepthcacheError) -> str:
     """The refusal's reason without the 'Class (type) is not ...' prefix the table already shows."""
-    text = short(exc)
-    for marker in ("is not a residual attention+MLP decoder: ", "fails the load check: "):
-        if marker in text:
-            head, _, tail = text.partition(marker)
-            return ("not a residual attention+MLP decoder: " if "decoder" in marker else "load check fails: ") + tail
-    return text
+    for marker, label in REASONS.items():
+        if marker in str(exc):
+            return short(exc, label + str(exc).partition(marker)[2])
+    return short(exc)
 
 
 def notes(structure: Structure) -> str:
@@ -266,8 +264,8 @@ def render(rows: list[Row]) -> str:
         "to each token's largest value (identity: the largest over layers of the check and the store; logits: the "
         "logit lens of `resid_final` against the model's logits).",
         "",
-        f"**{len(passed)} of {len(rows)} model types pass** (torch {torch.__version__}, Python "
-        f"{platform.python_version()}).",
+        f"**{len(passed)} of {len(rows)} model types pass** ({len({r.class_name for r in passed})} distinct "
+        f"transformers classes; torch {torch.__version__}, Python {platform.python_version()}).",
         "",
         "| model type | transformers class | supported | why not / what discovery found | identity error | "
         "logits error |",
@@ -303,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model_type:28s} {'PASS' if row.supported else 'no  '} {row.seconds:5.1f}s "
               f"{notes(row.structure) if row.structure else row.reason}", flush=True)
     Path(args.out).write_text(render(rows))
-    print(f"{sum(r.supported for r in rows)} of {len(rows)} pass; wrote {args.out}")
+    passed = [r for r in rows if r.supported]
+    print(f"{len(passed)} of {len(rows)} pass ({len({r.class_name for r in passed})} classes); wrote {args.out}")
     return 0
 
 

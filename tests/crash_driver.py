@@ -10,21 +10,26 @@ for byte, and pass a full validation (every checksum).
 
     python tests/crash_driver.py --model MODEL_DIR --data DATA.jsonl --workdir DIR --seeds 0-9 --kills 4
 
-``tests/test_crash.py`` runs a small fixed seed set of it; CI can run more seeds.
+Each extraction is a new ``python -m depthcache.cli`` process; ``--fork`` forks them instead from a server that
+imported depthcache, torch and transformers once (the same code from the command line's ``main`` on, seconds
+faster per start). ``tests/test_crash.py`` runs a small fixed seed set with ``--fork``; CI can run more seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any, Protocol
 
 import numpy as np
 import zarr
@@ -43,11 +48,74 @@ class Kill:
     pause: float
 
 
-def extract_command(model: Path, data: Path, out: Path) -> list[str]:
-    """A small many-chunk extraction, resumable (the same command completes or continues the store)."""
-    return [sys.executable, "-m", "depthcache.cli", "extract", "--model", str(model), "--data", str(data),
-            "--out", str(out), "--seq-len", "32", "--batch-size", "4", "--chunk-tokens", str(CHUNK),
-            "--max-tokens", "0", "--device", "cpu", "--no-progress", "--resume"]
+def extract_args(model: Path, data: Path, out: Path) -> list[str]:
+    """The command line (after ``depthcache``) of a small many-chunk extraction, resumable: the same command
+    completes or continues the store."""
+    return ["extract", "--model", str(model), "--data", str(data), "--out", str(out), "--seq-len", "32",
+            "--batch-size", "4", "--chunk-tokens", str(CHUNK), "--max-tokens", "0", "--device", "cpu",
+            "--no-progress", "--resume"]
+
+
+class Launched(Protocol):
+    """A running extraction: what the driver needs of a process."""
+
+    def poll(self) -> int | None:
+        """The exit status, or None while it runs."""
+
+    def send_signal(self, signum: int) -> None:
+        """Send it a signal."""
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for it to end; its exit status (negative: the signal that ended it)."""
+
+
+def launch_process(args: list[str], stderr: IO[str]) -> Launched:
+    """``python -m depthcache.cli ARGS`` as a new process (interpreter start and imports included)."""
+    return subprocess.Popen([sys.executable, "-m", "depthcache.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=stderr)
+
+
+def cli_in_child(args: list[str], stderr_path: str) -> None:
+    """The body of a forked extraction: the command line's ``main`` with stderr to a file."""
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    from depthcache.cli import main as cli
+
+    cli(args, prog_name="depthcache")
+
+
+@dataclass
+class Forked:
+    """A process forked from a server that imported depthcache, torch and transformers once (the same ``main``
+    as the command line, without the seconds of imports per start)."""
+
+    process: Any
+
+    def poll(self) -> int | None:
+        """The exit status, or None while it runs."""
+        return self.process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        """Send it a signal."""
+        os.kill(self.process.pid, signum)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for it to end; its exit status (negative: the signal that ended it)."""
+        self.process.join(timeout)
+        return self.process.exitcode
+
+
+def fork_launcher() -> Callable[[list[str], IO[str]], Launched]:
+    """A launcher forking from a forkserver that preloaded the command line and the extraction engine."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["depthcache.cli", "depthcache.extraction.engine"])
+
+    def launch(args: list[str], stderr: IO[str]) -> Launched:
+        process = context.Process(target=cli_in_child, args=(args, stderr.name))
+        process.start()
+        return Forked(process)
+    return launch
 
 
 def committed(store: Path) -> int:
@@ -66,7 +134,7 @@ def plan_kills(seed: int, kills: int) -> list[Kill]:
     return [Kill(s, None if rng.random() < 0.2 else rng.uniform(0.05, 0.8), rng.uniform(0.0, 0.4)) for s in signals]
 
 
-def wait_for_moment(proc: subprocess.Popen, store: Path, kill: Kill, total: int) -> None:
+def wait_for_moment(proc: Launched, store: Path, kill: Kill, total: int) -> None:
     """Return at the kill's moment, or when the process has exited."""
     deadline = time.monotonic() + TIMEOUT
     start = committed(store)
@@ -132,28 +200,31 @@ def array_bytes(store: Path) -> dict[str, bytes]:
 
 
 def run_seed(seed: int, model: Path, data: Path, workdir: Path, reference: dict[str, bytes], total: int,
-             kills: int) -> list[str]:
+             kills: int, launch: Callable[[list[str], IO[str]], Launched]) -> list[str]:
     """Kill one extraction ``kills`` times as the seed says, complete it, compare with the reference."""
     from depthcache.store.schema import validate
 
     store = workdir / f"seed{seed}.zarr"
     problems: list[str] = []
-    for kill in plan_kills(seed, kills):
+    for kill in plan_kills(seed, kills) + [None]:  # None: the last run, which completes the store
         with open(workdir / f"seed{seed}.stderr", "w+") as err:
-            proc = subprocess.Popen(extract_command(model, data, store), stdout=subprocess.DEVNULL, stderr=err)
-            wait_for_moment(proc, store, kill, total)
-            if proc.poll() is None:
-                proc.send_signal(kill.signum)
+            proc = launch(extract_args(model, data, store), err)
+            if kill is not None:
+                wait_for_moment(proc, store, kill, total)
+                if proc.poll() is None:
+                    proc.send_signal(kill.signum)
             code = proc.wait(timeout=TIMEOUT)
             err.seek(0)
-            problems += [f"seed {seed}: {p}" for p in interrupt_problems(kill, code, err.read(), store, total)]
-    finish = subprocess.run(extract_command(model, data, store), capture_output=True, text=True, timeout=TIMEOUT)
-    if finish.returncode:
-        return problems + [f"seed {seed}: the last run failed: {finish.stderr[-500:]}"]
+            stderr = err.read()
+        if kill is None and code:
+            return problems + [f"seed {seed}: the last run failed ({code}): {stderr[-500:]}"]
+        if kill is not None:
+            problems += [f"seed {seed}: {p}" for p in interrupt_problems(kill, code, stderr, store, total)]
     got = array_bytes(store)
     problems += [f"seed {seed}: {name} differs from the uninterrupted run" for name in reference
                  if got.get(name) != reference[name]]
-    problems += [f"seed {seed}: arrays {sorted(set(got) - set(reference))} are extra"] if set(got) - set(reference) else []
+    extra = sorted(set(got) - set(reference))
+    problems += [f"seed {seed}: arrays {extra} are extra"] if extra else []
     problems += [f"seed {seed}: {p}" for p in validate(str(store)).report()]
     leftovers = [p.name for p in workdir.glob(f".seed{seed}.zarr.creating-*")]
     problems += [f"seed {seed}: temporary folders left behind: {leftovers}"] if leftovers else []
@@ -164,15 +235,18 @@ def reference_store(model: Path, data: Path, workdir: Path) -> tuple[dict[str, b
     """An uninterrupted extraction's arrays and token count (the same command, never interrupted)."""
     store = workdir / "reference.zarr"
     if not store.exists():
-        subprocess.run(extract_command(model, data, store), check=True, capture_output=True, timeout=TIMEOUT)
+        subprocess.run([sys.executable, "-m", "depthcache.cli", *extract_args(model, data, store)], check=True,
+                       capture_output=True, timeout=TIMEOUT)
     return array_bytes(store), committed(store)
 
 
-def run(seeds: list[int], model: Path, data: Path, workdir: Path, kills: int) -> list[str]:
-    """Every seed's problems (empty: every interrupt was consistent and every resume bit-identical)."""
+def run(seeds: list[int], model: Path, data: Path, workdir: Path, kills: int, fork: bool = False) -> list[str]:
+    """Every seed's problems (empty: every interrupt was consistent and every resume bit-identical); ``fork``:
+    start extractions from a forkserver instead of new interpreters (faster, the same code from ``main`` on)."""
     workdir.mkdir(parents=True, exist_ok=True)
     reference, total = reference_store(model, data, workdir)
-    return [p for seed in seeds for p in run_seed(seed, model, data, workdir, reference, total, kills)]
+    launch = fork_launcher() if fork else launch_process
+    return [p for seed in seeds for p in run_seed(seed, model, data, workdir, reference, total, kills, launch)]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -191,9 +265,10 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, required=True, help="where the stores go")
     parser.add_argument("--seeds", default="0-4", help="seed set, e.g. 0-9 or 1,5,7")
     parser.add_argument("--kills", type=int, default=3, help="interrupts per seed")
+    parser.add_argument("--fork", action="store_true", help="fork extractions from a preloaded server (faster)")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    problems = run(parse_seeds(args.seeds), args.model, args.data, args.workdir, args.kills)
+    problems = run(parse_seeds(args.seeds), args.model, args.data, args.workdir, args.kills, args.fork)
     print("\n".join(problems) or f"all seeds consistent: {args.seeds}")
     return 1 if problems else 0
 

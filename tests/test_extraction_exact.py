@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import ARCHS
 
 from depthcache.extraction.engine import ExtractOptions, extract, output_summary, summary_rows
 from depthcache.model import decoder_layers, structure_of, submodule, token_runs

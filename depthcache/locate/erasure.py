@@ -7,13 +7,11 @@ tokens of |Δ p(answer token)| (teacher-forced).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import xarray as xr
 
-from depthcache.locate.maps import Prompt, map_dataset
+from depthcache.locate.maps import Prompt, Rows, computed, map_dataset
 from depthcache.model import Clean, clean_run, n_layers, run_from, structure_of
 
 
@@ -38,16 +36,14 @@ def erase_layer(model: torch.nn.Module, prompt: Prompt, clean: Clean, layer: int
     return out
 
 
-def erasure_map(model: torch.nn.Module, prompt: Prompt, mean: torch.Tensor, batch_size: int = 32,
-                on_layer: Callable[[], None] | None = None) -> xr.Dataset:
-    """Layer × position map of the answer's sensitivity to erasing each residual cell (``mean``: (layer, d))."""
+def erasure_map(model: torch.nn.Module, prompt: Prompt, mean: torch.Tensor, layers: list[int] | None = None,
+                batch_size: int = 64, rows: Rows = computed) -> xr.Dataset:
+    """Layer × position map of the answer's sensitivity to erasing each residual cell (``mean``: (layer, d);
+    ``layers``: all by default; ``rows`` as in ``igrad_map``)."""
     clean = clean_run(model, prompt)
     depth = n_layers(model)
-    rows = []
-    for layer in range(depth):
-        rows.append(erase_layer(model, prompt, clean, layer, mean[layer], batch_size))
-        if on_layer is not None:
-            on_layer()
-    change = np.stack(rows)
-    return map_dataset(prompt, depth, {"max_prob_change": (("layer", "position"), change),
-                                       "answer_prob": ("answer_position", clean.answer_prob.cpu().numpy())})
+    layers = list(range(depth)) if layers is None else layers
+    change = np.stack([rows(layer, lambda layer=layer: {"max_prob_change": erase_layer(
+        model, prompt, clean, layer, mean[layer], batch_size)})["max_prob_change"] for layer in layers])
+    return map_dataset(prompt, depth, layers, {"max_prob_change": (("layer", "position"), change),
+                                               "answer_prob": ("answer_position", clean.answer_prob.cpu().numpy())})

@@ -23,7 +23,7 @@ from depthcache.limits import (
 )
 from depthcache.store.io import version_tuple
 from depthcache.store.layout import CHECKSUMMED_HEAD, is_checksummed
-from depthcache.store.problems import Problems, chunk_key, grid_problems
+from depthcache.store.problems import Problems, chunk_key, grid_coords, grid_problems
 
 MODEL_GROUP = "model"
 TOKENIZER_GROUP = "model/tokenizer"
@@ -248,7 +248,7 @@ def read_head_arrays(model: zarr.Group, root: zarr.Group, attrs: dict[str, Any],
         """Every chunk of the tokenizer files, or of the head array ``name`` (fetched again by a repairing copy)."""
         return [chunk_key(path, c) for path, (a, _) in arrays.items()
                 if (path.startswith(f"{TOKENIZER_GROUP}/") if tokenizer else path == f"{MODEL_GROUP}/{name}")
-                for c in np.ndindex(*a.cdata_shape)]
+                for c in grid_coords(tuple(a.cdata_shape))]
 
     for name, shape in shapes.items():
         try:

@@ -155,7 +155,7 @@ def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         create_array(group, name, layout)
     if layout.sites:
         layer = group.create_array("layer", shape=(len(layout.layers),), dtype="int32",
-                                   dimension_names=("layer",), compressors=None)
+                                   dimension_names=("layer",), compressors=[Crc32cCodec()])  # 1.3: checksummed
         layer[:] = np.asarray(layout.layers, dtype=np.int32)
 
 

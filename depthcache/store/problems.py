@@ -3,7 +3,6 @@ objects at fault (so a copy can fetch them again), notes that are not failures, 
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -67,11 +66,27 @@ def chunk_key(array: str, coords: tuple[int, ...]) -> str:
     return f"{array}/c/" + "/".join(map(str, coords))
 
 
+def grid_coords(grid: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """Every chunk coordinate of a grid in C order, produced lazily (costs nothing for the ones never asked for)."""
+    if not all(grid):
+        return
+    coords = [0] * len(grid)
+    while True:
+        yield tuple(coords)
+        axis = len(grid) - 1
+        while axis >= 0 and coords[axis] + 1 == grid[axis]:
+            coords[axis] = 0
+            axis -= 1
+        if axis < 0:
+            return
+        coords[axis] += 1
+
+
 def first_missing(grid: tuple[int, ...], present: Mapping[tuple[int, ...], int], n: int) -> Iterator[tuple[int, ...]]:
     """Up to ``n`` chunk coordinates inside ``grid`` that are absent, in order (stops early: bounded by what
     exists plus ``n``)."""
     found = 0
-    for coords in itertools.product(*(range(g) for g in grid)):
+    for coords in grid_coords(grid):
         if coords not in present:
             yield coords
             found += 1

@@ -59,6 +59,11 @@ class Place:
         """Group path of ``parts`` below the prefix."""
         return "/".join(p for p in (self.prefix, *parts) if p)
 
+    @property
+    def options(self) -> dict[str, Any] | None:
+        """fsspec options for a URL place (None for a local folder)."""
+        return dict(self.storage_options) if self.storage_options and not self.writable else None
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -133,7 +138,7 @@ def open_place(place: Place, path: str = "") -> zarr.Group | None:
     """A group of a place, read-only, or None when absent or unreadable."""
     try:
         return zarr.open_group(place.location, mode="r", path=place.path(path) or None, zarr_format=3,
-                               storage_options=dict(place.storage_options) or None)
+                               storage_options=place.options)
     except UNREADABLE:
         return None
 
@@ -222,7 +227,7 @@ def load(entry: Entry) -> xr.Dataset | None:
     checksums (stores are untrusted: such a result is recomputed, never used)."""
     try:
         ds = xr.open_zarr(entry.place.location, group=entry.place.path(entry.name, entry.key), consolidated=False,
-                          storage_options=dict(entry.place.storage_options) or None)
+                          storage_options=entry.place.options)
         if ds.nbytes > MAX_RESULT_BYTES or not all(is_checksummed(v.encoding.get("compressors"))
                                                     for v in ds.variables.values()):
             return None

@@ -47,7 +47,14 @@ from depthcache.store.layout import (
     array_shape,
     is_checksummed,
 )
-from depthcache.store.problems import MAX_KEYS, Problems, chunk_key, chunks_by_array, grid_problems
+from depthcache.store.problems import (
+    MAX_KEYS,
+    Problems,
+    chunk_key,
+    chunks_by_array,
+    grid_coords,
+    grid_problems,
+)
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 ANALYSES = "analyses"
@@ -350,8 +357,8 @@ def read_result_problems(path: str, arrays: Mapping[str, zarr.Array], problems: 
             where = f"{ANALYSES}/{path}/{array_name}"
             problems.add(f"{where}: {type(exc).__name__}: {shorten(str(exc))}: recompute it with depthcache analyze "
                          f"{name} STORE --force")
-            problems.keys.update(itertools.islice((chunk_key(where, c) for c in np.ndindex(*array.cdata_shape)),
-                                                  MAX_KEYS))
+            keys = (chunk_key(where, c) for c in grid_coords(tuple(array.cdata_shape)))
+            problems.keys.update(itertools.islice(keys, MAX_KEYS))
             continue
         problems.count_read(label)
 
@@ -403,9 +410,9 @@ def validate(location: str, read_chunks: bool = True, storage_options: Mapping[s
 
 
 def verified(problems: Problems) -> str:
-    """What a full validation decoded and checksummed, in words ('192 activation and token chunks, ...')."""
+    """What a full validation decoded and checked, in words ('2 model head arrays (crc32c), ...')."""
     parts = [f"{n:,} {what}" for what, n in problems.read.items()]
-    return f"read and verified {', '.join(parts)}" if parts else "no chunk committed yet"
+    return ", ".join(parts) if parts else "no chunk committed yet"
 
 
 def validate_store(location: str, read_chunks: bool = True,
