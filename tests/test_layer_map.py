@@ -51,13 +51,19 @@ def r2(y: np.ndarray, pred: np.ndarray) -> float:
     return float(r2_score(y, pred, multioutput="variance_weighted"))
 
 
+def coefficients(fit: lm.SourceFit, shift: lm.Shift, i: int, penalty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W (t, d, e), intercept (t, e)) of a fit in the stores' original coordinates: ŷ = x W + b (scikit-learn's)."""
+    w = fit.weights(penalty)
+    return w, fit.mean_y + shift.y - np.einsum("d,tde->te", fit.mean_x + shift.x[i], w)
+
+
 def test_coefficients_and_validation_scores_match_sklearn() -> None:
     x, y, split = synthetic()
     fits, shift = solved(x, y, split, "pair")
     train, val = split == lm.TRAIN, split == lm.VAL
     for i, fit in enumerate(fits):
         for a, alpha in enumerate(fit.penalties):
-            w, b = lm.coefficients(fit, shift, i, np.full(3, a))
+            w, b = coefficients(fit, shift, i, np.full(3, a))
             for j in range(3):
                 ref = Ridge(alpha=alpha, fit_intercept=True).fit(x[i][train].astype(np.float64), y[j][train])
                 np.testing.assert_allclose(w[j], ref.coef_.T, rtol=EXACT, atol=EXACT * np.abs(ref.coef_).max())
