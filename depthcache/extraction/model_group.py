@@ -34,6 +34,7 @@ def write_model_group(root: zarr.Group, loaded: Any) -> None:
         _array(group, "unembed_bias", bias.numpy(), ("vocab",))
     tok = root.create_group(TOKENIZER_GROUP)
     for i, (name, data) in enumerate(sorted(loaded.tokenizer_files.items())):
-        arr = tok.create_array(f"file_{i}", shape=(len(data),), dtype="uint8", dimension_names=("byte",))
+        # each file its own dimension (schema 1.3): files of different lengths under one name break xr.open_datatree
+        arr = tok.create_array(f"file_{i}", shape=(len(data),), dtype="uint8", dimension_names=(f"byte_{i}",))
         arr[:] = np.frombuffer(data, dtype=np.uint8)
         arr.attrs["filename"] = name
