@@ -39,8 +39,17 @@ def main() -> None:
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
 @click.option("--data", default="pydoc-topics", show_default=True,
-              help="Built-in dataset name, .txt file, folder of .txt files, .jsonl with a 'text' field, or a task, "
-                   "one window per item: task:two-hop-facts?n=60, task:arithmetic-chain?max_ops=3, task:FILE.jsonl.")
+              help="Built-in dataset name, .txt file, folder of .txt files, .jsonl, a Hugging Face dataset folder "
+                   "(save_to_disk) or .parquet/.arrow/.csv file, or a task, one window per item: "
+                   "task:two-hop-facts?n=60, task:arithmetic-chain?max_ops=3, task:FILE.jsonl.")
+@click.option("--text-field", default="text", show_default=True, help="Record field holding each document's text.")
+@click.option("--prompt-field", default=None,
+              help="Read records as task items: the prompt's field, or a template such as "
+                   "'Question: {question}\nAnswer:' (one window per item; task:DATA?n=100 takes a seeded subset).")
+@click.option("--answer-field", default="answer", show_default=True, help="With --prompt-field: the answer's field.")
+@click.option("--answer-after", default=None, help="The answer is the text after the last MARKER (GSM8K: '####').")
+@click.option("--answer-regex", default=None, help="The answer is the regex's first match (its group 1 if any).")
+@click.option("--split", default=None, help="Split of a saved DatasetDict (default: train, or its only split).")
 @click.option("--out", required=True, help="Store to create (a folder ending in .zarr).")
 @click.option("--sites", default="resid,attn,mlp", show_default=True,
               help="Which activations to store: resid (resid_pre + resid_final), attn, mlp.")
@@ -77,9 +86,13 @@ def main() -> None:
 def extract(finalize: bool, skip: str | None, skip_sublayer: str, skip_tokens: int, skip_variant: str,
             skip_prefix: str, **kw: Any) -> None:
     """Run a model over a dataset and store every layer's residual stream and sublayer outputs."""
+    from depthcache.extraction.data import DataFields
     from depthcache.extraction.engine import ExtractOptions, finalize_store
     from depthcache.extraction.engine import extract as run_extract
     from depthcache.extraction.workers import worker_from_env
+
+    kw["fields"] = DataFields(*(kw.pop(name) for name in ("text_field", "prompt_field", "answer_field", "answer_after",
+                                                          "answer_regex", "split")))
 
     if finalize:
         attrs = finalize_store(kw["out"])

@@ -25,7 +25,7 @@ import zarr
 import depthcache
 from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError
-from depthcache.extraction.data import DEFAULT_DATASET, load_documents
+from depthcache.extraction.data import DEFAULT_DATASET, DataFields, load_documents
 from depthcache.extraction.model_group import write_model_group
 from depthcache.extraction.progress import Progress
 from depthcache.extraction.task_data import (
@@ -93,6 +93,7 @@ class ExtractOptions:
     num_workers: int = 1  # several processes writing disjoint shards of one store
     worker_index: int = 0
     queue_batches: int = 2
+    fields: DataFields = DataFields()  # which record fields are the text, or a task's prompt and answer
 
 
 @dataclass
@@ -162,8 +163,10 @@ def library_versions() -> dict[str, str]:
 
 
 def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_sha: str, n_docs: int, plan: Plan,
-               device: str, chunk_tokens: int) -> dict[str, Any]:
-    """The root attributes of a new store (schema ``SCHEMA_VERSION``)."""
+               device: str, chunk_tokens: int, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The root attributes of a new store (schema ``SCHEMA_VERSION``); ``details`` says how the documents were read
+    (datasets fingerprint, fields)."""
+    details = {k: v for k, v in (details or {}).items() if v is not None and v != {}}
     model = loaded.model
     config = model.config
     return {
@@ -178,7 +181,8 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
                   "config": config.to_diff_dict() | {"model_type": config.model_type},
                   "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files),
                   "parallel_residual": parallel_residual(model)},
-        "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs},
+        "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs,
+                    **details},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
                     "seq_len": opts.seq_len, "batch_size": opts.batch_size, "dtype": opts.dtype, "top_k": opts.top_k,
                     "device": device},
@@ -349,15 +353,16 @@ def make_plan(opts: ExtractOptions, loaded: LoadedModel, docs: Documents, n_laye
                              bos_token_id(loaded.tokenizer), opts.max_tokens), parse_layers(opts.layers, n_layers))
 
 
-def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str, Any]:
-    """Run (or resume) one extraction into ``opts.out`` (with ``loaded`` if given); returns the final attributes."""
+def extract(opts: ExtractOptions, loaded: LoadedModel | None = None, docs: Documents | None = None) -> dict[str, Any]:
+    """Run (or resume) one extraction into ``opts.out`` (with ``loaded`` and ``docs`` if given, else as ``opts.model``
+    and ``opts.data`` say); returns the final attributes."""
     check_options(opts)
     sites = parse_sites(opts.sites)
     worker = Worker(opts.worker_index, opts.num_workers)
     resuming = check_destination(opts.out, opts.resume or worker.count > 1)
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
-    docs = load_documents(opts.data)
+    docs = docs or load_documents(opts.data, opts.fields)
     loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
     arch = architecture_for(loaded.model)
     plan = make_plan(opts, loaded, docs, n_layers(loaded.model))
@@ -366,7 +371,7 @@ def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
                                                             STORED_DTYPES[opts.dtype].itemsize)
-    attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens)
+    attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens, docs.details)
     attrs["layout"]["num_workers"] = worker.count
     task = isinstance(docs, TaskDocuments)
     if task:

@@ -396,7 +396,7 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
     if not exists:
         check_destination(opts.out, resume=False)
     device = str(resolve_device(opts.device))
-    docs = load_documents(opts.data)
+    docs = load_documents(opts.data, opts.fields)
     loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
     arch = architecture_for(loaded.model)
     depth = n_layers(loaded.model)
