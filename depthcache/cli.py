@@ -365,6 +365,19 @@ def prune_copy(model: str, keep: str, out: str) -> None:
     click.echo(f"{make_copy(model, keep, out)}: pruned copy of {model} (kept layers: {keep})")
 
 
+@main.command(name="lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                               "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval(args: tuple[str, ...]) -> None:
+    """lm-evaluation-harness's command line with the 'depthcache' backend: --model depthcache --model_args
+    pretrained=smollm2-135m,remove=20-29 --tasks TASK --include_path FOLDER (needs depthcache[harness])."""
+    try:
+        from depthcache.evaluate.harness import main as harness_main
+    except ImportError as exc:
+        raise DepthcacheError("lm-eval is not installed: pip install 'depthcache[harness]'") from exc
+    harness_main(list(args))
+
+
 @main.group()
 def evaluate() -> None:
     """Score a model on a task with parts of it removed (likelihood- vs generation-based evaluation)."""
@@ -373,8 +386,12 @@ def evaluate() -> None:
 @evaluate.command()
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
-@click.option("--task", required=True,
+@click.option("--task", default=None,
               help="Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl file.")
+@click.option("--harness", default=None,
+              help="Score with lm-evaluation-harness instead: a local task YAML, or a task name under --include-path "
+                   "(needs depthcache[harness]; --n limits the harness's documents).")
+@click.option("--include-path", default=None, help="With --harness: a folder of local harness task YAMLs.")
 @click.option("--layers", default="all", show_default=True, help="Candidate layers to remove, e.g. '20-29'.")
 @click.option("--metric", "metrics", default="likelihood,generation", show_default=True,
               help="likelihood (gold log-prob, accuracy among choices) and/or generation (greedy, exact match).")
@@ -397,8 +414,12 @@ def prune(**kw: Any) -> None:
     from depthcache.evaluate import PruneOptions, evaluate_prune
 
     kw["n"] = kw["n"] or None
-    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task']).stem}"
+    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task'] or kw['harness'] or 'task').stem}"
     ds = evaluate_prune(PruneOptions(**kw))
+    if kw["harness"]:
+        click.echo(ds.to_dataframe().to_string())
+        click.echo(f"written to {kw['out']}/ (prune-harness.zarr, prune-harness.csv)")
+        return
     click.echo(ds[["n_removed", "removed_layer", "mean_gold_logprob", "choice_accuracy",
                    "exact_match_rate"]].to_dataframe().to_string())
     click.echo(f"written to {kw['out']}/ (prune.zarr, prune.csv, prune-items.csv, prune.png)")

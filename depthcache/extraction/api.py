@@ -50,11 +50,11 @@ def resolve_model(model: Any, tokenizer: Any, device: str | None) -> tuple[Loade
         return model, str(model.provenance["spec"]), device or model_device(model.model)
     if isinstance(model, tuple) and len(model) == 2:
         model, tokenizer = model
-    loaded = wrap_model(model, tokenizer)
-    where = model_device(model)
+    where = model_device(model) if hasattr(model, "parameters") else "cpu"
     if device is not None and device not in (where, "auto"):
         raise DepthcacheError(f"the model is on {where}, not {device}: move it first (model.to({device!r})) or drop "
                               "device=")
+    loaded = wrap_model(model, tokenizer)
     return loaded, str(loaded.provenance["spec"]), where
 
 

@@ -359,7 +359,7 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec:
     ``name_or_path`` as the spec and a fingerprint of its current weights (so a fine-tuned model is told apart)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise DepthcacheError(f"expected a transformers model (PreTrainedModel), got {type(model).__name__}")
-    if tokenizer is None or not callable(tokenizer):
+    if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "save_pretrained"):
         raise DepthcacheError("a model passed as an object needs its tokenizer: depthcache.extract(model, texts, "
                               "tokenizer=tokenizer, ...) or depthcache.extract((model, tokenizer), texts, ...)")
     name = spec or getattr(model.config, "_name_or_path", "") or type(model).__name__
