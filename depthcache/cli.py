@@ -389,8 +389,8 @@ def evaluate() -> None:
 @click.option("--task", default=None,
               help="Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl file.")
 @click.option("--harness", default=None,
-              help="Score with lm-evaluation-harness instead: a local task YAML, or a task name under --include-path "
-                   "(needs depthcache[harness]; --n limits the harness's documents).")
+              help="Score with lm-evaluation-harness instead: local task YAMLs or task names under --include-path, "
+                   "comma-separated (needs depthcache[harness]; --n limits the harness's documents).")
 @click.option("--include-path", default=None, help="With --harness: a folder of local harness task YAMLs.")
 @click.option("--layers", default="all", show_default=True, help="Candidate layers to remove, e.g. '20-29'.")
 @click.option("--metric", "metrics", default="likelihood,generation", show_default=True,
@@ -414,7 +414,7 @@ def prune(**kw: Any) -> None:
     from depthcache.evaluate import PruneOptions, evaluate_prune
 
     kw["n"] = kw["n"] or None
-    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task'] or kw['harness'] or 'task').stem}"
+    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task'] or kw['harness'].split(',')[0]).stem}"
     ds = evaluate_prune(PruneOptions(**kw))
     if kw["harness"]:
         click.echo(ds.to_dataframe().to_string())

@@ -160,22 +160,30 @@ def write_harness_task(task: str, folder: str | Path, n: int | None = None, seed
     return [f"{name}_{mode}" for mode in modes]
 
 
-def resolve_task(task: str, include_path: str | None) -> tuple[str, str | None]:
-    """(harness task name, folder to include) for a task name, or a YAML file (its folder is included)."""
-    path = Path(task)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise DepthcacheError(f"harness task file {task} not found")
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.startswith("task:"):
-                return line.split(":", 1)[1].strip().strip("'\""), str(path.resolve().parent)
-        raise DepthcacheError(f"{task} has no 'task:' line: not a harness task YAML")
+def resolve_tasks(tasks: str, include_path: str | None) -> tuple[list[str], list[str] | None]:
+    """(harness task names, folders to include) for comma-separated task names and task YAML files (a YAML's folder
+    is included)."""
+    names, folders = [], [include_path] if include_path is not None else []
     if include_path is not None and not Path(include_path).is_dir():
         raise DepthcacheError(f"--include-path {include_path} is not a folder")
-    return task, include_path
+    for task in filter(None, (t.strip() for t in tasks.split(","))):
+        path = Path(task)
+        if path.suffix not in (".yaml", ".yml"):
+            names.append(task)
+            continue
+        if not path.is_file():
+            raise DepthcacheError(f"harness task file {task} not found")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("task:")]
+        if not lines:
+            raise DepthcacheError(f"{task} has no 'task:' line: not a harness task YAML")
+        names.append(lines[0].split(":", 1)[1].strip().strip("'\""))
+        folders.append(str(path.resolve().parent))
+    if not names:
+        raise DepthcacheError("--harness names no task")
+    return names, sorted(set(folders)) or None
 
 
-def harness_metrics(lm: DepthcacheLM, tasks: list[str], include_path: str | None, limit: int | None
+def harness_metrics(lm: DepthcacheLM, tasks: list[str], include_path: str | list[str] | None, limit: int | None
                     ) -> dict[str, float]:
     """Run the harness on ``tasks`` (local task files under ``include_path``; no hub) and return every numeric
     metric as '<task>.<metric>' (stderr included)."""
@@ -208,7 +216,7 @@ def harness_prune(opts: Any) -> Any:
     from depthcache.evaluate.prune import Scorer, removal_sequence
     from depthcache.model import architecture_for
 
-    name, include = resolve_task(opts.harness, opts.include_path)
+    names, include = resolve_tasks(opts.harness, opts.include_path)
     device = str(resolve_device(opts.device))
     loaded = load_model(opts.model, device=device)
     depth = n_layers(loaded.model)
@@ -226,14 +234,14 @@ def harness_prune(opts: Any) -> Any:
     rows = []
     for k in range(steps + 1):
         lm.removed = tuple(order[:k])
-        rows.append(harness_metrics(lm, [name], include, opts.n))
+        rows.append(harness_metrics(lm, names, include, opts.n))
     keys = sorted({key for row in rows for key in row if not key.endswith(".sample_len")})
     ds = xr.Dataset({key: ("step", np.array([row.get(key, np.nan) for row in rows])) for key in keys},
                     coords={"step": np.arange(steps + 1), "n_removed": ("step", np.arange(steps + 1)),
                             "removed_layer": ("step", np.array([-1, *order])),
                             "removed": ("step", np.array([",".join(map(str, order[:k])) for k in range(steps + 1)],
                                                          dtype=object))},
-                    attrs={"model": opts.model, "harness_task": name, "order": opts.order,
+                    attrs={"model": opts.model, "harness_tasks": ",".join(names), "order": opts.order,
                            "candidates": json.dumps(list(candidates)),
                            "description": "step k: the model with the first k layers of the removal order removed, "
                                           "scored by lm-evaluation-harness (metrics named <task>.<metric>)"})
