@@ -20,6 +20,7 @@ import xarray as xr
 from depthcache.analyze.registry import load_all
 from depthcache.analyze.runner import MAX_RESULT_BYTES, RESULT_ATTR
 from depthcache.errors import DepthcacheError
+from depthcache.store.io import open_result
 from depthcache.store.reader import Store
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -70,7 +71,7 @@ def cached_results(store: Store) -> dict[str, xr.Dataset]:
     results = {}
     for name in names:
         try:
-            ds = xr.open_zarr(group.store, group=f"analyses/{name}", consolidated=False)
+            ds = open_result(group.store, f"analyses/{name}")
         except Exception as exc:  # noqa: BLE001 - a damaged cached result is reported, not fatal
             raise DepthcacheError(f"cached analysis {name!r} in {store.location} is unreadable ({exc}); "
                                   f"recompute it with depthcache analyze {name} --force") from exc

@@ -139,11 +139,21 @@ def test_transformer_lens_names_select_the_stored_arrays(store: Path) -> None:
         partial.depthcache.hook("blocks.1.hook_resid_post")
 
 
-def test_open_datatree_reads_every_group(store: Path) -> None:
-    tree = xr.open_datatree(store, engine="zarr", consolidated=False)
-    assert {"/", "/model", "/model/tokenizer"} <= set(tree.groups)
+def test_open_datatree_reads_every_group(store: Path, tmp_path: Path) -> None:
+    from depthcache.analyze import run
+
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(store, copy)
+    lens = run("logit-lens", str(copy))  # its layer axis has one entry more than the store's (the final layer)
+    assert lens.sizes["layer"] == 5
+    tree = xr.open_datatree(copy, engine="zarr", consolidated=False)
+    assert {"/", "/model", "/model/tokenizer", "/analyses/logit-lens"} <= set(tree.groups)
     files = tree["model/tokenizer"].to_dataset()
     assert len({files[name].dims[0] for name in files.data_vars}) == len(files.data_vars)
+    assert tree["analyses/logit-lens"].sizes["result_layer"] == 5
+    cached = run("logit-lens", str(copy))  # read back from the cache under its own dimension names
+    assert cached.sizes["layer"] == 5 and "result_layer" not in cached.dims
+    xr.testing.assert_allclose(cached.drop_attrs(), lens.drop_attrs())
 
 
 def test_stores_with_one_shared_byte_dimension_still_open(llama: Path, store: Path, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from depthcache.evaluate.harness import DepthcacheLM, parse_remove, write_harnes
 from depthcache.tasks import load_task, write_task_jsonl
 
 REMOVED = (1, 2)
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lm-eval" / "two-hop-facts"
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,11 @@ def test_lm_eval_command_line_finds_the_depthcache_backend(setup: dict[str, Path
     assert result.exit_code == 0, result.output
     assert "two_hop_mini_mc" in result.output and "acc" in result.output
     assert parse_remove("20-22+25", 30) == (20, 21, 22, 25) and parse_remove(None, 30) == ()
+
+
+def test_shipped_example_task_is_the_exported_built_in_task(tmp_path: Path) -> None:
+    names = write_harness_task("two-hop-facts", tmp_path)
+    assert sorted(p.name for p in EXAMPLE.iterdir() if p.is_file()) == sorted(p.name for p in tmp_path.iterdir())
+    for path in tmp_path.iterdir():
+        assert (EXAMPLE / path.name).read_text() == path.read_text(), f"regenerate {EXAMPLE}/{path.name}"
+    assert names == ["two_hop_facts_mc", "two_hop_facts_gen", "two_hop_facts_ll"]

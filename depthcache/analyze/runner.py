@@ -19,7 +19,8 @@ import zarr
 import depthcache
 from depthcache.analyze.registry import check_params, get
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import is_url, local_name, write_dataset_atomically
+from depthcache.store.io import is_url, local_name, open_result, write_dataset_atomically
+from depthcache.store.layout import ROOT_DIMS
 from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"
@@ -85,7 +86,7 @@ def provenance(name: str, stores: list[Store], params: dict[str, Any]) -> dict[s
 def load_cached(location: str, group: str | None, expected: dict[str, Any]) -> xr.Dataset | None:
     """The cached result if it exists and was computed from the same stores with the same parameters."""
     try:
-        ds = xr.open_zarr(location, group=group, consolidated=False)
+        ds = open_result(location, group)
     except (FileNotFoundError, KeyError, OSError, ValueError):
         return None
     try:
@@ -101,7 +102,7 @@ def save(result: xr.Dataset, location: str, group: str | None) -> None:
     folder = Path(location) / group if group else Path(location)
     if group and "/" in group:  # make the parent (e.g. analyses/) a real zarr group, not a bare folder
         zarr.open_group(location, mode="r+").require_group(group.rsplit("/", 1)[0])
-    write_dataset_atomically(result, folder)
+    write_dataset_atomically(result, folder, avoid_dims=ROOT_DIMS if group else ())
 
 
 def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
@@ -134,7 +135,7 @@ def cached_result(name: str, store: Store, params: dict[str, Any] | None = None,
     in on both sides; None: any parameters), or None."""
     location, group = result_path(store, name, results_dir)
     try:
-        ds = xr.open_zarr(location, group=group, consolidated=False)
+        ds = open_result(location, group)
         meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
     except (FileNotFoundError, KeyError, OSError, ValueError, TypeError):
         return None

@@ -33,6 +33,7 @@ from depthcache.dtypes import STORED_DTYPES
 SCHEMA_VERSION = "1.2"  # 1.1: intervention runs under runs/<name>; 1.2: task stores (item, answer_index, hops)
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
+ROOT_DIMS = ("layer", "token", "d_model", "k")  # results stored inside a store rename these (io.with_private_dims)
 SITE_ARRAYS = {"resid": ("resid_pre", "resid_final"), "attn": ("attn_out",), "mlp": ("mlp_out",)}
 TARGET_CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_TOKENS = 16
