@@ -3,10 +3,11 @@
     python benchmarks/torch_bench.py --store runs/demo.zarr [--pairs 3] [--site resid_pre]
 
 (a) raw: every committed chunk of ``--site`` (all stored layers) read with zarr in order, decoded to numpy (what
-any reader must do); (b) ``ActivationDataset(store, site, batch_size=4096, shuffle=True, buffer_chunks=4)`` in
-float32, consumed in the main process (no DataLoader workers); (c) the same in bf16. Each measurement runs in its own
+any reader must do); (b) ``ActivationDataset(store, site, batch_size=1024, shuffle=True, buffer_chunks=4)`` in
+float32, consumed in the main process (no DataLoader workers); (c) the same in bf16; (d) (b) through a DataLoader
+with 2 worker processes (the chunk list split between them). Each measurement runs in its own
 process (peak RSS is that process's ``VmHWM``), after one untimed raw pass warms the page cache; the order is
-interleaved a b c a b c ... for ``--pairs`` rounds. Prints medians, ranges and the ratio (b) / (a) per round.
+interleaved a b c d a b c d ... for ``--pairs`` rounds. Prints medians, ranges and the ratio (b) / (a) per round.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 
+KINDS = ("raw", "dataset", "dataset-bf16", "dataset-2workers")
 
 def peak_rss_mib() -> float:
     """This process's peak resident set (VmHWM) in MiB."""
@@ -42,15 +44,17 @@ def raw(store: str, site: str) -> int:
     return tokens
 
 
-def dataset(store: str, site: str, bf16: bool) -> int:
-    """Iterate an ActivationDataset over the whole store; returns the rows yielded."""
+def dataset(store: str, site: str, bf16: bool, workers: int = 0) -> int:
+    """Iterate an ActivationDataset over the whole store (through a DataLoader with ``workers`` processes if any);
+    returns the rows yielded."""
     import torch
 
     from depthcache.torch import ActivationDataset
 
-    rows = ActivationDataset(store, site, batch_size=4096, shuffle=True, buffer_chunks=4,
+    rows = ActivationDataset(store, site, batch_size=1024, shuffle=True, buffer_chunks=4,
                              dtype=torch.bfloat16 if bf16 else torch.float32)
-    return sum(len(batch["token"]) for batch in rows)
+    batches = torch.utils.data.DataLoader(rows, batch_size=None, num_workers=workers) if workers else rows
+    return sum(len(batch["token"]) for batch in batches)
 
 
 def one(kind: str, store: str, site: str) -> None:
@@ -61,7 +65,8 @@ def one(kind: str, store: str, site: str) -> None:
     from depthcache.torch import ActivationDataset  # noqa: F401
 
     start = time.perf_counter()
-    tokens = raw(store, site) if kind == "raw" else dataset(store, site, bf16=kind == "dataset-bf16")
+    tokens = (raw(store, site) if kind == "raw" else
+              dataset(store, site, bf16=kind == "dataset-bf16", workers=2 if kind == "dataset-2workers" else 0))
     seconds = time.perf_counter() - start
     print(json.dumps({"kind": kind, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                       "peak_rss_mib": peak_rss_mib()}))
@@ -86,14 +91,14 @@ def main() -> None:
         return
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     measure("raw", args.store, args.site)  # warm the page cache, untimed
-    rounds = [{kind: measure(kind, args.store, args.site) for kind in ("raw", "dataset", "dataset-bf16")}
+    rounds = [{kind: measure(kind, args.store, args.site) for kind in KINDS}
               for _ in range(args.pairs)]
-    for kind in ("raw", "dataset", "dataset-bf16"):
+    for kind in KINDS:
         speeds = [r[kind]["tokens_per_s"] for r in rounds]
         rss = [r[kind]["peak_rss_mib"] for r in rounds]
         print(f"{kind:13s} median {statistics.median(speeds):8.0f} tok/s (range {min(speeds):.0f}-{max(speeds):.0f}),"
               f" peak RSS median {statistics.median(rss):.0f} MiB")
-    for kind in ("dataset", "dataset-bf16"):
+    for kind in KINDS[1:]:
         ratios = [r[kind]["tokens_per_s"] / r["raw"]["tokens_per_s"] for r in rounds]
         print(f"{kind} / raw per round: {', '.join(f'{x:.2f}' for x in ratios)}; median "
               f"{statistics.median(ratios):.2f}")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import zarr
 
+from zarr.core.buffer.cpu import NDBuffer
+
 from depthcache.errors import DepthcacheError
 from depthcache.store.io import open_group
 from depthcache.store.layout import TASK_ARRAYS
@@ -27,7 +29,7 @@ from depthcache.store.reader import Store
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 METADATA = ("token_id", "doc_id", "position", "next_token_id") + tuple(TASK_ARRAYS)
-TORCH_OF = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ROW_BATCH = 256  # rows are cut from batches of this size when no batch_size is given
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         self.metadata = tuple(name for name in METADATA if name in ds)
         self.layer_index, self.squeeze = self._layer_index(ds, site, layers)
         self.layers = [int(ds["layer"].values[i]) for i in self.layer_index] if self.layer_index else []
+        self.layer_tensor = torch.tensor(self.layer_index, dtype=torch.int64)
         self.d_model = int(ds[site].sizes["d_model"])
         self.rank, self.world_size = rank, world_size
 
@@ -145,38 +148,42 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                            storage_options=self.storage_options)
         return {name: group[name] for name in (self.site, *self.metadata)}
 
-    def read_chunk(self, arrays: dict[str, zarr.Array], chunk: int) -> dict[str, torch.Tensor]:
-        """One chunk's rows: activations (tokens, [layers,] d_model) in ``dtype`` and the metadata columns."""
-        start, stop = self._chunk_range(chunk)
-        raw = arrays[self.site][start:stop] if self.site == "resid_final" else arrays[self.site][:, start:stop]
-        if self.layer_index:
-            raw = raw[self.layer_index] if len(self.layer_index) < raw.shape[0] else raw
-            raw = np.moveaxis(raw, 0, 1)  # (tokens, layers, d_model), a view
-        rows = {"activations": self._tensor(raw)}
-        if self.squeeze and self.layer_index:
-            rows["activations"] = rows["activations"][:, 0]
-        rows["token"] = torch.arange(start, stop, dtype=torch.int64)
-        for name in self.metadata:
-            rows[name] = torch.from_numpy(np.asarray(arrays[name][start:stop]).astype(np.int64))
-        return rows
-
-    def _tensor(self, values: np.ndarray) -> torch.Tensor:
-        """Stored values as a contiguous torch tensor of ``dtype`` (bf16 bits reinterpreted, not converted)."""
-        if self.stored_dtype == "bfloat16":
-            tensor = torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
-        else:
-            tensor = torch.from_numpy(np.ascontiguousarray(values))
-        return tensor.to(self.dtype).contiguous()
-
     def read_buffer(self, arrays: dict[str, zarr.Array], chunks: Sequence[int], rng: np.random.Generator
-                    ) -> dict[str, torch.Tensor]:
-        """Several chunks' rows joined, permuted when shuffling."""
-        parts = [self.read_chunk(arrays, c) for c in chunks]
-        rows = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        if self.shuffle:
-            order = torch.from_numpy(rng.permutation(len(rows["token"])))
-            rows = {key: value[order] for key, value in rows.items()}
-        return rows
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Several chunks decoded straight into one buffer, as stored (``(layers, tokens, d_model)``, bf16 stays
+        bf16), with their metadata columns, and the order to yield its rows in (None: as stored)."""
+        spans = [self._chunk_range(c) for c in chunks]
+        n = sum(stop - start for start, stop in spans)
+        array = arrays[self.site]
+        layered = self.site != "resid_final"
+        buffer = np.empty((array.shape[0], n, self.d_model) if layered else (n, self.d_model), dtype=array.dtype)
+        columns: dict[str, list[np.ndarray]] = {name: [] for name in self.metadata}
+        at = 0
+        for start, stop in spans:
+            target = buffer[:, at:at + stop - start] if layered else buffer[at:at + stop - start]
+            region = (slice(None), slice(start, stop)) if layered else (slice(start, stop),)
+            array.get_basic_selection(region, out=NDBuffer.from_numpy_array(target))  # decoded in place
+            for name in self.metadata:
+                columns[name].append(arrays[name][start:stop])
+            at += stop - start
+        rows = {"raw": as_tensor(buffer, self.stored_dtype),
+                "token": torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in spans]))}
+        rows |= {name: torch.from_numpy(np.concatenate(parts).astype(np.int64)) for name, parts in columns.items()}
+        return rows, torch.from_numpy(rng.permutation(n)) if self.shuffle else None
+
+    def take(self, rows: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """The rows ``index`` of a buffer: activations gathered (``index_select``: contiguous d_model rows), put
+        token-major and cast to ``dtype`` in one copy, metadata alongside."""
+        raw = rows["raw"]
+        axis = 0 if self.site == "resid_final" else 1
+        picked = raw[(slice(None),) * axis + (index,)] if isinstance(index, slice) else raw.index_select(axis, index)
+        if axis:
+            if len(self.layer_index) < raw.shape[0]:
+                picked = picked.index_select(0, self.layer_tensor)
+            picked = picked[0] if self.squeeze else picked.permute(1, 0, 2)
+        out = torch.empty(picked.shape, dtype=self.dtype)
+        out.copy_(picked)
+        return {"activations": out, **{key: value[index] for key, value in rows.items() if key != "raw"}}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -186,13 +193,15 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                             worker)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker.index])
         groups = [mine[i:i + self.buffer_chunks] for i in range(0, len(mine), self.buffer_chunks)]
-        if self.batch_size is None:
-            for rows in self._buffers(groups, rng):
-                yield from ({key: value[i] for key, value in rows.items()} for i in range(len(rows["token"])))
+        batches = self._batches(self._buffers(groups, rng), self.batch_size or ROW_BATCH)
+        if self.batch_size is not None:
+            yield from batches
             return
-        yield from self._batches(self._buffers(groups, rng))
+        for batch in batches:
+            yield from ({key: value[i] for key, value in batch.items()} for i in range(len(batch["token"])))
 
-    def _buffers(self, groups: list[np.ndarray], rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    def _buffers(self, groups: list[np.ndarray], rng: np.random.Generator
+                 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
         """The shuffle buffers in order, each read in a background thread while the one before is consumed."""
         if not groups:
             return
@@ -200,22 +209,38 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="depthcache-read") as pool:
             pending = pool.submit(self.read_buffer, arrays, groups[0], rng)
             for nxt in groups[1:]:
-                rows = pending.result()
+                done = pending.result()
                 pending = pool.submit(self.read_buffer, arrays, nxt, rng)
-                yield rows
+                yield done
             yield pending.result()
 
-    def _batches(self, buffers: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Fixed-size batches across buffer boundaries; the last partial batch unless ``drop_last``."""
-        size = self.batch_size or 1
+    def _batches(self, buffers: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]], size: int
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of ``size`` rows in each buffer's order, continuing across buffers; the last one partial unless
+        ``drop_last``."""
         carry: dict[str, torch.Tensor] | None = None
-        for rows in buffers:
-            if carry is not None:
-                rows = {key: torch.cat([carry[key], value]) for key, value in rows.items()}
+        for rows, order in buffers:
             n = len(rows["token"])
-            full = n - n % size
-            for begin in range(0, full, size):
-                yield {key: value[begin:begin + size] for key, value in rows.items()}
-            carry = {key: value[full:] for key, value in rows.items()} if full < n else None
-        if carry is not None and not self.drop_last:
+            begin = 0
+            if carry is not None:
+                begin = min(size - len(carry["token"]), n)
+                head = self.take(rows, order[:begin] if order is not None else slice(0, begin))
+                carry = {key: torch.cat([carry[key], head[key]]) for key in carry}
+                if len(carry["token"]) < size:
+                    continue
+                yield carry
+                carry = None
+            full = begin + (n - begin) // size * size
+            for at in range(begin, full, size):
+                yield self.take(rows, order[at:at + size] if order is not None else slice(at, at + size))
+            if full < n:
+                carry = self.take(rows, order[full:] if order is not None else slice(full, n))
+        if carry is not None and not (self.drop_last and self.batch_size is not None):
             yield carry
+
+
+def as_tensor(values: np.ndarray, stored_dtype: str) -> torch.Tensor:
+    """A numpy buffer as a torch tensor without copying (bf16 bits reinterpreted)."""
+    if stored_dtype == "bfloat16":
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
