@@ -1,4 +1,4 @@
-"""layer-map benchmark (issue 5): all layer pairs of two synthetic 31-boundary stores against scikit-learn's Ridge.
+"""layer-map benchmark: all layer pairs of two synthetic 31-boundary stores against scikit-learn's Ridge.
 
 Writes two synthetic activation arrays laid out like a depthcache store's residual stream (Zarr v3, bfloat16,
 zstd + crc32c, chunks of all layers × 1024 tokens): a 30-layer "shallow" and a 30-layer "deep" model, both with

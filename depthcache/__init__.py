@@ -8,9 +8,11 @@ ready for arithmetic. All load lazily, so ``import depthcache`` stays cheap for 
 
 from typing import Any
 
+from depthcache.codecs import register_bounded_zstd
 from depthcache.dtypes import register_bfloat16
 
 register_bfloat16()
+register_bounded_zstd()
 
 __version__ = "0.1.0"
 

@@ -2,16 +2,61 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
 import click
 
-from depthcache.errors import DepthcacheError
+from depthcache.defaults import DEFAULT_MODEL
+from depthcache.errors import DepthcacheError, Interrupted
+
+MODEL_HELP = ("Alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m), local HF folder, .gguf "
+              "file, or hub id.")
+TASK_HELP = ("Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl task file; "
+             "the same task as extract --data task:NAME.")
+N_HELP = ("Task size: a seeded subset of N items (two-hop-facts: N chains, each with its hop items); default: the "
+          "task's own size. The same as task:NAME?n=N.")
+SEED_HELP = "Seed of the task's items (default: the task's own). The same as task:NAME?seed=S."
+LAYERS_HELP = "layer spec: 'all', or indices and ranges such as '0-5,10'"
+
+
+def options(*decorators: Any) -> Any:
+    """Apply click option decorators in the order they are listed (top to bottom, as in --help)."""
+    def apply(command: Any) -> Any:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Progress with ETA (default: a bar on a terminal, else a line per step or per minute on stderr; "
+         "--progress forces the bar, --no-progress silences both).")
+
+
+def model_options(batch_size: int, unit: str, progress: bool = True, model_help: str = MODEL_HELP) -> Any:
+    """The options of every command that runs a model: --model, --device, --batch-size and --progress."""
+    return options(
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, help=model_help),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--batch-size", default=batch_size, show_default=True, type=int,
+                     help=f"{unit} per forward pass."),
+        *([progress_option] if progress else []))
+
+
+def task_options(required: bool, seed: bool) -> Any:
+    """--task, --n (and --seed): one way to name a task and its size, meaning what task:NAME?n=N&seed=S means."""
+    return options(
+        click.option("--task", required=required, default=None, help=TASK_HELP),
+        click.option("--n", default=None, type=click.IntRange(min=1), help=N_HELP),
+        *([click.option("--seed", default=None, type=click.IntRange(min=0), help=SEED_HELP)] if seed else []))
 
 
 class Commands(click.Group):
-    """A click group that turns DepthcacheError into 'error: …' and exit status 2."""
+    """A click group that turns DepthcacheError into 'error: …' and exit status 2, and an interrupt into
+    'error: …' (what was kept, how to continue) and 128 + the signal's number."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -19,6 +64,10 @@ class Commands(click.Group):
         except DepthcacheError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            click.echo(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted by SIGINT'}", err=True)
+            sys.exit(128 + signum)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,17 +80,16 @@ def main() -> None:
       depthcache extract --out runs/demo.zarr          # SmolLM2-135M on Python's docs
       depthcache info runs/demo.zarr
       depthcache analyze contributions runs/demo.zarr
-      depthcache plot runs/demo.zarr contributions
+      depthcache plot contributions runs/demo.zarr
     """
 
 
 @main.command()
-@click.option("--model", default="smollm2-135m", show_default=True,
-              help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
 @click.option("--data", default="pydoc-topics", show_default=True,
               help="Built-in dataset name, .txt file, folder of .txt files, .jsonl, a Hugging Face dataset folder "
                    "(save_to_disk) or .parquet/.arrow/.csv file, or a task, one window per item: "
-                   "task:two-hop-facts?n=60, task:arithmetic-chain?max_ops=3, task:FILE.jsonl.")
+                   "task:NAME?n=N&seed=S&OPTION=VALUE, e.g. task:two-hop-facts?n=60, task:arithmetic-chain?max_ops=3, "
+                   "task:FILE.jsonl (n counts items, as --task NAME --n N does in erase, igrad and evaluate).")
 @click.option("--text-field", default="text", show_default=True, help="Record field holding each document's text.")
 @click.option("--prompt-field", default=None,
               help="Read records as task items: the prompt's field, or a template such as "
@@ -53,23 +101,25 @@ def main() -> None:
 @click.option("--out", required=True, help="Store to create (a folder ending in .zarr).")
 @click.option("--sites", default="resid,attn,mlp", show_default=True,
               help="Which activations to store: resid (resid_pre + resid_final), attn, mlp.")
-@click.option("--layers", default="all", show_default=True, help="Layers to store, e.g. 'all', '0-5,10'.")
+@click.option("--layers", default="all", show_default=True, help=f"Layers to store: a {LAYERS_HELP}.")
 @click.option("--max-tokens", default=16384, show_default=True, type=int,
               help="Stop after this many tokens (0: the whole dataset).")
 @click.option("--seq-len", default=128, show_default=True, type=int, help="Tokens per model input window.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Windows per forward pass.")
+@model_options(batch_size=8, unit="Windows")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]),
               help="Stored dtype of activations (bf16: half of f32's bytes, never overflows).")
 @click.option("--top-k", default=20, show_default=True, type=int, help="Top-k final log-probs kept per token.")
 @click.option("--chunk-tokens", default=None, type=int,
-              help="Tokens per chunk (default: largest power of two keeping a chunk of all layers ≤ 32 MiB).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+              help="Tokens per chunk (default: the largest power of two keeping a chunk of all layers ≤ 32 MiB, "
+                   "at most the store's tokens).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction into --out (options must match).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @click.option("--num-workers", type=int, default=None,
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
 @click.option("--worker-index", type=int, default=None, help="This process's index (default: $RANK / Slurm).")
 @click.option("--finalize", is_flag=True, help="Only mark a store written by several workers complete.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="The load check (the residual identity and the logit lens on 32 tokens) before anything is "
+                   "written; --no-check only if you know why.")
 @click.option("--skip", default=None,
               help="Also store layer-skip runs beside the baseline (runs/skip_<l>): one layer '7', one run per layer "
                    "'3,7', one run skipping several '3+7', 'each', or 'range 20-29'.")
@@ -117,6 +167,13 @@ def extract(finalize: bool, skip: str | None, skip_sublayer: str, skip_tokens: i
                    "when every worker has finished (the last one marks it, or run extract --finalize)")
 
 
+def results_option(command: Any) -> Any:
+    """The ``--results`` option: where cached analysis results live when not inside the store."""
+    return click.option("--results", default=None,
+                        help="Folder for cached analysis results when the store is not writable, e.g. a URL store "
+                             "(default: inside a local store; STORE's name + .analyses for a URL).")(command)
+
+
 def storage_option(command: Any) -> Any:
     """The ``--storage-option key=value`` option of every command taking a STORE that may be a URL."""
     return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
@@ -126,12 +183,13 @@ def storage_option(command: Any) -> Any:
 
 @main.command()
 @click.argument("store")
+@results_option
 @storage_option
-def info(store: str, storage_options: tuple[str, ...]) -> None:
-    """Summarise a store (folder or URL): model, layers, sites, tokens, size on disk and compression."""
+def info(store: str, results: str | None, storage_options: tuple[str, ...]) -> None:
+    """Summarise a store (folder or URL): model, layers, sites, tokens, size on disk, cached analysis results."""
     from depthcache.summary import summary
 
-    click.echo(summary(store, parse_params(storage_options)))
+    click.echo(summary(store, parse_params(storage_options), results))
 
 
 @main.command()
@@ -140,12 +198,14 @@ def info(store: str, storage_options: tuple[str, ...]) -> None:
 @storage_option
 def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
     """Check a store against the schema, its shapes, and every chunk's checksum."""
-    from depthcache.store.schema import validate_store
+    from depthcache.store.schema import validate, verified
 
-    problems = validate_store(store, read_chunks=not quick, storage_options=parse_params(storage_options))
-    if problems:
-        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(problems))
-    click.echo(f"{store}: valid")
+    found = validate(store, read_chunks=not quick, storage_options=parse_params(storage_options))
+    if found:
+        raise DepthcacheError(f"{store} is invalid:\n  " + "\n  ".join(found.report()))
+    click.echo(f"{store}: valid; {verified(found) if not quick else 'metadata and chunk presence checked (--quick)'}")
+    for note in found.notes:
+        click.echo(f"note: {note}")
 
 
 class AnalysisGroup(click.Group):
@@ -183,32 +243,43 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 def analysis_command(spec: Any) -> click.Command:
     """A click command running one analysis on its store(s)."""
-    stores = "SHALLOW DEEP" if spec.n_stores == 2 else "STORE"
-
     from depthcache.analyze.registry import describe_parameters
+
+    stores = "SHALLOW DEEP" if spec.n_stores == 2 else "STORE"
 
     @click.command(name=spec.name, help=f"{spec.summary}\n\nArguments: {stores}.\n\nParameters (-p KEY=VALUE, "
                                         f"values as JSON): {describe_parameters(spec)}.")
-    @click.argument("stores", nargs=spec.n_stores)
+    @click.argument("stores", nargs=spec.n_stores, metavar=stores)
     @click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
     @click.option("--force", is_flag=True, help="Recompute even if a cached result exists.")
+    @click.option("--full", is_flag=True, help="Print every value of the result, not a short summary.")
+    @click.option("--list-cached", is_flag=True, help="List the cached results of this analysis; compute nothing.")
+    @click.option("--clear", is_flag=True,
+                  help="Remove the cached results of this analysis (with -p: only that parameter set).")
     @click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
-    @click.option("--results", default=None, help="Folder for results when the store is not writable (or a URL).")
+    @results_option
     @storage_option
-    def command(stores: tuple[str, ...], params: tuple[str, ...], force: bool, scheduler: str | None,
-                results: str | None, storage_options: tuple[str, ...]) -> None:
+    def command(stores: tuple[str, ...], params: tuple[str, ...], force: bool, full: bool, list_cached: bool,
+                clear: bool, scheduler: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
         from depthcache.analyze import run
+        from depthcache.analyze.text import cache_text, clear_text, result_text
 
         stores = (stores,) if isinstance(stores, str) else stores
-        result = run(spec.name, *stores, force=force, scheduler_address=scheduler, results_dir=results,
-                     storage_options=parse_params(storage_options), **parse_params(params))
-        click.echo(result.drop_attrs().to_dataframe().to_string() if len(result.dims) <= 2 else str(result))
+        kw = {"results_dir": results, "storage_options": parse_params(storage_options)}
+        if list_cached or clear:
+            click.echo((clear_text if clear else cache_text)(spec, stores, parse_params(params) if clear else None,
+                                                             **kw))
+            return
+        result = run(spec.name, *stores, force=force, scheduler_address=scheduler, **kw, **parse_params(params))
+        click.echo(result_text(spec, result, full))
     return command
 
 
-@main.group(cls=AnalysisGroup)
+@main.group(cls=AnalysisGroup, subcommand_metavar="NAME STORE [ARGS]...")
 def analyze() -> None:
-    """Compute an analysis from a store (cached in STORE/analyses/NAME; `analyze list` shows them all)."""
+    """Compute an analysis from a store: `analyze NAME STORE` (`analyze list` shows every NAME).
+
+    Results are cached beside the store's data, one entry per analysis and parameter set."""
 
 
 @click.command(name="list")
@@ -220,21 +291,37 @@ def analyze_list() -> None:
         click.echo(f"{name:<18} {'(2 stores) ' if n == 2 else ''}{summary}")
 
 
+def plot_arguments(args: tuple[str, ...]) -> tuple[str, list[str]]:
+    """(name, stores) from `plot NAME STORE...`; the old order `plot STORE... NAME` still works, with a note."""
+    from depthcache.analyze import load_all
+    from depthcache.locate.maps import KINDS
+
+    known = set(load_all()) | set(KINDS)
+    if len(args) < 2:
+        raise DepthcacheError("plot needs an analysis name and a store: depthcache plot NAME STORE")
+    if args[0] in known or args[-1] not in known:
+        return args[0], list(args[1:])
+    click.echo(f"note: `depthcache plot STORE NAME` is deprecated and will stop working in the next release; "
+               f"write `depthcache plot {args[-1]} {' '.join(args[:-1])}`", err=True)
+    return args[-1], list(args[:-1])
+
+
 @main.command()
-@click.argument("args", nargs=-1, required=True)
+@click.argument("args", nargs=-1, required=True, metavar="NAME STORE")
 @click.option("--out", "out_dir", default=None, help="Folder for the PNGs (default: STORE's name + .plots).")
 @click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
 @click.option("--force", is_flag=True, help="Recompute the analysis first.")
-@click.option("--results", default=None, help="Folder for results when the store is not writable (or a URL).")
+@results_option
 @storage_option
 def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], force: bool, results: str | None,
          storage_options: tuple[str, ...]) -> None:
-    """Draw an analysis's figures: `plot STORE NAME` (or `plot SHALLOW DEEP NAME` for two-store analyses)."""
+    """Draw an analysis's figures: `plot NAME STORE` (`plot NAME SHALLOW DEEP` for two-store analyses; `plot erasure
+    MAP` or `plot igrad MAP` for a location map)."""
     from depthcache.analyze import plot as draw
     from depthcache.locate.maps import is_map
     from depthcache.locate.plot import plot_map_store
 
-    *stores, name = args
+    name, stores = plot_arguments(args)
     extra = {"storage_options": parse_params(storage_options)} if storage_options else {}
     if len(stores) == 1 and is_map(stores[0]):  # a location map (erase/igrad) is a result already
         paths = plot_map_store(stores[0], name, out_dir)
@@ -244,23 +331,46 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
         click.echo(str(path))
 
 
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Folder for the figures, compare.csv and compare.md.")
+@click.option("--analyses", default=None,
+              help="Comma-separated subset of contributions, residual-norms, logit-lens, skip-effects, "
+                   "effective-depth, layer-map; each must then be available in every store (default: all, leaving "
+                   "out with a note what some store lacks).")
+@click.option("-p", "--param", "params", multiple=True,
+              help="key=value for every compared analysis that takes it, e.g. include_first=true (repeatable).")
+@click.option("--force", is_flag=True, help="Recompute the analyses even if cached results exist.")
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
+@click.option("--results", default=None,
+              help="Folder for results when stores are not writable: one subfolder per store, named after it.")
+@storage_option
+def compare(stores: tuple[str, ...], out_dir: str, analyses: str | None, params: tuple[str, ...], force: bool,
+            scheduler: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
+    """Compare models on relative depth l / L: one figure per analysis, one line per store, and a table."""
+    from depthcache.analyze.compare import compare as run_compare
+
+    done = run_compare(stores, out_dir, [a.strip() for a in analyses.split(",")] if analyses else None,
+                       parse_params(params), force=force, scheduler_address=scheduler, results_dir=results,
+                       storage_options=parse_params(storage_options))
+    click.echo(done.summary)
+    for path in [*done.figures, *done.files]:
+        click.echo(str(path))
+
+
+
+
 def locate_options(command: Any) -> Any:
-    """The options ``erase`` and ``igrad`` share: model, one prompt or a task, output store, device."""
-    options = [
-        click.option("--model", default="smollm2-135m", show_default=True,
-                     help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id."),
+    """The options ``erase`` and ``igrad`` share: one prompt or a task, output store, model and device."""
+    return options(
         click.option("--prompt", default=None, help="The prompt, e.g. '5+7+5+3+1+7='."),
         click.option("--answer", default=None, help="Its answer, a token continuation of the prompt, e.g. '28'."),
-        click.option("--task", default=None, help="Instead of --prompt/--answer: a built-in task or a .jsonl file."),
-        click.option("--n", default=None, type=int, help="With --task: a seeded subset of this many items."),
+        task_options(required=False, seed=False),
         click.option("--out", required=True, help="Location-map store to write (a folder ending in .zarr)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--batch-size", default=32, show_default=True, type=int, help="Sequences per forward pass."),
-        click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+        click.option("--layers", default="all", show_default=True, help="Layers to map, e.g. 'all', '0-5,20'."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run from OUT.partial (each finished layer is saved there)."),
+        model_options(batch_size=64, unit="Sequences (erase: erased positions; igrad: points on the path)"))(command)
 
 
 @main.command()
@@ -281,9 +391,9 @@ def erase(**kw: Any) -> None:
 
 @main.command()
 @locate_options
-@click.option("--steps", default=256, show_default=True, type=int,
-              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 forward/backward "
-                   "passes).")
+@click.option("--steps", default=64, show_default=True, type=int,
+              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 points, evaluated "
+                   "--batch-size at a time in one forward/backward pass), before adaptive refinement.")
 @click.option("--tolerance", default=0.01, show_default=True, type=float,
               help="Bisect the intervals with the largest completeness error until |sum(attribution) - (f(h) - "
                    "f(baseline))| is at most this times max(|f(h) - f(baseline)|, 0.01).")
@@ -306,17 +416,25 @@ def igrad(**kw: Any) -> None:
 
 
 def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:
-    """Run a push or pull and print what it did; a failed verification is an error."""
+    """Run a push or pull and print what it did; a failed verification is an error saying whose it is."""
     from depthcache.sharing import copy_store
 
     kw = {"destination_options": options} if push else {"source_options": options}
     report = copy_store(source, destination, jobs=jobs, **kw)
     if report.problems:
-        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}"
-                              f"{f' (and {len(report.problems) - 1} more)' if len(report.problems) > 1 else ''}; "
-                              "run the same command again to repair it")
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        advice = (f"the source has the same problem: repair or re-extract {source} (depthcache validate lists it)"
+                  if report.source_damaged else "run the same command again to finish the copy")
+        raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}{more}; "
+                              f"{advice}")
+    repaired = f", {report.repaired} damaged at the destination fetched again" if report.repaired else ""
     click.echo(f"{destination}: {report.copied} objects copied ({report.bytes_copied / 2**20:,.1f} MiB), "
-               f"{report.skipped} already there; every chunk verified ({report.seconds:.1f} s)")
+               f"{report.skipped} already there{repaired}; valid: {report.verified} ({report.seconds:.1f} s)")
+    if report.ignored:
+        click.echo(f"note: {len(report.ignored)} source object(s) whose names cannot be store keys were not copied "
+                   f"(first: {report.ignored[0][:200]!r})")
+    for note in report.notes:
+        click.echo(f"note: {note}")
 
 
 @main.command()
@@ -342,21 +460,22 @@ def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...]) -> N
 @main.command()
 @click.argument("store")
 @click.option("--out", default=None, help="HTML file to write (default: STORE's name + .html).")
+@results_option
 @storage_option
-def report(store: str, out: str | None, storage_options: tuple[str, ...]) -> None:
-    """One self-contained HTML page: the store's provenance and every analysis cached in it, with figures."""
+def report(store: str, out: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
+    """One self-contained HTML page: the store's provenance and every analysis cached for it, with figures."""
     from depthcache.report import write_report
     from depthcache.store.io import local_name
 
-    path = write_report(store, out or str(local_name(store).with_suffix(".html")), parse_params(storage_options))
+    path = write_report(store, out or str(local_name(store).with_suffix(".html")), parse_params(storage_options),
+                        results)
     click.echo(str(path))
 
 
 @main.command(name="prune-copy")
-@click.option("--model", default="smollm2-135m", show_default=True,
-              help="Alias, local HF folder, .gguf file, or hub id of the model to copy.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=f"The model to copy. {MODEL_HELP}")
 @click.option("--keep", default="every-other", show_default=True,
-              help="Layers to keep: 'every-other' (0, 2, 4, ...) or a layer spec such as '0-9,20'.")
+              help=f"Layers to keep: 'every-other' (0, 2, 4, ...) or a {LAYERS_HELP}.")
 @click.option("--out", required=True, help="New folder for the pruned Hugging Face model (loads with --model OUT).")
 def prune_copy(model: str, keep: str, out: str) -> None:
     """Save a copy of a model with layers removed (same tokenizer), e.g. a shallow model for layer-map."""
@@ -384,37 +503,33 @@ def evaluate() -> None:
 
 
 @evaluate.command()
-@click.option("--model", default="smollm2-135m", show_default=True,
-              help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
-@click.option("--task", default=None,
-              help="Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl file.")
+@task_options(required=False, seed=True)
 @click.option("--harness", default=None,
-              help="Score with lm-evaluation-harness instead: local task YAMLs or task names under --include-path, "
-                   "comma-separated (needs depthcache[harness]; --n limits the harness's documents).")
+              help="Score with lm-evaluation-harness instead of --task: local task YAMLs or task names under "
+                   "--include-path, comma-separated (needs depthcache[harness]; --n limits the harness's documents).")
 @click.option("--include-path", default=None, help="With --harness: a folder of local harness task YAMLs.")
-@click.option("--layers", default="all", show_default=True, help="Candidate layers to remove, e.g. '20-29'.")
+@click.option("--layers", default="all", show_default=True, help=f"Candidate layers to remove: a {LAYERS_HELP}.")
 @click.option("--metric", "metrics", default="likelihood,generation", show_default=True,
               help="likelihood (gold log-prob, accuracy among choices) and/or generation (greedy, exact match).")
 @click.option("--order", default="last-first", show_default=True,
               type=click.Choice(["last-first", "first-first", "influence", "greedy"]),
               help="Removal order: by depth, by block influence 1 - cos(h_l, h_l+1) (lowest first), or greedy "
                    "(the least harmful next layer by gold log-prob; costs one likelihood pass per candidate).")
-@click.option("--n", default=50, show_default=True, type=int, help="Task items (a seeded subset; 0: all).")
-@click.option("--seed", default=None, type=int, help="Task seed (default: the task's own).")
 @click.option("--steps", default=None, type=int, help="Most layers removed (default: every candidate).")
 @click.option("--max-new-tokens", default=16, show_default=True, type=int, help="Greedy decoding length limit.")
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Items per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@model_options(batch_size=16, unit="Items", progress=False)
 @click.option("--out", default=None,
               help="Folder for prune.zarr, prune.csv, prune-items.csv and prune.png (default: runs/prune-TASK).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUT/prune.partial (each finished step is saved there).")
+@progress_option
 def prune(**kw: Any) -> None:
     """Remove more and more layers and score a task by likelihood and by generation at each step."""
     from pathlib import Path
 
     from depthcache.evaluate import PruneOptions, evaluate_prune
 
-    kw["n"] = kw["n"] or None
-    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task'] or kw['harness'].split(',')[0]).stem}"
+    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task'] or (kw['harness'] or 'task').split(',')[0]).stem}"
     ds = evaluate_prune(PruneOptions(**kw))
     if kw["harness"]:
         click.echo(ds.to_dataframe().to_string())

@@ -1,5 +1,17 @@
-"""The one exception type for user-facing failures: the CLI prints its message, never a traceback."""
+"""The exception types for user-facing failures: the CLI prints their message, never a traceback."""
+
+from __future__ import annotations
+
+import signal
 
 
 class DepthcacheError(Exception):
     """A problem the user can fix (bad input, wrong store, missing model); the message says how."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command at a safe point; the message says what was kept and how to continue."""
+
+    def __init__(self, signum: int, message: str | None = None) -> None:
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum

@@ -1,4 +1,4 @@
-"""A shareable, self-contained HTML report of a store: provenance and every cached analysis with its figures.
+"""A shareable, self-contained HTML report of a store: provenance and every cached analysis result with its figures.
 
 Everything read from the store is untrusted and HTML-escaped; figures are drawn by the analyses' own plot
 functions and embedded as base64 PNGs, so the page is one file that opens anywhere.
@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze.registry import load_all
-from depthcache.analyze.runner import MAX_RESULT_BYTES, RESULT_ATTR
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import open_result
+from depthcache.store import results
+from depthcache.store.io import model_display_name, parse_json
 from depthcache.store.reader import Store
+from depthcache.store.results import RESULT_ATTR
+
+MAX_CELL = 2000  # characters of one table cell (store values are untrusted and may be huge)
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
@@ -29,9 +33,12 @@ vertical-align:top;font-size:0.9em}th{background:#f3f3f3}img{max-width:100%;bord
 code{font-size:0.9em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}"""
 
 
-def esc(value: Any) -> str:
-    """Any value as escaped HTML text (store contents are untrusted)."""
-    return html.escape(value if isinstance(value, str) else json.dumps(value, default=str))
+def esc(value: Any, limit: int = MAX_CELL) -> str:
+    """Any value as escaped HTML text (store contents are untrusted), cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+    return html.escape(text)
 
 
 def table(rows: Iterable[tuple[Any, ...]], header: tuple[str, ...] | None = None, css: str = "") -> str:
@@ -64,40 +71,52 @@ def value_rows(result: xr.Dataset) -> list[tuple[str, str, str, str, str, str]]:
     return rows
 
 
-def cached_results(store: Store) -> dict[str, xr.Dataset]:
-    """Every analysis result cached under ``analyses/<name>`` in the store, loaded (size-checked first)."""
-    group = store.group
-    names = sorted(group["analyses"].group_keys()) if "analyses" in group.group_keys() else []
-    results = {}
-    for name in names:
-        try:
-            ds = open_result(group.store, f"analyses/{name}")
-        except Exception as exc:  # noqa: BLE001 - a damaged cached result is reported, not fatal
-            raise DepthcacheError(f"cached analysis {name!r} in {store.location} is unreadable ({exc}); "
-                                  f"recompute it with depthcache analyze {name} --force") from exc
-        if ds.nbytes > MAX_RESULT_BYTES:
-            raise DepthcacheError(f"cached analysis {name!r} in {store.location} is implausibly large")
-        results[name] = ds.load()
-    return results
+def cached_entries(store: Store, results_dir: str | None = None) -> dict[str, results.Entry]:
+    """The current cached result of every analysis of ``store`` by label (several parameter sets: 'NAME (KEY=VALUE,
+    ...)'), not loaded yet: the report loads one at a time."""
+    current = [e for e in results.all_entries(store, results_dir) if results.belongs(e, store)]
+    counts = Counter(e.name for e in current)
+    return {(entry.name if counts[entry.name] == 1 else f"{entry.name} ({results.params_text(entry.params)})"): entry
+            for entry in current}
+
+
+def loaded(entry: results.Entry) -> xr.Dataset:
+    """One cached result in memory (bounded, checksummed), or an error saying to recompute it."""
+    ds = results.load(entry)
+    if ds is None:
+        raise DepthcacheError(f"cached analysis {entry.name!r} is unreadable, implausibly large, not checksummed or "
+                              f"corrupt; recompute it with depthcache analyze {entry.name} STORE --force")
+    return ds
 
 
 def figures(name: str, result: xr.Dataset) -> list[str]:
     """The analysis's figures as base64 PNG strings (none if it has no plot or is unknown here)."""
-    spec = load_all().get(name)
+    spec = load_all().get(analysis_name(name))
     if spec is None or spec.plot is None:
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in spec.plot(result, Path(tmp))]
+        try:
+            paths = spec.plot(result, Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - a cached result is untrusted: junk in it fails plotting anyhow
+            raise DepthcacheError(f"cached analysis {name!r} is not a {analysis_name(name)} result this version can "
+                                  f"draw ({type(exc).__name__}: {str(exc)[:200]}); recompute it with depthcache "
+                                  f"analyze {analysis_name(name)} STORE --force") from exc
+        return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
+
+
+def analysis_name(label: str) -> str:
+    """The analysis of a report section label ('logit-lens (max_tokens=2048)' → 'logit-lens')."""
+    return label.split(" (", 1)[0]
 
 
 def analysis_section(name: str, result: xr.Dataset) -> str:
     """One analysis: its parameters, figures and key values."""
     try:
-        meta = json.loads(result.attrs.get(RESULT_ATTR, "{}"))
-    except (ValueError, TypeError):
+        meta = parse_json(result.attrs.get(RESULT_ATTR, "{}"), f"the provenance of cached analysis {name!r}")
+    except (DepthcacheError, TypeError):
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
-    spec = load_all().get(name)
+    spec = load_all().get(analysis_name(name))
     parts = [f'<section class="analysis" id="analysis-{esc(name)}"><h2>{esc(name)}</h2>',
              f"<p>{esc(spec.summary if spec else 'analysis unknown to this depthcache version')}</p>",
              table([("parameters", meta.get("params", {})), ("computed", meta.get("created", "?")),
@@ -108,25 +127,33 @@ def analysis_section(name: str, result: xr.Dataset) -> str:
     return "\n".join(parts)
 
 
-def build_report(location: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def build_report(location: str, storage_options: Mapping[str, Any] | None = None,
+                 results_dir: str | None = None) -> str:
     """The whole HTML page for the store at ``location``."""
     store = Store(location, dict(storage_options or {}))
     attrs = store.attrs
-    results = cached_results(store)
-    title = f"depthcache report — {attrs['model']['spec']} on {attrs['dataset']['name']}"
+    found = cached_entries(store, results_dir)
+    title = f"depthcache report — {model_display_name(attrs['model'])} on {attrs['dataset']['name']}"
     body = [f"<h1>{esc(title)}</h1>", f"<p>Store <code>{esc(location)}</code>; runs: "
-            f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(results) or '(none)')}.</p>",
+            f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(found) or '(none)')}.</p>",
             "<h2>Provenance</h2>", table(provenance_rows(attrs), ("section", "field", "value"), "provenance")]
-    body += [analysis_section(name, result) for name, result in results.items()]
-    if not results:
-        body.append("<p>No analyses are cached in this store yet: run <code>depthcache analyze NAME STORE</code>.</p>")
+    body += [analysis_section(name, loaded(entry)) for name, entry in found.items()]  # one result in memory at a time
+    if not found:
+        body.append("<p>No analyses are cached for this store yet: run <code>depthcache analyze NAME STORE</code>."
+                    "</p>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(location: str, out: str, storage_options: Mapping[str, Any] | None = None) -> Path:
-    """Write the report of ``location`` to the file ``out``; returns its path."""
+def write_report(location: str, out: str, storage_options: Mapping[str, Any] | None = None,
+                 results_dir: str | None = None) -> Path:
+    """Write the report of ``location`` (with the results cached in ``results_dir`` too) to ``out``."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_report(location, storage_options), encoding="utf-8")
+    page = build_report(location, storage_options, results_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise DepthcacheError(f"cannot write the report to {out}: {exc.strerror or exc}; pass --out FILE in a "
+                              "writable folder") from exc
     return path

@@ -4,14 +4,17 @@ Any two fsspec locations work (local folder, ``s3://``, ``gs://``, ...). Objects
 already at the destination with the same size and the same trailing crc32c is skipped, so an interrupted copy
 resumes where it stopped. Metadata (every ``zarr.json``) is always copied, and the root ``zarr.json``, which
 holds the progress, is copied last: a half-copied store has no root metadata and never looks complete. At the
-end every committed chunk of the destination is read back and checked against its crc32c
-(``depthcache.schemas.validate_store``).
+end the destination is validated as ``depthcache validate`` does (every committed chunk, the model head, the
+tokenizer files and cached analyses decoded and checked); every object at fault is fetched again from the source
+and checked again, so a damaged copy is repaired by the same run (a chunk skipped because its size and trailer
+matched, but whose middle was damaged, included). Source keys that cannot be store keys (empty or '.'/'..' parts,
+backslashes) are never copied, and no source object larger than any store object may be is read.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +23,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import is_url
-from depthcache.store.layout import ATTRS_KEY
+from depthcache.limits import MAX_CHUNK_BYTES, MAX_METADATA_BYTES, max_object_bytes
+from depthcache.store.io import is_url, parse_json
+from depthcache.store.layout import ATTRS_KEY, is_checksummed
+from depthcache.store.problems import CHUNK_KEY
 
 ROOT_METADATA = "zarr.json"
 CRC_BYTES = 4  # crc32c is the last codec of every store array: a chunk's last 4 bytes are its checksum
@@ -41,13 +46,19 @@ class Place:
 
 @dataclass(frozen=True)
 class CopyReport:
-    """What a copy did: objects copied and skipped, bytes moved, seconds taken, chunks verified."""
+    """What a copy did: objects copied and skipped, bytes moved, seconds taken, what the verification read,
+    objects repaired, source keys ignored, problems left and notes."""
 
     copied: int
     skipped: int
     bytes_copied: int
     seconds: float
     problems: tuple[str, ...]
+    verified: str = ""
+    repaired: int = 0
+    ignored: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    source_damaged: bool = False  # the problems left are the source's: everything at fault was fetched again
 
 
 def place(location: str, storage_options: Mapping[str, Any] | None = None) -> Place:
@@ -58,6 +69,30 @@ def place(location: str, storage_options: Mapping[str, Any] | None = None) -> Pl
     except (ImportError, ValueError, TypeError) as exc:
         raise DepthcacheError(f"cannot open {location}: {exc} (check the URL and --storage-option values)") from exc
     return Place(fs, root.rstrip("/"))
+
+
+def bucket(location: str) -> str | None:
+    """'s3://bucket' of a URL (its first path component after the protocol); None for local folders."""
+    if not is_url(location):
+        return None
+    protocol, _, rest = str(location).partition("://")
+    return f"{protocol}://{rest.split('/', 1)[0]}"
+
+
+def require_bucket(where: Place, location: str) -> None:
+    """Refuse, in one line, a URL whose bucket does not exist (or cannot be seen with these credentials)."""
+    name = bucket(location)
+    if name is None:
+        return
+    try:
+        found = where.fs.exists(name.partition("://")[2])
+    except (OSError, PermissionError, ValueError) as exc:
+        raise DepthcacheError(f"cannot reach {name}: {exc} (check the credentials and --storage-option "
+                              "endpoint_url=...)") from exc
+    if not found:
+        how = f" (e.g. aws s3 mb {name})" if name.startswith("s3://") else ""
+        raise DepthcacheError(f"the bucket {name} does not exist (or these credentials cannot see it): create it "
+                              f"first{how}, or name an existing bucket")
 
 
 def listing(where: Place) -> dict[str, int]:
@@ -73,8 +108,23 @@ def listing(where: Place) -> dict[str, int]:
 
 
 def is_temporary(key: str) -> bool:
-    """Leftovers of interrupted local writes (``.name.tmp-…``, ``zarr.json.tmp``) are never copied."""
-    return any(part.startswith(".") for part in key.split("/")) or key.endswith(".tmp")
+    """Leftovers of interrupted local writes (``.name.tmp-…``, ``zarr.json.tmp``, zarr's ``*.partial``) are never
+    copied."""
+    return any(part.startswith(".") for part in key.split("/")) or key.endswith((".tmp", ".partial"))
+
+
+def is_store_key(key: str) -> bool:
+    """True for a key that can name an object of a store: '/'-separated non-empty parts, none '.' or '..', no
+    backslash or control character (so a copy can never write outside its destination)."""
+    parts = key.split("/")
+    return (all(parts) and not any(part in (".", "..") for part in parts) and "\\" not in key
+            and all(ord(c) >= 32 for c in key))
+
+
+def oversized(key: str, size: int) -> bool:
+    """True for an object larger than any store object may be (metadata, or the largest chunk the limits allow)."""
+    limit = MAX_METADATA_BYTES if key.rsplit("/", 1)[-1] == ROOT_METADATA else max_object_bytes(MAX_CHUNK_BYTES)
+    return size > limit
 
 
 def is_chunk(key: str) -> bool:
@@ -82,9 +132,30 @@ def is_chunk(key: str) -> bool:
     return "/c/" in f"/{key}" and not key.startswith("analyses/")
 
 
-def same_object(src: Place, dst: Place, key: str, size: int, dst_sizes: dict[str, int]) -> bool:
-    """True if the destination already holds this chunk: same size and same trailing crc32c."""
-    if not is_chunk(key) or dst_sizes.get(key) != size or size < CRC_BYTES:
+def checksummed_arrays(src: Place, objects: Mapping[str, int], jobs: int) -> set[str]:
+    """Paths of the source's arrays whose codecs end with crc32c: only their chunks may be skipped by size and
+    trailer (a model head of schema < 1.3 has no checksum, so its chunks are always copied)."""
+    metadata = [k for k in objects if k.endswith(f"/{ROOT_METADATA}")]
+
+    def checksummed(key: str) -> bool:
+        try:
+            meta = parse_json(src.fs.cat_file(src.path(key)), key)
+        except DepthcacheError:
+            return False
+        return isinstance(meta, dict) and meta.get("node_type") == "array" and is_checksummed(meta.get("codecs"))
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        flags = list(pool.map(checksummed, metadata))
+    return {key.removesuffix(f"/{ROOT_METADATA}") for key, flag in zip(metadata, flags) if flag}
+
+
+def same_object(src: Place, dst: Place, key: str, size: int, dst_sizes: dict[str, int], checksummed: set[str]
+                ) -> bool:
+    """True if the destination already holds this chunk of a checksummed array: same size and same trailing
+    crc32c (the final verification fetches it again if its middle differs)."""
+    match = CHUNK_KEY.fullmatch(key)
+    if (not is_chunk(key) or match is None or match["array"] not in checksummed or dst_sizes.get(key) != size
+            or size < CRC_BYTES):
         return False
     tail = slice(size - CRC_BYTES, size)
     return (src.fs.cat_file(src.path(key), start=tail.start, end=tail.stop)
@@ -100,16 +171,13 @@ def copy_object(src: Place, dst: Place, key: str) -> int:
     return len(data)
 
 
-def source_attrs(src: Place, location: str) -> dict[str, Any]:
-    """The source store's depthcache attributes, refusing what is not a depthcache store."""
-    import json
-
-    try:
-        meta = json.loads(src.fs.cat_file(src.path(ROOT_METADATA)))
-    except FileNotFoundError as exc:
-        raise DepthcacheError(f"no depthcache store at {location} (no {ROOT_METADATA})") from exc
-    except ValueError as exc:
-        raise DepthcacheError(f"{location}/{ROOT_METADATA} is not valid JSON") from exc
+def source_attrs(src: Place, location: str, size: int | None) -> dict[str, Any]:
+    """The source store's depthcache attributes, refusing what is not a depthcache store (size checked first)."""
+    if size is None:
+        raise DepthcacheError(f"no depthcache store at {location} (no {ROOT_METADATA})")
+    if size > MAX_METADATA_BYTES:
+        raise DepthcacheError(f"{location}/{ROOT_METADATA} is {size:,} bytes, more than store metadata may take")
+    meta = parse_json(src.fs.cat_file(src.path(ROOT_METADATA)), f"{location}/{ROOT_METADATA}")
     attrs = meta.get("attributes", {}).get(ATTRS_KEY) if isinstance(meta, dict) else None
     if not isinstance(attrs, dict):
         raise DepthcacheError(f"{location} is not a depthcache store (no '{ATTRS_KEY}' attributes)")
@@ -118,13 +186,11 @@ def source_attrs(src: Place, location: str) -> dict[str, Any]:
 
 def check_same_store(dst: Place, src_attrs: dict[str, Any], destination: str) -> None:
     """Refuse to copy over a different store (other model, data or creation time) at the destination."""
-    import json
-
     try:
-        meta = json.loads(dst.fs.cat_file(dst.path(ROOT_METADATA)))
+        meta = parse_json(dst.fs.cat_file(dst.path(ROOT_METADATA)), f"{destination}/{ROOT_METADATA}")
     except FileNotFoundError:
         return
-    except ValueError:
+    except DepthcacheError:
         meta = {}
     other = meta.get("attributes", {}).get(ATTRS_KEY) if isinstance(meta, dict) else None
     keys = ("created", "model", "dataset", "options", "layout")
@@ -132,27 +198,80 @@ def check_same_store(dst: Place, src_attrs: dict[str, Any], destination: str) ->
         raise DepthcacheError(f"{destination} already holds a different store; remove it or choose another location")
 
 
+def source_objects(src: Place, location: str) -> tuple[dict[str, int], tuple[str, ...]]:
+    """The source's objects to copy (key → size) and the keys ignored because they cannot be store keys;
+    refuses a source holding an object larger than any store object may be."""
+    objects, ignored = {}, []
+    for key, size in listing(src).items():
+        if is_temporary(key):
+            continue
+        if not is_store_key(key):
+            ignored.append(key)
+            continue
+        if oversized(key, size):
+            raise DepthcacheError(f"{location}/{key} is {size:,} bytes, more than any store object may be: the "
+                                  "source is damaged or not a depthcache store")
+        objects[key] = size
+    return objects, tuple(sorted(ignored))
+
+
+def copy_all(src: Place, dst: Place, keys: Iterable[str], jobs: int) -> list[int]:
+    """Copy objects in parallel; returns their sizes."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda k: copy_object(src, dst, k), keys))
+
+
+def verification(destination: str, objects: Mapping[str, int], dst: Place, options: Mapping[str, Any] | None
+                 ) -> tuple[Any, bool]:
+    """The destination checked as ``depthcache validate`` does, and whether every object arrived whole (when
+    some did not, only they are reported)."""
+    from depthcache.store.problems import Problems
+    from depthcache.store.schema import validate
+
+    arrived = listing(dst)
+    short = sorted(k for k, size in objects.items() if arrived.get(k) != size)
+    if short:
+        found = Problems()
+        for key in short:
+            found.add(f"{key} did not arrive whole", key)
+        return found, False
+    return validate(destination, read_chunks=True, storage_options=options), True
+
+
 def copy_store(source: str, destination: str, source_options: Mapping[str, Any] | None = None,
                destination_options: Mapping[str, Any] | None = None, jobs: int = 8,
                verify: bool = True) -> CopyReport:
-    """Copy a store object by object (parallel, resumable, root metadata last), then verify every chunk."""
-    from depthcache.store.schema import validate_store
+    """Copy a store object by object (parallel, resumable, root metadata last), then verify everything and fetch
+    again whatever fails verification (repairing a damaged copy in the same run)."""
+    from depthcache.store.schema import verified
 
     started = time.perf_counter()
     src, dst = place(source, source_options), place(destination, destination_options)
-    src_attrs = source_attrs(src, source)
+    require_bucket(src, source)
+    objects, ignored = source_objects(src, source)
+    src_attrs = source_attrs(src, source, objects.get(ROOT_METADATA))
+    require_bucket(dst, destination)
     check_same_store(dst, src_attrs, destination)
-    objects = {k: v for k, v in listing(src).items() if not is_temporary(k)}
     dst_sizes = listing(dst)
     keys = sorted(k for k in objects if k != ROOT_METADATA)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes), keys)))
+    checksummed = checksummed_arrays(src, objects, jobs) if dst_sizes else set()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes, checksummed),
+                                              keys)))
         todo = [k for k in keys if not present[k]]
-        sizes = list(pool.map(lambda k: copy_object(src, dst, k), todo))
-    sizes.append(copy_object(src, dst, ROOT_METADATA))
-    arrived = listing(dst) if verify else {}
-    problems = [f"{k} did not arrive whole" for k, size in sorted(objects.items()) if verify and arrived.get(k) != size]
-    if verify and not problems:
-        problems = validate_store(destination, read_chunks=True, storage_options=destination_options)
+        sizes = copy_all(src, dst, todo, jobs) + [copy_object(src, dst, ROOT_METADATA)]
+        if not verify:
+            return CopyReport(len(todo) + 1, len(keys) - len(todo), sum(sizes), time.perf_counter() - started, (),
+                              ignored=ignored)
+        found, whole = verification(destination, objects, dst, destination_options)
+        refetch = sorted(k for k in found.keys if k in objects)
+        if refetch:  # fetch what failed again (e.g. a chunk damaged at the destination), then check everything again
+            sizes += copy_all(src, dst, refetch, jobs)
+            found, whole = verification(destination, objects, dst, destination_options)
+    except OSError as exc:
+        raise DepthcacheError(f"copying {source} to {destination} stopped: {exc}; fix the cause and run the same "
+                              "command again (it resumes)") from exc
     return CopyReport(len(todo) + 1, len(keys) - len(todo), sum(sizes), time.perf_counter() - started,
-                      tuple(problems))
+                      tuple(found.report()), verified(found), len(refetch), ignored, tuple(found.notes),
+                      source_damaged=bool(found) and whole)

@@ -9,7 +9,9 @@ from typing import Any
 
 import zarr
 
-from depthcache.store.io import open_group
+from depthcache.store import results
+from depthcache.store.io import model_display_name
+from depthcache.store.reader import Store
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -39,21 +41,32 @@ def raw_bytes(group: zarr.Group, committed: int, total: int) -> int:
                (a.metadata.dimension_names or ()))
 
 
-def summary(location: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Multi-line description of a store (checked like every store read: schema, limits, array metadata)."""
-    from depthcache.store.schema import check_store
+def quantization_line(quantization: dict[str, Any] | None) -> str:
+    """'; Q4_1 GGUF SmolLM2-135M-Instruct.Q4_1.gguf (tensors F32 61, Q4_1 210), dequantized to float32' or ''."""
+    if not isinstance(quantization, dict):
+        return ""
+    tensors = ", ".join(f"{kind} {count}" for kind, count in (quantization.get("tensor_types") or {}).items())
+    return (f"\n           {quantization.get('type')} {str(quantization.get('format', '')).upper()} "
+            f"{quantization.get('source_file')} (tensors {tensors or 'n/a'}), "
+            f"dequantized to {quantization.get('dequantized_to')}")
 
-    group = open_group(location, "r", storage_options=storage_options)
-    a = check_store(group)
+
+def summary(location: str, storage_options: Mapping[str, Any] | None = None, results_dir: str | None = None) -> str:
+    """Multi-line description of a store (checked like every store read: schema, limits, array metadata) and of
+    its cached analysis results (in the store, or in ``results_dir``)."""
+    store = Store(location, dict(storage_options or {}))
+    group, a = store.group, store.attrs
     m, o, p, lay = a["model"], a["options"], a["progress"], a["layout"]
     on_disk = disk_bytes(os.fspath(location), storage_options)
     raw = raw_bytes(group, p["tokens_committed"], lay["n_tokens"])
-    runs = sorted(group["runs"].group_keys()) if "runs" in group else []
-    analyses = sorted(group["analyses"].group_keys()) if "analyses" in group else []
+    runs = store.runs()
+    cached = results.all_entries(store, results_dir)
     weights = (m.get("weights_sha256") or "")[:12] or "n/a"
     lines = [
         f"store      {location}  (schema {a['schema_version']}, created {a['created']})",
-        f"model      {m['spec']}  ({m['architecture']}, from {m['source']}, weights sha256 {weights}…)",
+        f"model      {model_display_name(m)}",
+        f"weights    {m['spec']}  ({m['architecture']}, from {m['source']}, sha256 {weights}…)"
+        f"{quantization_line(m.get('quantization'))}",
         f"layers     {len(o['layers'])} of {m['n_layers']} stored ({layer_ranges(o['layers'])}), d_model {m['d_model']}",
         f"sites      {', '.join(o['sites'])}   dtype {o['dtype']}   top-k {o['top_k']}",
         f"tokens     {p['tokens_committed']:,} of {lay['n_tokens']:,} committed"
@@ -64,15 +77,30 @@ def summary(location: str, storage_options: Mapping[str, Any] | None = None) -> 
         f"size       {on_disk / 2**20:,.1f} MiB on disk; activations {raw / 2**20:,.1f} MiB raw "
         f"(compression ×{raw / max(on_disk, 1):.2f} overall)",
         f"runs       {', '.join(runs) or '(none)'}",
-        f"analyses   {', '.join(analyses) or '(none)'}",
+        f"analyses   {len(cached)} cached" + (":" if cached else " (depthcache analyze NAME STORE computes one)"),
+        *entry_lines(cached, store),
     ]
-    depth = effective_depth_line(location, storage_options) if analyses else None
+    depth = effective_depth_line(store, results_dir) if cached else None
     return "\n".join(lines + ([f"depth use  {depth}"] if depth else []))
 
 
-def effective_depth_line(location: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+def entry_lines(entries: list[results.Entry], store: Store) -> list[str]:
+    """One line per cached result: analysis, parameters, and whether it is still current for this store."""
+    width = max((len(e.name) for e in entries), default=0)
+    return [f"  {e.name:<{width}}  {results.params_text(e.params) if not e.old else '(old format)'}{status(e, store)}"
+            for e in entries]
+
+
+def status(entry: results.Entry, store: Store) -> str:
+    """'' for a current result of this store, else why it will be recomputed (or which other stores it used)."""
+    sources = entry.meta.get("source_locations")
+    if isinstance(sources, list) and len(sources) > 1:
+        return f"  (from {', '.join(map(str, sources))})"
+    return "" if results.current(entry, [store]) else "  (stale: recomputed on next use)"
+
+
+def effective_depth_line(store: Store, results_dir: str | None = None) -> str | None:
     """The effective-depth cutoffs when they (or the contributions and logit-lens results) are cached."""
     from depthcache.analyze.effective_depth import info_line
-    from depthcache.store.reader import Store
 
-    return info_line(Store(location, dict(storage_options or {})))
+    return info_line(store, results_dir)

@@ -18,8 +18,9 @@ from depthcache.analyze.effective_depth import cutoff_indices
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.store import results
 from depthcache.store.head import read_head
-from depthcache.store.reader import open_dataset
+from depthcache.store.reader import Store, open_dataset
 
 F32_TOL = 1e-5  # float32 store: per-token values from float32 dot products vs float64 reference
 BF16_TOL = 1e-4  # bf16 store: both sides read the same bf16 values; only float32 arithmetic differs
@@ -43,6 +44,12 @@ def stores(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     return {"float32": make_store(root, tiny_models["llama"], "float32"),
             "bfloat16": make_store(root, tiny_models["llama"], "bfloat16"),
             "neox": make_store(root, tiny_models["gpt_neox"], "float32", name="neox.zarr")}
+
+
+def cached(store: Path, name: str) -> xr.Dataset:
+    """The one cached result of ``name`` (default parameters) in a store."""
+    (entry,) = results.entries(results.places(Store(str(store)))[0], name)
+    return results.load(entry)
 
 
 def fresh(store: Path, tmp_path: Path) -> Path:
@@ -171,10 +178,11 @@ def test_effective_depth_cutoffs_and_info(stores, tmp_path):
     assert "depth use" in CliRunner().invoke(main, ["info", str(store)]).output  # from the two inputs
     result = run("effective-depth", str(store))
     cos_layer = contrib.cos_mean.sel(sublayer="layer").values
-    kl, top5 = lens.kl_mean.values[:4], lens.top5_overlap.values[:4]
-    expected = {"cos_zero": next((i for i in range(1, 4) if (cos_layer[i] < 0) != (cos_layer[i - 1] < 0)), -1),
-                "kl_drop": next((i for i in range(4) if kl[i] < 0.1 * kl.max()), -1),
-                "top5_rise": next((i for i in range(4) if top5[i] > 0.2), -1)}
+    kl, top5 = lens.kl_mean.values, lens.top5_overlap.values  # boundaries 0..4, 4 = the output
+    negative = cos_layer < 0
+    expected = {"cos_zero": next((i for i in range(2, 4) if all(negative[i:] != negative[1])), -1),
+                "kl_drop": next(i for i in range(5) if kl[i] <= 0.1 * kl.max()),
+                "top5_rise": next(i for i in range(5) if top5[i] > 0.2)}
     for key, layer in expected.items():
         assert int(result[f"{key}_layer"]) == layer
         depth = float(result[f"{key}_depth"])
@@ -185,11 +193,47 @@ def test_effective_depth_cutoffs_and_info(stores, tmp_path):
     assert "depth use" in info and "top-5 overlap > 0.2" in info
 
 
-def test_cutoff_indices_edge_cases():
-    assert cutoff_indices(np.array([0.3, 0.1, -0.2, 0.1]), np.array([4.0, 1.0, 0.3]), np.array([0.0, 0.5])) == \
-        {"cos_zero": 2, "kl_drop": 2, "top5_rise": 1}
-    assert cutoff_indices(np.array([0.3, 0.1]), np.array([4.0, 1.0]), np.array([0.0, 0.1])) == \
-        {"cos_zero": -1, "kl_drop": -1, "top5_rise": -1}
+LAYERS = np.arange(6)
+
+
+def test_cos_cutoff_ignores_the_embedding_layer():
+    # layer 0 (reading the embedding) is slightly negative; the layers after it turn negative only at layer 4
+    cos = np.array([-0.06, 0.3, 0.2, 0.1, -0.1, -0.2])
+    assert cutoff_indices(cos, LAYERS, np.zeros(7), np.ones(7))["cos_zero"] == 4
+
+
+def test_cos_cutoff_needs_a_lasting_sign_change():
+    # a one-layer dip below zero at layer 2 is not the change; the lasting one at layer 4 is
+    assert cutoff_indices(np.array([0.1, 0.3, -0.01, 0.2, -0.2, -0.3]), LAYERS, np.zeros(7), np.ones(7))[
+        "cos_zero"] == 4
+    # two negative layers that turn positive again are not a change either
+    assert cutoff_indices(np.array([0.1, 0.3, -0.1, -0.2, 0.2, 0.1]), LAYERS, np.zeros(7), np.ones(7))[
+        "cos_zero"] == -1
+    # a change at the last stored layer counts (nothing after it can undo it); no change at all: never
+    assert cutoff_indices(np.array([0.1, 0.3, 0.2, 0.2, 0.1, -0.3]), LAYERS, np.zeros(7), np.ones(7))[
+        "cos_zero"] == 5
+    assert cutoff_indices(np.array([-0.5, 0.3, 0.2, 0.2, 0.1, 0.1]), LAYERS, np.zeros(7), np.ones(7))[
+        "cos_zero"] == -1
+    # stored layers 3..5 only: layer 3 is the reference
+    assert cutoff_indices(np.array([0.2, -0.1, -0.1]), np.array([3, 4, 5]), np.zeros(4), np.ones(4))[
+        "cos_zero"] == 1
+
+
+def test_kl_cutoff_counts_the_output_in_its_scale_and_as_a_candidate():
+    # the inputs never fall below 0.1 × 5.0, but the output (KL 0) does: the cutoff is the output, not "never"
+    kl = np.array([5.0, 4.0, 3.0, 1.0, 0.8, 0.6, 0.0])
+    assert cutoff_indices(np.ones(6), LAYERS, kl, np.ones(7))["kl_drop"] == 6
+    # the output's KL is part of the scale: a drop to 0.1 × max among the inputs is found there
+    kl = np.array([5.0, 4.0, 0.5, 0.3, 0.2, 0.1, 0.0])
+    assert cutoff_indices(np.ones(6), LAYERS, kl, np.ones(7))["kl_drop"] == 2
+    # a lens that agrees with the output everywhere: the first boundary
+    assert cutoff_indices(np.ones(6), LAYERS, np.zeros(7), np.ones(7))["kl_drop"] == 0
+
+
+def test_top5_cutoff_and_the_summary_in_layers():
+    top5 = np.array([0.0, 0.1, 0.2, 0.21, 0.6, 0.9, 1.0])
+    assert cutoff_indices(np.ones(6), LAYERS, np.zeros(7), top5)["top5_rise"] == 3
+    assert cutoff_indices(np.ones(6), LAYERS, np.zeros(7), np.zeros(7))["top5_rise"] == -1
 
 
 def test_cache_force_cli_and_plots(stores, tmp_path):
@@ -197,12 +241,12 @@ def test_cache_force_cli_and_plots(stores, tmp_path):
     cli = CliRunner()
     first = cli.invoke(main, ["analyze", "contributions", str(store)])
     assert first.exit_code == 0, first.output
-    created = json.loads(xr.open_zarr(store, group="analyses/contributions", consolidated=False).attrs["depthcache_analysis"])["created"]
+    created = json.loads(cached(store, "contributions").attrs["depthcache_analysis"])["created"]
     again = run("contributions", str(store))
     assert json.loads(again.attrs["depthcache_analysis"])["created"] == created  # cached, not recomputed
     forced = cli.invoke(main, ["analyze", "contributions", str(store), "--force"])
     assert forced.exit_code == 0
-    recreated = json.loads(xr.open_zarr(store, group="analyses/contributions", consolidated=False).attrs["depthcache_analysis"])["created"]
+    recreated = json.loads(cached(store, "contributions").attrs["depthcache_analysis"])["created"]
     assert recreated != created
     lens = cli.invoke(main, ["analyze", "logit-lens", str(store), "-p", "include_first=true"])
     assert lens.exit_code == 0 and "kl_mean" in lens.output
@@ -210,7 +254,7 @@ def test_cache_force_cli_and_plots(stores, tmp_path):
     assert all(name in listing for name in ("contributions", "logit-lens", "effective-depth"))
     for name, pngs in (("contributions", {"contributions.png", "contributions-by-position.png"}),
                        ("logit-lens", {"logit-lens.png"}), ("effective-depth", {"effective-depth.png"})):
-        out = cli.invoke(main, ["plot", str(store), name, "--out", str(tmp_path / "plots")])
+        out = cli.invoke(main, ["plot", name, str(store), "--out", str(tmp_path / "plots")])
         assert out.exit_code == 0, out.output
         assert {Path(p).name for p in out.output.split()} == pngs
     assert all((tmp_path / "plots" / p).stat().st_size > 10_000 for p in ("contributions.png", "logit-lens.png"))
@@ -225,8 +269,8 @@ def test_missing_mlp_site(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("param, message", [("bogus=1", "has no parameter 'bogus'; its parameters"),
-                                            ("include_first=maybe", "must be of type bool"),
-                                            ("max_tokens=1.5", "must be of type int | None")])
+                                            ("include_first=maybe", "must be bool"),
+                                            ("max_tokens=1.5", "must be int at least 1 | None")])
 def test_bad_parameter_is_a_clear_error_and_saves_nothing(stores, tmp_path, param, message):
     store = fresh(stores["float32"], tmp_path)
     result = CliRunner().invoke(main, ["analyze", "logit-lens", str(store), "-p", param])

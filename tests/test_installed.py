@@ -69,7 +69,7 @@ def test_installed_package_reads_and_analyses_a_store(venv: Path, tiny_models, t
     assert "tokens" in run(*cli, "info", store, cwd=tmp_path, env=env)
     assert "valid" in run(*cli, "validate", store, cwd=tmp_path, env=env)
     run(*cli, "analyze", "contributions", store, cwd=tmp_path, env=env)
-    assert ".png" in run(*cli, "plot", store, "residual-norms", cwd=tmp_path, env=env)
+    assert ".png" in run(*cli, "plot", "residual-norms", store, cwd=tmp_path, env=env)
     opened = run(venv, "-c", "import sys, xarray as xr; ds = xr.open_dataset(sys.argv[1], engine='depthcache'); "
                  "print(ds.sizes['token'], 'position' in ds.coords)", store, cwd=tmp_path, env=env)
     assert opened.split() == ["96", "True"]

@@ -117,3 +117,16 @@ def test_analyses_import_with_torch_unimportable() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=PACKAGE.parent)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_store_format_doc_lists_every_array_of_the_table() -> None:
+    """docs/store-format.md describes each array of the format's one table with the table's dims."""
+    import re
+
+    from depthcache.store.layout import ARRAYS
+
+    doc = (PACKAGE.parent / "docs" / "store-format.md").read_text(encoding="utf-8")
+    listed = {(m[1], tuple(d.strip() for d in m[2].split(",") if d.strip()))
+              for m in re.finditer(r"^\s*(\w+)\s*\(([^)]*)\)", doc, flags=re.MULTILINE)}
+    for name, spec in ARRAYS.items():
+        assert (name, spec.dims) in listed, f"docs/store-format.md has no line '{name} ({', '.join(spec.dims)}) ...'"

@@ -17,6 +17,7 @@ from test_extract import run
 
 from depthcache.cli import main
 from depthcache.sharing import listing, place
+from depthcache.store import results
 
 BUCKET = "depthcache-test"
 # the analyses of a plain baseline store (skip-effects needs skip runs, task analyses a task store)
@@ -73,11 +74,11 @@ def pushed(tiny_models, text_file, tmp_path_factory, s3_server) -> tuple[Path, s
     return store, url
 
 
-def cached(store: Path | str, name: str) -> xr.Dataset:
-    """An analysis result saved in a local store or results folder."""
-    if str(store).endswith(f"{name}.zarr"):
-        return xr.open_zarr(store, consolidated=False).load()
-    return xr.open_zarr(store, group=f"analyses/{name}", consolidated=False).load()
+def cached(where: Path | str, name: str, results_folder: bool = False) -> xr.Dataset:
+    """The one cached result of analysis ``name`` in a local store (or a --results folder)."""
+    place = results.Place(str(where)) if results_folder else results.Place(str(where), results.IN_STORE)
+    (entry,) = results.entries(place, name)
+    return results.load(entry)
 
 
 def test_analyze_remotely_then_pull_and_compare(pushed, tmp_path, s3_server) -> None:
@@ -88,9 +89,11 @@ def test_analyze_remotely_then_pull_and_compare(pushed, tmp_path, s3_server) -> 
     assert invoke("validate", url).output.strip().endswith("valid")
     before = listing(place(url))
     for name in ANALYSES:
-        remote = invoke("analyze", name, url, "--results", str(tmp_path / "remote"))
+        pushed_along = invoke("analyze", name, url, "--results", str(tmp_path / "remote"))
+        assert pushed_along.exit_code == 0 and not (tmp_path / "remote" / name).exists()  # the store's own result
+        remote = invoke("analyze", name, url, "--results", str(tmp_path / "remote"), "--force")
         assert remote.exit_code == 0, remote.output
-        results_equal(cached(tmp_path / "remote" / f"{name}.zarr", name), cached(store, name))
+        results_equal(cached(tmp_path / "remote", name, results_folder=True), cached(store, name))
     assert listing(place(url)) == before  # the remote store is only read
     pulled = tmp_path / "pulled.zarr"
     result = invoke("pull", url, str(pulled))
@@ -151,8 +154,71 @@ def test_analyses_on_a_cluster_read_the_remote_store(pushed, tmp_path, s3_server
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         for name in ANALYSES:
             remote = invoke("analyze", name, url, "--results", str(tmp_path / "cluster"), "--scheduler",
-                            cluster.scheduler_address)
+                            cluster.scheduler_address, "--force")
             assert remote.exit_code == 0, remote.output
     for name in ANALYSES:
         # same graph; float32 block products may round differently across workers: rtol 1e-5
-        results_equal(cached(tmp_path / "cluster" / f"{name}.zarr", name), cached(store, name), rtol=1e-5)
+        results_equal(cached(tmp_path / "cluster", name, results_folder=True), cached(store, name), rtol=1e-5)
+
+
+def test_push_and_pull_with_a_missing_bucket_are_one_line_errors(pushed, tmp_path, s3_server) -> None:
+    store, _ = pushed
+    for args in (("push", str(store), "s3://no-such-bucket/runs/a.zarr"),
+                 ("pull", "s3://no-such-bucket/runs/a.zarr", str(tmp_path / "p.zarr"))):
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == 2, result.output
+        assert result.output == ("error: the bucket s3://no-such-bucket does not exist (or these credentials cannot "
+                                 "see it): create it first (e.g. aws s3 mb s3://no-such-bucket), or name an "
+                                 "existing bucket\n")
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def test_report_of_a_remote_store_shows_the_results_folder(pushed, tmp_path, s3_server) -> None:
+    """Results computed for a URL store live in a local folder; report --results finds them there."""
+    _, url = pushed
+    folder = tmp_path / "mine"
+    assert invoke("analyze", "logit-lens", url, "--results", str(folder), "-p", "max_tokens=64").exit_code == 0
+    out = tmp_path / "report.html"
+    without = invoke("report", url, "--out", str(out))
+    assert without.exit_code == 0 and "max_tokens=64" not in out.read_text()
+    result = invoke("report", url, "--results", str(folder), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert 'id="analysis-logit-lens (include_first=false, max_tokens=64)"' in page  # beside the pushed default
+    assert 'id="analysis-logit-lens (include_first=false, max_tokens=null)"' in page
+    info = invoke("info", url, "--results", str(folder)).output
+    assert "logit-lens      include_first=false, max_tokens=64" in info
+
+
+def test_opening_a_remote_store_validates_it_once(pushed, s3_server, monkeypatch) -> None:
+    """Every S3 request goes through s3fs's ``_call_s3``: opening lists the store at most as often as one check does
+    plus one listing of the group's members (two checks, as before, list it at least twice as often)."""
+    import s3fs
+
+    import depthcache
+    from depthcache.store import Store, check_store, open_group
+
+    _, url = pushed
+    calls: list[str] = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):  # noqa: ANN001, ANN202 - s3fs's private signature
+        calls.append(getattr(method, "__name__", str(method)))
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    s3fs.S3FileSystem.clear_instance_cache()
+    check_store(open_group(url))
+    one_check = [c for c in calls if "list" in c.lower()]
+    assert one_check, f"a check lists the store's chunk keys: {calls}"
+    calls.clear()
+    s3fs.S3FileSystem.clear_instance_cache()  # a fresh filesystem each time: no listing cached from before
+    ds = depthcache.open(url)
+    assert ds.sizes["token"] == 192 and "position" in ds.coords
+    assert len([c for c in calls if "list" in c.lower()]) <= len(one_check) + 1 < 2 * len(one_check) + 1, calls
+    calls.clear()
+    s3fs.S3FileSystem.clear_instance_cache()
+    store = Store(url)
+    _ = store.attrs, store.ds, store.run  # what analyses read: validated once, however often they ask
+    _ = store.ds.resid_pre, store.attrs
+    assert len([c for c in calls if "list" in c.lower()]) <= len(one_check) + 1 < 2 * len(one_check) + 1, calls

@@ -79,9 +79,10 @@ def test_report_embeds_every_figure_and_the_provenance(tiny_models, text_file, t
 
 def xr_result(store, name):  # noqa: ANN001, ANN201 - small helper returning an xarray Dataset
     """A cached analysis result of the store."""
-    import xarray as xr
+    from depthcache.store import results
 
-    return xr.open_zarr(store, group=f"analyses/{name}", consolidated=False).load()
+    (entry,) = results.entries(results.Place(str(store), results.IN_STORE), name)
+    return results.load(entry)
 
 
 def test_report_escapes_untrusted_text(tiny_models, text_file, tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""Untrusted stores: seeded mutations of attributes, array metadata and chunk bytes never crash, hang or mislead."""
+"""Untrusted stores: seeded mutations of attributes, array metadata and chunk bytes, decompression bombs, deeply
+nested and oversized metadata, and damage to the model head never crash, hang or mislead."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import os
 import random
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hostile import edit_json, nested_json, plant_bomb
 from test_extract import run
 
 from depthcache.cli import main
@@ -54,13 +56,6 @@ def leaf_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
     if isinstance(value, dict) and value:
         return [p for k, v in value.items() for p in leaf_paths(v, (*prefix, k))]
     return [prefix]
-
-
-def edit_json(path: Path, change: Callable[[dict], None]) -> None:
-    """Apply ``change`` to a zarr.json in place."""
-    meta = json.loads(path.read_text())
-    change(meta)
-    path.write_text(json.dumps(meta))
 
 
 def mutate_attrs(store: Path, rng: random.Random) -> str:
@@ -125,6 +120,44 @@ def mutate_chunk(store: Path, rng: random.Random) -> str:
     return f"{kind} {chunk.relative_to(store)}"
 
 
+def mutate_hostile(store: Path, rng: random.Random) -> str:
+    """A decompression bomb, deeply nested or oversized metadata, or damage to the model head or tokenizer."""
+    kind = rng.choice(["bomb", "nested", "long-string", "model-flip", "model-delete"])
+    if kind == "bomb":
+        zstd = sorted(p for p in store.rglob("c/*") if p.is_file() and "zstd" in (
+            next(a for a in p.parents if (a / "zarr.json").exists()) / "zarr.json").read_text())
+        chunk = rng.choice(zstd)
+        plant_bomb(chunk, rng.choice([2**31, 2**20]), rng.choice([None, 2**31, 2**40, 10]))
+        return f"bomb in {chunk.relative_to(store)}"
+    if kind == "nested":
+        meta = rng.choice(sorted(store.rglob("zarr.json")))
+        depth = rng.choice([40, 500, 100_000])
+        if depth > 500:
+            meta.write_text(nested_json(depth))
+        else:
+            edit_json(meta, lambda m: m.setdefault("attributes", {}).update(deep=json.loads(nested_json(depth))))
+        return f"nested {depth} in {meta.relative_to(store)}"
+    if kind == "long-string":
+        def change(meta: dict) -> None:
+            attrs = meta["attributes"]["depthcache"]
+            path = rng.choice([p for p in leaf_paths(attrs) if p[:2] != ("model", "config")])
+            parent = attrs
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = "x" * 300_000
+            change.what = ".".join(path)  # type: ignore[attr-defined]
+        edit_json(store / "zarr.json", change)
+        return f"long string at {change.what}"  # type: ignore[attr-defined]
+    chunk = rng.choice(sorted(p for p in (store / "model").rglob("*") if p.is_file() and "/c/" in str(p)))
+    if kind == "model-delete":
+        chunk.unlink()
+    else:
+        data = bytearray(chunk.read_bytes())
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        chunk.write_bytes(bytes(data))
+    return f"{kind} {chunk.relative_to(store)}"
+
+
 @pytest.fixture(scope="module")
 def clean_store(tiny_models, text_file, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A small valid store and the output of each analysis on it."""
@@ -144,7 +177,7 @@ def test_seeded_mutations_fail_cleanly_or_change_nothing(clean_store, tmp_path) 
     for i in range(N_MUTATIONS):
         target = tmp_path / f"m{i}.zarr"
         shutil.copytree(store, target)
-        what = [mutate_attrs, mutate_metadata, mutate_chunk][i % 3](target, rng)
+        what = [mutate_attrs, mutate_metadata, mutate_chunk, mutate_hostile][i % 4](target, rng)
         calls = [("info", str(target)), ("validate", str(target))]
         calls += [("analyze", name, str(target), "--results", str(tmp_path / f"r{i}")) for name in ANALYSES]
         for args in calls:

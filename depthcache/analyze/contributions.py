@@ -1,4 +1,4 @@
-"""contributions: how much each sublayer adds to the residual, and in which direction (analyses.md §1).
+"""contributions: how much each sublayer adds to the residual, and in which direction (docs/analyses.md).
 
 Per token t and stored layer l, with h = resid_pre[l], a = attn_out[l], m = mlp_out[l], d = a + m:
 relative contributions ‖a‖/‖h‖, ‖m‖/‖h + a‖ (‖m‖/‖h‖ for parallel-residual models, whose MLP reads h), ‖d‖/‖h‖;
@@ -67,21 +67,25 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     depth = int(result.attrs["n_layers"])
     first = "included" if result.attrs["include_first"] else "excluded"
     fig, (rel, cos) = plotting.figure(2)
+    floor = plotting.band_floor(result.rel_mean.values)
+    clipped = False
     for sub in SUBLAYERS:
         r = result.sel(sublayer=sub)
-        rel.plot(layers, r.rel_mean, marker="o", ms=3, label=sub)
-        rel.fill_between(layers, np.maximum(r.rel_mean - r.rel_std, 1e-6), r.rel_mean + r.rel_std, alpha=0.15)
+        line, = rel.plot(layers, r.rel_mean, marker="o", ms=3, label=sub)
+        lower, upper, cut = plotting.band_edges(r.rel_mean.values, r.rel_std.values, floor)
+        rel.fill_between(layers, lower, upper, alpha=0.15, color=line.get_color())
+        clipped |= cut
         cos.plot(layers, r.cos_mean, marker="o", ms=3, label=sub)
-    lowest = float(np.nanmin(result.rel_mean.values))
-    rel.set(ylabel="‖contribution‖ / ‖residual‖ (mean)", yscale="log", ylim=(0.5 * lowest, None),
-            title="Relative contribution (± std over tokens)")
+    rel.set(ylabel="‖contribution‖ / ‖residual‖ (mean)", yscale="log", ylim=(floor, None),
+            title="Relative contribution (± std over tokens" + (", cut at the axis)" if clipped else ")"))
     cos.axhline(0, color="grey", lw=0.8)
     cos.set(ylabel="mean cos(contribution, residual)", title="Cosine with the residual")
     for ax in (rel, cos):
         ax.set_xlabel("layer")
+        plotting.layer_axis(ax)
         ax.secondary_xaxis("top", functions=(lambda x: x / depth, lambda x: x * depth)).set_xlabel(
             "relative depth l / L")
-        ax.legend(title="sublayer")
+    plotting.legend_outside(cos, title="sublayer")
     fig.suptitle(plotting.model_title(result.attrs, f"Contributions to the residual ({int(result.tokens_used)} "
                                                     f"tokens, position 0 {first})"), fontsize=9)
     paths = [plotting.save(fig, folder, "contributions")]
@@ -93,7 +97,8 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
             ax.plot(layers, values, label=str(bucket))
     ax.set(xlabel="layer", ylabel="mean ‖d_l‖ / ‖h_l‖", yscale="log",
            title=plotting.model_title(result.attrs, "Whole-layer relative contribution by token position"))
-    ax.legend(title="positions", fontsize=7, ncols=2)
+    plotting.layer_axis(ax)
+    plotting.legend_outside(ax, title="positions")
     paths.append(plotting.save(fig, folder, "contributions-by-position"))
     return paths
 

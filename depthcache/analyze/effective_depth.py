@@ -1,11 +1,17 @@
-"""effective-depth: three scalar cutoffs summarising how deep a model computes (analyses.md §7).
+"""effective-depth: three scalar cutoffs summarising how deep a model computes (docs/analyses.md).
 
-From the store's contributions and logit-lens results (the cached ones when present, else computed):
-- the first layer where cos(d_l, h_l) (mean over tokens, whole layer) has the opposite sign of the layer before it;
-- the first layer whose input's logit-lens KL to the output falls below 0.1 × the maximum KL over layers;
-- the first layer whose input's logit-lens top-5 overlap with the output exceeds 0.2.
-Only the stored layers' inputs are candidates (not the final residual, which is the output itself); each cutoff is
-a layer index and a fraction of depth (layer / L), or -1 and NaN with a note when it is never reached.
+From the store's contributions and logit-lens results (computed, or taken from the cache, with the same parameters,
+results folder and scheduler as effective-depth itself):
+- cos_zero: where the mean cos(d_l, h_l) of the whole layer changes sign for good. Layer 0 is left out (its input
+  is the token embedding, whose sign says nothing about the later layers); the reference sign is that of the first
+  stored layer after it, and the cutoff is the first later stored layer from which every stored layer up to the
+  last has the other sign (a dip across zero that comes back is not the change);
+- kl_drop: the first residual boundary whose logit-lens KL to the output is at most KL_FRACTION × the largest KL
+  over every boundary, the final residual (layer L, KL 0: the output itself) included, in the scale and as a
+  candidate, so a curve that reaches 0 at the output always has a cutoff;
+- top5_rise: the first residual boundary (the final residual included) whose logit-lens top-5 overlap with the
+  output exceeds TOP5_THRESHOLD.
+Each cutoff is a layer index and a fraction of depth (layer / L), or -1 and NaN with a note when it is never reached.
 """
 
 from __future__ import annotations
@@ -17,13 +23,13 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import analysis
-from depthcache.analyze.runner import cached_result, run
+from depthcache.analyze.registry import Count, analysis
+from depthcache.analyze.runner import cached, run
 from depthcache.store.reader import Store
 
 KL_FRACTION = 0.1
 TOP5_THRESHOLD = 0.2
-CUTOFFS = {"cos_zero": "cos(d_l, h_l) changes sign", "kl_drop": f"logit-lens KL < {KL_FRACTION}×max",
+CUTOFFS = {"cos_zero": "cos(d_l, h_l) changes sign for good", "kl_drop": f"logit-lens KL ≤ {KL_FRACTION}×max",
            "top5_rise": f"logit-lens top-5 overlap > {TOP5_THRESHOLD}"}
 
 
@@ -33,20 +39,27 @@ def first(mask: np.ndarray) -> int:
     return int(hits[0]) if len(hits) else -1
 
 
-def cutoff_indices(cos: np.ndarray, kl: np.ndarray, top5: np.ndarray) -> dict[str, int]:
-    """Positions (into the given per-layer arrays) of the three cutoffs, -1 where never reached."""
-    sign_change = np.signbit(cos[1:]) != np.signbit(cos[:-1])
-    return {"cos_zero": first(sign_change) + 1 if sign_change.any() else -1,
-            "kl_drop": first(kl < KL_FRACTION * np.nanmax(kl)),
+def lasting_flip(cos: np.ndarray, start: int) -> int:
+    """Index of the first entry after ``start`` from which every entry to the end has the other sign than
+    ``cos[start]``, or -1."""
+    flipped = np.signbit(cos) != np.signbit(cos[start])
+    kept = np.flip(np.logical_and.accumulate(np.flip(flipped)))  # kept[i]: flipped from i to the end
+    return first(kept[start + 1:]) + start + 1 if kept[start + 1:].any() else -1
+
+
+def cutoff_indices(cos: np.ndarray, cos_layers: np.ndarray, kl: np.ndarray, top5: np.ndarray) -> dict[str, int]:
+    """Positions of the three cutoffs, -1 where never reached: into ``cos`` (per stored layer, with their indices
+    ``cos_layers``) and into ``kl``/``top5`` (per boundary, the final residual last)."""
+    return {"cos_zero": lasting_flip(cos, first(cos_layers > 0)) if (cos_layers > 0).any() else -1,
+            "kl_drop": first(kl <= KL_FRACTION * np.nanmax(kl)),
             "top5_rise": first(top5 > TOP5_THRESHOLD)}
 
 
 def summarise(contrib: xr.Dataset, lens: xr.Dataset, n_layers: int) -> xr.Dataset:
     """The cutoffs (layer, fraction of depth) plus the per-layer curves they come from, on the logit lens's layers."""
     cos = contrib.cos_mean.sel(sublayer="layer")
-    inputs = lens.sel(layer=lens.layer.values < n_layers)
-    found = cutoff_indices(cos.values, inputs.kl_mean.values, inputs.top5_overlap.values)
-    layers = {"cos_zero": cos.layer.values, "kl_drop": inputs.layer.values, "top5_rise": inputs.layer.values}
+    found = cutoff_indices(cos.values, cos.layer.values, lens.kl_mean.values, lens.top5_overlap.values)
+    layers = {"cos_zero": cos.layer.values, "kl_drop": lens.layer.values, "top5_rise": lens.layer.values}
     scalars: dict[str, Any] = {}
     notes = []
     for key, index in found.items():
@@ -54,7 +67,7 @@ def summarise(contrib: xr.Dataset, lens: xr.Dataset, n_layers: int) -> xr.Datase
         scalars[f"{key}_layer"] = ((), layer)
         scalars[f"{key}_depth"] = ((), layer / n_layers if index >= 0 else np.nan)
         if index < 0:
-            notes.append(f"{key}: never reached ({CUTOFFS[key]} at no stored layer)")
+            notes.append(f"{key}: never reached ({CUTOFFS[key]} nowhere)")
     lens_layers = lens.layer.values
     return xr.Dataset(
         scalars | {"cos_mean": contrib.cos_mean.reindex(layer=lens_layers).drop_vars("relative_depth"),
@@ -62,11 +75,13 @@ def summarise(contrib: xr.Dataset, lens: xr.Dataset, n_layers: int) -> xr.Datase
         coords={"layer": lens_layers, "relative_depth": ("layer", lens_layers / n_layers)},
         attrs={"n_layers": n_layers, "notes": "; ".join(notes) or "every cutoff reached",
                "inputs": f"contributions {json_params(contrib)}, logit-lens {json_params(lens)}",
-               "description": "cos_zero: first stored layer whose mean cos(d_l, h_l) has the opposite sign of the "
-                              "previous stored layer's; kl_drop: first layer whose input's mean logit-lens KL is "
-                              f"below {KL_FRACTION} × its max over the stored layers; top5_rise: first layer whose "
-                              f"input's mean top-5 overlap exceeds {TOP5_THRESHOLD}; *_layer = -1 and *_depth = "
-                              "NaN when never reached; *_depth = layer / L"})
+               "description": "cos_zero: the reference sign is the mean cos(d_l, h_l) of the first stored layer "
+                              "l > 0 (layer 0 reads the embedding); the cutoff is the first later stored layer from "
+                              "which every stored layer to the last has the other sign; kl_drop: first boundary (layer inputs, "
+                              f"then the output, layer L) whose mean logit-lens KL is at most {KL_FRACTION} × its "
+                              "max over all boundaries; top5_rise: first boundary whose mean top-5 overlap exceeds "
+                              f"{TOP5_THRESHOLD}; *_layer = -1 and *_depth = NaN when never reached; "
+                              "*_depth = layer / L"})
 
 
 def json_params(result: xr.Dataset) -> str:
@@ -86,11 +101,12 @@ def describe_cutoffs(result: xr.Dataset) -> str:
     return "; ".join(parts)
 
 
-def info_line(store: Store) -> str | None:
+def info_line(store: Store, results_dir: str | None = None) -> str | None:
     """The cutoffs from a cached effective-depth result, or from cached contributions and logit-lens results."""
-    result = cached_result("effective-depth", store)
+    result = cached("effective-depth", store, results_dir=results_dir)
     if result is None:
-        contrib, lens = cached_result("contributions", store), cached_result("logit-lens", store)
+        contrib = cached("contributions", store, results_dir=results_dir)
+        lens = cached("logit-lens", store, results_dir=results_dir)
         if contrib is None or lens is None:
             return None
         result = summarise(contrib, lens, store.n_layers)
@@ -100,10 +116,8 @@ def info_line(store: Store) -> str | None:
 def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     """The three curves with their cutoffs marked."""
     fig, axes = plotting.figure(3, width=4.2)
-    depth = int(result.attrs["n_layers"])
     curves = (("cos_zero", result.cos_mean.sel(sublayer="layer"), "mean cos(d_l, h_l)", 0.0),
-              ("kl_drop", result.kl_mean, "logit-lens mean KL [nats]", KL_FRACTION * float(
-                  result.kl_mean.sel(layer=result.layer < depth).max())),
+              ("kl_drop", result.kl_mean, "logit-lens mean KL [nats]", KL_FRACTION * float(result.kl_mean.max())),
               ("top5_rise", result.top5_overlap, "logit-lens top-5 overlap", TOP5_THRESHOLD))
     for ax, (key, values, label, level) in zip(axes, curves):
         ax.plot(result.layer.values, values, marker="o", ms=3)
@@ -112,17 +126,17 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
         if layer >= 0:
             ax.axvline(layer, color="tab:red", lw=1)
         ax.set(xlabel="layer", ylabel=label, title=f"{CUTOFFS[key]}: " + (f"layer {layer}" if layer >= 0 else "never"))
+        plotting.layer_axis(ax)
     fig.suptitle(plotting.model_title(result.attrs, "Effective depth"), fontsize=9)
     return [plotting.save(fig, folder, "effective-depth")]
 
 
-@analysis("effective-depth", "Scalar cutoffs: where cos(d_l, h_l) changes sign, where the logit-lens KL drops "
-          "below 0.1×max, where top-5 overlap exceeds 0.2 (from contributions and logit-lens).", plot=plot)
-def effective_depth(store: Store, include_first: bool = False, max_tokens: int | None = None) -> xr.Dataset:
-    """The three cutoffs, from cached contributions/logit-lens results with these parameters (computed if absent)."""
-    inputs = []
-    for name, params in (("contributions", {"include_first": include_first}),
-                         ("logit-lens", {"include_first": include_first, "max_tokens": max_tokens})):
-        cached = cached_result(name, store, params)
-        inputs.append(cached if cached is not None else run(name, store, **params))
-    return summarise(*inputs, store.n_layers)
+@analysis("effective-depth", "Scalar cutoffs: where cos(d_l, h_l) changes sign for good, where the logit-lens KL "
+          f"drops to {KL_FRACTION}×max, where top-5 overlap exceeds {TOP5_THRESHOLD} (from contributions and "
+          "logit-lens).", plot=plot, describe=describe_cutoffs)
+def effective_depth(store: Store, include_first: bool = False, max_tokens: Count | None = None) -> xr.Dataset:
+    """The three cutoffs, from the contributions and logit-lens results with these parameters (cached or computed
+    in the caller's results folder and scheduler)."""
+    contrib = run("contributions", store, include_first=include_first)
+    lens = run("logit-lens", store, include_first=include_first, max_tokens=max_tokens)
+    return summarise(contrib, lens, store.n_layers)

@@ -1,4 +1,4 @@
-"""layer-map: affine maps from a shallow model's residual stream to a deeper model's, for every layer pair (§6).
+"""layer-map: affine maps from a shallow model's residual stream to a deeper model's, for every layer pair (docs/analyses.md).
 
 Both stores must hold the same tokens (same tokenizer, data and windows). Sources are the shallow model's residual
 boundaries i (the inputs of its stored layers, then the residual after its last layer), targets the deep model's
@@ -16,7 +16,7 @@ Exact out-of-core scheme (one pass over the training and validation tokens, one 
    W(α) = V diag(1/(λ+α)) Vᵀ Cxy for every target at once. The validation error of every candidate penalty
    follows in d×d space from the validation sums: SSE(α) = Syy − 2 tr(Wᵀ Gxy) + tr(Wᵀ Gxx W) in the eigenbasis.
    Candidate penalties are ``grid`` × the mean eigenvalue tr(C)/d of that source layer; the penalty is chosen per
-   source layer (``select="source"``: best mean validation R² over the targets, as the issue asks) or per pair
+   source layer (``select="source"``: best mean validation R² over the targets) or per pair
    (``select="pair"``).
 3. Test metrics for the chosen maps come from one pass over the test tokens only: R² = 1 − SSE/SST over all
    dimensions (SST about the test mean; scikit-learn's ``r2_score(..., multioutput="variance_weighted")``) and the
@@ -41,8 +41,9 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Positive, analysis
 from depthcache.errors import DepthcacheError
+from depthcache.store.identity import differences
 from depthcache.store.reader import Store
 
 SITES = {"resid": ("resid_pre", "resid_final"), "attn": ("attn_out",), "mlp": ("mlp_out",)}
@@ -75,8 +76,8 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
 
 def check_same_tokens(shallow: Store, deep: Store) -> None:
     """Refuse two stores that do not hold the same tokens in the same windows (and tokenizer)."""
-    hashes = [s.attrs["model"].get("tokenizer_sha256") for s in (shallow, deep)]
-    if hashes[0] != hashes[1]:
+    if differences(shallow.attrs, deep.attrs, ("tokenizer",)):
+        hashes = [s.attrs["model"].get("tokenizer_sha256") for s in (shallow, deep)]
         raise DepthcacheError(f"the stores' tokenizers differ (sha256 {hashes[0]} in {shallow.location}, {hashes[1]} "
                               f"in {deep.location}): layer maps need two models with the same tokenizer")
     a, b = shallow.ds, deep.ds
@@ -272,13 +273,6 @@ def solve_source(train: Moments, val: Moments, i: int, grid: np.ndarray, select:
     return SourceFit(mx, my, lam, vecs, rotated, penalties, val_r2, chosen)
 
 
-def coefficients(fit: SourceFit, shift: Shift, i: int, penalty_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(W (t, d, e), intercept (t, e)) in the stores' original coordinates: ŷ = x W + b (scikit-learn's convention)."""
-    w = fit.weights(penalty_index)
-    intercept = fit.mean_y + shift.y - np.einsum("d,tde->te", fit.mean_x + shift.x[i], w)
-    return w, intercept
-
-
 # ------------------------------------------------------------------------------------------------------ testing
 
 @dataclass
@@ -430,7 +424,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
         ax.plot([0, 1], [0, 1], "w--", lw=0.8, label="equal relative depth")
         ax.set(xlabel="deep model: relative depth", ylabel="shallow model: relative depth", title=label)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-    axes[0].legend(loc="lower right", fontsize=7)
+    plotting.legend_outside(axes[0], below=True)
     fig.suptitle(plotting.model_title(result.attrs, f"Linear maps shallow → deep ({result.attrs['site']}, "
                                                     f"{result.attrs['test_tokens']} test tokens)"), fontsize=9)
     return [plotting.save(fig, folder, "layer-map")]
@@ -440,7 +434,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
           "held-out ‖ŷ−y‖/‖y‖ and R² per pair.", n_stores=2, plot=plot)
 def layer_map(shallow: Store, deep: Store, site: str = "resid", select: str = "source",
               grid: list[float] | None = None, val_fraction: float = 0.15, test_fraction: float = 0.15,
-              include_first: bool = False, dtype: str = "float32", memory_gib: float = 4.0) -> xr.Dataset:
+              include_first: bool = False, dtype: str = "float32", memory_gib: Positive = 4.0) -> xr.Dataset:
     """Fit, select and test an affine ridge map for every (shallow boundary, deep boundary) pair out of core."""
     penalties = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
     check_params(site, select, dtype, penalties, memory_gib)

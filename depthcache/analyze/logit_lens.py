@@ -1,4 +1,4 @@
-"""logit-lens: what each layer's residual would predict through the final norm and unembedding (analyses.md §3).
+"""logit-lens: what each layer's residual would predict through the final norm and unembedding (docs/analyses.md).
 
 For every stored layer's input h_l and the final residual h_L, per token: KL(lens_l ‖ final), whether the top-1
 tokens agree, and the overlap |top5_l ∩ top5_final| / 5, where the final distribution is the lens of h_L (the
@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Count, analysis
 from depthcache.store.head import logits_from_residual
 from depthcache.store.reader import Store
 
@@ -73,9 +73,10 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     agree.plot(layers, result.top1_agreement, marker="o", ms=3, label="top-1 agreement")
     agree.plot(layers, result.top5_overlap, marker="s", ms=3, label="top-5 overlap")
     agree.set(ylabel="fraction (mean over tokens)", ylim=(-0.02, 1.02), title="Logit lens: agreement with the output")
-    agree.legend()
+    plotting.legend_outside(agree)
     for ax in (kl, agree):
         ax.set_xlabel(f"layer (input of layer l; {depth} = final residual)")
+        plotting.layer_axis(ax)
         ax.secondary_xaxis("top", functions=(lambda x: x / depth, lambda x: x * depth)).set_xlabel(
             "relative depth l / L")
     first = "included" if result.attrs["include_first"] else "excluded"
@@ -86,7 +87,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 
 @analysis("logit-lens", "Final norm + unembedding applied to every layer's residual: KL to the output, top-1 "
           "agreement and top-5 overlap per layer.", plot=plot)
-def logit_lens(store: Store, include_first: bool = False, max_tokens: int | None = None) -> xr.Dataset:
+def logit_lens(store: Store, include_first: bool = False, max_tokens: Count | None = None) -> xr.Dataset:
     """Per layer (and the final residual, layer L): mean KL(lens ‖ final), top-1 agreement, top-5 overlap, over
     the first ``max_tokens`` tokens (all by default)."""
     store.require("resid_pre", "resid_final")

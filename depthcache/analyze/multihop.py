@@ -1,4 +1,4 @@
-"""multihop: does the depth at which the answer forms grow with the number of hops? (analyses.md §5)
+"""multihop: does the depth at which the answer forms grow with the number of hops? (docs/analyses.md)
 
 On a task store (``extract --data task:...``, schema 1.2), per item:
 - logit lens at the position predicting the answer's FIRST token: the rank (number of vocabulary tokens with a
@@ -37,7 +37,6 @@ from depthcache.store.head import logits_from_residual
 from depthcache.store.reader import Store
 
 LENS_ROWS = 128
-SUMMARIZED = ("formation_depth", "depth_score", "depth_score_l2")
 
 
 def logits_lse(h: np.ndarray, head: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +170,8 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
         for h, n in zip(result.hops.values, result[f"{name}_count"].values):
             ax.annotate(f"n={int(n)}", (h, 1.02), ha="center", fontsize=7, xycoords=("data", "axes fraction"))
         ax.set(xlabel="hops", ylabel=label, ylim=(-0.02, 1.05), xticks=result.hops.values)
-        ax.legend(fontsize=7, loc="lower right")
+    if axes[-1].get_legend_handles_labels()[0]:
+        plotting.legend_outside(axes[-1])
     which = ("composed items with correct single hops" if result.attrs["only_correct_hops"] else "all items") + \
         (", correct answers only" if result.attrs["only_correct"] else "")
     fig.suptitle(plotting.model_title(result.attrs, f"Multi-hop depth ({which})"), fontsize=9)

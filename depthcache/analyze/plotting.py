@@ -8,7 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def figure(ncols: int = 1, width: float = 5.5, height: float = 3.6) -> tuple[Figure, list]:
@@ -18,18 +21,46 @@ def figure(ncols: int = 1, width: float = 5.5, height: float = 3.6) -> tuple[Fig
 
 
 def save(fig: Figure, folder: Path, name: str) -> Path:
-    """Save ``fig`` as folder/name.png and close it."""
+    """Save ``fig`` as folder/name.png and close it (legends placed outside the axes are kept in the image)."""
     path = folder / f"{name}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def model_title(ds_attrs: dict, what: str) -> str:
-    """'<what> — <model spec> (<tokens> tokens)' from a result's attrs."""
+    """'<what>' over '<exact model name(s)> — <store name(s)>' from a result's attrs (models joined by →)."""
     import json
 
     meta = json.loads(ds_attrs.get("depthcache_analysis", "{}"))
     where = ", ".join(Path(p).name for p in meta.get("source_locations", []))
-    return f"{what} — {where}" if where else what
+    models = " → ".join(meta.get("models", []))
+    return f"{what}\n{models} — {where}" if models else (f"{what} — {where}" if where else what)
+
+
+def layer_axis(ax: Axes, axis: str = "x") -> None:
+    """Integer ticks on a layer axis (a 4-layer model gets 0 1 2 3, not 0.5 steps)."""
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def legend_outside(ax: Axes, below: bool = False, **kw: object) -> None:
+    """A legend right of the axes (or below them, e.g. beside a colour bar), where it cannot cover data."""
+    where = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncols": 2} if below else \
+        {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)}
+    ax.legend(borderaxespad=0.0, fontsize=7, **where, **kw)
+
+
+def band_floor(*means: np.ndarray) -> float:
+    """The lower edge of a log axis showing mean ± std bands: half the smallest positive mean."""
+    values = np.concatenate([np.ravel(np.asarray(m, dtype=np.float64)) for m in means])
+    positive = values[np.isfinite(values) & (values > 0)]
+    return 0.5 * float(positive.min()) if positive.size else 1e-12
+
+
+def band_edges(mean: np.ndarray, std: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(lower, upper, clipped) edges of a mean ± std band on a log axis starting at ``floor``: where mean − std is
+    below it (or ≤ 0, which a log axis cannot show) the band runs to the axis edge instead of vanishing."""
+    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    lower = mean - std
+    return np.maximum(lower, floor), mean + std, bool((lower[np.isfinite(lower)] < floor).any())

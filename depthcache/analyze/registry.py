@@ -5,19 +5,20 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import pkgutil
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import xarray as xr
 
 from depthcache.errors import DepthcacheError
 
-FRAMEWORK_MODULES = {"registry", "source", "runner", "reduce", "plotting"}
+FRAMEWORK_MODULES = {"registry", "runner", "reduce", "plotting", "text", "compare"}  # not analyses
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,21 @@ class Analysis:
     compute: Callable[..., xr.Dataset]
     n_stores: int = 1
     plot: Callable[[xr.Dataset, Path], list[Path]] | None = None
+    describe: Callable[[xr.Dataset], str] | None = None  # one line for the command line's summary
 
 
 ANALYSES: dict[str, Analysis] = {}
 
 
 def analysis(name: str, summary: str, n_stores: int = 1,
-             plot: Callable[[xr.Dataset, Path], list[Path]] | None = None) -> Callable[[Callable[..., xr.Dataset]],
-                                                                                      Callable[..., xr.Dataset]]:
+             plot: Callable[[xr.Dataset, Path], list[Path]] | None = None,
+             describe: Callable[[xr.Dataset], str] | None = None) -> Callable[[Callable[..., xr.Dataset]],
+                                                                             Callable[..., xr.Dataset]]:
     """Decorator registering ``compute`` under ``name`` (the CLI name, e.g. 'logit-lens')."""
     def register(compute: Callable[..., xr.Dataset]) -> Callable[..., xr.Dataset]:
         if name in ANALYSES:
             raise RuntimeError(f"analysis {name!r} registered twice")
-        ANALYSES[name] = Analysis(name, summary, compute, n_stores, plot)
+        ANALYSES[name] = Analysis(name, summary, compute, n_stores, plot, describe)
         return compute
     return register
 
@@ -73,10 +76,43 @@ def describe_parameters(spec: Analysis) -> str:
     return ", ".join(f"{name}={json.dumps(p.default)}" for name, p in parameters(spec).items()) or "none"
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """``typing.Annotated`` metadata of a numeric analysis parameter: the range of values it accepts."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # ``low`` itself is excluded
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        """True if ``value`` lies in the range."""
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        if self.low is None:
+            return f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+Count = Annotated[int, Bounds(low=1)]  # a number of things (tokens, items): at least 1
+Positive = Annotated[float, Bounds(low=0, low_open=True)]
+
+
 def accepts(hint: Any, value: Any) -> bool:
-    """Whether a JSON-parsed ``value`` fits the type ``hint`` (bool, int, float, str, list[...], unions, None)."""
+    """Whether a JSON-parsed ``value`` fits the type ``hint`` (bool, int, float, str, list[...], unions, None, and
+    ``Annotated[..., Bounds(...)]`` ranges); floats must be finite (JSON's NaN and Infinity are refused)."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for option in options:
+        if typing.get_origin(option) is Annotated:
+            inner, *extras = typing.get_args(option)
+            if accepts(inner, value) and all(b.allows(value) for b in extras if isinstance(b, Bounds)):
+                return True
+            continue
         origin = typing.get_origin(option) or option
         if option is type(None) and value is None:
             return True
@@ -84,7 +120,8 @@ def accepts(hint: Any, value: Any) -> bool:
             return True
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return True
-        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (origin is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value)):
             return True
         if origin is str and isinstance(value, str):
             return True
@@ -95,32 +132,28 @@ def accepts(hint: Any, value: Any) -> bool:
 
 
 def check_params(spec: Analysis, params: dict[str, Any]) -> None:
-    """Refuse unknown parameters and values of the wrong type, naming what the analysis accepts."""
+    """Refuse unknown parameters and values of the wrong type or out of range, naming what the analysis accepts."""
     known = parameters(spec)
-    hints = typing.get_type_hints(spec.compute)
+    hints = typing.get_type_hints(spec.compute, include_extras=True)
     for key, value in params.items():
         if key not in known:
             raise DepthcacheError(f"analysis {spec.name!r} has no parameter {key!r}; its parameters (with defaults): "
                                   f"{describe_parameters(spec)}")
         if key in hints and not accepts(hints[key], value):
-            raise DepthcacheError(f"parameter {key}={json.dumps(value)} of {spec.name!r} must be of type "
+            raise DepthcacheError(f"parameter {key}={json.dumps(value)[:100]} of {spec.name!r} must be "
                                   f"{typing_name(hints[key])} (e.g. -p {key}={json.dumps(known[key].default)})")
 
 
 def typing_name(hint: Any) -> str:
-    """A readable name of a type hint: 'bool', 'int | None', 'list[float] | None'."""
+    """A readable name of a type hint: 'bool', 'int | None', 'list[float] | None', 'int at least 1 | None'."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(typing_name(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is Annotated:
+        inner, *extras = typing.get_args(hint)
+        return " ".join([typing_name(inner), *(str(b) for b in extras if isinstance(b, Bounds))])
     return str(hint).replace("typing.", "").replace("NoneType", "None").removeprefix("<class '").removesuffix("'>")
 
 
 def describe() -> list[tuple[str, str, int]]:
     """(name, summary, number of stores) of every analysis, sorted by name."""
     return [(a.name, a.summary, a.n_stores) for a in sorted(load_all().values(), key=lambda a: a.name)]
-
-
-def plot_with(name: str) -> Callable[[Callable[[xr.Dataset, Path], list[Path]]], Any]:
-    """Decorator attaching a plot function to an already registered analysis."""
-    def attach(plot: Callable[[xr.Dataset, Path], list[Path]]) -> Callable[[xr.Dataset, Path], list[Path]]:
-        a = ANALYSES[name]
-        ANALYSES[name] = Analysis(a.name, a.summary, a.compute, a.n_stores, plot)
-        return plot
-    return attach

@@ -24,12 +24,15 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     """Mean (± std) and max residual norm per layer boundary."""
     fig, (ax,) = plotting.figure()
     x = result.relative_depth.values
-    ax.plot(x, result.mean_norm, marker="o", label="mean ‖h‖")
-    ax.fill_between(x, result.mean_norm - result.std_norm, result.mean_norm + result.std_norm, alpha=0.2)
+    floor = plotting.band_floor(result.mean_norm.values)
+    lower, upper, clipped = plotting.band_edges(result.mean_norm.values, result.std_norm.values, floor)
+    line, = ax.plot(x, result.mean_norm, marker="o", label="mean ‖h‖")
+    ax.fill_between(x, lower, upper, alpha=0.2, color=line.get_color(),
+                    label="± std" + (" (cut at the axis)" if clipped else ""))
     ax.plot(x, result.max_norm, ls="--", label="max ‖h‖")
     ax.set(xlabel="relative depth (layer / L; 1 = after the last layer)", ylabel="residual norm", yscale="log",
-           title=plotting.model_title(result.attrs, "Residual stream norm"))
-    ax.legend()
+           ylim=(floor, None), title=plotting.model_title(result.attrs, "Residual stream norm"))
+    plotting.legend_outside(ax)
     return [plotting.save(fig, folder, "residual-norms")]
 
 

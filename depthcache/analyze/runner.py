@@ -1,31 +1,39 @@
-"""Running an analysis: scheduler choice, cached results under ``analyses/<name>``, and plots."""
+"""Running an analysis: scheduler choice, the results cache (depthcache.store.results), and plots."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import dask
 import xarray as xr
-import zarr
 
-import depthcache
-from depthcache.analyze.registry import check_params, get
+from depthcache.analyze.registry import Analysis, check_params, get
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import is_url, local_name, open_result, write_dataset_atomically
-from depthcache.store.layout import ROOT_DIMS
+from depthcache.store import results
+from depthcache.store.io import local_name
 from depthcache.store.reader import Store
 
-RESULT_ATTR = "depthcache_analysis"
 SCHEDULER_ENV = "DEPTHCACHE_SCHEDULER"
-MAX_RESULT_BYTES = 2**30  # a cached result larger than this is not loaded (stores are untrusted)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an analysis computed inside another one inherits from the outer call: results folder, scheduler."""
+
+    results_dir: str | None
+    scheduler_address: str | None
+
+
+CONTEXT: ContextVar[Context | None] = ContextVar("depthcache_analysis_context", default=None)
 
 
 @contextmanager
@@ -51,62 +59,9 @@ def scheduler(address: str | None = None) -> Iterator[None]:
         yield
 
 
-def writable(location: str) -> bool:
-    """True if results can be written inside a local store."""
-    if is_url(location):
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=location):
-            return True
-    except OSError:
-        return False
-
-
-def result_path(store: Store, name: str, results_dir: str | None = None) -> tuple[str, str | None]:
-    """(zarr location, group) where the result of ``name`` on ``store`` is cached."""
-    if results_dir:
-        return str(Path(results_dir) / f"{name}.zarr"), None
-    if writable(store.location):
-        return store.location, f"analyses/{name}"
-    here = local_name(store.location)  # a remote store's results go to a local folder named after it
-    return str(here.with_name(f"{here.name}.analyses") / f"{name}.zarr"), None
-
-
-def canonical(params: dict[str, Any]) -> str:
-    """Parameters as sorted JSON: equal parameters, equal string."""
-    return json.dumps(params, sort_keys=True, default=str)
-
-
-def provenance(name: str, stores: list[Store], params: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a result: analysis, parameters, source stores, code version."""
-    return {"name": name, "params": json.loads(canonical(params)), "sources": [s.identity for s in stores],
-            "source_locations": [s.location for s in stores], "code_version": depthcache.__version__}
-
-
-def load_cached(location: str, group: str | None, expected: dict[str, Any]) -> xr.Dataset | None:
-    """The cached result if it exists and was computed from the same stores with the same parameters."""
-    try:
-        ds = open_result(location, group)
-    except (FileNotFoundError, KeyError, OSError, ValueError):
-        return None
-    try:
-        meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
-        same = all(meta.get(k) == expected[k] for k in ("name", "params", "sources", "code_version"))
-    except (ValueError, TypeError, AttributeError):  # a damaged cached result is recomputed
-        return None
-    return ds.load() if same and ds.nbytes <= MAX_RESULT_BYTES else None
-
-
-def save(result: xr.Dataset, location: str, group: str | None) -> None:
-    """Write a computed result; on a local store via a temporary group renamed into place (never partial)."""
-    folder = Path(location) / group if group else Path(location)
-    if group and "/" in group:  # make the parent (e.g. analyses/) a real zarr group, not a bare folder
-        zarr.open_group(location, mode="r+").require_group(group.rsplit("/", 1)[0])
-    write_dataset_atomically(result, folder, avoid_dims=ROOT_DIMS if group else ())
-
-
-def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
-    """An error naming the array and token chunk that failed its checksum (found by re-reading every chunk)."""
+def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError | None:
+    """An error naming the array and token chunk that failed to decode or checksum (found by re-reading every
+    chunk); None when every chunk reads cleanly (the failure was not the data's)."""
     from depthcache.store.schema import chunk_problems
 
     found = []
@@ -117,57 +72,97 @@ def corruption_error(stores: list[Store], exc: Exception) -> DepthcacheError:
             tokens = int(group.attrs["depthcache"]["progress"]["tokens_committed"])
             found += [f"{store.location}{'/' + path if path else ''}: {p}"
                       for p in chunk_problems(group, sorted(names), tokens)]
+    if not found and "checksum" not in str(exc):
+        return None
     where = "; ".join(found[:3]) or f"a chunk failed its checksum ({exc})"
     return DepthcacheError(f"corrupt data, nothing saved: {where}. Re-extract or copy the store again "
                            "(depthcache validate STORE lists every bad chunk)")
 
 
-def result_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` with the analysis's defaults filled in, as stored (JSON round trip)."""
-    signature = inspect.signature(get(name).compute)
+def result_params(spec: Analysis, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the analysis's defaults filled in, as stored (JSON round trip): the key of a cached result."""
+    signature = inspect.signature(spec.compute)
     defaults = {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
-    return json.loads(canonical(defaults | params))
+    return json.loads(results.canonical(defaults | params))
 
 
-def cached_result(name: str, store: Store, params: dict[str, Any] | None = None,
-                  results_dir: str | None = None) -> xr.Dataset | None:
-    """The saved result of ``name`` computed from ``store`` by this code version with ``params`` (defaults filled
-    in on both sides; None: any parameters), or None."""
-    location, group = result_path(store, name, results_dir)
+def open_stores(locations: tuple[str | Store, ...], storage_options: dict[str, Any] | None) -> list[Store]:
+    """Stores from locations (Store objects pass through)."""
+    return [loc if isinstance(loc, Store) else Store(str(loc), dict(storage_options or {})) for loc in locations]
+
+
+def checked(name: str, locations: tuple[str | Store, ...], storage_options: dict[str, Any] | None,
+            params: dict[str, Any]) -> tuple[Analysis, list[Store], dict[str, Any]]:
+    """The analysis, its opened stores and its full parameters, after checking the store count and parameters."""
+    spec = get(name)
+    stores = open_stores(locations, storage_options)
+    if len(stores) != spec.n_stores:
+        raise DepthcacheError(f"analysis {name!r} takes {spec.n_stores} store(s), got {len(stores)}")
+    check_params(spec, params)
+    return spec, stores, result_params(spec, params)
+
+
+def cached(name: str, *locations: str | Store, results_dir: str | None = None,
+           storage_options: dict[str, Any] | None = None, **params: Any) -> xr.Dataset | None:
+    """The cached result of ``name`` with ``params`` (defaults filled in) on the stores as they are now, or None."""
+    _, stores, full = checked(name, locations, storage_options, params)
+    return results.lookup(name, full, stores, inherited(results_dir, None)[0])
+
+
+def inherited(results_dir: str | None, scheduler_address: str | None) -> tuple[str | None, str | None]:
+    """The results folder and scheduler of this call, else of the analysis this one is computed inside."""
+    outer = CONTEXT.get()
+    if outer is None:
+        return results_dir, scheduler_address
+    return results_dir or outer.results_dir, scheduler_address or outer.scheduler_address
+
+
+def compute(spec: Analysis, stores: list[Store], params: dict[str, Any]) -> tuple[xr.Dataset, list[bool]]:
+    """The computed result and, per store, whether the analysis looked at its intervention runs."""
+    before = [s.runs_read for s in stores]
+    for s in stores:
+        s.runs_read = False
     try:
-        ds = open_result(location, group)
-        meta = json.loads(ds.attrs.get(RESULT_ATTR, "{}"))
-    except (FileNotFoundError, KeyError, OSError, ValueError, TypeError):
-        return None
-    if meta.get("name") != name or meta.get("sources") != [store.identity] or \
-            meta.get("code_version") != depthcache.__version__:
-        return None
-    if params is not None and result_params(name, meta.get("params", {})) != result_params(name, params):
-        return None
-    return ds.load()
+        result = spec.compute(*stores, **params).compute()
+    except (ValueError, RuntimeError) as exc:  # a chunk that fails to decode: find and name it
+        corrupt = corruption_error(stores, exc)
+        if corrupt is None:
+            raise
+        raise corrupt from exc
+    finally:
+        read = [s.runs_read for s in stores]
+        for s, was in zip(stores, before):
+            s.runs_read = was or s.runs_read
+    return result, read
 
 
 def run(name: str, *locations: str | Store, force: bool = False, scheduler_address: str | None = None,
         results_dir: str | None = None, storage_options: dict[str, Any] | None = None, **params: Any) -> xr.Dataset:
-    """Compute analysis ``name`` on the given store(s), or return its cached result; saves what it computes."""
-    spec = get(name)
-    stores = [loc if isinstance(loc, Store) else Store(str(loc), dict(storage_options or {})) for loc in locations]
-    if len(stores) != spec.n_stores:
-        raise DepthcacheError(f"analysis {name!r} takes {spec.n_stores} store(s), got {len(stores)}")
-    check_params(spec, params)
-    expected = provenance(name, stores, params)
-    location, group = result_path(stores[-1], name, results_dir)
-    if not force and (cached := load_cached(location, group, expected)) is not None:
-        return cached
-    with scheduler(scheduler_address):
-        try:
-            result = spec.compute(*stores, **params).compute()
-        except ValueError as exc:
-            if "checksum" not in str(exc):
-                raise
-            raise corruption_error(stores, exc) from exc
-    result.attrs[RESULT_ATTR] = json.dumps(expected | {"created": datetime.now(timezone.utc).isoformat()})
-    save(result, location, group)
+    """Compute analysis ``name`` on the given store(s), or return its cached result; saves what it computes.
+
+    Analyses computed inside another one (effective-depth reads contributions and logit-lens) inherit its results
+    folder and scheduler."""
+    spec, stores, full = checked(name, locations, storage_options, params)
+    results_dir, scheduler_address = inherited(results_dir, scheduler_address)
+    empty = [s.location for s in stores if int(s.attrs["progress"]["tokens_committed"]) == 0]
+    if empty:
+        raise DepthcacheError(f"{empty[0]} has no committed tokens yet (nothing to analyse): finish its extraction "
+                              "with depthcache extract ... --resume")
+    if not force and (hit := results.lookup(name, full, stores, results_dir)) is not None:
+        return hit
+    results.require_writable_place(stores[-1], results_dir)  # before computing, not after
+    nested = CONTEXT.get() is not None
+    token = CONTEXT.set(Context(results_dir, scheduler_address))
+    try:
+        if nested:  # already inside the outer analysis's scheduler
+            result, read = compute(spec, stores, params)
+        else:
+            with scheduler(scheduler_address):
+                result, read = compute(spec, stores, params)
+    finally:
+        CONTEXT.reset(token)
+    meta = results.provenance(name, full, stores, read) | {"created": datetime.now(timezone.utc).isoformat()}
+    results.save(result, meta, stores[-1], results_dir)
     return result
 
 

@@ -1,4 +1,4 @@
-"""skip-effects: how skipping a layer changes every later layer's contribution and the output (analyses.md §2).
+"""skip-effects: how skipping a layer changes every later layer's contribution and the output (docs/interventions.md).
 
 For each single-layer skip run (``depthcache extract --skip ...``) of the chosen variant and sublayer, and each
 stored layer l: the relative change of the layer's contribution ``‖d_l^skip − d_l^base‖ / max(‖d_l^base‖, 1e-6)``
@@ -19,7 +19,7 @@ import xarray as xr
 
 from depthcache.analyze import plotting
 from depthcache.analyze.reduce import f32, masked_max, norm, token_weights
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Count, analysis
 from depthcache.errors import DepthcacheError
 from depthcache.store.head import logits_from_residual
 from depthcache.store.reader import Store
@@ -29,22 +29,26 @@ OUTPUT_SLICE = 128  # tokens per logits block inside a chunk (bounds memory at ~
 
 
 def plot(result: xr.Dataset, folder: Path) -> list[Path]:
-    """Heatmap of the max relative change (skipped layer × affected layer, 0..1) and the output effect per skip."""
+    """Heatmaps of the max and mean relative change (skipped layer × affected layer; the colour scale stops at 1 and
+    its bar says how many cells lie above) and the output effect per skip."""
     what = f"{result.attrs['variant']} variant, {result.attrs['sublayer']} skipped, {result.attrs['tokens']} tokens"
     paths = []
     for stat, label in (("max", "max"), ("mean", "mean")):
         fig, (heat, bars) = plotting.figure(2, width=5.4, height=4.6)
-        image = heat.imshow(result[f"{stat}_effect"].values, vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                            interpolation="nearest")
+        values = result[f"{stat}_effect"].values
+        above = int((values > 1).sum())
+        image = heat.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
         heat.set_xticks(*ticks(result.layer.values))
         heat.set_yticks(*ticks(result.skipped_layer.values))
-        heat.set(xlabel="Effect @ layer", ylabel="Layer skipped",
-                 title=f"{label} over tokens of ‖Δd_l‖ / ‖d_l‖ (clipped at 1)")
-        fig.colorbar(image, ax=heat, fraction=0.046, pad=0.03)
+        heat.set(xlabel="Effect @ layer", ylabel="Layer skipped", title=f"{label} over tokens of ‖Δd_l‖ / ‖d_l‖")
+        bar = fig.colorbar(image, ax=heat, fraction=0.046, pad=0.03, extend="max" if above else "neither")
+        bar.set_label(f"colours stop at 1: {above} of {values.size} cells are above (max {np.nanmax(values):.3g})"
+                      if above else "‖Δd_l‖ / ‖d_l‖ (every cell ≤ 1)", fontsize=7)
         output = result.output_l2_max if stat == "max" else result.output_l2_mean
         bars.bar(result.skipped_layer.values, output.values, color="tab:red")
         bars.set(xlabel="Layer skipped", ylabel=f"{label} ‖p_skip − p_base‖₂",
                  title="Effect on the output distribution")
+        plotting.layer_axis(bars)
         fig.suptitle(plotting.model_title(result.attrs, f"Skipping one layer ({what})"), fontsize=9)
         paths.append(plotting.save(fig, folder, "skip-effects" if stat == "max" else "skip-effects-mean"))
     return paths
@@ -152,7 +156,7 @@ def padded_row(values: da.Array, before: int) -> da.Array:
 @analysis("skip-effects", "Effect of skipping each layer on every later layer's contribution and on the output "
           "(needs skip runs: extract --skip each).", plot=plot)
 def skip_effects(store: Store, variant: str = "current", sublayer: str = "layer", include_first: bool = False,
-                 max_tokens: int | None = None) -> xr.Dataset:
+                 max_tokens: Count | None = None) -> xr.Dataset:
     """Skipped layer × layer relative change (max and mean over measured tokens) and per-skip output effects, over
     the first ``max_tokens`` baseline tokens the runs share (all by default)."""
     store.require("attn_out", "mlp_out", "resid_final")

@@ -1,4 +1,4 @@
-"""Task evaluations of a model with layers removed: likelihood- vs generation-based scoring (analyses.md §8)."""
+"""Task evaluations of a model with layers removed: likelihood- vs generation-based scoring (docs/interventions.md)."""
 
 from depthcache.evaluate.prune import PruneOptions, evaluate_prune
 

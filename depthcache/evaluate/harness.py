@@ -213,21 +213,23 @@ def harness_prune(opts: Any) -> Any:
 
     from depthcache.evaluate.influence import block_influence
     from depthcache.evaluate.orders import fixed_order
-    from depthcache.evaluate.prune import Scorer, removal_sequence
-    from depthcache.model import architecture_for
+    from depthcache.evaluate.prune import Scorer, next_removal
+    from depthcache.model import structure_of
 
     names, include = resolve_tasks(opts.harness, opts.include_path)
     device = str(resolve_device(opts.device))
     loaded = load_model(opts.model, device=device)
-    depth = n_layers(loaded.model)
+    structure = structure_of(loaded.model)
+    depth = structure.n_layers
     candidates = parse_layers(opts.layers, depth)
     steps = min(opts.steps or len(candidates), len(candidates), depth - 1)
-    if opts.task is not None:
+    if opts.task is not None:  # the influence and greedy orders rank layers on --task's items
         items = load_task(opts.task, opts.n, opts.seed)
-        arch = architecture_for(loaded.model)
-        influence = block_influence(loaded.model, arch, loaded.tokenizer, [it.prompt for it in items],
+        influence = block_influence(loaded.model, structure, loaded.tokenizer, [it.prompt for it in items],
                                     opts.batch_size, device)
-        order, _ = removal_sequence(Scorer(loaded, arch, items, opts, device), candidates, steps, influence)
+        scorer, order = Scorer(loaded, structure, items, opts, device), []
+        for _ in range(steps):
+            order.append(next_removal(scorer, candidates, order, influence)[0])
     else:
         order = fixed_order(candidates, opts.order, np.zeros(depth))[:steps]
     lm = DepthcacheLM(loaded, batch_size=opts.batch_size)

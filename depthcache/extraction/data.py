@@ -19,6 +19,7 @@ from depthcache.extraction.task_data import TaskDocuments, load_task_documents, 
 from depthcache.extraction.windows import Documents
 from depthcache.tasks import TaskItem
 from depthcache.tasks.base import subset_indices
+from depthcache.textio import read_text
 
 DEFAULT_DATASET = "pydoc-topics"
 BUILTIN_DATASETS = {"pydoc-topics": "Python's own documentation topics (pydoc_data.topics): ~465k characters "
@@ -84,7 +85,7 @@ def load_documents(spec: str, fields: DataFields = DataFields()) -> Documents:
         if fields.task:
             raise DepthcacheError(f"{spec} is a folder of .txt files: task fields (--prompt-field) need records "
                                   "(a .jsonl file or a Hugging Face dataset)")
-        docs = tuple(f.read_text(encoding="utf-8") for f in sorted(path.glob("*.txt")))
+        docs = tuple(read_text(f) for f in sorted(path.glob("*.txt")))
         return checked(Documents(str(path), tuple(d for d in docs if d.strip())), spec)
     if path.is_dir() or path.suffix in DATASETS_FILES:
         return records_documents(str(path), *hf_records(path, fields.split), fields, params)
@@ -92,7 +93,7 @@ def load_documents(spec: str, fields: DataFields = DataFields()) -> Documents:
         return records_documents(str(path), jsonl_records(path), None, fields, params)
     if fields.task:
         raise DepthcacheError(f"{spec} is a plain text file: task fields (--prompt-field) need records")
-    return checked(Documents(str(path), tuple(d for d in (path.read_text(encoding="utf-8"),) if d.strip())), spec)
+    return checked(Documents(str(path), tuple(d for d in (read_text(path),) if d.strip())), spec)
 
 
 def checked(docs: Documents, spec: str) -> Documents:
@@ -147,13 +148,15 @@ def pick_split(loaded: Any, split: str | None, name: str) -> Any:
 
 def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
     """The records of a JSONL file, with the line number of any bad line."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DepthcacheError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise DepthcacheError(f"{path}:{number}: JSON nested too deeply") from exc
         if not isinstance(record, dict):
             raise DepthcacheError(f"{path}:{number}: each line must be a JSON object")
         yield record

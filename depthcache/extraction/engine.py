@@ -6,11 +6,11 @@ same batches as an uninterrupted one; progress is committed per chunk after its 
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,9 +24,11 @@ import zarr
 
 import depthcache
 from depthcache.dtypes import STORED_DTYPES
-from depthcache.errors import DepthcacheError
+from depthcache.errors import DepthcacheError, Interrupted
 from depthcache.extraction.data import DEFAULT_DATASET, DataFields, load_documents
+from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
 from depthcache.extraction.model_group import write_model_group
+from depthcache.extraction.preflight import Sizes, preflight
 from depthcache.extraction.progress import Progress
 from depthcache.extraction.task_data import (
     TaskDocuments,
@@ -44,21 +46,27 @@ from depthcache.extraction.workers import (
     unfinished_workers,
     worker_done_until,
 )
-from depthcache.extraction.writer import ChunkWriter
+from depthcache.extraction.writer import ChunkWriter, resume_point
 from depthcache.layerspec import parse_layers
 from depthcache.model import (
     DEFAULT_MODEL,
-    Architecture,
     Capture,
     LoadedModel,
-    architecture_for,
+    Structure,
+    checked,
     load_model,
-    n_layers,
-    parallel_residual,
     resolve_device,
 )
 from depthcache.store.head import tokenizer_sha256
-from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.identity import differences
+from depthcache.store.io import (
+    can_write,
+    open_group,
+    read_attrs,
+    replace_atomically,
+    require_writable,
+    write_attrs,
+)
 from depthcache.store.layout import (
     SCHEMA_VERSION,
     SITES,
@@ -69,7 +77,6 @@ from depthcache.store.layout import (
 
 LAYERED = ("resid_pre", "attn_out", "mlp_out")
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IDENTITY_OPTIONS = ("sites", "layers", "max_tokens", "seq_len", "batch_size", "dtype", "top_k")
 
 
 @dataclass(frozen=True)
@@ -86,13 +93,14 @@ class ExtractOptions:
     batch_size: int = 8
     dtype: str = "bfloat16"
     top_k: int = 20
-    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB
+    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB (≤ tokens)
     device: str = "auto"
     resume: bool = False
     progress: bool | None = None  # None: a bar on a terminal only
     num_workers: int = 1  # several processes writing disjoint shards of one store
     worker_index: int = 0
     queue_batches: int = 2
+    check: bool = True  # the load check before anything is written (--no-check: only for users who know why)
     fields: DataFields = DataFields()  # which record fields are the text, or a task's prompt and answer
 
 
@@ -132,7 +140,8 @@ def check_options(opts: ExtractOptions) -> None:
 
 
 def check_destination(out: str, resume: bool) -> bool:
-    """True if ``out`` holds a store to resume; refuses to touch an existing store without --resume."""
+    """True if ``out`` holds a store to resume; refuses to touch an existing store without --resume, and a place
+    this process cannot write (checked before anything is loaded; nothing is created here)."""
     path = Path(out)
     if path.exists():
         if not resume:
@@ -140,16 +149,39 @@ def check_destination(out: str, resume: bool) -> bool:
                                   "(with identical options), or choose another --out")
         if not (path / "zarr.json").exists():
             raise DepthcacheError(f"{out} exists and is not a depthcache store; refusing to write into it")
+        if not can_write(path):
+            raise DepthcacheError(f"cannot resume into {out}: it is not writable (a read-only copy?); resume a "
+                                  "writable copy of it")
         return True
-    parent = path.resolve().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DepthcacheError(f"cannot write to {existing} ({exc.strerror}): choose a writable --out") from exc
+    require_writable(path)  # nothing is created before every check has passed (prepare_store makes the folders)
     return False
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, deepest last (to remove on failure)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    for p in missing:
+        p.mkdir(exist_ok=True)
+    return missing
+
+
+def remove_stale_creations(out: Path) -> None:
+    """Remove temporary store folders (``.NAME.creating-PID``) left by killed processes of this machine."""
+    for tmp in out.parent.glob(f".{out.name}.creating-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """True if a process with this id runs on this machine (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def library_versions() -> dict[str, str]:
@@ -164,23 +196,27 @@ def library_versions() -> dict[str, str]:
 
 def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_sha: str, n_docs: int, plan: Plan,
                device: str, chunk_tokens: int, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The root attributes of a new store (schema ``SCHEMA_VERSION``); ``details`` says how the documents were read
-    (datasets fingerprint, fields)."""
+    """The root attributes of a new store (schema ``SCHEMA_VERSION``): with the model's discovered structure and its
+    load-check errors (None when the check was skipped), and how the documents were read (``details``: datasets
+    fingerprint, fields)."""
     details = {k: v for k, v in (details or {}).items() if v is not None and v != {}}
     model = loaded.model
     config = model.config
+    structure, result = checked(model, opts.check)
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "activations",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "model": {**loaded.provenance,
-                  "n_layers": n_layers(model),
-                  "d_model": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
+                  "n_layers": structure.n_layers,
+                  "d_model": int(model.get_output_embeddings().weight.shape[1]),
                   "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
                   "config": config.to_diff_dict() | {"model_type": config.model_type},
                   "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files),
-                  "parallel_residual": parallel_residual(model)},
+                  "parallel_residual": structure.parallel,
+                  "structure": structure.attrs(),
+                  "load_check": None if result is None else result.attrs()},
         "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs,
                     **details},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
@@ -191,21 +227,9 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
     }
 
 
-def identity(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The fields that must match for --resume to continue a store."""
-    return {"model.weights_sha256": attrs["model"].get("weights_sha256"),
-            "model.spec": attrs["model"].get("spec") if attrs["model"].get("weights_sha256") is None else None,
-            "model.tokenizer_sha256": attrs["model"].get("tokenizer_sha256"),
-            "dataset.sha256": attrs["dataset"]["sha256"],
-            **{f"options.{k}": attrs["options"][k] for k in IDENTITY_OPTIONS},
-            "layout.num_workers": attrs["layout"].get("num_workers", 1),
-            "options.device_type": str(attrs["options"]["device"]).split(":")[0]}
-
-
 def compare_identity(existing: dict[str, Any], new: dict[str, Any], out: str) -> None:
     """Refuse to resume a store made from another model, dataset or options."""
-    old_id, new_id = identity(existing), identity(new)
-    diffs = [f"  {k}: store has {old_id[k]!r}, this run has {new_id[k]!r}" for k in old_id if old_id[k] != new_id[k]]
+    diffs = differences(existing, new)
     if diffs:
         raise DepthcacheError(f"{out} was extracted with other settings; refusing to mix them:\n" + "\n".join(diffs))
 
@@ -262,7 +286,7 @@ def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> 
     return {"next_logprob": next_lp, "topk_ids": ids.int(), "topk_logprobs": values - lse.unsqueeze(-1)}
 
 
-def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions, first: int, last: int,
+def run_batch(model: torch.nn.Module, structure: Structure, plan: Plan, opts: ExtractOptions, first: int, last: int,
               pad_id: int, device: str, drop: int) -> tuple[dict[str, np.ndarray], torch.cuda.Event | None]:
     """Forward windows first..last-1 and return every stored array for their real tokens (minus the first ``drop``)."""
     sites = parse_sites(opts.sites)
@@ -276,7 +300,7 @@ def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: Extr
         flat = t.flatten(-3, -2)
         return flat[..., drop:, :] if keep is None else flat.index_select(-2, keep)
 
-    with Capture(model, arch, plan.layers, sites, TORCH_DTYPES[opts.dtype]) as cap, torch.inference_mode():
+    with Capture(model, structure, plan.layers, sites, TORCH_DTYPES[opts.dtype]) as cap, torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out: dict[str, np.ndarray] = {}
         if "resid" in sites:
@@ -319,11 +343,15 @@ def first_tokens(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
 
 
 def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayout, loaded: LoadedModel) -> bool:
-    """Create a complete empty store in a temporary sibling folder and move it into place atomically.
+    """Create a complete empty store in a temporary sibling folder and move it into place atomically; on any
+    failure (a full disk, an interrupt) nothing is left behind, not even the parent folders this created.
 
     Returns False (and leaves the existing store alone) when another worker moved its store into place first.
     """
-    out = Path(opts.out)
+    out = Path(opts.out).resolve()
+    created = make_parents(out.parent)
+    if opts.num_workers == 1:
+        remove_stale_creations(out)
     tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -332,16 +360,30 @@ def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayo
         write_model_group(group, loaded)
         write_attrs(group, attrs)
         try:
-            os.replace(tmp, out)
+            replace_atomically(tmp, out)
         except OSError:
             if (out / "zarr.json").exists():
                 shutil.rmtree(tmp, ignore_errors=True)
                 return False
             raise
         return True
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(created):
+            remove_if_empty(folder)
+        if isinstance(exc, OSError):
+            advice = "free space and run again" if exc.errno == errno.ENOSPC else "fix that and run again"
+            raise DepthcacheError(f"cannot create {opts.out}: {exc.strerror or exc}; nothing was left behind: "
+                                  f"{advice}") from exc
         raise
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove a folder this run created, unless something else has been put in it meanwhile."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def make_plan(opts: ExtractOptions, loaded: LoadedModel, docs: Documents, n_layers: int) -> Plan:
@@ -355,37 +397,65 @@ def make_plan(opts: ExtractOptions, loaded: LoadedModel, docs: Documents, n_laye
 
 def extract(opts: ExtractOptions, loaded: LoadedModel | None = None, docs: Documents | None = None) -> dict[str, Any]:
     """Run (or resume) one extraction into ``opts.out`` (with ``loaded`` and ``docs`` if given, else as ``opts.model``
-    and ``opts.data`` say); returns the final attributes."""
+    and ``opts.data`` say); returns the final attributes.
+
+    SIGINT and SIGTERM stop it at the last committed chunk (the chunk being filled is dropped) and raise
+    Interrupted, whose message says how to resume."""
+    with stop_on_signals():
+        try:
+            return extract_store(opts, loaded, docs)
+        except Interrupted as exc:
+            raise Interrupted(exc.signum, interrupted_message(exc.signum, opts.out)) from None
+
+
+def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs: Documents | None = None
+                  ) -> dict[str, Any]:
+    """The body of ``extract``: every check (options, destination, model, limits, machine), then the store."""
     check_options(opts)
     sites = parse_sites(opts.sites)
     worker = Worker(opts.worker_index, opts.num_workers)
     resuming = check_destination(opts.out, opts.resume or worker.count > 1)
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
-    docs = docs or load_documents(opts.data, opts.fields)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
-    arch = architecture_for(loaded.model)
-    plan = make_plan(opts, loaded, docs, n_layers(loaded.model))
+    docs = docs if docs is not None else load_documents(opts.data, opts.fields)
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    structure, _ = checked(loaded.model, opts.check)  # a model passed in is checked here, before any store exists
+    plan = make_plan(opts, loaded, docs, structure.n_layers)
     if plan.n_tokens == 0:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
-                                                            STORED_DTYPES[opts.dtype].itemsize)
+                                                            STORED_DTYPES[opts.dtype].itemsize, plan.n_tokens)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens, docs.details)
     attrs["layout"]["num_workers"] = worker.count
     task = isinstance(docs, TaskDocuments)
     if task:
         attrs["dataset"] |= task_attrs(docs)
-    if not existing:
-        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task)
-        if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
-            existing = read_attrs(open_group(opts.out, "r"))
     if existing:
         compare_identity(existing, attrs, opts.out)
         if existing["progress"]["complete"]:
             return existing
         attrs = existing
-    return run_pipeline(opts, attrs, loaded, arch, plan, device, worker)
+    sizes = extraction_sizes(opts, attrs, plan, sites, d_model)
+    preflight(attrs, sizes, loaded.model.config, opts.out, device, new=existing is None)
+    if not existing:
+        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task)
+        if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
+            existing = read_attrs(open_group(opts.out, "r"))
+            compare_identity(existing, attrs, opts.out)
+            attrs = existing
+    return run_pipeline(opts, attrs, loaded, structure, plan, device, worker)
+
+
+def extraction_sizes(opts: ExtractOptions, attrs: dict[str, Any], plan: Plan, sites: tuple[str, ...],
+                     d_model: int) -> Sizes:
+    """The sizes the preflight checks weigh: tokens (still to write), stored layers and sites, chunk and batch."""
+    o = attrs["options"]
+    return Sizes(n_tokens=plan.n_tokens, remaining=plan.n_tokens - int(attrs["progress"]["tokens_committed"]),
+                 n_layers=len(plan.layers), d_model=d_model, vocab=int(attrs["model"]["vocab_size"]),
+                 sites=len(sites), final=int("resid" in sites), itemsize=STORED_DTYPES[o["dtype"]].itemsize,
+                 chunk_tokens=int(attrs["layout"]["chunk_tokens"]), seq_len=int(o["seq_len"]),
+                 batch_size=int(o["batch_size"]), top_k=int(o["top_k"]), queue_batches=opts.queue_batches)
 
 
 def finalize_store(out: str) -> dict[str, Any]:
@@ -397,12 +467,13 @@ def finalize_store(out: str) -> dict[str, Any]:
     return finalize(group, attrs, int(attrs["layout"].get("num_workers", 1)))
 
 
-def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, arch: Architecture, plan: Plan,
+def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, structure: Structure, plan: Plan,
                  device: str, worker: Worker = Worker()) -> dict[str, Any]:
     """Forward in this thread, write in a background thread, joined by a bounded queue."""
     group = open_group(opts.out, "r+")
     chunk_tokens = int(attrs["layout"]["chunk_tokens"])
-    todo = segments(worker, plan.n_tokens, chunk_tokens, batch_tokens(attrs), worker_done_until(group, worker))
+    done = resume_point(worker_done_until(group, worker), chunk_tokens, plan.n_tokens)
+    todo = segments(worker, plan.n_tokens, chunk_tokens, batch_tokens(attrs), done)
     names = [n for n in group.array_keys() if n != "layer"]
 
     def commit(stop: int) -> None:
@@ -415,21 +486,21 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
     start = todo[0][0] if todo else plan.n_tokens
     writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    batches = planned_batches(loaded.model, arch, plan, opts, todo, pad_id, device)
+    batches = planned_batches(loaded.model, structure, plan, opts, todo, pad_id, device)
     write_batches(writer, batches, sum(b - a for a, b in todo), opts)
     if worker.count > 1 and not unfinished_workers(group, attrs, worker.count):
         attrs = finalize(group, attrs, worker.count)
     return attrs
 
 
-def planned_batches(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions,
+def planned_batches(model: torch.nn.Module, structure: Structure, plan: Plan, opts: ExtractOptions,
                     todo: list[tuple[int, int]], pad_id: int, device: str
                     ) -> Iterator[tuple[int, dict[str, np.ndarray], torch.cuda.Event | None]]:
     """(first token, stored arrays, copy event) of each batch covering the token ranges ``todo``, run lazily."""
     for seg_start, seg_stop in todo:
         at = seg_start
         for first, last, drop, keep in batches_between(plan, seg_start, seg_stop, opts.batch_size):
-            batch, copied = run_batch(model, arch, plan, opts, first, last, pad_id, device, drop)
+            batch, copied = run_batch(model, structure, plan, opts, first, last, pad_id, device, drop)
             yield at, first_tokens(batch, keep), copied
             at += keep
 
@@ -437,18 +508,23 @@ def planned_batches(model: torch.nn.Module, arch: Architecture, plan: Plan, opts
 def write_batches(writer: ChunkWriter, batches: Iterator[tuple[int, dict[str, np.ndarray], Any]], total: int,
                   opts: ExtractOptions) -> None:
     """Run ``batches`` (the forward passes) in this thread and write them in a background thread, joined by a
-    bounded queue; ``total`` tokens drive the progress bar."""
+    bounded queue; ``total`` tokens drive the progress bar. When this thread stops early (an interrupt, an
+    error), the writer finishes the chunk it is writing and drops the tokens of the chunk it is filling."""
     pending: queue.Queue[tuple[int, dict[str, np.ndarray], Any] | None] = queue.Queue(maxsize=opts.queue_batches)
     failure: list[BaseException] = []
+    stopped = threading.Event()
 
     def drain() -> None:
         try:
             while (item := pending.get()) is not None:
+                if stopped.is_set():
+                    continue
                 at, batch, copied = item
                 if copied is not None:
                     copied.synchronize()
                 writer.append(batch, at)
-            writer.flush()
+            if not stopped.is_set():
+                writer.finish()
         except BaseException as exc:  # handed to the forward thread, which re-raises it
             failure.append(exc)
             while pending.get() is not None:
@@ -457,13 +533,18 @@ def write_batches(writer: ChunkWriter, batches: Iterator[tuple[int, dict[str, np
     thread = threading.Thread(target=drain, name="depthcache-writer", daemon=True)
     thread.start()
     bar = Progress(total, 0, lambda: writer.bytes_written, enabled=opts.progress)
+    finished = False
     try:
         for at, batch, copied in batches:
             pending.put((at, batch, copied))
             bar.update(len(batch["token_id"]))
             if failure:
                 break
+        else:
+            finished = True
     finally:
+        if not finished:
+            stopped.set()
         pending.put(None)
         thread.join()
         writer.close()

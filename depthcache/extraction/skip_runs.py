@@ -2,7 +2,7 @@
 
 Skipping layer s makes it contribute nothing to the residual: forward hooks zero what its branches add (the
 attention and MLP outputs; OLMo 2's post-norm outputs), so the layer returns its input; ``attn``/``mlp`` zero one
-branch. Position 0 is never skipped. Variants (analyses.md §2): ``current`` skips positions 1..T−1 of every window;
+branch. Position 0 is never skipped. Variants (docs/interventions.md): ``current`` skips positions 1..T−1 of every window;
 ``future`` skips positions 1..t−1 for up to 4 drawn t per window (every 8th position, ≥ 8 from both ends), one
 pass per draw, and skip-effects measures positions ≥ t only.
 
@@ -29,8 +29,7 @@ import numpy as np
 import torch
 import zarr
 
-from depthcache.dtypes import STORED_DTYPES
-from depthcache.errors import DepthcacheError
+from depthcache.errors import DepthcacheError, Interrupted
 from depthcache.extraction.data import load_documents
 from depthcache.extraction.engine import (
     TORCH_DTYPES,
@@ -50,24 +49,25 @@ from depthcache.extraction.engine import (
     token_columns,
     write_batches,
 )
-from depthcache.extraction.writer import ChunkWriter
+from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
+from depthcache.extraction.writer import ChunkWriter, resume_point
 from depthcache.model import (
-    Architecture,
     Capture,
     LoadedModel,
     Skip,
-    architecture_for,
+    Structure,
+    checked,
     load_model,
-    n_layers,
     only_layers,
     resolve_device,
 )
 from depthcache.store.head import tokenizer_sha256
-from depthcache.store.io import open_group, read_attrs, write_attrs
+from depthcache.store.identity import differences
+from depthcache.store.io import open_group, read_attrs, replace_atomically, write_attrs
 from depthcache.store.layout import (
     SCHEMA_VERSION,
     StoreLayout,
-    compressors,
+    create_array,
     create_arrays,
 )
 
@@ -117,7 +117,7 @@ class RunContext:
     """Everything the batches of one skip run need."""
 
     loaded: LoadedModel
-    arch: Architecture
+    structure: Structure
     plan: Plan
     opts: ExtractOptions  # the baseline's options (same batches, dtype, top-k)
     run: SkipRun
@@ -229,12 +229,12 @@ def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
 
     dtype = TORCH_DTYPES[opts.dtype]
     with ExitStack() as stack, torch.inference_mode():
-        stack.enter_context(Skip(model, ctx.arch, ctx.run.layers, ctx.run.sublayer,
+        stack.enter_context(Skip(model, ctx.structure, ctx.run.layers, ctx.run.sublayer,
                                  skip_mask(ctx, draw, first, last, real)))
-        cap = stack.enter_context(Capture(model, ctx.arch, ctx.stored, RUN_SITES, dtype, final=True))
+        cap = stack.enter_context(Capture(model, ctx.structure, ctx.stored, RUN_SITES, dtype, final=True))
         if ctx.prefix is not None:
-            later = list(range(min(ctx.run.layers), n_layers(model)))
-            stack.enter_context(only_layers(model, ctx.arch, later, baseline_residual(ctx, first, last, real)))
+            later = list(range(min(ctx.run.layers), ctx.structure.n_layers))
+            stack.enter_context(only_layers(model, ctx.structure, later, baseline_residual(ctx, first, last, real)))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out = {name: to_host(rows(cap.stacked(name)), opts.dtype) for name in ("attn_out", "mlp_out")}
         out["resid_final"] = to_host(rows(cap.resid_final), opts.dtype)
@@ -307,17 +307,19 @@ def create_run(out: str, name: str, attrs: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        create_arrays(group, StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
-                                         task="task" in attrs["dataset"]))
-        group.create_array("resid_final", shape=(n, d_model), chunks=(chunk, d_model), dtype=STORED_DTYPES[dtype],
-                           fill_value=0, compressors=compressors(dtype), dimension_names=("token", "d_model"))
+        layout = StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
+                             task="task" in attrs["dataset"])
+        create_arrays(group, layout)
+        create_array(group, "resid_final", layout)
         if attrs["intervention"]["variant"] == "future":
-            group.create_array("skip_stop", shape=(n,), chunks=(chunk,), dtype="int32", fill_value=0,
-                               compressors=compressors("int32"), dimension_names=("token",))
+            create_array(group, "skip_stop", layout)
         write_attrs(group, attrs)
-        os.replace(tmp, Path(out) / "runs" / name)
-    except BaseException:
+        replace_atomically(tmp, Path(out) / "runs" / name)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise DepthcacheError(f"cannot create run {name!r} in {out}: {exc.strerror or exc}; nothing was left "
+                                  "behind: fix that and run again") from exc
         raise
 
 
@@ -331,14 +333,15 @@ def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], res
         if attrs["progress"]["complete"]:
             return attrs
     group = open_group(out, "r+", path=f"runs/{name}")
-    n_tokens, start = int(attrs["layout"]["n_tokens"]), int(attrs["progress"]["tokens_committed"])
+    n_tokens, chunk_tokens = int(attrs["layout"]["n_tokens"]), int(attrs["layout"]["chunk_tokens"])
+    start = resume_point(int(attrs["progress"]["tokens_committed"]), chunk_tokens, n_tokens)
 
     def commit(stop: int) -> None:
         attrs["progress"] = {"tokens_committed": stop, "complete": stop == n_tokens}
         write_attrs(group, attrs)
 
     names = [n for n in group.array_keys() if n != "layer"]
-    writer = ChunkWriter(group, names, int(attrs["layout"]["chunk_tokens"]), n_tokens, start, commit)
+    writer = ChunkWriter(group, names, chunk_tokens, n_tokens, start, commit)
     write_batches(writer, run_batches(ctx, start), n_tokens - start, ctx.opts)
     return attrs
 
@@ -346,13 +349,12 @@ def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], res
 def check_baseline(attrs: dict[str, Any], loaded: LoadedModel, docs_sha: str, out: str) -> None:
     """Refuse a baseline made from another model or dataset, or lacking what skip runs compare with."""
     model = attrs["model"]
-    ours = {"model": loaded.provenance.get("weights_sha256") or loaded.provenance["spec"],
-            "tokenizer": tokenizer_sha256(loaded.tokenizer_files), "dataset": docs_sha}
-    theirs = {"model": model.get("weights_sha256") or model["spec"], "tokenizer": model["tokenizer_sha256"],
-              "dataset": attrs["dataset"]["sha256"]}
-    diffs = [key for key in ours if ours[key] != theirs[key]]
+    ours = {"model": {**loaded.provenance, "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files)},
+            "dataset": {"sha256": docs_sha}, "options": {}, "layout": {}}
+    diffs = differences(attrs, ours, ("model", "tokenizer", "data"))
     if diffs:
-        raise DepthcacheError(f"{out} was extracted with another {' and '.join(diffs)} (store: model "
+        raise DepthcacheError(f"{out} was extracted with another model, tokenizer or data:\n" + "\n".join(diffs) +
+                              f"\n(store: model "
                               f"{model['spec']!r}, data {attrs['dataset']['spec']!r}): pass the baseline's --model "
                               "and --data")
     missing = sorted({"resid", "attn", "mlp"} - set(attrs["options"]["sites"]))
@@ -385,7 +387,18 @@ def check_tokens(root: zarr.Group, attrs: dict[str, Any], plan: Plan, tokens: in
 def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel | None = None
                   ) -> dict[str, dict[str, Any]]:
     """``extract --skip``: the baseline first (created, or continued with --resume), then every skip run (with
-    ``loaded`` if given); returns each run's name and final attributes."""
+    ``loaded`` if given); returns each run's name and final attributes. SIGINT and SIGTERM stop it at the last
+    committed chunk of the run being written and raise Interrupted (resume with --resume)."""
+    with stop_on_signals():
+        try:
+            return extract_skip_runs(opts, skip, loaded)
+        except Interrupted as exc:
+            raise Interrupted(exc.signum, interrupted_message(exc.signum, opts.out)) from None
+
+
+def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel | None = None
+                      ) -> dict[str, dict[str, Any]]:
+    """The body of ``extract_skips``."""
     check_options(opts)
     check_skip_options(skip)
     if opts.num_workers > 1:
@@ -397,9 +410,9 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
         check_destination(opts.out, resume=False)
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data, opts.fields)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
-    arch = architecture_for(loaded.model)
-    depth = n_layers(loaded.model)
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    structure, _ = checked(loaded.model, opts.check)
+    depth = structure.n_layers
     runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]
     if not exists:
         run_tokens(skip.tokens, 1, make_plan(opts, loaded, docs, depth).n_tokens)  # refuse before writing
@@ -427,7 +440,7 @@ def extract_skips(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedModel |
     stops = future_stops(plan, skip.seed) if skip.variant == "future" else None
     done = {}
     for run, stored, reuse, attrs, previous in todo:
-        ctx = RunContext(loaded, arch, plan, base_opts, run, stored, tokens, device,
+        ctx = RunContext(loaded, structure, plan, base_opts, run, stored, tokens, device,
                          root["resid_pre"] if reuse else None, layers.index(min(run.layers)) if reuse else 0, stops)
         done[run.name] = execute_run(ctx, opts.out, run.name, attrs, previous)
     return done

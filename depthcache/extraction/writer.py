@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import zarr
 
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import local_root
+from depthcache.store.io import fsync_path, local_root
 
 
 def token_axis(array: zarr.Array) -> int:
@@ -34,20 +33,27 @@ def chunk_file(array: zarr.Array, chunk_index: int) -> str:
     return "/".join(["c", *grid])
 
 
-def fsync_file(path: Path) -> None:
-    """Force one file's bytes to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def fsync_chunk(array_folder: Path, key: str) -> None:
+    """Make a written chunk file durable: its bytes, then every folder entry from the array folder down to it,
+    so a committed chunk survives a power loss as well as a killed process."""
+    path = array_folder / key
+    fsync_path(path)
+    for folder in path.relative_to(array_folder).parents:
+        fsync_path(array_folder / folder)
+
+
+def resume_point(committed: int, chunk_tokens: int, n_tokens: int) -> int:
+    """Where writing continues: the last chunk boundary at or before ``committed`` (or the end), so a chunk is
+    always written whole; a store whose progress stopped inside a chunk has that chunk rewritten."""
+    return n_tokens if committed >= n_tokens else committed - committed % chunk_tokens
 
 
 class ChunkWriter:
     """Accumulates token batches into chunk-sized buffers; writes each full chunk and then calls ``commit(stop)``.
 
     ``start`` must be a chunk boundary (a resume point); the buffers are reused so memory stays at one chunk
-    per array whatever the dataset size.
+    per array whatever the dataset size. Only whole chunks (or the store's last, shorter one) are ever written
+    and committed: tokens buffered when writing stops (an interrupt) are dropped, never flushed.
     """
 
     def __init__(self, group: zarr.Group, names: list[str], chunk_tokens: int, n_tokens: int, start: int,
@@ -58,14 +64,14 @@ class ChunkWriter:
         self.arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in names}
         self.chunk_tokens, self.n_tokens, self.commit = chunk_tokens, n_tokens, commit
         self.chunk_start, self.filled = start, 0
-        self.buffers = {name: np.empty(self._chunk_shape(a), dtype=a.dtype) for name, a in self.arrays.items()}
+        self.buffers = {name: np.empty(self._buffer_shape(a), dtype=a.dtype) for name, a in self.arrays.items()}
         self.folder = local_root(group)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="depthcache-write")
         self.bytes_written = 0
 
-    def _chunk_shape(self, array: zarr.Array) -> tuple[int, ...]:
+    def _buffer_shape(self, array: zarr.Array) -> tuple[int, ...]:
         shape = list(array.shape)
-        shape[token_axis(array)] = self.chunk_tokens
+        shape[token_axis(array)] = min(self.chunk_tokens, self.n_tokens)
         return tuple(shape)
 
     def append(self, batch: dict[str, np.ndarray], at: int) -> None:
@@ -92,22 +98,22 @@ class ChunkWriter:
                 self.flush()
 
     def flush(self) -> None:
-        """Write the buffered (full or final) chunk of every array, make it durable, then commit."""
-        if not self.filled:
-            return
+        """Write the buffered chunk of every array (full, or the store's last), make it durable, then commit."""
         stop = self.chunk_start + self.filled
+        if self.filled != self.chunk_tokens and stop != self.n_tokens:
+            raise RuntimeError(f"refusing to commit a partly filled chunk (tokens {self.chunk_start}..{stop})")
         chunk_index = self.chunk_start // self.chunk_tokens
         try:
             list(self.pool.map(lambda name: self._write(name, stop, chunk_index), self.arrays))
-            self.bytes_written += sum(b[along(token_axis(self.arrays[n]), b.ndim, 0, self.filled)].nbytes
-                                      for n, b in self.buffers.items())
+            self.commit(stop)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DepthcacheError(
-                    f"disk full while writing tokens {self.chunk_start}..{stop}; {self.chunk_start} tokens are "
-                    "committed and intact: free space and rerun with --resume") from exc
-            raise
-        self.commit(stop)
+            full = exc.errno == errno.ENOSPC
+            raise DepthcacheError(
+                f"{'disk full' if full else exc.strerror or exc} while writing tokens {self.chunk_start}..{stop}; "
+                f"the first {self.chunk_start:,} tokens are committed and intact: "
+                f"{'free space' if full else 'fix that'} and rerun with --resume") from exc
+        self.bytes_written += sum(b[along(token_axis(self.arrays[n]), b.ndim, 0, self.filled)].nbytes
+                                  for n, b in self.buffers.items())
         self.chunk_start, self.filled = stop, 0
 
     def _write(self, name: str, stop: int, chunk_index: int) -> None:
@@ -115,7 +121,12 @@ class ChunkWriter:
         axis = token_axis(array)
         array[along(axis, array.ndim, self.chunk_start, stop)] = buffer[along(axis, array.ndim, 0, self.filled)]
         if self.folder is not None:
-            fsync_file(self.folder / name / chunk_file(array, chunk_index))
+            fsync_chunk(self.folder / name, chunk_file(array, chunk_index))
+
+    def finish(self) -> None:
+        """Check that the batches ended on a chunk boundary (a partly filled chunk would be silently lost)."""
+        if self.filled:
+            raise RuntimeError(f"the batches ended inside the chunk starting at token {self.chunk_start}")
 
     def close(self) -> None:
         """Stop the write threads."""

@@ -1,4 +1,4 @@
-"""Where information lives (analyses.md §4): residual erasure and integrated gradients as layer × position maps."""
+"""Where information lives (docs/analyses.md): residual erasure and integrated gradients as layer × position maps."""
 
 from depthcache.locate.maps import MAP_ATTR, is_map, read_map
 from depthcache.locate.run import LocateOptions, locate

@@ -16,10 +16,9 @@ import torch
 
 from depthcache.errors import DepthcacheError
 from depthcache.layerspec import parse_layers
-from depthcache.model.architectures import architecture_for, decoder_layers, n_layers
 from depthcache.model.loading import load_model
+from depthcache.model.structure import LAYER_COUNT_KEYS, decoder_layers, remember, structure_of, submodule
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")  # Llama/Qwen/OLMo/NeoX, GPT-2
 PRUNED_ATTR = "depthcache_pruned_from"
 
 
@@ -33,16 +32,17 @@ def kept_layers(keep: str, n_layers: int) -> tuple[int, ...]:
 
 def prune_model(model: torch.nn.Module, keep: tuple[int, ...]) -> torch.nn.Module:
     """Remove every decoder layer not in ``keep`` in place, renumbering layer indices and the config."""
-    layers = decoder_layers(model, architecture_for(model))
+    structure = structure_of(model)
+    layers = decoder_layers(model, structure)
     kept = torch.nn.ModuleList(layers[i] for i in keep)
-    parent_path, _, name = architecture_for(model).layers.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, name, kept)
+    parent_path, _, name = structure.layers.rpartition(".")
+    setattr(submodule(model, parent_path), name, kept)
+    remember(model, structure.pruned(keep))
     for new_index, layer in enumerate(kept):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    config = model.config
+    config = model.config.get_text_config()
     n_before = len(layers)
     for key in LAYER_COUNT_KEYS:
         if getattr(config, key, None) == n_before:
@@ -54,11 +54,11 @@ def prune_model(model: torch.nn.Module, keep: tuple[int, ...]) -> torch.nn.Modul
 
 @contextmanager
 def removed_layers(model: torch.nn.Module, removed: Iterable[int]) -> Iterator[tuple[int, ...]]:
-    """The model with the ``removed`` decoder layers taken out (as ``prune_model`` does: layer indices, layer count and
-    per-layer config renumbered, so KV caches and ``generate`` see a shallower model); restored on exit. Yields the
-    kept layers."""
-    arch = architecture_for(model)
-    layers = decoder_layers(model, arch)
+    """The model with the ``removed`` decoder layers taken out (as ``prune_model`` does: layer indices, layer count,
+    per-layer config and the recorded structure renumbered, so KV caches and ``generate`` see a shallower model);
+    restored on exit. Yields the kept layers."""
+    structure = structure_of(model)
+    layers = decoder_layers(model, structure)
     gone = set(removed)
     keep = tuple(i for i in range(len(layers)) if i not in gone)
     if not keep:
@@ -66,8 +66,8 @@ def removed_layers(model: torch.nn.Module, removed: Iterable[int]) -> Iterator[t
     if not gone:
         yield keep
         return
-    parent_path, _, name = arch.layers.rpartition(".")
-    parent, config = model.get_submodule(parent_path), model.config
+    parent_path, _, name = structure.layers.rpartition(".")
+    parent, config = submodule(model, parent_path), model.config.get_text_config()
     saved_config = {key: getattr(config, key) for key in (*LAYER_COUNT_KEYS, "layer_types") if hasattr(config, key)}
     saved_idx = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
     prune_model(model, keep)
@@ -75,6 +75,7 @@ def removed_layers(model: torch.nn.Module, removed: Iterable[int]) -> Iterator[t
         yield keep
     finally:
         setattr(parent, name, layers)
+        remember(model, structure)
         for module, index in saved_idx:
             module.layer_idx = index
         for key, value in saved_config.items():
@@ -87,7 +88,7 @@ def prune_copy(model_spec: str, keep: str, out: str) -> Path:
     if folder.exists() and any(folder.iterdir()):
         raise DepthcacheError(f"{out} already exists and is not empty: choose another --out or remove it")
     loaded = load_model(model_spec, device="cpu", dtype=torch.float32)
-    depth = n_layers(loaded.model)
+    depth = structure_of(loaded.model).n_layers
     layers = kept_layers(keep, depth)
     model = prune_model(loaded.model, layers)
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,9 +14,15 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from depthcache.errors import DepthcacheError
+from depthcache.limits import MAX_JSON_DEPTH, MAX_METADATA_BYTES
 from depthcache.store.layout import ATTRS_KEY, SCHEMA_VERSION
+
+METADATA = "zarr.json"
+NOT_A_FILE = -1  # size given by object_listing to anything that is not a regular file (device, pipe, socket)
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -25,20 +33,119 @@ def is_url(location: str | os.PathLike[str]) -> bool:
 
 def open_group(location: str | os.PathLike[str], mode: str = "r", path: str | None = None,
                storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
-    """Open a store (local path or URL) or one of its subgroups, with a clear error when absent."""
+    """Open a store (local path or URL) or one of its subgroups, with a clear error when absent; its zarr.json is
+    checked to be a regular file of at most MAX_METADATA_BYTES before zarr parses it."""
     kwargs: dict[str, Any] = {"mode": mode, "zarr_format": 3}
     if storage_options and is_url(location):
         kwargs["storage_options"] = dict(storage_options)
     if path:
         kwargs["path"] = path
     try:
+        check_metadata_file(location, path, storage_options)
         return zarr.open_group(str(location), **kwargs)
     except FileNotFoundError as exc:
         raise DepthcacheError(f"no depthcache store at {location}{'/' + path if path else ''}") from exc
+    except PermissionError as exc:
+        raise DepthcacheError(f"cannot open {location}: permission denied ({exc.filename})") from exc
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
         raise DepthcacheError(f"{location} is not a Zarr v3 store ({exc})") from exc
-    except (ValueError, TypeError, KeyError) as exc:  # malformed zarr.json of an untrusted store
-        raise DepthcacheError(f"{location}: unreadable zarr metadata ({type(exc).__name__}: {exc})") from exc
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # malformed zarr.json of an untrusted store
+        raise DepthcacheError(f"{location}: unreadable zarr metadata ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})") from exc
+
+
+def check_metadata_file(location: str | os.PathLike[str], path: str | None,
+                        storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse a group's zarr.json that is not a regular file or is larger than MAX_METADATA_BYTES (absent is fine:
+    opening reports it)."""
+    where = f"{str(location).rstrip('/')}/{path + '/' if path else ''}{METADATA}"
+    if is_url(location):
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(where, **dict(storage_options or {}))
+        try:
+            size = int(fs.info(key).get("size") or 0)
+        except FileNotFoundError:
+            return
+    else:
+        try:
+            info = os.stat(where)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        size = info.st_size if stat.S_ISREG(info.st_mode) else NOT_A_FILE
+    if size == NOT_A_FILE:
+        raise DepthcacheError(f"{where} is not a regular file: not a depthcache store")
+    if size > MAX_METADATA_BYTES:
+        raise DepthcacheError(f"{where} is {size:,} bytes, more than the {MAX_METADATA_BYTES:,} a store's metadata "
+                              "may take: damaged or not a depthcache store")
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), computed without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_json_depth(value: Any, what: str) -> Any:
+    """``value`` if nested at most MAX_JSON_DEPTH deep, else a DepthcacheError naming ``what``."""
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise DepthcacheError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep: damaged or not written "
+                              "by depthcache")
+    return value
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """JSON taken from a store (untrusted): at most MAX_METADATA_BYTES, at most MAX_JSON_DEPTH deep."""
+    if len(text) > MAX_METADATA_BYTES:
+        raise DepthcacheError(f"{what} is {len(text):,} bytes, more than {MAX_METADATA_BYTES:,}")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise DepthcacheError(f"{what} is not valid JSON ({type(exc).__name__})") from exc
+    return check_json_depth(value, what)
+
+
+def object_listing(group: zarr.Group) -> dict[str, int]:
+    """Every object under a group, listed once: key relative to the group → size in bytes (NOT_A_FILE for a
+    device, pipe or socket, which must never be read)."""
+    root = local_root(group)
+    if root is not None:
+        return local_listing(root)
+    fs = getattr(group.store, "fs", None)
+    if fs is not None:
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache()  # remote listings may be cached from before a copy
+        base = "/".join(p for p in (group.store.path.rstrip("/"), group.path) if p)
+        found = sync(fs._find(base, detail=True)) if getattr(fs, "async_impl", False) else fs.find(base, detail=True)
+        prefix = base + "/"
+        return {path.removeprefix(prefix): int(info.get("size") or 0) for path, info in found.items()
+                if path.startswith(prefix) and info.get("type", "file") == "file"}
+    prefix = f"{group.path}/" if group.path else ""
+    return {key.removeprefix(prefix): sync(group.store.getsize(key)) for key in sync(_keys(group.store, prefix))}
+
+
+def local_listing(root: Path) -> dict[str, int]:
+    """Files under a local folder, relative '/'-separated key → size (NOT_A_FILE for non-regular files)."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                info = os.stat(path)
+            except OSError:  # vanished, or a dangling link: absent
+                continue
+            key = os.path.relpath(path, root).replace(os.sep, "/")
+            found[key] = info.st_size if stat.S_ISREG(info.st_mode) else NOT_A_FILE
+    return found
+
+
+async def _keys(store: Any, prefix: str) -> list[str]:
+    return [key async for key in store.list_prefix(prefix)]
 
 
 
@@ -49,11 +156,22 @@ def local_name(location: str | os.PathLike[str]) -> Path:
 
 
 
+def model_display_name(model: dict[str, Any]) -> str:
+    """The exact name of a store's model for figures and summaries, e.g. 'SmolLM2-135M-Instruct (Q4_1 GGUF,
+    dequantized)'; stores made before names were recorded fall back to their alias or spec."""
+    if isinstance(model.get("display_name"), str) and model["display_name"]:
+        return model["display_name"]
+    name = model.get("alias") or str(model.get("spec", "?")).rstrip("/").rsplit("/", 1)[-1]
+    return f"{name} (GGUF, dequantized)" if model.get("source") == "gguf" else name
+
+
 def read_attrs(group: zarr.Group) -> dict[str, Any]:
-    """The depthcache attributes of a store or run group, refusing stores that are not ours or too new."""
+    """The depthcache attributes of a store or run group, refusing stores that are not ours, too new or nested
+    deeper than any real store (before anything recursive touches them)."""
     attrs = group.attrs.asdict().get(ATTRS_KEY)
     if not isinstance(attrs, dict):
         raise DepthcacheError(f"{group.store} has no '{ATTRS_KEY}' attributes: not a depthcache store")
+    check_json_depth(attrs, f"the '{ATTRS_KEY}' attributes of {group.store}")
     version = str(attrs.get("schema_version", ""))
     if major(version) != major(SCHEMA_VERSION) or version_tuple(version) > version_tuple(SCHEMA_VERSION):
         raise DepthcacheError(
@@ -87,6 +205,42 @@ def local_root(group: zarr.Group) -> Path | None:
 
 
 
+def fsync_path(path: Path) -> None:
+    """Force a file's bytes, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def can_write(folder: str | os.PathLike[str]) -> bool:
+    """True if a file can be created in the existing local ``folder``."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def require_writable(path: Path, option: str = "--out") -> Path:
+    """The nearest existing folder above ``path``, checked writable (one clear error naming ``option`` if not)."""
+    parent = Path(path).resolve().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise DepthcacheError(f"cannot write to {existing} ({exc.strerror}): choose a writable {option}") from exc
+    return existing
+
+
+def replace_atomically(staged: Path, dest: Path) -> None:
+    """Move a fully written file or folder into place in one rename, then make the rename durable."""
+    os.replace(staged, dest)
+    fsync_path(Path(dest).parent)
+
+
 def write_attrs(group: zarr.Group, attrs: dict[str, Any]) -> None:
     """Replace the depthcache attributes atomically (temp file + rename + fsync on local stores)."""
     folder = local_root(group)
@@ -101,12 +255,7 @@ def write_attrs(group: zarr.Group, attrs: dict[str, Any]) -> None:
         json.dump(meta, f, indent=2, default=_json_default)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, meta_path)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomically(tmp, meta_path)
 
 
 
@@ -115,6 +264,14 @@ def string_encoding(ds: xr.Dataset) -> dict[str, dict]:
     indexes) would become Zarr's fixed-length UTF-32, a data type without a Zarr v3 specification."""
     return {name: {"dtype": object} for name, var in ds.variables.items() if var.dtype.kind in "UT"}
 
+
+
+def checksummed_encoding(ds: xr.Dataset) -> dict[str, dict]:
+    """Every variable (coordinates too) compressed with zstd and checksummed with crc32c, text as variable-length
+    strings: a cached result is read back only if its bytes are the ones written."""
+    strings = string_encoding(ds)
+    return {name: {"compressors": [ZstdCodec(level=1), Crc32cCodec()], **strings.get(name, {})}
+            for name in ds.variables}
 
 
 RENAMED_DIMS_ATTR = "depthcache_renamed_dims"
@@ -148,16 +305,16 @@ def open_result(location: Any, group: str | None = None, **kwargs: Any) -> xr.Da
 
 
 def write_dataset_atomically(ds: xr.Dataset, folder: Path, avoid_dims: Iterable[str] = ()) -> None:
-    """Write ``ds`` as a Zarr v3 group at ``folder`` via a hidden sibling renamed into place: never partial;
-    dimensions named in ``avoid_dims`` are stored under private names (read back by ``open_result``)."""
+    """Write ``ds`` as a checksummed Zarr v3 group at ``folder`` via a hidden sibling renamed into place: never
+    partial; dimensions named in ``avoid_dims`` are stored under private names (read back by ``open_result``)."""
     ds = with_private_dims(ds, avoid_dims)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.writing-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False, encoding=string_encoding(ds))
+        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False, encoding=checksummed_encoding(ds))
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        replace_atomically(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

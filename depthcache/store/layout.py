@@ -13,14 +13,16 @@ Layout (schema 1.x, documented in docs/store-format.md and schemas/):
       topk_ids, topk_logprobs               (token, k)
       model/                    final norm parameters, unembedding, tokenizer files
       runs/<name>/              intervention runs (same arrays over a token subset)
-      analyses/<name>/          cached analysis results (xarray datasets)
+      analyses/<name>/<key>/    cached analysis results, one per parameter set (depthcache.store.results)
 
 Every array is chunked along tokens in chunks of ``chunk_tokens`` (all layers of a token range in one
-chunk), each chunk written exactly once and whole, and checksummed with crc32c.
+chunk), each chunk written exactly once and whole, and checksummed with crc32c; since schema 1.3 so is every array
+of ``model/`` (in chunks of whole rows) and every cached result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +32,78 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from depthcache.dtypes import STORED_DTYPES
 
-SCHEMA_VERSION = "1.2"  # 1.1: intervention runs under runs/<name>; 1.2: task stores (item, answer_index, hops)
+SCHEMA_VERSION = "1.3"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure,
+# model head and tokenizer files checksummed (crc32c) and every chunk written, string lengths capped, limits
+CHECKSUMMED_HEAD = (1, 3)  # the first schema version whose model/ arrays carry crc32c
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
 ROOT_DIMS = ("layer", "token", "d_model", "k")  # results stored inside a store rename these (io.with_private_dims)
-SITE_ARRAYS = {"resid": ("resid_pre", "resid_final"), "attn": ("attn_out",), "mlp": ("mlp_out",)}
 TARGET_CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the format: its dims, the site that fills it (activations) and its data type."""
+
+    dims: tuple[str, ...]
+    dtype: str  # "activation": the store's --dtype (bfloat16, float16 or float32)
+    site: str | None = None  # resid/attn/mlp for activation arrays
+    group: str = "base"  # base: every store; task: task stores (1.2); run: skip runs only (1.1)
+    doc: str = ""
+
+
+# THE table of the format: the writer creates these, the schema check expects them, the reader names their dims,
+# and docs/store-format.md lists them (a test holds the docs to it).
+ARRAYS: dict[str, ArraySpec] = {
+    "resid_pre": ArraySpec(("layer", "token", "d_model"), "activation", "resid", doc="residual entering each layer"),
+    "resid_final": ArraySpec(("token", "d_model"), "activation", "resid",
+                             doc="residual after the last layer, before the final norm"),
+    "attn_out": ArraySpec(("layer", "token", "d_model"), "activation", "attn", doc="what attention adds"),
+    "mlp_out": ArraySpec(("layer", "token", "d_model"), "activation", "mlp", doc="what the MLP adds"),
+    "token_id": ArraySpec(("token",), "int32", doc="input token id"),
+    "doc_id": ArraySpec(("token",), "int32", doc="document the token comes from"),
+    "seq_id": ArraySpec(("token",), "int32", doc="window (sequence) the token belongs to"),
+    "position": ArraySpec(("token",), "int32", doc="position in its window (0: BOS or first token)"),
+    "next_token_id": ArraySpec(("token",), "int32", doc="the token that follows (-1: none)"),
+    "next_logprob": ArraySpec(("token",), "float32", doc="model log-probability of next_token_id"),
+    "topk_ids": ArraySpec(("token", "k"), "int32", doc="the model's top-k next-token ids"),
+    "topk_logprobs": ArraySpec(("token", "k"), "float32", doc="their log-probabilities"),
+    "item": ArraySpec(("token",), "int32", group="task", doc="task item of the token"),
+    "answer_index": ArraySpec(("token",), "int32", group="task",
+                              doc="k where the position predicts answer token k, else -1"),
+    "hops": ArraySpec(("token",), "int32", group="task", doc="the item's number of hops"),
+    "skip_stop": ArraySpec(("token",), "int32", group="run",
+                           doc="future variant: t of the token's window in its draw (0: not measured)"),
+}
+SITE_ARRAYS = {site: tuple(n for n, a in ARRAYS.items() if a.site == site) for site in SITES}
+TOKEN_ARRAYS = {n: a.dtype for n, a in ARRAYS.items() if a.site is None and a.group == "base" and a.dims == ("token",)}
+TASK_ARRAYS = {n: a.dtype for n, a in ARRAYS.items() if a.group == "task"}
+OUTPUT_ARRAYS = tuple(n for n, a in ARRAYS.items() if a.dims == ("token", "k"))
+
+
+def array_dtype(name: str, activation_dtype: str) -> str:
+    """The data type of array ``name`` in a store of activation dtype ``activation_dtype``."""
+    dtype = ARRAYS[name].dtype
+    return activation_dtype if dtype == "activation" else dtype
+
+
+def array_shape(name: str, n_tokens: int, n_layers: int, d_model: int, top_k: int) -> tuple[int, ...]:
+    """The shape of array ``name`` from the sizes of its dims."""
+    sizes = {"layer": n_layers, "token": n_tokens, "d_model": d_model, "k": top_k}
+    return tuple(sizes[d] for d in ARRAYS[name].dims)
+
+
+def create_array(group: zarr.Group, name: str, layout: StoreLayout) -> None:
+    """Create one empty array of the table in ``group``: shape from ``layout``, chunks along tokens, checksummed."""
+    spec = ARRAYS[name]
+    shape = array_shape(name, layout.n_tokens, len(layout.layers), layout.d_model, layout.top_k)
+    chunks = tuple(layout.chunk_tokens if d == "token" else n for d, n in zip(spec.dims, shape))
+    dtype = array_dtype(name, layout.dtype)
+    group.create_array(name, shape=shape, chunks=chunks, dtype=STORED_DTYPES.get(dtype, dtype), fill_value=0,
+                       compressors=compressors(dtype if spec.dtype == "activation" else "int32"),
+                       dimension_names=spec.dims)
+
 
 
 @dataclass(frozen=True)
@@ -54,55 +121,40 @@ class StoreLayout:
 
     def activation_arrays(self) -> dict[str, tuple[str, ...]]:
         """Name → dimension names of each activation array this layout stores."""
-        dims = {"resid_pre": ("layer", "token", "d_model"), "resid_final": ("token", "d_model"),
-                "attn_out": ("layer", "token", "d_model"), "mlp_out": ("layer", "token", "d_model")}
-        return {name: dims[name] for site in self.sites for name in SITE_ARRAYS[site]}
+        return {name: ARRAYS[name].dims for site in self.sites for name in SITE_ARRAYS[site]}
 
 
-TOKEN_ARRAYS: dict[str, str] = {
-    "token_id": "int32", "doc_id": "int32", "seq_id": "int32", "position": "int32",
-    "next_token_id": "int32", "next_logprob": "float32",
-}
-# Task stores only: item index, k where the position predicts answer token k (else -1), the item's hops.
-TASK_ARRAYS: dict[str, str] = {"item": "int32", "answer_index": "int32", "hops": "int32"}
-
-
-def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int) -> int:
-    """Largest power of two of tokens whose all-layer chunk stays within TARGET_CHUNK_BYTES."""
+def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int, n_tokens: int | None = None) -> int:
+    """Largest power of two of tokens whose all-layer chunk stays within TARGET_CHUNK_BYTES, and never more than
+    the store's ``n_tokens`` (a chunk longer than the store would only store fill values)."""
     per_token = max(n_layers, 1) * d_model * itemsize
     tokens = MIN_CHUNK_TOKENS
     while tokens * 2 * per_token <= TARGET_CHUNK_BYTES:
         tokens *= 2
-    return tokens
+    return tokens if n_tokens is None else max(1, min(tokens, n_tokens))
 
 
 def compressors(dtype: str) -> list[Any]:
     """Codecs after serialisation: zstd where it pays (bf16, ints), then the crc32c checksum always."""
     if dtype in ("float16", "float32"):
-        return [Crc32cCodec()]  # activations in these dtypes barely compress (storage.md)
+        return [Crc32cCodec()]  # activations in these dtypes barely compress (docs/store-format.md)
     return [ZstdCodec(level=1), Crc32cCodec()]
 
 
 def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
     """Create every array of ``layout`` in ``group`` (empty, shapes fixed, chunks along tokens)."""
-    n, t = layout.n_tokens, layout.chunk_tokens
-    act_dtype = STORED_DTYPES[layout.dtype]
-    for name, dims in layout.activation_arrays().items():
-        shape = (len(layout.layers), n, layout.d_model) if dims[0] == "layer" else (n, layout.d_model)
-        chunks = (len(layout.layers), t, layout.d_model) if dims[0] == "layer" else (t, layout.d_model)
-        group.create_array(name, shape=shape, chunks=chunks, dtype=act_dtype, fill_value=0,
-                           compressors=compressors(layout.dtype), dimension_names=dims)
-    for name, dtype in (TOKEN_ARRAYS | (TASK_ARRAYS if layout.task else {})).items():
-        group.create_array(name, shape=(n,), chunks=(t,), dtype=dtype, fill_value=0,
-                           compressors=compressors("int32"), dimension_names=("token",))
-    for name, dtype in (("topk_ids", "int32"), ("topk_logprobs", "float32")):
-        group.create_array(name, shape=(n, layout.top_k), chunks=(t, layout.top_k), dtype=dtype,
-                           fill_value=0, compressors=compressors("int32"), dimension_names=("token", "k"))
-    if "resid" in layout.sites or "attn" in layout.sites or "mlp" in layout.sites:
+    for name in layout.activation_arrays():
+        create_array(group, name, layout)
+    for name in (*TOKEN_ARRAYS, *(TASK_ARRAYS if layout.task else ()), *OUTPUT_ARRAYS):
+        create_array(group, name, layout)
+    if layout.sites:
         layer = group.create_array("layer", shape=(len(layout.layers),), dtype="int32",
                                    dimension_names=("layer",), compressors=None)
         layer[:] = np.asarray(layout.layers, dtype=np.int32)
 
 
-
-
+def is_checksummed(codecs: Sequence[Any] | None) -> bool:
+    """True if an array's codecs (dicts from its zarr.json, or codec objects) end with crc32c: every chunk carries
+    its checksum."""
+    last = codecs[-1] if codecs else None
+    return isinstance(last, Crc32cCodec) or (isinstance(last, dict) and last.get("name") == "crc32c")

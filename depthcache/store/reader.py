@@ -16,6 +16,7 @@ import zarr
 
 from depthcache.errors import DepthcacheError
 from depthcache.store.head import read_head
+from depthcache.store.identity import identity
 from depthcache.store.io import open_group
 from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS
 from depthcache.store.schema import check_store
@@ -29,6 +30,7 @@ class Store:
 
     location: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    runs_read: bool = field(default=False, init=False, repr=False, compare=False)  # set when runs are looked at
 
     @cached_property
     def group(self) -> zarr.Group:
@@ -53,7 +55,8 @@ class Store:
         return lazy_dataset(group, check_store(group))
 
     def runs(self) -> list[str]:
-        """Names of the intervention runs in the store."""
+        """Names of the intervention runs in the store (noted in ``runs_read``: results then depend on them)."""
+        self.runs_read = True
         return natural_sorted(self.group["runs"].group_keys()) if "runs" in self.group else []
 
     @cached_property
@@ -77,11 +80,9 @@ class Store:
 
     @cached_property
     def identity(self) -> str:
-        """Hash of what the store holds (model, data, options, committed tokens): keys cached results."""
+        """Hash of the baseline (model, data, options, committed tokens), not of its runs: keys cached results."""
         a = self.attrs
-        key = {"model": a["model"].get("weights_sha256") or a["model"]["spec"], "dataset": a["dataset"]["sha256"],
-               "options": a["options"], "tokens": a["progress"]["tokens_committed"], "created": a["created"],
-               "runs": self.runs()}
+        key = {**identity(a), "tokens": a["progress"]["tokens_committed"], "created": a["created"]}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,13 +92,15 @@ def natural_sorted(names: Iterable[str]) -> list[str]:
 
 
 def lazy_dataset(group: zarr.Group, attrs: dict[str, Any]) -> xr.Dataset:
-    """A checked group as a lazy xarray Dataset backed by dask arrays, cut to its committed tokens."""
-    ds = xr.open_zarr(group.store, group=group.path or None, consolidated=False, chunks={})
+    """A checked group as a lazy xarray Dataset backed by dask arrays, cut to its committed tokens before the dask
+    graph is built: the graph covers only committed chunks (which exist), whatever the metadata claims."""
+    ds = xr.open_dataset(group.store, group=group.path or None, engine="zarr", consolidated=False, chunks=None,
+                         cache=False)
     ds.attrs = {ATTRS_KEY: attrs}
     committed = int(attrs["progress"]["tokens_committed"])
     if "token" in ds.dims and committed < ds.sizes["token"]:
         ds = ds.isel(token=slice(0, committed))
-    return ds
+    return ds.chunk({"token": int(attrs["layout"]["chunk_tokens"])} if "token" in ds.dims else {})
 
 
 def open_dataset(location: str | os.PathLike[str], group: str | None = None,

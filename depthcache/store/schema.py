@@ -1,7 +1,11 @@
-"""Validation of a store against the store-format contract: JSON Schema of the attributes, shapes, checksums."""
+"""Validation of a store against the store-format contract: JSON Schema of the attributes, limits, shapes, chunks'
+presence and sizes, and (``validate``) every checksum: activations, token metadata, model head, tokenizer files and
+cached analysis results. The work is bounded by what exists: the store is listed once and every check streams
+over that listing, and the problems reported are capped (MAX_REPORTED_PROBLEMS lines, the rest counted)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -13,17 +17,49 @@ from typing import Any
 import jsonschema
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from depthcache.errors import DepthcacheError
-from depthcache.store.io import open_group, read_attrs
-from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS, TASK_ARRAYS, TOKEN_ARRAYS
+from depthcache.limits import (
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS,
+    MAX_D_MODEL,
+    MAX_JSON_DEPTH,
+    MAX_METADATA_BYTES,
+    MAX_RESULT_BYTES,
+    max_object_bytes,
+)
+from depthcache.store.head import head_problems
+from depthcache.store.io import (
+    METADATA,
+    NOT_A_FILE,
+    check_json_depth,
+    json_depth,
+    object_listing,
+    open_group,
+    read_attrs,
+    version_tuple,
+)
+from depthcache.store.layout import (
+    ARRAYS,
+    ATTRS_KEY,
+    CHECKSUMMED_HEAD,
+    array_dtype,
+    array_shape,
+    is_checksummed,
+)
+from depthcache.store.problems import (
+    MAX_KEYS,
+    Problems,
+    chunk_key,
+    chunks_by_array,
+    grid_coords,
+    grid_problems,
+)
 
-# Bounds no real store reaches, checked before anything is allocated or scheduled from a store's metadata.
-MAX_CHUNKS = 2**22
-MAX_CHUNK_BYTES = 2**30
-MAX_D_MODEL = 2**17
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+ANALYSES = "analyses"
+UNCHECKSUMMED_RESULTS_NOTE = ("cached analyses written before schema 1.3 are not checksummed: recompute them with "
+                              "depthcache analyze NAME STORE --force")
 
 
 @cache
@@ -33,10 +69,22 @@ def load_schema(name: str = "store.schema.json") -> dict[str, Any]:
 
 
 def attr_problems(attrs: Any) -> list[str]:
-    """Every way ``attrs`` breaks the store schema, as 'path: message' lines (empty when valid)."""
+    """Every way ``attrs`` breaks the store schema, as 'path: message' lines (empty when valid; messages cut short,
+    since they quote the offending value)."""
     validator = jsonschema.Draft202012Validator(load_schema())
-    return [f"attributes.{ATTRS_KEY}.{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+    return [f"attributes.{ATTRS_KEY}.{'.'.join(map(str, e.absolute_path)) or '(root)'}: {error_message(e)}"
             for e in sorted(validator.iter_errors(attrs), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def error_message(error: jsonschema.ValidationError) -> str:
+    """A schema error's message with the offending value cut short (it may be megabytes long)."""
+    value = repr(error.instance)
+    return shorten(error.message.replace(value, shorten(value, 60)) if len(value) > 60 else error.message)
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out (store values may be huge)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
 
 
 def limit_problems(attrs: dict[str, Any]) -> list[str]:
@@ -51,205 +99,336 @@ def limit_problems(attrs: dict[str, Any]) -> list[str]:
         problems.append(f"model.d_model {m['d_model']} exceeds {MAX_D_MODEL}")
     if o["top_k"] > m["vocab_size"]:
         problems.append(f"options.top_k {o['top_k']} exceeds model.vocab_size {m['vocab_size']}")
-    if math.ceil(lay["n_tokens"] / lay["chunk_tokens"]) > MAX_CHUNKS:
-        problems.append(f"layout.n_tokens {lay['n_tokens']} / chunk_tokens {lay['chunk_tokens']} gives more than "
-                        f"{MAX_CHUNKS} chunks")
-    chunk_bytes = lay["chunk_tokens"] * len(o["layers"]) * min(m["d_model"], MAX_D_MODEL) * ITEMSIZE[o["dtype"]]
-    if chunk_bytes > MAX_CHUNK_BYTES:
-        problems.append(f"one chunk would take {chunk_bytes / 2**30:.1f} GiB (limit {MAX_CHUNK_BYTES // 2**30} GiB)")
+    problems += chunking_problems(lay["n_tokens"], lay["chunk_tokens"], len(o["layers"]),
+                                  min(m["d_model"], MAX_D_MODEL), ITEMSIZE[o["dtype"]])
     return [f"attributes.{ATTRS_KEY}: {p}" for p in problems]
+
+
+def chunking_problems(n_tokens: int, chunk_tokens: int, n_layers: int, d_model: int, itemsize: int) -> list[str]:
+    """The chunk count and chunk size limits (the same for a reader checking a store and a writer creating one)."""
+    problems = []
+    if math.ceil(n_tokens / chunk_tokens) > MAX_CHUNKS:
+        problems.append(f"layout.n_tokens {n_tokens} / chunk_tokens {chunk_tokens} gives more than {MAX_CHUNKS:,} "
+                        "chunks per array")
+    chunk_bytes = chunk_tokens * n_layers * d_model * itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        problems.append(f"one chunk of {chunk_tokens} tokens would take {chunk_bytes / 2**30:.1f} GiB "
+                        f"(limit {MAX_CHUNK_BYTES / 2**30:g} GiB)")
+    return problems
 
 
 def check_attrs(attrs: Any) -> dict[str, Any]:
     """Return ``attrs`` if valid, else raise a DepthcacheError listing the problems."""
+    check_json_depth(attrs, f"attributes.{ATTRS_KEY}")
     problems = attr_problems(attrs) or limit_problems(attrs)
     if problems:
         raise DepthcacheError("store attributes do not match the depthcache schema:\n  " + "\n  ".join(problems[:10]))
     return attrs
 
 
-def expected_shapes(attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Shape of every array the attributes promise."""
-    n = attrs["layout"]["n_tokens"]
-    d = attrs["model"]["d_model"]
-    n_layers = len(attrs["options"]["layers"])
-    task = TASK_ARRAYS if "task" in attrs["dataset"] else {}  # schema 1.2 task stores
-    shapes: dict[str, tuple[int, ...]] = {name: (n,) for name in TOKEN_ARRAYS | task}
-    shapes |= {"topk_ids": (n, attrs["options"]["top_k"]), "topk_logprobs": (n, attrs["options"]["top_k"])}
-    for site in attrs["options"]["sites"]:
-        for name in SITE_ARRAYS[site]:
-            shapes[name] = (n, d) if name == "resid_final" else (n_layers, n, d)
-    return shapes
+def expected_arrays(attrs: dict[str, Any]) -> list[str]:
+    """Every array of the format the attributes promise, in table order."""
+    sites = attrs["options"]["sites"]
+    groups = {"base"} | ({"task"} if "task" in attrs["dataset"] else set())  # schema 1.2 task stores
+    groups |= {"run"} if "intervention" in attrs else set()  # a run's arrays are checked where present
+    return [name for name, spec in ARRAYS.items() if spec.group in groups and (spec.site is None or spec.site in sites)]
 
 
 def expected_metadata(attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The zarr metadata (shape, chunk shape, data type, dimension names) every known array must have."""
-    chunk, dtype = attrs["layout"]["chunk_tokens"], attrs["options"]["dtype"]
-    dims = {"resid_pre": ["layer", "token", "d_model"], "attn_out": ["layer", "token", "d_model"],
-            "mlp_out": ["layer", "token", "d_model"], "resid_final": ["token", "d_model"],
-            "topk_ids": ["token", "k"], "topk_logprobs": ["token", "k"]}
-    dtypes = TOKEN_ARRAYS | TASK_ARRAYS | {"topk_ids": "int32", "topk_logprobs": "float32", "skip_stop": "int32"}
-    runs_only = {"skip_stop": (attrs["layout"]["n_tokens"],)} if "intervention" in attrs else {}
-    shapes = expected_shapes(attrs) | runs_only
-    return {name: {"shape": list(shape), "dimension_names": dims.get(name, ["token"]),
-                   "data_type": dtypes.get(name, dtype),
-                   "chunk_shape": [chunk if d == "token" else n for d, n in zip(dims.get(name, ["token"]), shape)]}
-            for name, shape in shapes.items()}
+    lay, opts = attrs["layout"], attrs["options"]
+    result = {}
+    for name in expected_arrays(attrs):
+        dims = ARRAYS[name].dims
+        shape = array_shape(name, lay["n_tokens"], len(opts["layers"]), attrs["model"]["d_model"], opts["top_k"])
+        result[name] = {"shape": list(shape), "dimension_names": list(dims),
+                        "data_type": array_dtype(name, opts["dtype"]),
+                        "chunk_shape": [lay["chunk_tokens"] if d == "token" else n for d, n in zip(dims, shape)]}
+    return result
 
 
 def array_metadata(arrays: Mapping[str, zarr.Array], name: str) -> dict[str, Any]:
     """An array's zarr.json as a dict, with unreadable metadata reported as a DepthcacheError."""
     try:
         meta = arrays[name].metadata.to_dict()
+        return {"shape": list(meta["shape"]), "dimension_names": list(meta.get("dimension_names") or ()),
+                "data_type": str(meta["data_type"]),
+                "chunk_shape": list(meta["chunk_grid"]["configuration"]["chunk_shape"]),
+                "chunk_key_encoding": meta["chunk_key_encoding"], "checksummed": is_checksummed(meta["codecs"])}
     except Exception as exc:  # noqa: BLE001 - untrusted metadata may break zarr's parser in any way
-        raise DepthcacheError(f"array {name!r} has unreadable metadata ({type(exc).__name__}: {exc})") from exc
-    codecs = [c.get("name") if isinstance(c, dict) else None for c in meta.get("codecs", ())]
-    return {"shape": list(meta["shape"]), "dimension_names": list(meta.get("dimension_names") or ()),
-            "data_type": str(meta["data_type"]), "chunk_shape": list(meta["chunk_grid"]["configuration"]["chunk_shape"]),
-            "chunk_key_encoding": meta["chunk_key_encoding"], "checksummed": codecs[-1:] == ["crc32c"]}
+        raise DepthcacheError(f"array {name!r} has unreadable metadata ({type(exc).__name__}: "
+                              f"{shorten(str(exc))})") from exc
 
 
-def structure_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any], require_all: bool = True
-                       ) -> list[str]:
+def structure_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any], problems: Problems,
+                       require_all: bool = True) -> None:
     """Arrays missing (when ``require_all``) or whose metadata differs from what the attributes promise."""
-    present = set(arrays)
-    problems = []
+    before = problems.count
     for name, expected in expected_metadata(attrs).items():
-        if name not in present:
-            problems += [f"array {name!r} is missing"] if require_all else []
+        if name not in arrays:
+            if require_all:
+                problems.add(f"array {name!r} is missing")
             continue
         try:
             meta = array_metadata(arrays, name)
         except DepthcacheError as exc:
-            problems.append(str(exc))
+            problems.add(str(exc))
             continue
-        problems += [f"array {name!r} has {key} {meta[key]}, expected {value}"
-                     for key, value in expected.items() if meta[key] != value]
+        for key, value in expected.items():
+            if meta[key] != value:
+                problems.add(f"array {name!r} has {key} {shorten(str(meta[key]))}, expected {value}")
         if meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}:
-            problems.append(f"array {name!r} has chunk key encoding {meta['chunk_key_encoding']}, expected default '/'")
+            problems.add(f"array {name!r} has chunk key encoding {shorten(str(meta['chunk_key_encoding']))}, "
+                         "expected default '/'")
         if not meta["checksummed"]:
-            problems.append(f"array {name!r} has no crc32c checksum codec")
-    if not problems and "layer" in present:
-        problems += layer_problems(arrays, attrs)
-    return problems
+            problems.add(f"array {name!r} has no crc32c checksum codec")
+    if problems.count == before and "layer" in arrays:
+        layer_problems(arrays, attrs, problems)
 
 
-def layer_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any]) -> list[str]:
+def layer_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any], problems: Problems) -> None:
     """The ``layer`` coordinate must list the stored layers of the attributes."""
     stored = attrs["options"]["layers"]
     try:
         meta = array_metadata(arrays, "layer")
-        if meta["shape"] != [len(stored)] or meta["data_type"] != "int32":
-            return [f"array 'layer' has shape {meta['shape']} and type {meta['data_type']}, expected "
-                    f"[{len(stored)}] int32"]
+        if meta["shape"] != [len(stored)] or meta["data_type"] != "int32" or meta["chunk_shape"] != [len(stored)]:
+            problems.add(f"array 'layer' has shape {meta['shape']}, chunks {meta['chunk_shape']} and type "
+                         f"{meta['data_type']}, expected [{len(stored)}] int32 in one chunk")
+            return
         values = arrays["layer"][...].tolist()
     except Exception as exc:  # noqa: BLE001 - any decode failure of untrusted bytes is a problem to report
-        return [f"array 'layer' is unreadable ({type(exc).__name__}: {exc})"]
-    return [] if values == stored else [f"array 'layer' holds {values}, expected options.layers {stored}"]
+        problems.add(f"array 'layer' is unreadable ({type(exc).__name__}: {shorten(str(exc))})", "layer/c/0")
+        return
+    if values != stored:
+        problems.add(f"array 'layer' holds {shorten(str(values))}, expected options.layers {stored}", "layer/c/0")
 
 
-def shape_problems(group: zarr.Group, attrs: dict[str, Any]) -> list[str]:
-    """Arrays missing or shaped unlike the attributes say."""
-    return structure_problems(dict(group.arrays()), attrs)
+def object_problems(objects: Mapping[str, int], problems: Problems) -> None:
+    """Objects no reader may open: anything that is not a regular file, metadata larger than MAX_METADATA_BYTES,
+    or anything larger than the largest chunk the limits allow."""
+    largest = max_object_bytes(MAX_CHUNK_BYTES)
+    for key, size in objects.items():
+        if size == NOT_A_FILE:
+            problems.add(f"{key} is not a regular file", key)
+        elif key.rsplit("/", 1)[-1] == METADATA and size > MAX_METADATA_BYTES:
+            problems.add(f"{key} is {size:,} bytes, more than the {MAX_METADATA_BYTES:,} metadata may take", key)
+        elif size > largest:
+            problems.add(f"{key} is {size:,} bytes, more than any chunk may take ({largest:,})", key)
 
 
-async def _keys(store: Any, prefix: str) -> list[str]:
-    return [key async for key in store.list_prefix(prefix)]
-
-
-def missing_chunk_problems(group: zarr.Group, arrays: Mapping[str, zarr.Array], names: list[str], tokens: int
-                           ) -> list[str]:
-    """Committed chunks whose objects are absent (they would silently read as zeros)."""
-    prefix = f"{group.path}/" if group.path else ""
-    if hasattr(getattr(group.store, "fs", None), "invalidate_cache"):
-        group.store.fs.invalidate_cache()  # remote listings may be cached from before a copy
-    present = set(sync(_keys(group.store, prefix)))
-    problems = []
+def committed_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], tokens: int,
+                             chunks: Mapping[str, Mapping[tuple[int, ...], int]], problems: Problems) -> None:
+    """Committed chunks that are absent (they would silently read as zeros) or larger than a chunk can be."""
     for name in names:
         array = arrays[name]
         axis = array.metadata.dimension_names.index("token")
-        for index in range(math.ceil(tokens / array.chunks[axis])):
-            coords = [index if i == axis else 0 for i in range(array.ndim)]
-            key = f"{prefix}{name}/c/" + "/".join(map(str, coords))
-            if key not in present:
-                problems.append(f"array {name!r} token chunk {index} is missing ({key})")
-    return problems
+        grid = tuple(math.ceil(tokens / c) if i == axis else 1 for i, c in enumerate(array.chunks))
+        chunk_bytes = math.prod(array.chunks) * array.dtype.itemsize
+        grid_problems(name, grid, chunks.get(name, {}), max_object_bytes(chunk_bytes), problems, "committed chunk")
+
+
+def store_problems(group: zarr.Group, attrs: dict[str, Any], objects: Mapping[str, int], problems: Problems,
+                   read: bool, results: bool = True) -> None:
+    """Every check of one store or run group whose attributes are valid, from one listing of its objects (cached
+    analyses too with ``results``); with ``read``, every committed chunk, the model head, the tokenizer files and
+    the cached analyses decoded and checked."""
+    object_problems(objects, problems)
+    if problems:
+        return
+    arrays = dict(group.arrays())  # each zarr.json read once (every read is a request on object storage)
+    for name, array in arrays.items():  # before xarray copies attributes recursively
+        if json_depth(array.metadata.attributes) > MAX_JSON_DEPTH:
+            problems.add(f"array {name!r} has attributes nested more than {MAX_JSON_DEPTH} levels deep")
+    if problems:
+        return
+    structure_problems(arrays, attrs, problems, require_all="intervention" not in attrs)
+    if problems:
+        return
+    chunks = chunks_by_array(objects)
+    names = [name for name in expected_metadata(attrs) if name in arrays]
+    tokens = attrs["progress"]["tokens_committed"]
+    committed_chunk_problems(arrays, names, tokens, chunks, problems)
+    if "intervention" not in attrs:
+        head_problems(group, attrs, chunks, problems, read and not problems)
+    if read and not problems:
+        read_chunk_problems(arrays, names, tokens, problems)
+    if results and "intervention" not in attrs and ANALYSES in group.group_keys():
+        analyses_problems(group[ANALYSES], attrs, problems, read)
 
 
 def check_store(group: zarr.Group) -> dict[str, Any]:
-    """A store's (or run's) attributes, after checking schema, limits, array metadata and committed chunks' presence.
+    """A store's (or run's) attributes, after checking schema, limits, objects, array metadata, the model head's
+    structure and committed chunks' presence and sizes (nothing is decoded).
 
     Everything that opens a store for reading goes through this, so untrusted stores are refused before any
-    array is allocated or any task is scheduled from their metadata."""
+    array is allocated or any task is scheduled from their metadata. Cached analyses are not part of this check:
+    a damaged one is recomputed, never trusted, and validate reports it."""
     attrs = check_attrs(read_attrs(group))
+    problems = Problems()
     with unreadable_metadata_as_error(group):
-        arrays = dict(group.arrays())  # each zarr.json read once (every read is a request on object storage)
-        names = [name for name in expected_metadata(attrs) if name in arrays]
-        problems = (structure_problems(arrays, attrs, require_all="intervention" not in attrs)
-                    or missing_chunk_problems(group, arrays, names, attrs["progress"]["tokens_committed"]))
+        store_problems(group, attrs, object_listing(group), problems, read=False, results=False)
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        more = f" (and {problems.count - 1:,} more)" if problems.count > 1 else ""
         raise DepthcacheError(f"store {group.store}{'/' + group.path if group.path else ''} is damaged: "
-                              f"{problems[0]}{more}; run depthcache validate for details")
+                              f"{problems.lines[0]}{more}; run depthcache validate for details")
     return attrs
 
 
-def chunk_problems(group: zarr.Group, names: list[str], tokens: int) -> list[str]:
-    """Read every committed chunk of the named arrays; report those whose bytes fail to decode or checksum."""
-    problems = []
+def read_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], tokens: int, problems: Problems) -> None:
+    """Decode every committed chunk of the named arrays (crc32c, bounded zstd); report those that fail or hold
+    non-finite values where none may be."""
     for name in names:
-        array = group[name]
+        array = arrays[name]
         axis = array.metadata.dimension_names.index("token")
         step = array.chunks[axis]
         for index, start in enumerate(range(0, tokens, step)):
             region = [slice(None)] * array.ndim
             region[axis] = slice(start, min(start + step, tokens))
+            key = chunk_key(name, tuple(index if i == axis else 0 for i in range(array.ndim)))
             try:
                 values = array[tuple(region)]
             except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt chunk to report
-                problems.append(f"array {name!r} token chunk {index} (tokens {start}..{start + step - 1}): "
-                                f"{type(exc).__name__}: {exc}")
+                problems.add(f"array {name!r} token chunk {index} (tokens {start}..{start + step - 1}): "
+                             f"{type(exc).__name__}: {shorten(str(exc))}", key)
                 continue
-            if values.dtype.kind == "f" and not np.isfinite(values.astype(np.float32)).all() and name != "next_logprob":
-                problems.append(f"array {name!r} token chunk {index}: non-finite values")
+            problems.count_read("activation and token chunks (crc32c)")
+            if values.dtype.kind == "f" and name != "next_logprob" and not np.isfinite(values.astype(np.float32)).all():
+                problems.add(f"array {name!r} token chunk {index}: non-finite values", key)
+
+
+def chunk_problems(group: zarr.Group, names: list[str], tokens: int) -> list[str]:
+    """Read every committed chunk of the named arrays; report those whose bytes fail to decode or checksum."""
+    problems = Problems()
+    read_chunk_problems(dict(group.arrays()), names, tokens, problems)
+    return problems.report()
+
+
+def result_groups(analyses: zarr.Group) -> Iterator[tuple[str, zarr.Group]]:
+    """Every cached result under ``analyses/`` with its path: ``NAME/KEY`` (one per parameter set), or ``NAME`` for
+    a result of the old layout (one dataset directly under the analysis's group)."""
+    for name in sorted(analyses.group_keys()):
+        group = analyses[name]
+        if any(True for _ in group.array_keys()):
+            yield name, group
+        for key in sorted(group.group_keys()):
+            yield f"{name}/{key}", group[key]
+
+
+def analyses_problems(analyses: zarr.Group, attrs: dict[str, Any], problems: Problems, read: bool) -> None:
+    """Cached analysis results: every array checksummed (schema >= 1.3; older results get a note), at most
+    MAX_RESULT_BYTES per result, and with ``read`` every chunk decoded (crc32c checked)."""
+    current = version_tuple(str(attrs["schema_version"])) >= CHECKSUMMED_HEAD
+    try:
+        groups = list(result_groups(analyses))
+    except Exception as exc:  # noqa: BLE001 - untrusted metadata may break zarr's parser in any way
+        problems.add(f"{ANALYSES}/ is unreadable ({type(exc).__name__}: {shorten(str(exc))}): clear it with "
+                     "depthcache analyze NAME STORE --clear")
+        return
+    for path, group in groups:
+        name = path.split("/")[0]
+        redo = f"recompute it with depthcache analyze {name} STORE --force"
+        try:
+            arrays = dict(group.arrays())
+            size = sum(a.nbytes for a in arrays.values())
+            unchecked = sorted(n for n, a in arrays.items() if not is_checksummed(a.metadata.to_dict()["codecs"]))
+        except Exception as exc:  # noqa: BLE001 - untrusted metadata may break zarr's parser in any way
+            problems.add(f"{ANALYSES}/{path} is unreadable ({type(exc).__name__}: {shorten(str(exc))}): {redo}")
+            continue
+        if size > MAX_RESULT_BYTES:
+            problems.add(f"{ANALYSES}/{path} declares {size:,} bytes, more than a cached result may take "
+                         f"({MAX_RESULT_BYTES:,}): {redo}")
+            continue
+        if unchecked and current:
+            problems.add(f"{ANALYSES}/{path}: {', '.join(unchecked)} not checksummed: {redo}")
+        elif unchecked:
+            problems.note(UNCHECKSUMMED_RESULTS_NOTE)
+        if read:
+            read_result_problems(path, arrays, problems, "cached analysis arrays (crc32c)" if not unchecked
+                                 else "cached analysis arrays (no checksum)")
+
+
+def read_result_problems(path: str, arrays: Mapping[str, zarr.Array], problems: Problems, label: str) -> None:
+    """Decode every array of one cached result (crc32c checked where present)."""
+    name = path.split("/")[0]
+    for array_name, array in arrays.items():
+        try:
+            array[...]
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt result to report
+            where = f"{ANALYSES}/{path}/{array_name}"
+            problems.add(f"{where}: {type(exc).__name__}: {shorten(str(exc))}: recompute it with depthcache analyze "
+                         f"{name} STORE --force")
+            keys = (chunk_key(where, c) for c in grid_coords(tuple(array.cdata_shape)))
+            problems.keys.update(itertools.islice(keys, MAX_KEYS))
+            continue
+        problems.count_read(label)
+
+
+def group_problems(group: zarr.Group, objects: Mapping[str, int], problems: Problems, read: bool,
+                   prefix: str = "") -> None:
+    """Problems of one store or run group (lines prefixed with ``prefix``, e.g. 'runs/skip_3: ')."""
+    found = Problems()
+    try:
+        attrs = read_attrs(group)
+        check_json_depth(attrs, f"attributes.{ATTRS_KEY}")
+    except DepthcacheError as exc:
+        found.add(str(exc))
+    else:
+        for line in attr_problems(attrs) or limit_problems(attrs):
+            found.add(line)
+        if not found:
+            store_problems(group, attrs, objects, found, read)
+    merge(problems, found, prefix)
+
+
+def merge(into: Problems, found: Problems, prefix: str) -> None:
+    """Add a sub-check's problems, notes and counts to ``into`` (keys and lines prefixed)."""
+    for line in found.lines:
+        into.add(prefix + line)
+    into.count += found.count - len(found.lines)
+    into.keys |= {f"{prefix.removesuffix(': ')}/{k}" if prefix else k for k in found.keys}
+    for note in found.notes:
+        into.note(note)
+    for what, n in found.read.items():
+        into.count_read(what, n)
+
+
+def validate(location: str, read_chunks: bool = True, storage_options: Mapping[str, Any] | None = None
+             ) -> Problems:
+    """Every problem of a store and its runs (schema, limits, shapes, missing or oversized objects, model head,
+    cached analyses, and with ``read_chunks`` every checksum), what was read, and notes."""
+    group = open_group(location, "r", storage_options=storage_options)
+    problems = Problems()
+    with unreadable_metadata_as_error(group):
+        objects = object_listing(group)
+        group_problems(group, objects, problems, read_chunks)
+        runs = sorted(group["runs"].group_keys()) if not problems and "runs" in group.group_keys() else []
+        for name in runs:
+            prefix = f"runs/{name}/"
+            inside = {k.removeprefix(prefix): v for k, v in objects.items() if k.startswith(prefix)}
+            group_problems(group[f"runs/{name}"], inside, problems, read_chunks, f"runs/{name}: ")
     return problems
 
 
-def group_problems(group: zarr.Group, read_chunks: bool) -> list[str]:
-    """Problems of one store or run group: schema, limits, array metadata, missing and (optionally) corrupt chunks."""
-    attrs = read_attrs(group)
-    problems = attr_problems(attrs) or limit_problems(attrs)
-    if problems:
-        return problems
-    arrays = dict(group.arrays())
-    problems = structure_problems(arrays, attrs, require_all="intervention" not in attrs)
-    if problems:
-        return problems
-    names = [name for name in expected_metadata(attrs) if name in arrays]
-    tokens = attrs["progress"]["tokens_committed"]
-    problems = missing_chunk_problems(group, arrays, names, tokens)
-    if read_chunks and not problems:
-        problems += chunk_problems(group, names, tokens)
-    return problems
+def verified(problems: Problems) -> str:
+    """What a full validation decoded and checksummed, in words ('192 activation and token chunks, ...')."""
+    parts = [f"{n:,} {what}" for what, n in problems.read.items()]
+    return f"read and verified {', '.join(parts)}" if parts else "no chunk committed yet"
 
 
 def validate_store(location: str, read_chunks: bool = True,
                    storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """All problems found in a store and its runs: schema, shapes, missing chunks, and (optionally) checksums."""
-    group = open_group(location, "r", storage_options=storage_options)
-    with unreadable_metadata_as_error(group):
-        problems = group_problems(group, read_chunks)
-        runs = sorted(group["runs"].group_keys()) if not problems and "runs" in group.group_keys() else []
-        for name in runs:
-            problems += [f"runs/{name}: {p}" for p in group_problems(group[f"runs/{name}"], read_chunks)]
-    return problems
+    """All problems found in a store and its runs, as lines (at most MAX_REPORTED_PROBLEMS, then a count)."""
+    return validate(location, read_chunks, storage_options).report()
 
 
 @contextmanager
 def unreadable_metadata_as_error(group: zarr.Group) -> Iterator[None]:
-    """A member's zarr.json that zarr cannot parse (bad JSON, unknown type, wrong fields) as a DepthcacheError."""
+    """A member's zarr.json that zarr cannot parse (bad JSON, unknown type, wrong fields, nested beyond the parser)
+    as a DepthcacheError."""
     try:
         yield
-    except (ValueError, TypeError, KeyError, AttributeError, zarr.errors.NodeTypeValidationError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError,
+            zarr.errors.NodeTypeValidationError) as exc:
         raise DepthcacheError(f"store {group.store} has unreadable array metadata "
-                              f"({type(exc).__name__}: {exc}); it is damaged or not a depthcache store") from exc
+                              f"({type(exc).__name__}: {shorten(str(exc))}); it is damaged or not a depthcache "
+                              "store") from exc

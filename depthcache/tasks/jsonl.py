@@ -8,6 +8,7 @@ from pathlib import Path
 
 from depthcache.errors import DepthcacheError
 from depthcache.tasks.base import TaskItem
+from depthcache.textio import read_text
 
 KEYS = ("id", "prompt", "answer", "choices", "hops", "meta")
 
@@ -56,13 +57,15 @@ def read_task_jsonl(path: str | Path) -> list[TaskItem]:
         raise DepthcacheError(f"task file {path} not found: give an existing .jsonl file or a built-in task name")
     items: list[TaskItem] = []
     lines_of: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item = record_item(json.loads(line), f"{path.stem}-{number}")
         except json.JSONDecodeError as exc:
             raise DepthcacheError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        except RecursionError as exc:
+            raise DepthcacheError(f"{path}, line {number}: JSON nested too deeply") from exc
         except DepthcacheError as exc:
             raise DepthcacheError(f"{path}, line {number}: {exc}") from exc
         if item.id in lines_of:

@@ -17,6 +17,7 @@ from depthcache.tasks.base import (
     subset_indices,
     with_distractors,
 )
+from depthcache.textio import read_text
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 TABLE = DATA_DIR / "two_hop_facts.json"
@@ -122,7 +123,9 @@ def load_table(path: Path = TABLE) -> list[Chain]:
         raise DepthcacheError(f"fact table {path} not found: the task data lives in the repository's data/ folder, "
                               f"so run depthcache from a source checkout (pip install -e .)")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_text(path))
+    except RecursionError as exc:
+        raise DepthcacheError(f"{path}: JSON nested too deeply") from exc
     except json.JSONDecodeError as exc:
         raise DepthcacheError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
     if not (isinstance(doc, dict) and isinstance(doc.get("relations"), dict) and isinstance(doc.get("chains"), list)):

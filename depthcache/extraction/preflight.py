@@ -1,0 +1,167 @@
+"""An extraction's options checked against the model, the store limits and this machine, before anything is
+created: a refused run leaves nothing behind, and a store is never written that its own readers would refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from depthcache.errors import DepthcacheError
+from depthcache.limits import MAX_METADATA_BYTES
+from depthcache.store.schema import check_attrs, chunking_problems
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+COMPRESSION_AT_BEST = {"bfloat16": 1.5, "float16": 1.0, "float32": 1.0}  # f16/f32 activations are stored raw
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one extraction processes: tokens, stored layers, widths and option values that size its buffers."""
+
+    n_tokens: int
+    remaining: int  # tokens still to write (all of them for a new store)
+    n_layers: int  # stored layers
+    d_model: int
+    vocab: int
+    sites: int  # activation arrays per stored layer (resid_pre, attn_out, mlp_out)
+    final: int  # 1 when resid_final is stored
+    itemsize: int
+    chunk_tokens: int
+    seq_len: int
+    batch_size: int
+    top_k: int
+    queue_batches: int
+
+
+def context_length(config: Any) -> int | None:
+    """The longest input the model's config allows (None when the config does not say)."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_model_options(seq_len: int, top_k: int, vocab: int, config: Any) -> None:
+    """--seq-len within the model's context and --top-k within its vocabulary."""
+    if top_k > vocab:
+        raise DepthcacheError(f"--top-k {top_k} exceeds the model's vocabulary of {vocab:,} tokens")
+    longest = context_length(config)
+    if longest is not None and seq_len > longest:
+        raise DepthcacheError(f"--seq-len {seq_len:,} exceeds the model's context of {longest:,} positions "
+                              "(max_position_embeddings): choose at most that")
+
+
+def check_chunking(sizes: Sizes) -> None:
+    """--chunk-tokens within the limits every reader enforces (chunk count and bytes), with what to do."""
+    problems = chunking_problems(sizes.n_tokens, sizes.chunk_tokens, sizes.n_layers, sizes.d_model, sizes.itemsize)
+    if problems:
+        raise DepthcacheError(f"--chunk-tokens {sizes.chunk_tokens}: {problems[0]}; choose a "
+                              f"{'smaller' if 'GiB' in problems[0] else 'larger'} --chunk-tokens (or leave it out)")
+
+
+def check_store_attrs(attrs: dict[str, Any]) -> None:
+    """The attributes about to be written pass the readers' own schema and size checks."""
+    size = len(json.dumps(attrs, default=str))
+    if size > MAX_METADATA_BYTES:
+        raise DepthcacheError(f"this extraction's provenance would take {size:,} bytes of metadata, more than the "
+                              f"{MAX_METADATA_BYTES:,} a store may hold (a task's items are recorded there): use "
+                              "fewer items")
+    try:
+        check_attrs(attrs)
+    except DepthcacheError as exc:
+        raise DepthcacheError(f"refusing to create a store its readers would refuse: {exc}") from exc
+
+
+def batch_bytes(s: Sizes) -> int:
+    """A lower bound on the memory one forward batch needs: float32 logits twice (the model's, the float copy
+    for log-softmax) and the captured activations of every stored layer and site."""
+    return s.batch_size * s.seq_len * (2 * 4 * s.vocab + activation_bytes(s))
+
+
+def activation_bytes(s: Sizes) -> int:
+    """Activation bytes stored per token."""
+    return (s.n_layers * s.sites + s.final) * s.d_model * s.itemsize
+
+
+def host_bytes(s: Sizes) -> int:
+    """A lower bound on the host memory of the writer: one chunk buffer per array, plus the queued batches."""
+    per_token = activation_bytes(s) + 8 * s.top_k + 40  # top-k ids and log-probs, ten int32/float32 per token
+    return per_token * (min(s.chunk_tokens, s.n_tokens) + (s.queue_batches + 1) * s.batch_size * s.seq_len)
+
+
+def available_memory(device: str) -> int:
+    """Bytes this process can still allocate on ``device``: free device memory on CUDA; on the host the smaller
+    of MemAvailable and the cgroup's remaining limit."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return min(meminfo_available(), cgroup_available())
+
+
+def meminfo_available() -> int:
+    """MemAvailable from /proc/meminfo (physical memory where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cgroup_available() -> int:
+    """Memory left under this process's cgroup v2 limit (unbounded where there is no limit)."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        return max(0, int(limit) - used) if limit != "max" else 2**63
+    except (OSError, ValueError):
+        return 2**63
+
+
+def check_memory(sizes: Sizes, device: str) -> None:
+    """Refuse batch and chunk sizes whose buffers cannot fit in this machine's memory (a lower bound, so nothing
+    that could run is refused)."""
+    needs = {"host": host_bytes(sizes) + (0 if device.startswith("cuda") else batch_bytes(sizes))}
+    if device.startswith("cuda"):
+        needs[device] = batch_bytes(sizes)
+    for where, need in needs.items():
+        free = available_memory(device if where != "host" else "cpu")
+        if need > free:
+            raise DepthcacheError(f"this extraction needs at least {need / GIB:,.1f} GiB of {where} memory per "
+                                  f"batch and chunk, and {free / GIB:,.1f} GiB is free: lower --batch-size, "
+                                  "--seq-len or --chunk-tokens")
+
+
+def store_bytes(sizes: Sizes, dtype: str) -> int:
+    """A lower bound on the disk bytes the tokens still to write will take (bf16 compressed at best ×1.5)."""
+    return int(sizes.remaining * activation_bytes(sizes) / COMPRESSION_AT_BEST[dtype])
+
+
+def check_disk(out: str, sizes: Sizes, dtype: str) -> None:
+    """Refuse an extraction that cannot fit in the free space where its store goes."""
+    path = Path(out).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    need = store_bytes(sizes, dtype)
+    if need > free:
+        raise DepthcacheError(f"the store needs at least {need / GIB:,.1f} GiB more and {existing} has "
+                              f"{free / GIB:,.1f} GiB free: free space, or lower --max-tokens or the --sites and "
+                              "--layers stored")
+
+
+def preflight(attrs: dict[str, Any], sizes: Sizes, config: Any, out: str, device: str, new: bool) -> None:
+    """Every check of an extraction against the model, the limits and the machine, before anything is written."""
+    check_model_options(sizes.seq_len, sizes.top_k, sizes.vocab, config)
+    check_chunking(sizes)
+    if new:
+        check_store_attrs(attrs)
+    check_memory(sizes, device)
+    check_disk(out, sizes, attrs["options"]["dtype"])
