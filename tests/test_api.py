@@ -150,7 +150,8 @@ def test_open_datatree_reads_every_group(store: Path, tmp_path: Path) -> None:
     assert {"/", "/model", "/model/tokenizer", "/analyses/logit-lens"} <= set(tree.groups)
     files = tree["model/tokenizer"].to_dataset()
     assert len({files[name].dims[0] for name in files.data_vars}) == len(files.data_vars)
-    assert tree["analyses/logit-lens"].sizes["result_layer"] == 5
+    (entry,) = tree["analyses/logit-lens"].children.values()  # analyses/<name>/<key of the parameters>
+    assert entry.sizes["result_layer"] == 5 and "layer" not in entry.to_dataset(inherit=False).dims
     cached = run("logit-lens", str(copy))  # read back from the cache under its own dimension names
     assert cached.sizes["layer"] == 5 and "result_layer" not in cached.dims
     xr.testing.assert_allclose(cached.drop_attrs(), lens.drop_attrs())
