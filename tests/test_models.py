@@ -221,6 +221,22 @@ def test_gguf_is_dequantized_once_into_the_cache(
         assert torch.equal(second.model(ids).logits, tiny_folder[1](ids).logits)
 
 
+def test_gguf_hash_is_remembered_until_the_file_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_folder: TinyFolder
+) -> None:
+    fake_gguf_loaders(monkeypatch, tiny_folder, [])
+    monkeypatch.setenv("DEPTHCACHE_CACHE", str(tmp_path / "cache"))
+    hashed: list[Path] = []
+    monkeypatch.setattr(depth_models, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+    path = write_gguf(tmp_path / "weights.gguf")
+    load_model(str(path))
+    assert load_model(str(path)).provenance["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashed == [path.resolve()]  # the second load found the remembered hash
+    write_gguf(path, name="Another Tiny Llama")
+    assert load_model(str(path)).provenance["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(hashed) == 2
+
+
 def test_interrupted_dequantization_leaves_no_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_folder: TinyFolder
 ) -> None:

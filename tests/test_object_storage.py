@@ -86,7 +86,7 @@ def test_analyze_remotely_then_pull_and_compare(pushed, tmp_path, s3_server) -> 
     # credentials and endpoint from the environment; --storage-option passes fsspec options explicitly
     info = invoke("info", url, "--storage-option", f"endpoint_url={s3_server}")
     assert info.exit_code == 0 and "192 of 192 committed (complete)" in info.output, info.output
-    assert invoke("validate", url).output.strip().endswith("valid")
+    assert invoke("validate", url).output.startswith(f"{url}: valid; read and verified")
     before = listing(place(url))
     for name in ANALYSES:
         pushed_along = invoke("analyze", name, url, "--results", str(tmp_path / "remote"))
@@ -120,7 +120,7 @@ def test_interrupted_push_resumes_and_half_pushed_store_never_looks_complete(pus
     skipped = int(resumed.output.split("MiB), ")[1].split(" already")[0])
     chunks = [k for k in keys if "/c/" in k and not k.startswith("analyses/")]
     assert skipped == len(set(chunks) & set(keys[::2])) - 1  # every chunk already there but the damaged one
-    assert invoke("validate", url).output.strip().endswith("valid")
+    assert invoke("validate", url).output.startswith(f"{url}: valid; read and verified")
     again = invoke("push", str(store), url)
     assert again.exit_code == 0 and f"{len(chunks)} already there" in again.output
 

@@ -151,7 +151,7 @@ def test_prune_cli_and_bad_input_write_nothing(tiny_models, task_file, tmp_path)
     out = tmp_path / "cli"
     result = CliRunner().invoke(main, ["evaluate", "prune", "--model", str(tiny_models["gpt2"]), "--task",
                                        str(task_file), "--layers", "3", "--metric", "generation", "--device", "cpu",
-                                       "--out", str(out), "--max-new-tokens", "3", "--n", "0"])
+                                       "--out", str(out), "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
     assert "exact_match_rate" in result.output and (out / "prune.png").exists()
     bad = tmp_path / "bad.jsonl"
@@ -160,7 +160,7 @@ def test_prune_cli_and_bad_input_write_nothing(tiny_models, task_file, tmp_path)
                           (["--task", str(task_file), "--metric", "accuracy"], "unknown metric"),
                           (["--task", str(task_file), "--layers", "2-9"], "out of range")):
         result = CliRunner().invoke(main, ["evaluate", "prune", "--model", str(tiny_models["gpt2"]), "--device",
-                                           "cpu", "--n", "0", "--out", str(tmp_path / "nothing"), *args])
+                                           "cpu", "--out", str(tmp_path / "nothing"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "nothing").exists()
     with pytest.raises(DepthcacheError, match="unknown --order"):

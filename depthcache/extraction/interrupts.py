@@ -39,16 +39,27 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def committed_note(out: str) -> str:
-    """What an interrupted extraction left in ``out``: its committed tokens, or that nothing was created."""
-    meta = Path(out) / "zarr.json"
+def progress_of(group: Path) -> dict | None:
+    """The progress recorded in a store's (or run's) zarr.json, or None when there is none to read."""
     try:
-        progress = json.loads(meta.read_text(encoding="utf-8"))["attributes"]["depthcache"]["progress"]
-        return f"{out} keeps its {int(progress['tokens_committed']):,} committed tokens"
-    except FileNotFoundError:
-        return f"nothing was written to {out}"
+        progress = json.loads((group / "zarr.json").read_text(encoding="utf-8"))["attributes"]["depthcache"]["progress"]
+        return progress if isinstance(progress, dict) else None
     except (OSError, ValueError, KeyError, TypeError):
-        return f"{out} keeps every chunk committed so far"
+        return None
+
+
+def committed_note(out: str) -> str:
+    """What an interrupted extraction left in ``out``: its committed tokens (and those of an unfinished skip run),
+    or that nothing was created."""
+    root = progress_of(Path(out))
+    if root is None:
+        return f"{out} keeps every chunk committed so far" if Path(out).exists() else f"nothing was written to {out}"
+    note = f"{out} keeps its {int(root['tokens_committed']):,} committed tokens"
+    for run in sorted(Path(out).glob("runs/*")):
+        progress = progress_of(run)
+        if progress is not None and not progress.get("complete", True):
+            note += f", run {run.name} its {int(progress['tokens_committed']):,}"
+    return note
 
 
 def interrupted_message(signum: int, out: str) -> str:

@@ -33,6 +33,7 @@ from depthcache.errors import DepthcacheError, Interrupted
 from depthcache.extraction.data import load_documents
 from depthcache.extraction.engine import (
     TORCH_DTYPES,
+    Batch,
     ExtractOptions,
     Plan,
     batch_inputs,
@@ -248,16 +249,16 @@ def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
     return out, copied_event(ctx.device)
 
 
-def run_batches(ctx: RunContext, start: int
-                ) -> Iterator[tuple[int, dict[str, np.ndarray], torch.cuda.Event | None]]:
-    """(run token, stored arrays, copy event) of each batch from run token ``start`` on; draw k holds run tokens
+def run_batches(ctx: RunContext, start: int) -> Iterator[Batch]:
+    """(run token, stored arrays, copy event, no buffers to release) of each batch from run token ``start`` on; draw
+    k holds run tokens
     k·N .. (k+1)·N − 1 for baseline tokens 0 .. N − 1."""
     for draw in range(start // ctx.tokens, ctx.run.draws):
         begin = max(start - draw * ctx.tokens, 0)
         at = draw * ctx.tokens + begin
         for first, last, drop, keep in batches_between(ctx.plan, begin, ctx.tokens, ctx.opts.batch_size):
             batch, copied = skip_batch(ctx, draw, first, last, drop)
-            yield at, first_tokens(batch, keep), copied
+            yield at, first_tokens(batch, keep), copied, None
             at += keep
 
 

@@ -5,7 +5,7 @@ extraction/, locate/ and evaluate/ touch a model only through the names exported
 package (they read stores).
 """
 
-from depthcache.model.capture import Capture
+from depthcache.model.capture import Capture, CaptureInto, token_runs
 from depthcache.model.check import TOLERANCES, CheckResult, check_model, checked, relative_errors
 from depthcache.model.loading import (
                                             ALIASES,
@@ -32,8 +32,9 @@ from depthcache.model.structure import (
                                             submodule,
 )
 
-__all__ = ["ALIASES", "TOLERANCES", "Capture", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel", "Skip",
+__all__ = ["ALIASES", "TOLERANCES", "Capture", "CaptureInto", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel",
+           "Skip",
            "Structure", "answer_probs", "cache_dir", "check_model", "checked", "clean_run", "decoder_layers",
            "discover", "file_sha256", "first_tensor", "frozen", "load_model", "model_head", "n_layers", "only_layers",
            "prune_copy", "prune_model", "relative_errors", "removed_layers", "resolve_device", "run_from", "structure_of",
-           "submodule", "tokenizer_files", "wrap_model"]
+           "submodule", "token_runs", "tokenizer_files", "wrap_model"]

@@ -123,3 +123,86 @@ class Capture(BranchHooks):
     def stacked(self, name: str) -> torch.Tensor:
         """(layer, batch, seq, d_model) tensor of one recorded site, in stored-layer order."""
         return torch.stack([self.records[name][layer] for layer in self.layers])
+
+
+Runs = tuple[tuple[int, int, int], ...]  # (first source row, last source row + 1, first target row) of a selection
+
+
+class CaptureInto(BranchHooks):
+    """Context manager: hooks copy each captured (batch, seq, d_model) tensor's selected token rows straight into
+    preallocated targets, casting to the target's dtype in the same pass (no stacking, gathering or second copy).
+    What each site holds is what ``Capture`` records.
+
+    ``names`` are the arrays captured (``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_final``). Before each forward
+    pass ``into(targets, runs)`` says where they go: (stored layer, token, d_model) tensors for the per-layer arrays,
+    (token, d_model) for ``resid_final``, and the rows of the flattened batch × seq axis to keep (``token_runs``).
+    """
+
+    def __init__(self, model: torch.nn.Module, structure: Structure, layers: Sequence[int],
+                 names: Sequence[str]) -> None:
+        super().__init__(model, structure)
+        self.layers, self.names = tuple(layers), tuple(names)
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.targets: dict[str, torch.Tensor] = {}
+        self.runs: Runs = ()
+
+    def into(self, targets: dict[str, torch.Tensor], runs: Runs) -> None:
+        """Where the next forward pass's activations go."""
+        self.targets, self.runs = targets, runs
+
+    def __enter__(self) -> CaptureInto:
+        blocks = decoder_layers(self.model, self.structure)
+        for layer in self.layers:
+            self.hook_layer(layer)
+            if "resid_pre" in self.names:
+                self._handles.append(blocks[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
+            for branch in ("attn", "mlp"):
+                if f"{branch}_out" in self.names:
+                    self.hook_branch(branch, layer, self._out_hook(f"{branch}_out"))
+        if "resid_final" in self.names:
+            norm = submodule(self.model, self.structure.final_norm)
+            self._handles.append(norm.register_forward_pre_hook(self._final_hook, with_kwargs=True))
+        return self
+
+    def _pre_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self._copy(first_input(args, kwargs), self.targets["resid_pre"][self.index[layer]])
+        return hook
+
+    def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
+        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> None:
+            added = output if residual is None else output - residual
+            if self.structure.branch_scale != 1.0:
+                added = added * self.structure.branch_scale
+            self._copy(added.reshape(self.shapes[layer]), self.targets[name][self.index[layer]])
+        return hook
+
+    def _final_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._copy(first_input(args, kwargs), self.targets["resid_final"])
+
+    def _copy(self, tensor: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy the kept rows of ``tensor`` (batch, seq, d) into ``target`` (token, d), cast on the way (a copy made
+        now, so a layer that later adds into this tensor in place cannot change it)."""
+        flat = tensor.detach().reshape(-1, tensor.shape[-1])
+        for first, last, at in self.runs:
+            target[at:at + last - first].copy_(flat[first:last], non_blocking=True)
+
+
+def token_runs(lengths: Sequence[int], seq_len: int, drop: int, keep: int) -> Runs:
+    """The rows of a right-padded (len(lengths), seq_len) batch, flattened, that hold real tokens ``drop`` to
+    ``drop + keep`` (in order), as maximal contiguous runs (first row, last row + 1, first target row)."""
+    runs: list[list[int]] = []
+    skipped = taken = 0
+    for row, length in enumerate(lengths):
+        skip = min(length, drop - skipped)
+        skipped += skip
+        take = min(length - skip, keep - taken)
+        if take <= 0:
+            continue
+        first = row * seq_len + skip
+        if runs and runs[-1][1] == first:
+            runs[-1][1] += take
+        else:
+            runs.append([first, first + take, taken])
+        taken += take
+    return tuple((a, b, c) for a, b, c in runs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import mmap
 import os
 import re
@@ -100,6 +101,7 @@ _SPLIT_GGUF: dict[str, SplitGguf] = {
 
 _HASH_BLOCK = 4 * 1024 * 1024
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 _Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]  # model, tokenizer, partial provenance
 
@@ -334,6 +336,28 @@ def _hub_provenance(spec: str) -> dict[str, Any]:
     return _provenance("hub", path=snapshot, revision=revision, weights_sha256=_weights_sha256(snapshot))
 
 
+def _remembered_sha256(path: Path) -> str:
+    """sha256 of a GGUF file, remembered under cache_dir() by (path, size, modification time, inode) so a load
+    finds its dequantized cache without hashing ~100 MB again; any change to the file hashes it anew."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    memo = cache_dir() / "gguf-sha256.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    if isinstance(known.get(key), str) and _SHA256.fullmatch(known[key]):
+        return known[key]
+    known[key] = file_sha256(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache still loads, it only hashes every time
+        pass
+    return known[key]
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
                  12: "<d"}  # GGUF metadata value types (8: string, 9: array)
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
@@ -471,7 +495,7 @@ def gguf_provenance(path: Path, sha256: str, dtype: torch.dtype, alias: str | No
 
 def _load_gguf(path: Path, dtype: torch.dtype, alias: str | None = None) -> _Loaded:
     """Load a GGUF via its dequantized cache under cache_dir(), creating the cache on first use."""
-    sha256 = file_sha256(path)
+    sha256 = _remembered_sha256(path)
     described = gguf_provenance(path, sha256, dtype, alias)
     cached = cache_dir() / "gguf" / sha256
     if not (cached / "config.json").is_file():

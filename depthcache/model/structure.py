@@ -66,7 +66,7 @@ class Structure:
     moe_layers: tuple[int, ...] = ()
     layer_types: tuple[str, ...] | None = None  # the config's per-layer attention kinds (sliding, full, linear)
     sliding_window: int | None = None
-    attn_classes: tuple[str, ...] = field(default=(), compare=False)
+    attn_classes: tuple[str, ...] = ()  # per layer: the token mixer's class (hybrids mix attention kinds)
 
     @property
     def n_layers(self) -> int:
@@ -288,7 +288,7 @@ def added_output(calls: list[Call], branch: Call) -> Call:
     if branch.residual is not None:
         return branch
     tensor = branch.output
-    for call in sorted((c for c in calls if c.order > branch.order), key=lambda c: c.order):
+    for call in (c for c in calls if c.order > branch.order):  # calls are in call order
         if call.input is not tensor:
             continue
         if is_norm(call.module):
@@ -299,9 +299,9 @@ def added_output(calls: list[Call], branch: Call) -> Call:
     return branch
 
 
-def mlp_entry(calls: list[Call], mixer: Call, mlp: Call, named: bool) -> Call:
+def mlp_entry(calls: list[Call], mixer: Call, mlp: Call) -> Call:
     """The first call of the MLP branch (the MLP module, or fc1 for OPT-style layers)."""
-    if named:
+    if MLP.search(mlp.path.lower()):
         return mlp
     branch = [c for c in calls if mixer.order < c.order <= mlp.order and not is_norm(c.module)
               and not is_dropout(c.module) and c.path != mixer.path]
@@ -310,7 +310,7 @@ def mlp_entry(calls: list[Call], mixer: Call, mlp: Call, named: bool) -> Call:
 
 def reads_layer_input(calls: list[Call], block: Call, mixer: Call, entry: Call) -> bool:
     """True when the MLP branch reads the layer input (directly or through its own norm): a parallel residual."""
-    sources = [block.input, mixer.input]
+    sources = [s for s in (block.input, mixer.input) if s is not None]
     feeders = [c for c in calls if c.output is entry.input and is_norm(c.module)]
     return any(entry.input is s for s in sources) or any(f.input is s for f in feeders for s in sources)
 
@@ -369,7 +369,7 @@ def final_norm_call(model: torch.nn.Module, trace: Trace, last: Call) -> Call:
     output = first_tensor(last.output)
     readers = [c for c in trace.group("outside") if c.order > last.order and c.input is output]
     if not readers:
-        raise not_a_decoder(model, "nothing reads the last layer's output")
+        raise not_a_decoder(model, "no final norm reads the last layer's output")
     reader = min(readers, key=lambda c: c.order)
     if not is_norm(reader.module):
         raise not_a_decoder(model, f"the last layer's output goes to {reader.path} ({type(reader.module).__name__}),"
@@ -512,45 +512,58 @@ def discover(model: torch.nn.Module) -> Structure:
     if count is None:
         raise not_a_decoder(model, "its config gives no layer count")
     path, trace, ids, logits = pick_layers(model, count)
-    attn, mlp, mixers, mlp_calls, parallel = [], [], [], [], []
-    for layer in range(count):
-        calls, block = trace.group("child", layer), trace.block(layer)
-        mixer, mlp_call = branch_modules(model, block, calls, layer)
-        if any(first_tensor(block.output) is c.output for c in calls if is_norm(c.module)):
-            raise not_a_decoder(model, f"layer {layer} normalises the residual stream itself (post-LN)")
-        entry = mlp_entry(calls, mixer, mlp_call, bool(MLP.search(mlp_call.path.lower())))
-        attn.append(added_output(calls, mixer))
-        mlp.append(added_output(calls, mlp_call))
-        mixers.append(mixer)
-        mlp_calls.append(mlp_call)
-        parallel.append(reads_layer_input(calls, block, mixer, entry))
+    layers = [layer_branches(model, trace, layer) for layer in range(count)]
     last = trace.block(count - 1)
     norm_call = final_norm_call(model, trace, last)
     d_model = int(first_tensor(last.output).shape[-1])
     kind, offset, eps = probe_norm(model, norm_call.module, norm_eps(norm_call.module, text), d_model)
     scale, cap = logit_transform(model, text, norm_call.value, logits)
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    types, window = layer_types(text, count), _int_or_none(getattr(text, "sliding_window", None))
+    types = layer_types(text, count)
     return Structure(
         model_type=model_type, class_name=type(model).__name__, layers=path,
-        attn=tuple(c.path for c in attn), mlp=tuple(c.path for c in mlp), final_norm=norm_call.path,
-        norm_kind=kind, norm_eps=eps, norm_offset=offset, parallel=all(parallel),
-        attn_post_norm=all(a is not m for a, m in zip(attn, mixers)),
-        mlp_post_norm=all(a is not m for a, m in zip(mlp, mlp_calls)),
-        attn_adds_residual=all(c.residual is not None for c in attn),
-        mlp_adds_residual=all(c.residual is not None for c in mlp),
-        branch_scale=branch_scale(model, text, trace.block(0), attn[0], mlp[0]),
+        attn=tuple(b.attn_added.path for b in layers), mlp=tuple(b.mlp_added.path for b in layers),
+        final_norm=norm_call.path, norm_kind=kind, norm_eps=eps, norm_offset=offset,
+        parallel=all(b.parallel for b in layers),
+        attn_post_norm=all(b.attn_added is not b.mixer for b in layers),
+        mlp_post_norm=all(b.mlp_added is not b.mlp for b in layers),
+        attn_adds_residual=all(b.attn_added.residual is not None for b in layers),
+        mlp_adds_residual=all(b.mlp_added.residual is not None for b in layers),
+        branch_scale=branch_scale(model, text, trace.block(0), layers[0].attn_added, layers[0].mlp_added),
         logit_scale=scale, logit_softcap=cap, embed_scale=embedding_scale(model, ids[0], trace.block(0).input[0]),
-        tied_embeddings=head.weight is embed.weight,
-        moe_layers=tuple(i for i, c in enumerate(mlp_calls) if contains_experts(c.module)),
-        layer_types=types, sliding_window=window if window and (types is None or any("sliding" in t for t in types))
-        else None,
-        attn_classes=tuple(type(c.module).__name__ for c in mixers))
+        tied_embeddings=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+        moe_layers=tuple(i for i, b in enumerate(layers) if contains_experts(b.mlp.module)),
+        layer_types=types, sliding_window=attention_window(text, types),
+        attn_classes=tuple(type(b.mixer.module).__name__ for b in layers))
 
 
-def _int_or_none(value: Any) -> int | None:
-    """An int config value, or None."""
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+@dataclass(frozen=True, eq=False)
+class Branches:
+    """One layer's data flow: its token mixer and MLP calls, the calls whose outputs it adds, and whether the MLP
+    reads the layer input."""
+
+    mixer: Call
+    mlp: Call
+    attn_added: Call
+    mlp_added: Call
+    parallel: bool
+
+
+def layer_branches(model: torch.nn.Module, trace: Trace, layer: int) -> Branches:
+    """What the probe saw of one decoder layer, or the refusal when it is not attention + MLP added to a residual."""
+    calls, block = trace.group("child", layer), trace.block(layer)
+    mixer, mlp = branch_modules(model, block, calls, layer)
+    if any(first_tensor(block.output) is c.output for c in calls if is_norm(c.module)):
+        raise not_a_decoder(model, f"layer {layer} normalises the residual stream itself (post-LN)")
+    return Branches(mixer, mlp, added_output(calls, mixer), added_output(calls, mlp),
+                    reads_layer_input(calls, block, mixer, mlp_entry(calls, mixer, mlp)))
+
+
+def attention_window(text: Any, types: tuple[str, ...] | None) -> int | None:
+    """The sliding window, when some layer uses one: every layer (no layer types) or the sliding ones."""
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    return window if types is None or any("sliding" in t for t in types) else None
 
 
 _DISCOVERED: weakref.WeakKeyDictionary[torch.nn.Module, Structure] = weakref.WeakKeyDictionary()

@@ -94,15 +94,21 @@ def array_shape(name: str, n_tokens: int, n_layers: int, d_model: int, top_k: in
     return tuple(sizes[d] for d in ARRAYS[name].dims)
 
 
+def activation_compressors(zstd_level: int | None) -> list[Any]:
+    """Codecs of the activation arrays after serialisation: the crc32c checksum alone by default (zstd saves about
+    a fifth of bf16's bytes but costs more CPU than writing them, benchmarks/README.md), zstd first when asked."""
+    return [Crc32cCodec()] if zstd_level is None else [ZstdCodec(level=zstd_level), Crc32cCodec()]
+
+
 def create_array(group: zarr.Group, name: str, layout: StoreLayout) -> None:
     """Create one empty array of the table in ``group``: shape from ``layout``, chunks along tokens, checksummed."""
     spec = ARRAYS[name]
     shape = array_shape(name, layout.n_tokens, len(layout.layers), layout.d_model, layout.top_k)
     chunks = tuple(layout.chunk_tokens if d == "token" else n for d, n in zip(spec.dims, shape))
     dtype = array_dtype(name, layout.dtype)
+    codecs = activation_compressors(layout.zstd_level) if spec.dtype == "activation" else compressors("int32")
     group.create_array(name, shape=shape, chunks=chunks, dtype=STORED_DTYPES.get(dtype, dtype), fill_value=0,
-                       compressors=compressors(dtype if spec.dtype == "activation" else "int32"),
-                       dimension_names=spec.dims)
+                       compressors=codecs, dimension_names=spec.dims)
 
 
 
@@ -118,6 +124,7 @@ class StoreLayout:
     dtype: str
     chunk_tokens: int
     task: bool = False  # a task store (schema 1.2): also the per-token arrays TASK_ARRAYS
+    zstd_level: int | None = None  # activations: crc32c only (None), or zstd at this level first
 
     def activation_arrays(self) -> dict[str, tuple[str, ...]]:
         """Name → dimension names of each activation array this layout stores."""
@@ -149,7 +156,7 @@ def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         create_array(group, name, layout)
     if layout.sites:
         layer = group.create_array("layer", shape=(len(layout.layers),), dtype="int32",
-                                   dimension_names=("layer",), compressors=None)
+                                   dimension_names=("layer",), compressors=[Crc32cCodec()])  # 1.3: checksummed
         layer[:] = np.asarray(layout.layers, dtype=np.int32)
 
 

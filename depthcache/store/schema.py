@@ -410,9 +410,9 @@ def validate(location: str, read_chunks: bool = True, storage_options: Mapping[s
 
 
 def verified(problems: Problems) -> str:
-    """What a full validation decoded and checksummed, in words ('192 activation and token chunks, ...')."""
+    """What a full validation decoded and checked, in words ('2 model head arrays (crc32c), ...')."""
     parts = [f"{n:,} {what}" for what, n in problems.read.items()]
-    return f"read and verified {', '.join(parts)}" if parts else "no chunk committed yet"
+    return ", ".join(parts) if parts else "no chunk committed yet"
 
 
 def validate_store(location: str, read_chunks: bool = True,
