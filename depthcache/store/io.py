@@ -294,6 +294,8 @@ def with_private_dims(ds: xr.Dataset, taken: Iterable[str]) -> xr.Dataset:
 
 def open_result(location: Any, group: str | None = None, **kwargs: Any) -> xr.Dataset:
     """A result dataset written by ``write_dataset_atomically``, with its dimensions under their own names again."""
+    import xarray as xr  # here, not at the top: writing a store (extract) never imports xarray
+
     ds = xr.open_zarr(location, group=group, consolidated=False, **kwargs)
     renamed = ds.attrs.pop(RENAMED_DIMS_ATTR, None)
     if renamed is None:
