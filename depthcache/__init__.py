@@ -1,8 +1,9 @@
 """depthcache: cache a language model's per-layer activations in Zarr and analyse how it uses its depth.
 
-``depthcache.open(STORE)`` is the checked way into a store (the same reader as ``xr.open_dataset(STORE,
-engine="depthcache")``); ``depthcache.as_float32(ds)`` makes bf16 activations ready for arithmetic. Both load lazily,
-so ``import depthcache`` stays cheap for the command line.
+``depthcache.extract(model, texts, out=STORE)`` caches a model's activations (a transformers model with its tokenizer,
+or a spec; texts, a ``datasets.Dataset`` or a spec); ``depthcache.open(STORE)`` is the checked way into a store (the
+same reader as ``xr.open_dataset(STORE, engine="depthcache")``); ``depthcache.as_float32(ds)`` makes bf16 activations
+ready for arithmetic. All load lazily, so ``import depthcache`` stays cheap for the command line.
 """
 
 from typing import Any
@@ -15,7 +16,8 @@ register_bounded_zstd()
 
 __version__ = "0.1.0"
 
-_LAZY = {"open": ("depthcache.store.backend", "open_store"), "as_float32": ("depthcache.store.backend", "as_float32")}
+_LAZY = {"open": ("depthcache.store.backend", "open_store"), "as_float32": ("depthcache.store.backend", "as_float32"),
+         "extract": ("depthcache.extraction.api", "extract")}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +30,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'depthcache' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "as_float32", "open"]
+__all__ = ["__version__", "as_float32", "extract", "open"]

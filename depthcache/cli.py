@@ -86,10 +86,18 @@ def main() -> None:
 
 @main.command()
 @click.option("--data", default="pydoc-topics", show_default=True,
-              help="Built-in dataset name, .txt file, folder of .txt files, .jsonl with a 'text' field, or a task, "
-                   "one window per item: task:NAME?n=N&seed=S&OPTION=VALUE, e.g. task:two-hop-facts?n=60, "
-                   "task:arithmetic-chain?max_ops=3, task:FILE.jsonl (n counts items, as --task NAME --n N does in "
-                   "erase, igrad and evaluate).")
+              help="Built-in dataset name, .txt file, folder of .txt files, .jsonl, a Hugging Face dataset folder "
+                   "(save_to_disk) or .parquet/.arrow/.csv file, or a task, one window per item: "
+                   "task:NAME?n=N&seed=S&OPTION=VALUE, e.g. task:two-hop-facts?n=60, task:arithmetic-chain?max_ops=3, "
+                   "task:FILE.jsonl (n counts items, as --task NAME --n N does in erase, igrad and evaluate).")
+@click.option("--text-field", default="text", show_default=True, help="Record field holding each document's text.")
+@click.option("--prompt-field", default=None,
+              help="Read records as task items: the prompt's field, or a template such as "
+                   "'Question: {question}\nAnswer:' (one window per item; task:DATA?n=100 takes a seeded subset).")
+@click.option("--answer-field", default="answer", show_default=True, help="With --prompt-field: the answer's field.")
+@click.option("--answer-after", default=None, help="The answer is the text after the last MARKER (GSM8K: '####').")
+@click.option("--answer-regex", default=None, help="The answer is the regex's first match (its group 1 if any).")
+@click.option("--split", default=None, help="Split of a saved DatasetDict (default: train, or its only split).")
 @click.option("--out", required=True, help="Store to create (a folder ending in .zarr).")
 @click.option("--sites", default="resid,attn,mlp", show_default=True,
               help="Which activations to store: resid (resid_pre + resid_final), attn, mlp.")
@@ -131,9 +139,13 @@ def main() -> None:
 def extract(finalize: bool, skip: str | None, skip_sublayer: str, skip_tokens: int, skip_variant: str,
             skip_prefix: str, **kw: Any) -> None:
     """Run a model over a dataset and store every layer's residual stream and sublayer outputs."""
+    from depthcache.extraction.data import DataFields
     from depthcache.extraction.engine import ExtractOptions, finalize_store
     from depthcache.extraction.engine import extract as run_extract
     from depthcache.extraction.workers import worker_from_env
+
+    kw["fields"] = DataFields(*(kw.pop(name) for name in ("text_field", "prompt_field", "answer_field", "answer_after",
+                                                          "answer_regex", "split")))
 
     if finalize:
         attrs = finalize_store(kw["out"])
@@ -477,13 +489,30 @@ def prune_copy(model: str, keep: str, out: str) -> None:
     click.echo(f"{make_copy(model, keep, out)}: pruned copy of {model} (kept layers: {keep})")
 
 
+@main.command(name="lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                               "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval(args: tuple[str, ...]) -> None:
+    """lm-evaluation-harness's command line with the 'depthcache' backend: --model depthcache --model_args
+    pretrained=smollm2-135m,remove=20-29 --tasks TASK --include_path FOLDER (needs depthcache[harness])."""
+    try:
+        from depthcache.evaluate.harness import main as harness_main
+    except ImportError as exc:
+        raise DepthcacheError("lm-eval is not installed: pip install 'depthcache[harness]'") from exc
+    harness_main(list(args))
+
+
 @main.group()
 def evaluate() -> None:
     """Score a model on a task with parts of it removed (likelihood- vs generation-based evaluation)."""
 
 
 @evaluate.command()
-@task_options(required=True, seed=True)
+@task_options(required=False, seed=True)
+@click.option("--harness", default=None,
+              help="Score with lm-evaluation-harness instead of --task: local task YAMLs or task names under "
+                   "--include-path, comma-separated (needs depthcache[harness]; --n limits the harness's documents).")
+@click.option("--include-path", default=None, help="With --harness: a folder of local harness task YAMLs.")
 @click.option("--layers", default="all", show_default=True, help=f"Candidate layers to remove: a {LAYERS_HELP}.")
 @click.option("--metric", "metrics", default="likelihood,generation", show_default=True,
               help="likelihood (gold log-prob, accuracy among choices) and/or generation (greedy, exact match).")
@@ -505,8 +534,12 @@ def prune(**kw: Any) -> None:
 
     from depthcache.evaluate import PruneOptions, evaluate_prune
 
-    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task']).stem}"
+    kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task'] or (kw['harness'] or 'task').split(',')[0]).stem}"
     ds = evaluate_prune(PruneOptions(**kw))
+    if kw["harness"]:
+        click.echo(ds.to_dataframe().to_string())
+        click.echo(f"written to {kw['out']}/ (prune-harness.zarr, prune-harness.csv)")
+        return
     click.echo(ds[["n_removed", "removed_layer", "mean_gold_logprob", "choice_accuracy",
                    "exact_match_rate"]].to_dataframe().to_string())
     click.echo(f"written to {kw['out']}/ (prune.zarr, prune.csv, prune-items.csv, prune.png)")

@@ -45,7 +45,7 @@ METRICS = ("likelihood", "generation")
 class PruneOptions:
     """What ``evaluate prune`` scores, and where it writes."""
 
-    task: str
+    task: str | None = None  # a depthcache task (built-in or .jsonl); optional with ``harness``
     model: str = DEFAULT_MODEL
     layers: str = "all"  # the candidates for removal
     metrics: tuple[str, ...] = METRICS
@@ -59,6 +59,8 @@ class PruneOptions:
     out: str | None = None  # folder for the outputs (None: return the dataset only)
     progress: bool | None = None  # None: a bar on a terminal, a line per step elsewhere
     resume: bool = False  # continue from OUT/prune.partial
+    harness: str | None = None  # score with lm-evaluation-harness: a task YAML, or a task name under include_path
+    include_path: str | None = None  # folder of local harness task YAMLs
 
 
 def parse_metrics(spec: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -73,6 +75,11 @@ def parse_metrics(spec: str | tuple[str, ...]) -> tuple[str, ...]:
 
 def check_prune_options(opts: PruneOptions) -> None:
     """Refuse bad options before the task or the model is loaded."""
+    if opts.task is None and opts.harness is None:
+        raise DepthcacheError("give --task (a depthcache task) or --harness (an lm-evaluation-harness task)")
+    if opts.harness is not None and opts.task is None and opts.order in ("influence", "greedy"):
+        raise DepthcacheError(f"--order {opts.order} ranks layers on --task's items: give --task too, or use "
+                              "--order last-first / first-first")
     parse_metrics(opts.metrics)
     check_order(opts.order)
     for name in ("steps", "max_new_tokens", "batch_size"):
@@ -168,6 +175,10 @@ def evaluate_prune(opts: PruneOptions, loaded: LoadedModel | None = None) -> xr.
     """Score ``opts.task`` with 0, 1, 2, ... layers removed; writes the outputs when ``opts.out`` is set, saving
     each step as it finishes in OUT/prune.partial (``opts.resume`` continues from there)."""
     check_prune_options(opts)
+    if opts.harness is not None:
+        from depthcache.evaluate.harness import harness_prune
+
+        return harness_prune(opts)
     metrics = parse_metrics(opts.metrics)
     items = load_task(opts.task, opts.n, opts.seed)
     device = str(resolve_device(opts.device))

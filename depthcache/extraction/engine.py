@@ -25,7 +25,7 @@ import zarr
 import depthcache
 from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError, Interrupted
-from depthcache.extraction.data import DEFAULT_DATASET, load_documents
+from depthcache.extraction.data import DEFAULT_DATASET, DataFields, load_documents
 from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
 from depthcache.extraction.model_group import write_model_group
 from depthcache.extraction.preflight import Sizes, preflight
@@ -107,6 +107,7 @@ class ExtractOptions:
     queue_batches: int = 2
     check: bool = True  # the load check before anything is written (--no-check: only for users who know why)
     zstd_level: int | None = None  # activations: checksummed only (None) or zstd-compressed at this level
+    fields: DataFields = DataFields()  # which record fields are the text, or a task's prompt and answer
 
 
 @dataclass
@@ -203,9 +204,11 @@ def library_versions() -> dict[str, str]:
 
 
 def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_sha: str, n_docs: int, plan: Plan,
-               device: str, chunk_tokens: int) -> dict[str, Any]:
+               device: str, chunk_tokens: int, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """The root attributes of a new store (schema ``SCHEMA_VERSION``): with the model's discovered structure and its
-    load-check errors (None when the check was skipped)."""
+    load-check errors (None when the check was skipped), and how the documents were read (``details``: datasets
+    fingerprint, fields)."""
+    details = {k: v for k, v in (details or {}).items() if v is not None and v != {}}
     model = loaded.model
     config = model.config
     structure, result = checked(model, opts.check)
@@ -223,7 +226,8 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
                   "parallel_residual": structure.parallel,
                   "structure": structure.attrs(),
                   "load_check": None if result is None else result.attrs()},
-        "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs},
+        "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs,
+                    **details},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
                     "seq_len": opts.seq_len, "batch_size": opts.batch_size, "dtype": opts.dtype, "top_k": opts.top_k,
                     "device": device},
@@ -491,19 +495,21 @@ def make_plan(opts: ExtractOptions, loaded: LoadedModel, docs: Documents, n_laye
                              bos_token_id(loaded.tokenizer), opts.max_tokens), parse_layers(opts.layers, n_layers))
 
 
-def extract(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str, Any]:
-    """Run (or resume) one extraction into ``opts.out`` (with ``loaded`` if given); returns the final attributes.
+def extract(opts: ExtractOptions, loaded: LoadedModel | None = None, docs: Documents | None = None) -> dict[str, Any]:
+    """Run (or resume) one extraction into ``opts.out`` (with ``loaded`` and ``docs`` if given, else as ``opts.model``
+    and ``opts.data`` say); returns the final attributes.
 
     SIGINT and SIGTERM stop it at the last committed chunk (the chunk being filled is dropped) and raise
     Interrupted, whose message says how to resume."""
     with stop_on_signals():
         try:
-            return extract_store(opts, loaded)
+            return extract_store(opts, loaded, docs)
         except Interrupted as exc:
             raise Interrupted(exc.signum, interrupted_message(exc.signum, opts.out)) from None
 
 
-def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None) -> dict[str, Any]:
+def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs: Documents | None = None
+                  ) -> dict[str, Any]:
     """The body of ``extract``: every check (options, destination, model, limits, machine), then the store."""
     check_options(opts)
     sites = parse_sites(opts.sites)
@@ -511,7 +517,7 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None) -> di
     resuming = check_destination(opts.out, opts.resume or worker.count > 1)
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
-    docs = load_documents(opts.data)
+    docs = docs if docs is not None else load_documents(opts.data, opts.fields)
     loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
     structure, _ = checked(loaded.model, opts.check)  # a model passed in is checked here, before any store exists
     plan = make_plan(opts, loaded, docs, structure.n_layers)
@@ -520,7 +526,7 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None) -> di
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
                                                             STORED_DTYPES[opts.dtype].itemsize, plan.n_tokens)
-    attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens)
+    attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens, docs.details)
     attrs["layout"]["num_workers"] = worker.count
     task = isinstance(docs, TaskDocuments)
     if task:

@@ -48,5 +48,6 @@ def write_model_group(root: zarr.Group, loaded: Any) -> None:
         _array(group, "unembed_bias", head["unembed_bias"], ("vocab",))
     tok = root.create_group(TOKENIZER_GROUP)
     for i, (name, data) in enumerate(sorted(loaded.tokenizer_files.items())):
-        arr = _array(tok, f"file_{i}", np.frombuffer(data, dtype=np.uint8), ("byte",))
+        # each file its own dimension (schema 1.3): files of different lengths under one name break xr.open_datatree
+        arr = _array(tok, f"file_{i}", np.frombuffer(data, dtype=np.uint8), (f"byte_{i}",))
         arr.attrs["filename"] = name

@@ -410,7 +410,7 @@ def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedMod
     if not exists:
         check_destination(opts.out, resume=False)
     device = str(resolve_device(opts.device))
-    docs = load_documents(opts.data)
+    docs = load_documents(opts.data, opts.fields)
     loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
     structure, _ = checked(loaded.model, opts.check)
     depth = structure.n_layers

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from depthcache.errors import DepthcacheError
 
 
 @dataclass(frozen=True)
 class Documents:
-    """A named list of documents with a content hash (provenance)."""
+    """A named list of documents with a content hash (provenance) and how they were read (``details``: the
+    datasets fingerprint and the fields used, recorded in the store's ``dataset`` attributes)."""
 
     name: str
     texts: tuple[str, ...]
+    details: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def sha256(self) -> str:

@@ -16,8 +16,9 @@ from depthcache.model.loading import (
                                             load_model,
                                             resolve_device,
                                             tokenizer_files,
+                                            wrap_model,
 )
-from depthcache.model.pruned import prune_copy, prune_model
+from depthcache.model.pruned import prune_copy, prune_model, removed_layers
 from depthcache.model.restart import Clean, answer_probs, clean_run, frozen, run_from
 from depthcache.model.skips import Skip, only_layers
 from depthcache.model.structure import (
@@ -35,5 +36,5 @@ __all__ = ["ALIASES", "TOLERANCES", "Capture", "CaptureInto", "CheckResult", "Cl
            "Skip",
            "Structure", "answer_probs", "cache_dir", "check_model", "checked", "clean_run", "decoder_layers",
            "discover", "file_sha256", "first_tensor", "frozen", "load_model", "model_head", "n_layers", "only_layers",
-           "prune_copy", "prune_model", "relative_errors", "resolve_device", "run_from", "structure_of", "submodule",
-           "token_runs", "tokenizer_files"]
+           "prune_copy", "prune_model", "relative_errors", "removed_layers", "resolve_device", "run_from", "structure_of",
+           "submodule", "token_runs", "tokenizer_files", "wrap_model"]

@@ -566,6 +566,34 @@ def _transformers_bars(show: bool | None) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """One sha256 over a model's state (names, dtypes, shapes and bytes, by name): the weights' fingerprint."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{data.dtype}\0{tuple(data.shape)}\0".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str | None = None,
+               check: bool = True) -> LoadedModel:
+    """A model and tokenizer already loaded in Python (e.g. a notebook's), in eval mode, with provenance: its
+    ``name_or_path`` as the spec and a fingerprint of its current weights (so a fine-tuned model is told apart); its
+    structure is discovered and, unless ``check`` is False, proven by the load check."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise DepthcacheError(f"expected a transformers model (PreTrainedModel), got {type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "save_pretrained"):
+        raise DepthcacheError("a model passed as an object needs its tokenizer: depthcache.extract(model, texts, "
+                              "tokenizer=tokenizer, ...) or depthcache.extract((model, tokenizer), texts, ...)")
+    name = str(spec or getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    checked(model.eval(), check)
+    provenance = {"spec": name, **_provenance("memory", weights_sha256=parameters_sha256(model)),
+                  "architecture": _architecture(model), "model_type": model.config.model_type}
+    provenance["display_name"] = Path(name).name if Path(name).expanduser().exists() else name
+    return LoadedModel(model, tokenizer, provenance, tokenizer_files(tokenizer))
+
+
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                progress: bool | None = None, check: bool = True) -> LoadedModel:
     """Load a causal LM named by alias, .gguf path, local folder or hub id, in eval mode on device, with provenance;

@@ -8,6 +8,8 @@ config, per-layer config lists (``layer_types``) and each attention module's ``l
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +50,36 @@ def prune_model(model: torch.nn.Module, keep: tuple[int, ...]) -> torch.nn.Modul
     if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n_before:
         config.layer_types = [config.layer_types[i] for i in keep]
     return model
+
+
+@contextmanager
+def removed_layers(model: torch.nn.Module, removed: Iterable[int]) -> Iterator[tuple[int, ...]]:
+    """The model with the ``removed`` decoder layers taken out (as ``prune_model`` does: layer indices, layer count,
+    per-layer config and the recorded structure renumbered, so KV caches and ``generate`` see a shallower model);
+    restored on exit. Yields the kept layers."""
+    structure = structure_of(model)
+    layers = decoder_layers(model, structure)
+    gone = set(removed)
+    keep = tuple(i for i in range(len(layers)) if i not in gone)
+    if not keep:
+        raise DepthcacheError(f"removing layers {sorted(gone)} leaves none of the {len(layers)}")
+    if not gone:
+        yield keep
+        return
+    parent_path, _, name = structure.layers.rpartition(".")
+    parent, config = submodule(model, parent_path), model.config.get_text_config()
+    saved_config = {key: getattr(config, key) for key in (*LAYER_COUNT_KEYS, "layer_types") if hasattr(config, key)}
+    saved_idx = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
+    prune_model(model, keep)
+    try:
+        yield keep
+    finally:
+        setattr(parent, name, layers)
+        remember(model, structure)
+        for module, index in saved_idx:
+            module.layer_idx = index
+        for key, value in saved_config.items():
+            setattr(config, key, value)
 
 
 def prune_copy(model_spec: str, keep: str, out: str) -> Path:

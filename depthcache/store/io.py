@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -276,9 +276,42 @@ def checksummed_encoding(ds: xr.Dataset) -> dict[str, dict]:
             for name in ds.variables}
 
 
-def write_dataset_atomically(ds: xr.Dataset, folder: Path) -> None:
+RENAMED_DIMS_ATTR = "depthcache_renamed_dims"
+RESULT_DIM_PREFIX = "result_"
+
+
+def with_private_dims(ds: xr.Dataset, taken: Iterable[str]) -> xr.Dataset:
+    """``ds`` with each dimension named in ``taken`` renamed ``result_<dim>`` (recorded in an attribute): a result
+    stored inside a store must not reuse the store's own dimension names with other sizes, or generic readers such
+    as ``xr.open_datatree`` refuse the whole tree (schema 1.3)."""
+    renames = {dim: RESULT_DIM_PREFIX + str(dim) for dim in ds.dims if dim in set(taken)}
+    if not renames:
+        return ds
+    out = ds.rename(renames)
+    out.attrs[RENAMED_DIMS_ATTR] = json.dumps({new: old for old, new in renames.items()})
+    return out
+
+
+def open_result(location: Any, group: str | None = None, **kwargs: Any) -> xr.Dataset:
+    """A result dataset written by ``write_dataset_atomically``, with its dimensions under their own names again."""
+    import xarray as xr  # here, not at the top: writing a store (extract) never imports xarray
+
+    ds = xr.open_zarr(location, group=group, consolidated=False, **kwargs)
+    renamed = ds.attrs.pop(RENAMED_DIMS_ATTR, None)
+    if renamed is None:
+        return ds
+    try:
+        names = {new: old for new, old in json.loads(renamed).items() if new in ds.dims or new in ds.variables}
+    except (ValueError, AttributeError) as exc:
+        raise DepthcacheError(f"result {location}{'/' + group if group else ''} has a malformed "
+                              f"{RENAMED_DIMS_ATTR} attribute") from exc
+    return ds.rename(names)
+
+
+def write_dataset_atomically(ds: xr.Dataset, folder: Path, avoid_dims: Iterable[str] = ()) -> None:
     """Write ``ds`` as a checksummed Zarr v3 group at ``folder`` via a hidden sibling renamed into place: never
-    partial."""
+    partial; dimensions named in ``avoid_dims`` are stored under private names (read back by ``open_result``)."""
+    ds = with_private_dims(ds, avoid_dims)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.writing-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

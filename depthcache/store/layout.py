@@ -37,6 +37,7 @@ SCHEMA_VERSION = "1.3"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index
 CHECKSUMMED_HEAD = (1, 3)  # the first schema version whose model/ arrays carry crc32c
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
+ROOT_DIMS = ("layer", "token", "d_model", "k")  # results stored inside a store rename these (io.with_private_dims)
 TARGET_CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_TOKENS = 16
 

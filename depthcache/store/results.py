@@ -31,7 +31,16 @@ import zarr
 import depthcache
 from depthcache.errors import DepthcacheError
 from depthcache.limits import MAX_RESULT_BYTES
-from depthcache.store.io import can_write, is_url, local_name, model_display_name, parse_json, write_dataset_atomically
+from depthcache.store.io import (
+    can_write,
+    is_url,
+    local_name,
+    model_display_name,
+    open_result,
+    parse_json,
+    write_dataset_atomically,
+)
+from depthcache.store.layout import ROOT_DIMS
 from depthcache.store.layout import is_checksummed
 from depthcache.store.reader import Store
 
@@ -226,8 +235,8 @@ def load(entry: Entry) -> xr.Dataset | None:
     """An entry's dataset in memory, or None when it is unreadable, implausibly large, not checksummed or fails its
     checksums (stores are untrusted: such a result is recomputed, never used)."""
     try:
-        ds = xr.open_zarr(entry.place.location, group=entry.place.path(entry.name, entry.key), consolidated=False,
-                          storage_options=entry.place.options)
+        ds = open_result(entry.place.location, group=entry.place.path(entry.name, entry.key),
+                         storage_options=entry.place.options)
         if ds.nbytes > MAX_RESULT_BYTES or not all(is_checksummed(v.encoding.get("compressors"))
                                                     for v in ds.variables.values()):
             return None
@@ -260,7 +269,7 @@ def save(result: xr.Dataset, meta: dict[str, Any], store: Store, results_dir: st
     results.require_group(name)
     result.attrs[RESULT_ATTR] = json.dumps(meta)
     folder = Path(place.location) / place.path(name, key)
-    write_dataset_atomically(result, folder)
+    write_dataset_atomically(result, folder, avoid_dims=ROOT_DIMS if place.prefix else ())  # inside the store
     return folder
 
 

@@ -1,0 +1,94 @@
+"""depthcache.torch.ActivationDataset: every committed token exactly once per epoch across workers and ranks, rows
+equal to the store's, shuffling by whole chunks, bf16 tensors, metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, save_tiny_model
+
+import depthcache
+from depthcache.errors import DepthcacheError
+from depthcache.torch import ActivationDataset, Shard, chunk_order, shard_chunks
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A bf16 store with 11 chunks of 16 tokens (the last one short) and a float32 task store."""
+    root = tmp_path_factory.mktemp("torch-stores")
+    model = save_tiny_model("llama", root / "llama")
+    texts = [" ".join(CORPUS[(i + j) % 4] for j in range(i % 3 + 1)) for i in range(8)]
+    depthcache.extract(str(model), texts, out=root / "bf16.zarr", seq_len=32, chunk_tokens=16, device="cpu",
+                       max_tokens=170)
+    depthcache.extract(str(model), "task:two-hop-facts?n=2", out=root / "task.zarr", dtype="float32", seq_len=64,
+                       chunk_tokens=16, device="cpu")
+    return {"bf16": root / "bf16.zarr", "task": root / "task.zarr"}
+
+
+def read_all(dataset: ActivationDataset, workers: int) -> list[dict[str, torch.Tensor]]:
+    """Every batch a DataLoader with ``workers`` processes yields."""
+    return list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers))
+
+
+def test_every_token_once_per_epoch_across_two_workers_and_two_ranks(stores: dict[str, Path]) -> None:
+    ds = depthcache.open(stores["bf16"])
+    assert ds.sizes["token"] == 170
+    expected = ds.depthcache.float32().resid_pre.sel(layer=[1, 3]).values  # (layer, token, d_model)
+    for epoch in (0, 1):
+        seen, orders = [], []
+        for rank in (0, 1):
+            data = ActivationDataset(stores["bf16"], "resid_pre", layers=[1, 3], batch_size=5, shuffle=True,
+                                     buffer_chunks=2, rank=rank, world_size=2)
+            data.set_epoch(epoch)
+            for batch in read_all(data, workers=2):
+                tokens = batch["token"].numpy()
+                assert batch["activations"].dtype == torch.float32 and batch["activations"].shape[1:] == (2, 64)
+                np.testing.assert_array_equal(batch["activations"].numpy(), expected[:, tokens].transpose(1, 0, 2))
+                np.testing.assert_array_equal(batch["position"].numpy(), ds.position.values[tokens])
+                np.testing.assert_array_equal(batch["next_token_id"].numpy(), ds.next_token_id.values[tokens])
+                seen += tokens.tolist()
+                orders.append(tokens)
+        assert sorted(seen) == list(range(170)), f"epoch {epoch}: tokens missing or repeated"
+        assert any(not np.all(np.diff(t) == 1) for t in orders), "rows inside a buffer are shuffled"
+
+
+def test_chunks_are_dealt_out_disjointly_and_reshuffled_each_epoch() -> None:
+    order = chunk_order(11, shuffle=True, seed=0, epoch=0)
+    parts = [shard_chunks(order, Shard(r, 2), Shard(w, 2)) for r in range(2) for w in range(2)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(11))
+    assert not np.array_equal(order, chunk_order(11, shuffle=True, seed=0, epoch=1))
+    assert np.array_equal(order, chunk_order(11, shuffle=True, seed=0, epoch=0))
+    assert chunk_order(11, shuffle=False, seed=0, epoch=3).tolist() == list(range(11))
+
+
+def test_rows_bf16_single_layer_final_residual_and_task_metadata(stores: dict[str, Path]) -> None:
+    ds = depthcache.open(stores["bf16"])
+    rows = list(ActivationDataset(stores["bf16"], "mlp_out", layers=2, dtype=torch.bfloat16))
+    assert len(rows) == 170 and rows[7]["activations"].shape == (64,) and rows[7]["activations"].dtype == torch.bfloat16
+    bits = ds.mlp_out.sel(layer=2).values.view(np.int16)
+    np.testing.assert_array_equal(torch.stack([r["activations"] for r in rows]).view(torch.int16).numpy(), bits)
+    final = next(iter(ActivationDataset(stores["bf16"], "resid_final", batch_size=170)))
+    np.testing.assert_array_equal(final["activations"].numpy(), ds.resid_final.values.astype(np.float32))
+    task = depthcache.open(stores["task"])
+    batch = next(iter(ActivationDataset(stores["task"], batch_size=1000)))
+    assert batch["activations"].shape == (task.sizes["token"], 4, 64)
+    np.testing.assert_array_equal(batch["answer_index"].numpy(), task.answer_index.values)
+    np.testing.assert_array_equal(batch["item"].numpy(), task.item.values)
+    dropped = list(ActivationDataset(stores["bf16"], batch_size=16, drop_last=True))
+    assert all(len(b["token"]) == 16 for b in dropped) and len(dropped) == 170 // 16
+    data = ActivationDataset(stores["bf16"], rank=1, world_size=2)
+    assert data.rows() == 16 * 5  # chunks 1, 3, 5, 7, 9
+
+
+def test_bad_requests_are_refused(stores: dict[str, Path]) -> None:
+    with pytest.raises(DepthcacheError, match="unknown site"):
+        ActivationDataset(stores["bf16"], "resid_post")
+    with pytest.raises(DepthcacheError, match="not stored"):
+        ActivationDataset(stores["bf16"], layers=[7])
+    with pytest.raises(DepthcacheError, match="no layers"):
+        ActivationDataset(stores["bf16"], "resid_final", layers=[0])
+    with pytest.raises(DepthcacheError, match="outside a world"):
+        next(iter(ActivationDataset(stores["bf16"], rank=2, world_size=2)))
