@@ -23,7 +23,7 @@ from depthcache.store.schema import validate_store
 
 # Facts about each family, known from its modeling code (not from discovery): what discovery must find.
 EXPECTED: dict[str, dict] = {
-    "llama": {"norm_kind": "rmsnorm", "parallel": False},
+    "llama": {"norm_kind": "rmsnorm", "parallel": False, "tied_embeddings": False},
     "mistral": {"sliding_window": 8, "layer_types": None},  # one window for every layer
     "qwen2": {"norm_kind": "rmsnorm", "sliding_window": None},  # layer_types: all full attention
     "gemma": {"norm_offset": 1.0, "embed_scale": 8.0, "tied_embeddings": True},
@@ -32,7 +32,8 @@ EXPECTED: dict[str, dict] = {
     "gemma3_text": {"norm_offset": 1.0, "embed_scale": 8.0, "attn_post_norm": True, "mlp_post_norm": True},
     "olmo2": {"attn_post_norm": True, "mlp_post_norm": True, "parallel": False},
     "mixtral": {"moe_layers": (0, 1, 2, 3)},
-    "qwen2_moe": {"moe_layers": (0, 1, 2, 3)},
+    "qwen2_moe": {"moe_layers": (0, 1, 2, 3), "mlp": ("mlp",) * 4},  # the whole mixture, shared expert included
+    "qwen3_moe": {"moe_layers": (0, 1, 2, 3), "mlp": ("mlp",) * 4},
     "olmoe": {"moe_layers": (0, 1, 2, 3)},
     "granitemoe": {"moe_layers": (0, 1, 2, 3), "branch_scale": 0.5, "logit_scale": 0.25, "embed_scale": 3.0},
     "gptj": {"parallel": True, "norm_kind": "layernorm"},

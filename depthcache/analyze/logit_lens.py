@@ -158,7 +158,8 @@ def logit_lens(store: Store, include_first: bool = False, max_tokens: Count | No
          "tokens_used": ((), sums[0, 0])},
         coords={"layer": layers, "relative_depth": ("layer", layers / store.n_layers)},
         attrs={"include_first": int(include_first), "n_layers": store.n_layers, "tokens": int(ds.sizes["token"]),
-               "description": "lens_l = softmax(unembed(final_norm(h_l))); layer L = the final residual (the "
+               "description": "lens_l = softmax(head(h_l)), head = the model's final norm, unembedding, logit "
+                              "scale and soft-cap; layer L = the final residual (the "
                               "output). Per token: KL(lens_l ‖ output) in nats, top-1 agreement, |top5_l ∩ "
                               "top5_output| / 5; means over tokens (float64); position 0 of each window "
                               f"{'included' if include_first else 'excluded'} (parameter include_first)"})
