@@ -140,7 +140,7 @@ def check_params(spec: Analysis, params: dict[str, Any]) -> None:
             raise DepthcacheError(f"analysis {spec.name!r} has no parameter {key!r}; its parameters (with defaults): "
                                   f"{describe_parameters(spec)}")
         if key in hints and not accepts(hints[key], value):
-            raise DepthcacheError(f"parameter {key}={json.dumps(value)[:100]} of {spec.name!r} must be "
+            raise DepthcacheError(f"parameter {key}={json.dumps(value)[:100]} of {spec.name!r} must be of type "
                                   f"{typing_name(hints[key])} (e.g. -p {key}={json.dumps(known[key].default)})")
 
 
