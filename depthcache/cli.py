@@ -11,7 +11,8 @@ import click
 from depthcache.defaults import DEFAULT_MODEL
 from depthcache.errors import DepthcacheError, Interrupted
 
-MODEL_HELP = "Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id."
+MODEL_HELP = ("Alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m), local HF folder, .gguf "
+              "file, or hub id.")
 TASK_HELP = ("Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl task file; "
              "the same task as extract --data task:NAME.")
 N_HELP = ("Task size: a seeded subset of N items (two-hop-facts: N chains, each with its hop items); default: the "
@@ -29,6 +30,12 @@ def options(*decorators: Any) -> Any:
     return apply
 
 
+progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Progress with ETA (default: a bar on a terminal, else a line per step or per minute on stderr; "
+         "--progress forces the bar, --no-progress silences both).")
+
+
 def model_options(batch_size: int, unit: str, progress: bool = True, model_help: str = MODEL_HELP) -> Any:
     """The options of every command that runs a model: --model, --device, --batch-size and --progress."""
     return options(
@@ -36,8 +43,7 @@ def model_options(batch_size: int, unit: str, progress: bool = True, model_help:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--batch-size", default=batch_size, show_default=True, type=int,
                      help=f"{unit} per forward pass."),
-        *([click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")]
-          if progress else []))
+        *([progress_option] if progress else []))
 
 
 def task_options(required: bool, seed: bool) -> Any:
@@ -94,6 +100,9 @@ def main() -> None:
 @model_options(batch_size=8, unit="Windows")
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]),
               help="Stored dtype of activations (bf16: half of f32's bytes, never overflows).")
+@click.option("--zstd-level", type=int, default=None,
+              help="Compress activation chunks with zstd at this level (default: checksum only; zstd 1 saves ~20% "
+                   "of bf16's bytes for more CPU time than writing them takes on most machines).")
 @click.option("--top-k", default=20, show_default=True, type=int, help="Top-k final log-probs kept per token.")
 @click.option("--chunk-tokens", default=None, type=int,
               help="Tokens per chunk (default: the largest power of two keeping a chunk of all layers ≤ 32 MiB, "
@@ -103,6 +112,9 @@ def main() -> None:
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
 @click.option("--worker-index", type=int, default=None, help="This process's index (default: $RANK / Slurm).")
 @click.option("--finalize", is_flag=True, help="Only mark a store written by several workers complete.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="The load check (the residual identity and the logit lens on 32 tokens) before anything is "
+                   "written; --no-check only if you know why.")
 @click.option("--skip", default=None,
               help="Also store layer-skip runs beside the baseline (runs/skip_<l>): one layer '7', one run per layer "
                    "'3,7', one run skipping several '3+7', 'each', or 'range 20-29'.")
@@ -255,7 +267,7 @@ def analysis_command(spec: Any) -> click.Command:
     return command
 
 
-@main.group(cls=AnalysisGroup)
+@main.group(cls=AnalysisGroup, subcommand_metavar="NAME STORE [ARGS]...")
 def analyze() -> None:
     """Compute an analysis from a store: `analyze NAME STORE` (`analyze list` shows every NAME).
 
@@ -311,6 +323,35 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
         click.echo(str(path))
 
 
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Folder for the figures, compare.csv and compare.md.")
+@click.option("--analyses", default=None,
+              help="Comma-separated subset of contributions, residual-norms, logit-lens, skip-effects, "
+                   "effective-depth, layer-map; each must then be available in every store (default: all, leaving "
+                   "out with a note what some store lacks).")
+@click.option("-p", "--param", "params", multiple=True,
+              help="key=value for every compared analysis that takes it, e.g. include_first=true (repeatable).")
+@click.option("--force", is_flag=True, help="Recompute the analyses even if cached results exist.")
+@click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
+@click.option("--results", default=None,
+              help="Folder for results when stores are not writable: one subfolder per store, named after it.")
+@storage_option
+def compare(stores: tuple[str, ...], out_dir: str, analyses: str | None, params: tuple[str, ...], force: bool,
+            scheduler: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
+    """Compare models on relative depth l / L: one figure per analysis, one line per store, and a table."""
+    from depthcache.analyze.compare import compare as run_compare
+
+    done = run_compare(stores, out_dir, [a.strip() for a in analyses.split(",")] if analyses else None,
+                       parse_params(params), force=force, scheduler_address=scheduler, results_dir=results,
+                       storage_options=parse_params(storage_options))
+    click.echo(done.summary)
+    for path in [*done.figures, *done.files]:
+        click.echo(str(path))
+
+
+
+
 def locate_options(command: Any) -> Any:
     """The options ``erase`` and ``igrad`` share: one prompt or a task, output store, model and device."""
     return options(
@@ -318,7 +359,10 @@ def locate_options(command: Any) -> Any:
         click.option("--answer", default=None, help="Its answer, a token continuation of the prompt, e.g. '28'."),
         task_options(required=False, seed=False),
         click.option("--out", required=True, help="Location-map store to write (a folder ending in .zarr)."),
-        model_options(batch_size=32, unit="Sequences"))(command)
+        click.option("--layers", default="all", show_default=True, help="Layers to map, e.g. 'all', '0-5,20'."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run from OUT.partial (each finished layer is saved there)."),
+        model_options(batch_size=64, unit="Sequences (erase: erased positions; igrad: points on the path)"))(command)
 
 
 @main.command()
@@ -339,9 +383,9 @@ def erase(**kw: Any) -> None:
 
 @main.command()
 @locate_options
-@click.option("--steps", default=256, show_default=True, type=int,
-              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 forward/backward "
-                   "passes).")
+@click.option("--steps", default=64, show_default=True, type=int,
+              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 points, evaluated "
+                   "--batch-size at a time in one forward/backward pass), before adaptive refinement.")
 @click.option("--tolerance", default=0.01, show_default=True, type=float,
               help="Bisect the intervals with the largest completeness error until |sum(attribution) - (f(h) - "
                    "f(baseline))| is at most this times max(|f(h) - f(baseline)|, 0.01).")
@@ -452,6 +496,9 @@ def evaluate() -> None:
 @model_options(batch_size=16, unit="Items", progress=False)
 @click.option("--out", default=None,
               help="Folder for prune.zarr, prune.csv, prune-items.csv and prune.png (default: runs/prune-TASK).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUT/prune.partial (each finished step is saved there).")
+@progress_option
 def prune(**kw: Any) -> None:
     """Remove more and more layers and score a task by likelihood and by generation at each step."""
     from pathlib import Path

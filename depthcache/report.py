@@ -21,7 +21,7 @@ import xarray as xr
 from depthcache.analyze.registry import load_all
 from depthcache.errors import DepthcacheError
 from depthcache.store import results
-from depthcache.store.io import parse_json
+from depthcache.store.io import model_display_name, parse_json
 from depthcache.store.reader import Store
 from depthcache.store.results import RESULT_ATTR
 
@@ -133,7 +133,7 @@ def build_report(location: str, storage_options: Mapping[str, Any] | None = None
     store = Store(location, dict(storage_options or {}))
     attrs = store.attrs
     found = cached_entries(store, results_dir)
-    title = f"depthcache report — {attrs['model']['spec']} on {attrs['dataset']['name']}"
+    title = f"depthcache report — {model_display_name(attrs['model'])} on {attrs['dataset']['name']}"
     body = [f"<h1>{esc(title)}</h1>", f"<p>Store <code>{esc(location)}</code>; runs: "
             f"{esc(', '.join(store.runs()) or '(none)')}; analyses: {esc(', '.join(found) or '(none)')}.</p>",
             "<h2>Provenance</h2>", table(provenance_rows(attrs), ("section", "field", "value"), "provenance")]

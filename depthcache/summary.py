@@ -10,6 +10,7 @@ from typing import Any
 import zarr
 
 from depthcache.store import results
+from depthcache.store.io import model_display_name
 from depthcache.store.reader import Store
 
 
@@ -40,6 +41,16 @@ def raw_bytes(group: zarr.Group, committed: int, total: int) -> int:
                (a.metadata.dimension_names or ()))
 
 
+def quantization_line(quantization: dict[str, Any] | None) -> str:
+    """'; Q4_1 GGUF SmolLM2-135M-Instruct.Q4_1.gguf (tensors F32 61, Q4_1 210), dequantized to float32' or ''."""
+    if not isinstance(quantization, dict):
+        return ""
+    tensors = ", ".join(f"{kind} {count}" for kind, count in (quantization.get("tensor_types") or {}).items())
+    return (f"\n           {quantization.get('type')} {str(quantization.get('format', '')).upper()} "
+            f"{quantization.get('source_file')} (tensors {tensors or 'n/a'}), "
+            f"dequantized to {quantization.get('dequantized_to')}")
+
+
 def summary(location: str, storage_options: Mapping[str, Any] | None = None, results_dir: str | None = None) -> str:
     """Multi-line description of a store (checked like every store read: schema, limits, array metadata) and of
     its cached analysis results (in the store, or in ``results_dir``)."""
@@ -53,7 +64,9 @@ def summary(location: str, storage_options: Mapping[str, Any] | None = None, res
     weights = (m.get("weights_sha256") or "")[:12] or "n/a"
     lines = [
         f"store      {location}  (schema {a['schema_version']}, created {a['created']})",
-        f"model      {m['spec']}  ({m['architecture']}, from {m['source']}, weights sha256 {weights}…)",
+        f"model      {model_display_name(m)}",
+        f"weights    {m['spec']}  ({m['architecture']}, from {m['source']}, sha256 {weights}…)"
+        f"{quantization_line(m.get('quantization'))}",
         f"layers     {len(o['layers'])} of {m['n_layers']} stored ({layer_ranges(o['layers'])}), d_model {m['d_model']}",
         f"sites      {', '.join(o['sites'])}   dtype {o['dtype']}   top-k {o['top_k']}",
         f"tokens     {p['tokens_committed']:,} of {lay['n_tokens']:,} committed"

@@ -43,10 +43,10 @@ def tiny_tokenizer(with_bos: bool) -> transformers.PreTrainedTokenizerFast:
                                                 pad_token="<pad>")
 
 
-def tiny_config(arch: str) -> transformers.PretrainedConfig:
-    """A 4-layer, d_model 64 config of one architecture family, ids inside the tiny vocabulary."""
+def tiny_config(arch: str, n_layers: int = 4) -> transformers.PretrainedConfig:
+    """An ``n_layers``-layer, d_model 64 config of one architecture family, ids inside the tiny vocabulary."""
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers, num_attention_heads=4,
                    max_position_embeddings=256, **common)
     if arch == "llama":
         return transformers.LlamaConfig(num_key_value_heads=2, **decoder)
@@ -57,16 +57,16 @@ def tiny_config(arch: str) -> transformers.PretrainedConfig:
     if arch == "olmo2":
         return transformers.Olmo2Config(num_key_value_heads=2, **decoder)
     if arch == "gpt2":
-        return transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=256, **common)
+        return transformers.GPT2Config(n_embd=64, n_layer=n_layers, n_head=4, n_positions=256, **common)
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(**decoder)
     raise ValueError(arch)
 
 
-def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
+def save_tiny_model(arch: str, folder: Path, seed: int = 0, n_layers: int = 4) -> Path:
     """Build a random tiny model of ``arch`` and save it with its tokenizer as a local HF folder."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch))
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, n_layers))
     # Random init leaves sublayer outputs tiny next to embeddings; scale up so every branch matters in tests.
     with torch.no_grad():
         for name, param in model.named_parameters():

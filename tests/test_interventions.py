@@ -20,9 +20,9 @@ from depthcache.errors import DepthcacheError
 from depthcache.extraction import skip_runs as interventions
 from depthcache.extraction.engine import ExtractOptions
 from depthcache.extraction.skip_runs import SkipOptions, extract_skips, parse_skip
-from depthcache.model.architectures import architecture_for, decoder_layers
 from depthcache.model.capture import Capture
 from depthcache.model.skips import Skip
+from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.store.reader import open_dataset
 
 
@@ -50,7 +50,7 @@ def arrays(group: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("sublayer", ["layer", "attn", "mlp"])
 def test_skipped_branch_adds_exactly_zero_and_earlier_layers_are_unchanged(arch, sublayer, tiny_models) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
-    spec = architecture_for(model)
+    spec = structure_of(model)
     layers = range(len(decoder_layers(model, spec)))
     ids = torch.randint(3, 300, (2, 12))
     mask = torch.ones_like(ids, dtype=torch.bool)
@@ -99,7 +99,7 @@ def test_skip_run_equals_a_model_whose_layer_returns_its_input(arch, tiny_models
     assert spec["prefix"] == "baseline" and spec["baseline_tokens"] == 64 and spec["layers"] == [2]
     np.testing.assert_array_equal(run.token_id.values, base.token_id.values[:n])
     manual = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
-    spec_m = architecture_for(manual)
+    spec_m = structure_of(manual)
     blocks = decoder_layers(manual, spec_m)
     blocks[2] = SkipAfterFirst(blocks[2])
     d_run = (run.attn_out + run.mlp_out).values

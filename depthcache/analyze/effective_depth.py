@@ -4,8 +4,8 @@ From the store's contributions and logit-lens results (computed, or taken from t
 results folder and scheduler as effective-depth itself):
 - cos_zero: where the mean cos(d_l, h_l) of the whole layer changes sign for good. Layer 0 is left out (its input
   is the token embedding, whose sign says nothing about the later layers); the reference sign is that of the first
-  stored layer after it, and the cutoff is the first later layer whose sign differs from the reference and stays
-  different for SUSTAIN consecutive stored layers (or up to the last stored layer);
+  stored layer after it, and the cutoff is the first later stored layer from which every stored layer up to the
+  last has the other sign (a dip across zero that comes back is not the change);
 - kl_drop: the first residual boundary whose logit-lens KL to the output is at most KL_FRACTION × the largest KL
   over every boundary, the final residual (layer L, KL 0: the output itself) included, in the scale and as a
   candidate, so a curve that reaches 0 at the output always has a cutoff;
@@ -29,8 +29,7 @@ from depthcache.store.reader import Store
 
 KL_FRACTION = 0.1
 TOP5_THRESHOLD = 0.2
-SUSTAIN = 2
-CUTOFFS = {"cos_zero": "cos(d_l, h_l) changes sign", "kl_drop": f"logit-lens KL ≤ {KL_FRACTION}×max",
+CUTOFFS = {"cos_zero": "cos(d_l, h_l) changes sign for good", "kl_drop": f"logit-lens KL ≤ {KL_FRACTION}×max",
            "top5_rise": f"logit-lens top-5 overlap > {TOP5_THRESHOLD}"}
 
 
@@ -40,20 +39,18 @@ def first(mask: np.ndarray) -> int:
     return int(hits[0]) if len(hits) else -1
 
 
-def sustained_flip(cos: np.ndarray, start: int) -> int:
-    """Index of the first entry after ``start`` whose sign differs from ``cos[start]``'s and stays different for
-    SUSTAIN entries (or to the end), or -1."""
-    flipped = np.signbit(cos) != np.signbit(cos[start]) if start < len(cos) else np.zeros(len(cos), bool)
-    for i in range(start + 1, len(cos)):
-        if flipped[i:i + SUSTAIN].all():
-            return i
-    return -1
+def lasting_flip(cos: np.ndarray, start: int) -> int:
+    """Index of the first entry after ``start`` from which every entry to the end has the other sign than
+    ``cos[start]``, or -1."""
+    flipped = np.signbit(cos) != np.signbit(cos[start])
+    kept = np.flip(np.logical_and.accumulate(np.flip(flipped)))  # kept[i]: flipped from i to the end
+    return first(kept[start + 1:]) + start + 1 if kept[start + 1:].any() else -1
 
 
 def cutoff_indices(cos: np.ndarray, cos_layers: np.ndarray, kl: np.ndarray, top5: np.ndarray) -> dict[str, int]:
     """Positions of the three cutoffs, -1 where never reached: into ``cos`` (per stored layer, with their indices
     ``cos_layers``) and into ``kl``/``top5`` (per boundary, the final residual last)."""
-    return {"cos_zero": sustained_flip(cos, first(cos_layers > 0)) if (cos_layers > 0).any() else -1,
+    return {"cos_zero": lasting_flip(cos, first(cos_layers > 0)) if (cos_layers > 0).any() else -1,
             "kl_drop": first(kl <= KL_FRACTION * np.nanmax(kl)),
             "top5_rise": first(top5 > TOP5_THRESHOLD)}
 
@@ -79,8 +76,8 @@ def summarise(contrib: xr.Dataset, lens: xr.Dataset, n_layers: int) -> xr.Datase
         attrs={"n_layers": n_layers, "notes": "; ".join(notes) or "every cutoff reached",
                "inputs": f"contributions {json_params(contrib)}, logit-lens {json_params(lens)}",
                "description": "cos_zero: the reference sign is the mean cos(d_l, h_l) of the first stored layer "
-                              "l > 0 (layer 0 reads the embedding); the cutoff is the first later stored layer with "
-                              f"the other sign that keeps it for {SUSTAIN} stored layers (or to the last); kl_drop: first boundary (layer inputs, "
+                              "l > 0 (layer 0 reads the embedding); the cutoff is the first later stored layer from "
+                              "which every stored layer to the last has the other sign; kl_drop: first boundary (layer inputs, "
                               f"then the output, layer L) whose mean logit-lens KL is at most {KL_FRACTION} × its "
                               "max over all boundaries; top5_rise: first boundary whose mean top-5 overlap exceeds "
                               f"{TOP5_THRESHOLD}; *_layer = -1 and *_depth = NaN when never reached; "

@@ -17,8 +17,9 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
+from depthcache.analyze.reduce import scratch
 from depthcache.analyze.registry import Count, analysis
-from depthcache.store.head import logits_from_residual
+from depthcache.store.head import apply_final_norm
 from depthcache.store.reader import Store
 
 LENS_TOKENS = 128
@@ -26,24 +27,73 @@ TOP = 5
 STATS = ("count", "kl", "top1", "top5")
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    """Log-probabilities of float32 logits (tokens, vocab); the normaliser's sum is pairwise in float32."""
-    shifted = z - z.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+BLOCKS = 64  # vocabulary blocks whose maxima bound each row's top-5 threshold from below
 
 
-def top_ids(z: np.ndarray, k: int) -> np.ndarray:
-    """(tokens, k) ids of the k largest logits per token (unordered)."""
-    return np.argpartition(z, -k, axis=-1)[:, -k:]
+def lens_logits(h: np.ndarray, head: dict[str, Any], key: str) -> np.ndarray:
+    """``logits_from_residual`` written into the per-thread buffer ``key``: the same product, without fresh pages
+    for every (tokens × vocab) result."""
+    normed = apply_final_norm(h, head)
+    out = np.matmul(normed, head["unembed"].T, out=scratch(key, (len(normed), head["unembed"].shape[0])))
+    return out if head["unembed_bias"] is None else np.add(out, head["unembed_bias"], out=out)
 
 
-def compare(z: np.ndarray, logp_final: np.ndarray, top1_final: np.ndarray, top5_final: np.ndarray) -> np.ndarray:
-    """(3, tokens) float64 KL(lens ‖ final), top-1 agreement (0/1), top-5 overlap of lens logits ``z``."""
-    logp = log_softmax(z)
-    kl = (np.exp(logp) * (logp - logp_final)).sum(axis=-1)
-    fifth = np.partition(z, -TOP, axis=-1)[:, -TOP]  # lens top-5 = logits ≥ the 5th largest (ties aside)
+def softmax_terms(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of float32 logits (tokens, vocab): the max m, exp(z - m) (in a reused buffer) and its float32 sum."""
+    m = block_maxima(z).max(axis=1)
+    e = np.subtract(z, m[:, None], out=scratch("lens_e", z.shape))
+    np.exp(e, out=e)
+    return m, e, e.sum(axis=1)
+
+
+def block_maxima(z: np.ndarray) -> np.ndarray:
+    """(tokens, blocks) maxima of about BLOCKS equal slices of each row (the last slice takes the remainder)."""
+    width = max(1, z.shape[1] // BLOCKS)
+    n = z.shape[1] // width
+    head = z[:, :n * width].reshape(z.shape[0], n, width).max(axis=2)
+    return head if n * width == z.shape[1] else np.concatenate([head, z[:, n * width:].max(axis=1)[:, None]], 1)
+
+
+def top_of_rows(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the index of the first maximum (as argmax) and the k-th largest value (as np.partition), found among
+    the entries at or above the k-th largest block maximum: only the few blocks whose maximum reaches that bound
+    are searched."""
+    t, vocab = z.shape
+    width = max(1, vocab // BLOCKS)
+    n = vocab // width
+    maxima = block_maxima(z)
+    bound = np.partition(maxima, -k, axis=1)[:, -k] if maxima.shape[1] >= k else maxima.min(axis=1)
+    block_rows, blocks = np.nonzero(maxima[:, :n] >= bound[:, None])
+    picked = z[:, :n * width].reshape(t, n, width)[block_rows, blocks]
+    sub_rows, sub_cols = np.nonzero(picked >= bound[block_rows, None])
+    rows, cols = block_rows[sub_rows], blocks[sub_rows] * width + sub_cols
+    if n * width < vocab:  # the remainder columns, searched whole
+        tail_rows, tail_cols = np.nonzero(z[:, n * width:] >= bound[:, None])
+        rows, cols = np.concatenate([rows, tail_rows]), np.concatenate([cols, tail_cols + n * width])
+    in_order = np.lexsort((cols, rows))
+    rows, cols = rows[in_order], cols[in_order]
+    values = z[rows, cols]
+    by_value = np.lexsort((-values, rows))  # by row, then value descending
+    starts = np.searchsorted(rows, np.arange(t))
+    kth = values[by_value][starts + k - 1]
+    first = np.flatnonzero(values == maxima.max(axis=1)[rows])
+    argmax = cols[first[np.searchsorted(rows[first], np.arange(t))]]
+    return argmax, kth
+
+
+def compare(z: np.ndarray, z_final: np.ndarray, lse_final: np.ndarray, top1_final: np.ndarray,
+            top5_final: np.ndarray) -> np.ndarray:
+    """(3, tokens) float64 KL(lens ‖ final), top-1 agreement (0/1), top-5 overlap of lens logits ``z``.
+
+    KL = Σ p (log p − log q) = Σ p (z − z_final) − lse(z) + lse(z_final), with p = exp(z − m) / Σ exp(z − m): one
+    exponential pass and one product pass over the vocabulary instead of two log-softmaxes."""
+    m, e, total = softmax_terms(z)
+    d = np.subtract(z, z_final, out=scratch("lens_d", z.shape))
+    lse = m.astype(np.float64) + np.log(total.astype(np.float64))
+    kl = np.vecdot(e, d).astype(np.float64) / total - lse + lse_final
+    argmax, fifth = top_of_rows(z, TOP)
     overlap = (np.take_along_axis(z, top5_final, axis=-1) >= fifth[:, None]).sum(axis=-1) / TOP
-    return np.stack([kl, z.argmax(axis=-1) == top1_final, np.minimum(overlap, 1.0)]).astype(np.float64)
+    return np.stack([kl, argmax == top1_final, np.minimum(overlap, 1.0)]).astype(np.float64)
 
 
 def chunk_sums(h: np.ndarray, final: np.ndarray, position: np.ndarray, head: dict[str, Any], *,
@@ -55,12 +105,16 @@ def chunk_sums(h: np.ndarray, final: np.ndarray, position: np.ndarray, head: dic
         rows = np.flatnonzero(keep[a:a + LENS_TOKENS]) + a
         if not len(rows):
             continue
-        z_final = logits_from_residual(final[rows], head)
-        logp_final, top1, top5 = log_softmax(z_final), z_final.argmax(axis=-1), top_ids(z_final, TOP)
+        z_final = lens_logits(final[rows], head, "lens_final")
+        m, _, total = softmax_terms(z_final)
+        lse_final = m.astype(np.float64) + np.log(total.astype(np.float64))
+        top1 = top_of_rows(z_final, 1)[0]
+        top5 = np.argpartition(z_final, -TOP, axis=-1)[:, -TOP:]
         out[0, 0] += len(rows)
         for layer in range(h.shape[0]):
-            out[0, 1:, layer] += compare(logits_from_residual(h[layer, rows], head), logp_final, top1, top5).sum(1)
-        out[0, 1:, -1] += compare(z_final, logp_final, top1, top5).sum(axis=1)
+            z = lens_logits(h[layer, rows], head, "lens_z")
+            out[0, 1:, layer] += compare(z, z_final, lse_final, top1, top5).sum(1)
+        out[0, 1:, -1] += compare(z_final, z_final, lse_final, top1, top5).sum(axis=1)
     return out
 
 

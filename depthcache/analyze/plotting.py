@@ -30,12 +30,13 @@ def save(fig: Figure, folder: Path, name: str) -> Path:
 
 
 def model_title(ds_attrs: dict, what: str) -> str:
-    """'<what> — <model spec> (<tokens> tokens)' from a result's attrs."""
+    """'<what>' over '<exact model name(s)> — <store name(s)>' from a result's attrs (models joined by →)."""
     import json
 
     meta = json.loads(ds_attrs.get("depthcache_analysis", "{}"))
     where = ", ".join(Path(p).name for p in meta.get("source_locations", []))
-    return f"{what} — {where}" if where else what
+    models = " → ".join(meta.get("models", []))
+    return f"{what}\n{models} — {where}" if models else (f"{what} — {where}" if where else what)
 
 
 def layer_axis(ax: Axes, axis: str = "x") -> None:

@@ -18,7 +18,7 @@ import xarray as xr
 
 from depthcache.errors import DepthcacheError
 
-FRAMEWORK_MODULES = {"registry", "runner", "reduce", "plotting", "text"}
+FRAMEWORK_MODULES = {"registry", "runner", "reduce", "plotting", "text", "compare"}  # not analyses
 
 
 @dataclass(frozen=True)

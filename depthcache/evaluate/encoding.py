@@ -3,6 +3,7 @@ KV cache handed back to the next incremental forward."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -63,3 +64,10 @@ def cache_argument(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     ``past_key_values`` (deprecated there, with a warning)."""
     takes_cache = "cache" in inspect.signature(model.forward).parameters
     return {"cache" if takes_cache else "past_key_values": cache}
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned: the ``cache`` field where the output has one (5.2x, where reading
+    ``past_key_values`` is deprecated and logs a warning), else ``past_key_values``."""
+    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
+    return out.cache if "cache" in names else out.past_key_values

@@ -10,6 +10,7 @@ from depthcache.evaluate.encoding import (
     encode_prompt,
     left_padded,
     pad_id,
+    returned_cache,
 )
 from depthcache.tasks import TaskItem
 
@@ -42,7 +43,7 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: list[str], words: list[in
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
-                        use_cache=True, **cache_argument(model, out.past_key_values))
+                        use_cache=True, **cache_argument(model, returned_cache(out)))
             position = position + 1
     return [tokenizer.decode(g, skip_special_tokens=True).split(STOP, 1)[0] for g in generated]
 

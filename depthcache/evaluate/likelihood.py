@@ -15,6 +15,7 @@ from depthcache.evaluate.encoding import (
     encode_prompt,
     left_padded,
     pad_id,
+    returned_cache,
     right_padded,
 )
 from depthcache.tasks import TaskItem
@@ -34,7 +35,7 @@ def batch_scores(model: torch.nn.Module, tokenizer, items: list[TaskItem],  # no
     scores = [np.zeros(len(c)) for c in conts]
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, first = out.past_key_values, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        cache, first = returned_cache(out), torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         lengths = mask.sum(-1, keepdim=True)
         for j in range(max(len(c) for c in conts)):
             seqs = [c[j] if j < len(c) else c[0] for c in conts]

@@ -12,7 +12,7 @@ import platform
 import queue
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,14 +50,13 @@ from depthcache.extraction.writer import ChunkWriter, resume_point
 from depthcache.layerspec import parse_layers
 from depthcache.model import (
     DEFAULT_MODEL,
-    Architecture,
-    Capture,
+    CaptureInto,
     LoadedModel,
-    architecture_for,
+    Structure,
+    checked,
     load_model,
-    n_layers,
-    parallel_residual,
     resolve_device,
+    token_runs,
 )
 from depthcache.store.head import tokenizer_sha256
 from depthcache.store.identity import differences
@@ -71,6 +70,7 @@ from depthcache.store.io import (
 )
 from depthcache.store.layout import (
     SCHEMA_VERSION,
+    SITE_ARRAYS,
     SITES,
     StoreLayout,
     choose_chunk_tokens,
@@ -78,6 +78,9 @@ from depthcache.store.layout import (
 )
 
 LAYERED = ("resid_pre", "attn_out", "mlp_out")
+SUMMARY_ROWS = 256  # logits rows per block of the output summary: temporaries of SUMMARY_ROWS x vocab floats
+# (first token, stored arrays, copy event (CUDA), release the arrays' buffers (or None)) of one batch
+Batch = tuple[int, dict[str, np.ndarray], "torch.cuda.Event | None", "Callable[[], None] | None"]
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -102,6 +105,8 @@ class ExtractOptions:
     num_workers: int = 1  # several processes writing disjoint shards of one store
     worker_index: int = 0
     queue_batches: int = 2
+    check: bool = True  # the load check before anything is written (--no-check: only for users who know why)
+    zstd_level: int | None = None  # activations: checksummed only (None) or zstd-compressed at this level
 
 
 @dataclass
@@ -137,6 +142,8 @@ def check_options(opts: ExtractOptions) -> None:
             raise DepthcacheError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.max_tokens is not None and opts.max_tokens < 1:
         raise DepthcacheError("--max-tokens must be at least 1")
+    if opts.zstd_level is not None and not 1 <= opts.zstd_level <= 22:
+        raise DepthcacheError("--zstd-level must be between 1 and 22 (faster levels do not compress activations)")
 
 
 def check_destination(out: str, resume: bool) -> bool:
@@ -185,32 +192,37 @@ def process_alive(pid: int) -> bool:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers."""
+    """Versions of the libraries that shape the numbers (xarray's from its metadata: importing it costs start-up)."""
+    from importlib.metadata import version
+
     import transformers
-    import xarray
 
     return {"depthcache": depthcache.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "zarr": zarr.__version__, "numpy": np.__version__, "xarray": xarray.__version__,
+            "zarr": zarr.__version__, "numpy": np.__version__, "xarray": version("xarray"),
             "python": platform.python_version()}
 
 
 def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_sha: str, n_docs: int, plan: Plan,
                device: str, chunk_tokens: int) -> dict[str, Any]:
-    """The root attributes of a new store (schema ``SCHEMA_VERSION``)."""
+    """The root attributes of a new store (schema ``SCHEMA_VERSION``): with the model's discovered structure and its
+    load-check errors (None when the check was skipped)."""
     model = loaded.model
     config = model.config
+    structure, result = checked(model, opts.check)
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "activations",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "model": {**loaded.provenance,
-                  "n_layers": n_layers(model),
-                  "d_model": int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
+                  "n_layers": structure.n_layers,
+                  "d_model": int(model.get_output_embeddings().weight.shape[1]),
                   "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
                   "config": config.to_diff_dict() | {"model_type": config.model_type},
                   "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer_files),
-                  "parallel_residual": parallel_residual(model)},
+                  "parallel_residual": structure.parallel,
+                  "structure": structure.attrs(),
+                  "load_check": None if result is None else result.attrs()},
         "dataset": {"spec": opts.data, "name": docs_name, "sha256": docs_sha, "n_documents": n_docs},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
                     "seq_len": opts.seq_len, "batch_size": opts.batch_size, "dtype": opts.dtype, "top_k": opts.top_k,
@@ -279,34 +291,125 @@ def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> 
     return {"next_logprob": next_lp, "topk_ids": ids.int(), "topk_logprobs": values - lse.unsqueeze(-1)}
 
 
-def run_batch(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions, first: int, last: int,
-              pad_id: int, device: str, drop: int) -> tuple[dict[str, np.ndarray], torch.cuda.Event | None]:
-    """Forward windows first..last-1 and return every stored array for their real tokens (minus the first ``drop``)."""
-    sites = parse_sites(opts.sites)
-    ids, mask = batch_inputs(plan.windows[first:last], opts.seq_len, pad_id, device)
+def captured_names(sites: tuple[str, ...]) -> tuple[str, ...]:
+    """The activation arrays a site list stores, in the store's order."""
+    return tuple(name for site in sites for name in SITE_ARRAYS[site])
+
+
+class BatchBuffers:
+    """Stored-dtype arrays for one batch of at most ``tokens`` tokens, in host memory (pinned when the model is on
+    CUDA), which the capture hooks (CPU) or the side-stream copies (CUDA) fill and the writer reads.
+
+    ``release`` hands them back to their pool once the writer has copied them into its chunk buffers.
+    """
+
+    def __init__(self, names: tuple[str, ...], n_layers: int, tokens: int, d_model: int, dtype: torch.dtype,
+                 device: str, pool: queue.Queue | None = None) -> None:
+        pinned = device.startswith("cuda")
+        self.host = {name: torch.empty(array_shape(name, n_layers, tokens, d_model), dtype=dtype, pin_memory=pinned)
+                     for name in names}
+        self.pool = pool
+
+    def arrays(self, n: int) -> dict[str, np.ndarray]:
+        """Numpy views of the first ``n`` tokens of every array (bf16 viewed through its bit pattern)."""
+        return {name: host_view(t[:, :n] if name in LAYERED else t[:n]) for name, t in self.host.items()}
+
+    def release(self) -> None:
+        """Back to the pool: the writer is done with these arrays."""
+        if self.pool is not None:
+            self.pool.put(self)
+
+
+def array_shape(name: str, n_layers: int, tokens: int, d_model: int) -> tuple[int, ...]:
+    """Shape of one batch's array: (layer, token, d_model) for the per-layer sites, (token, d_model) for resid_final."""
+    return (n_layers, tokens, d_model) if name in LAYERED else (tokens, d_model)
+
+
+def host_view(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16 as ml_dtypes' bfloat16 (numpy has no bf16 of its own)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(STORED_DTYPES["bfloat16"])
+    return tensor.numpy()
+
+
+class DeviceStage:
+    """CUDA only: capture targets on the device (two alternating sets) and a side stream that copies each batch's
+    kept rows into pinned host buffers while the next batch computes."""
+
+    def __init__(self, names: tuple[str, ...], n_layers: int, tokens: int, d_model: int, dtype: torch.dtype,
+                 device: str) -> None:
+        self.sets = [{name: torch.empty(array_shape(name, n_layers, tokens, d_model), dtype=dtype, device=device)
+                      for name in names} for _ in range(2)]
+        self.done: list[torch.cuda.Event | None] = [None, None]
+        self.stream = torch.cuda.Stream(device=device)
+        self.turn = 0
+
+    def targets(self) -> dict[str, torch.Tensor]:
+        """The device set for the next batch, once the side stream has finished copying it out two batches ago."""
+        done = self.done[self.turn]
+        if done is not None:
+            torch.cuda.current_stream().wait_event(done)
+        return self.sets[self.turn]
+
+    def copy_out(self, host: BatchBuffers, n: int) -> torch.cuda.Event:
+        """Queue the copies of the first ``n`` tokens to ``host`` on the side stream; the event marks their end."""
+        source = self.sets[self.turn]
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for name, t in source.items():
+                rows = (slice(None), slice(0, n)) if name in LAYERED else (slice(0, n),)
+                host.host[name][rows].copy_(t[rows], non_blocking=True)
+            event = self.stream.record_event()
+        self.done[self.turn] = event
+        self.turn = 1 - self.turn
+        return event
+
+
+def summary_rows(logits: torch.Tensor, runs: tuple[tuple[int, int, int], ...], next_ids: torch.Tensor,
+                 top_k: int) -> dict[str, torch.Tensor]:
+    """``output_summary`` of the kept rows ``runs`` of a (batch, seq, vocab) logits tensor, computed over blocks of
+    SUMMARY_ROWS rows of the whole batch: no gathered copy of the logits and small temporaries, with results
+    identical to ``output_summary`` of the gathered rows (each row's reductions are the same operations)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    index = torch.cat([torch.arange(a, b, device=flat.device) for a, b, _ in runs])
+    if len(index) < torch.get_num_threads():  # so few rows that torch would split each row's reduction
+        return output_summary(flat.index_select(0, index), next_ids, top_k)
+    bounds = list(range(0, flat.shape[0], SUMMARY_ROWS)) + [flat.shape[0]]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < torch.get_num_threads():
+        del bounds[-2]
+    lse, values, ids = [], [], []
+    for a, b in zip(bounds, bounds[1:]):
+        block = flat[a:b].float()
+        lse.append(torch.logsumexp(block, dim=-1))
+        top = torch.topk(block, top_k, dim=-1)
+        values.append(top.values)
+        ids.append(top.indices)
+    lse_kept = torch.cat(lse).index_select(0, index)
+    picked = flat[index, next_ids.clamp(min=0)].float() - lse_kept
+    next_lp = torch.where(next_ids >= 0, picked, torch.full_like(picked, float("nan")))
+    return {"next_logprob": next_lp, "topk_ids": torch.cat(ids).index_select(0, index).int(),
+            "topk_logprobs": torch.cat(values).index_select(0, index) - lse_kept.unsqueeze(-1)}
+
+
+def run_batch_into(model: torch.nn.Module, cap: CaptureInto, buffers: BatchBuffers, stage: DeviceStage | None,
+                   plan: Plan, opts: ExtractOptions, first: int, last: int, pad_id: int, device: str, drop: int,
+                   keep: int) -> tuple[dict[str, np.ndarray], torch.cuda.Event | None]:
+    """Forward windows first..last-1 with the hooks copying real tokens ``drop``..``drop + keep`` into ``buffers``
+    (via the device stage on CUDA); returns every stored array of those tokens and, on CUDA, the copies' event."""
+    windows = plan.windows[first:last]
+    ids, mask = batch_inputs(windows, opts.seq_len, pad_id, device)
     host = token_columns(plan, first, last)
-    real = mask.bool().flatten()
-    keep = None if bool(real.all()) else real.nonzero().squeeze(1)[drop:]
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        """(..., batch, seq, d) → (..., real tokens after ``drop``, d); a view when every position is real."""
-        flat = t.flatten(-3, -2)
-        return flat[..., drop:, :] if keep is None else flat.index_select(-2, keep)
-
-    with Capture(model, arch, plan.layers, sites, TORCH_DTYPES[opts.dtype]) as cap, torch.inference_mode():
+    runs = token_runs([len(w.tokens) for w in windows], opts.seq_len, drop, keep)
+    cap.into(stage.targets() if stage else buffers.host, runs)
+    with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out: dict[str, np.ndarray] = {}
-        if "resid" in sites:
-            out["resid_pre"] = to_host(rows(cap.stacked("resid_pre")), opts.dtype)
-            out["resid_final"] = to_host(rows(cap.resid_final), opts.dtype)
-        for site, name in (("attn", "attn_out"), ("mlp", "mlp_out")):
-            if site in sites:
-                out[name] = to_host(rows(cap.stacked(name)), opts.dtype)
-        next_ids = torch.from_numpy(host["next_token_id"][drop:]).long().to(device)
-        summary = output_summary(rows(logits), next_ids, opts.top_k)
+        next_ids = torch.from_numpy(host["next_token_id"][drop:drop + keep]).long().to(device)
+        summary = summary_rows(logits, runs, next_ids, opts.top_k)
+        copied = stage.copy_out(buffers, keep) if stage else None
+    out = buffers.arrays(keep)
     out.update({k: to_host(v) for k, v in summary.items()})
-    out.update({k: v[drop:] for k, v in host.items()})
-    return out, copied_event(device)
+    out.update({k: v[drop:drop + keep] for k, v in host.items()})
+    return out, copied
 
 
 def copied_event(device: str) -> torch.cuda.Event | None:
@@ -409,9 +512,9 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None) -> di
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
-    arch = architecture_for(loaded.model)
-    plan = make_plan(opts, loaded, docs, n_layers(loaded.model))
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    structure, _ = checked(loaded.model, opts.check)  # a model passed in is checked here, before any store exists
+    plan = make_plan(opts, loaded, docs, structure.n_layers)
     if plan.n_tokens == 0:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
@@ -430,12 +533,13 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None) -> di
     sizes = extraction_sizes(opts, attrs, plan, sites, d_model)
     preflight(attrs, sizes, loaded.model.config, opts.out, device, new=existing is None)
     if not existing:
-        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task)
+        layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task,
+                             opts.zstd_level)
         if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
             existing = read_attrs(open_group(opts.out, "r"))
             compare_identity(existing, attrs, opts.out)
             attrs = existing
-    return run_pipeline(opts, attrs, loaded, arch, plan, device, worker)
+    return run_pipeline(opts, attrs, loaded, structure, plan, device, worker)
 
 
 def extraction_sizes(opts: ExtractOptions, attrs: dict[str, Any], plan: Plan, sites: tuple[str, ...],
@@ -458,7 +562,7 @@ def finalize_store(out: str) -> dict[str, Any]:
     return finalize(group, attrs, int(attrs["layout"].get("num_workers", 1)))
 
 
-def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, arch: Architecture, plan: Plan,
+def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedModel, structure: Structure, plan: Plan,
                  device: str, worker: Worker = Worker()) -> dict[str, Any]:
     """Forward in this thread, write in a background thread, joined by a bounded queue."""
     group = open_group(opts.out, "r+")
@@ -477,58 +581,75 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
     start = todo[0][0] if todo else plan.n_tokens
     writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    batches = planned_batches(loaded.model, arch, plan, opts, todo, pad_id, device)
+    batches = planned_batches(loaded.model, structure, plan, opts, todo, pad_id, device)
     write_batches(writer, batches, sum(b - a for a, b in todo), opts)
     if worker.count > 1 and not unfinished_workers(group, attrs, worker.count):
         attrs = finalize(group, attrs, worker.count)
     return attrs
 
 
-def planned_batches(model: torch.nn.Module, arch: Architecture, plan: Plan, opts: ExtractOptions,
-                    todo: list[tuple[int, int]], pad_id: int, device: str
-                    ) -> Iterator[tuple[int, dict[str, np.ndarray], torch.cuda.Event | None]]:
-    """(first token, stored arrays, copy event) of each batch covering the token ranges ``todo``, run lazily."""
-    for seg_start, seg_stop in todo:
-        at = seg_start
-        for first, last, drop, keep in batches_between(plan, seg_start, seg_stop, opts.batch_size):
-            batch, copied = run_batch(model, arch, plan, opts, first, last, pad_id, device, drop)
-            yield at, first_tokens(batch, keep), copied
-            at += keep
+def planned_batches(model: torch.nn.Module, structure: Structure, plan: Plan, opts: ExtractOptions,
+                    todo: list[tuple[int, int]], pad_id: int, device: str) -> Iterator[Batch]:
+    """(first token, stored arrays, copy event, release) of each batch covering the token ranges ``todo``, run
+    lazily; the arrays live in a pool of ``max(2, queue_batches)`` preallocated buffers the writer releases."""
+    names = captured_names(parse_sites(opts.sites))
+    d_model = int(model.get_output_embeddings().weight.shape[1])
+    dtype, tokens = TORCH_DTYPES[opts.dtype], opts.batch_size * opts.seq_len
+    pool: queue.Queue[BatchBuffers] = queue.Queue()
+    for _ in range(max(2, opts.queue_batches)):
+        pool.put(BatchBuffers(names, len(plan.layers), tokens, d_model, dtype, device, pool))
+    stage = DeviceStage(names, len(plan.layers), tokens, d_model, dtype, device) if device.startswith("cuda") \
+        else None
+    with CaptureInto(model, structure, plan.layers, names) as cap:
+        for seg_start, seg_stop in todo:
+            at = seg_start
+            for first, last, drop, keep in batches_between(plan, seg_start, seg_stop, opts.batch_size):
+                buffers = pool.get()
+                batch, copied = run_batch_into(model, cap, buffers, stage, plan, opts, first, last, pad_id, device,
+                                               drop, keep)
+                yield at, batch, copied, buffers.release
+                at += keep
 
 
-def write_batches(writer: ChunkWriter, batches: Iterator[tuple[int, dict[str, np.ndarray], Any]], total: int,
-                  opts: ExtractOptions) -> None:
+def write_batches(writer: ChunkWriter, batches: Iterator[Batch], total: int, opts: ExtractOptions) -> None:
     """Run ``batches`` (the forward passes) in this thread and write them in a background thread, joined by a
     bounded queue; ``total`` tokens drive the progress bar. When this thread stops early (an interrupt, an
-    error), the writer finishes the chunk it is writing and drops the tokens of the chunk it is filling."""
-    pending: queue.Queue[tuple[int, dict[str, np.ndarray], Any] | None] = queue.Queue(maxsize=opts.queue_batches)
+    error), the writer finishes the chunk it is writing and drops the tokens of the chunk it is filling. Each
+    batch's ``release`` (if any) runs once the writer is done with it, also after a failure, so a producer waiting
+    for free buffers never waits forever."""
+    pending: queue.Queue[Batch | None] = queue.Queue(maxsize=opts.queue_batches)
     failure: list[BaseException] = []
     stopped = threading.Event()
 
     def drain() -> None:
         try:
             while (item := pending.get()) is not None:
-                if stopped.is_set():
-                    continue
-                at, batch, copied = item
-                if copied is not None:
-                    copied.synchronize()
-                writer.append(batch, at)
+                at, batch, copied, release = item
+                try:
+                    if stopped.is_set():
+                        continue
+                    if copied is not None:
+                        copied.synchronize()
+                    writer.append(batch, at)
+                finally:
+                    if release is not None:
+                        release()
             if not stopped.is_set():
                 writer.finish()
         except BaseException as exc:  # handed to the forward thread, which re-raises it
             failure.append(exc)
-            while pending.get() is not None:
-                pass
+            while (item := pending.get()) is not None:
+                if item[3] is not None:
+                    item[3]()
 
     thread = threading.Thread(target=drain, name="depthcache-writer", daemon=True)
     thread.start()
     bar = Progress(total, 0, lambda: writer.bytes_written, enabled=opts.progress)
     finished = False
     try:
-        for at, batch, copied in batches:
-            pending.put((at, batch, copied))
-            bar.update(len(batch["token_id"]))
+        for item in batches:
+            pending.put(item)
+            bar.update(len(item[1]["token_id"]))
             if failure:
                 break
         else:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from depthcache.model import architecture_for, final_norm_params, unembedding
+from depthcache.model import model_head, structure_of
 from depthcache.store.head import MODEL_GROUP, TOKENIZER_GROUP
 from depthcache.store.layout import TARGET_CHUNK_BYTES, compressors
 
@@ -31,19 +31,21 @@ def _array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ..
 
 
 def write_model_group(root: zarr.Group, loaded: Any) -> None:
-    """Write final-norm parameters, the unembedding (float32) and the tokenizer files into ``root/model``."""
-    model = loaded.model
-    norm = final_norm_params(model, architecture_for(model))
-    weight, bias = unembedding(model)
+    """Write the head into ``root/model``: final-norm parameters (the factor it multiplies by, Gemma's 1 + w folded
+    in), the unembedding (float32), the logits' scale and soft-cap, and the tokenizer files."""
+    head = model_head(loaded.model, structure_of(loaded.model))
     group = root.create_group(MODEL_GROUP)
-    group.attrs["final_norm"] = {"kind": norm["kind"], "eps": norm["eps"], "has_bias": norm["bias"] is not None}
-    group.attrs["unembed_has_bias"] = bias is not None
-    _array(group, "final_norm_weight", norm["weight"].numpy(), ("d_model",))
-    if norm["bias"] is not None:
-        _array(group, "final_norm_bias", norm["bias"].numpy(), ("d_model",))
-    _array(group, "unembed", weight.numpy(), ("vocab", "d_model"))
-    if bias is not None:
-        _array(group, "unembed_bias", bias.numpy(), ("vocab",))
+    group.attrs["final_norm"] = {"kind": head["norm_kind"], "eps": head["eps"],
+                                 "has_bias": head["norm_bias"] is not None}
+    group.attrs["unembed_has_bias"] = head["unembed_bias"] is not None
+    group.attrs["logit_scale"] = head["logit_scale"]
+    group.attrs["logit_softcap"] = head["logit_softcap"]
+    _array(group, "final_norm_weight", head["norm_weight"], ("d_model",))
+    if head["norm_bias"] is not None:
+        _array(group, "final_norm_bias", head["norm_bias"], ("d_model",))
+    _array(group, "unembed", head["unembed"], ("vocab", "d_model"))
+    if head["unembed_bias"] is not None:
+        _array(group, "unembed_bias", head["unembed_bias"], ("vocab",))
     tok = root.create_group(TOKENIZER_GROUP)
     for i, (name, data) in enumerate(sorted(loaded.tokenizer_files.items())):
         arr = _array(tok, f"file_{i}", np.frombuffer(data, dtype=np.uint8), ("byte",))

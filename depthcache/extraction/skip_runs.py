@@ -33,6 +33,7 @@ from depthcache.errors import DepthcacheError, Interrupted
 from depthcache.extraction.data import load_documents
 from depthcache.extraction.engine import (
     TORCH_DTYPES,
+    Batch,
     ExtractOptions,
     Plan,
     batch_inputs,
@@ -52,13 +53,12 @@ from depthcache.extraction.engine import (
 from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
 from depthcache.extraction.writer import ChunkWriter, resume_point
 from depthcache.model import (
-    Architecture,
     Capture,
     LoadedModel,
     Skip,
-    architecture_for,
+    Structure,
+    checked,
     load_model,
-    n_layers,
     only_layers,
     resolve_device,
 )
@@ -118,7 +118,7 @@ class RunContext:
     """Everything the batches of one skip run need."""
 
     loaded: LoadedModel
-    arch: Architecture
+    structure: Structure
     plan: Plan
     opts: ExtractOptions  # the baseline's options (same batches, dtype, top-k)
     run: SkipRun
@@ -230,12 +230,12 @@ def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
 
     dtype = TORCH_DTYPES[opts.dtype]
     with ExitStack() as stack, torch.inference_mode():
-        stack.enter_context(Skip(model, ctx.arch, ctx.run.layers, ctx.run.sublayer,
+        stack.enter_context(Skip(model, ctx.structure, ctx.run.layers, ctx.run.sublayer,
                                  skip_mask(ctx, draw, first, last, real)))
-        cap = stack.enter_context(Capture(model, ctx.arch, ctx.stored, RUN_SITES, dtype, final=True))
+        cap = stack.enter_context(Capture(model, ctx.structure, ctx.stored, RUN_SITES, dtype, final=True))
         if ctx.prefix is not None:
-            later = list(range(min(ctx.run.layers), n_layers(model)))
-            stack.enter_context(only_layers(model, ctx.arch, later, baseline_residual(ctx, first, last, real)))
+            later = list(range(min(ctx.run.layers), ctx.structure.n_layers))
+            stack.enter_context(only_layers(model, ctx.structure, later, baseline_residual(ctx, first, last, real)))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out = {name: to_host(rows(cap.stacked(name)), opts.dtype) for name in ("attn_out", "mlp_out")}
         out["resid_final"] = to_host(rows(cap.resid_final), opts.dtype)
@@ -249,16 +249,16 @@ def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
     return out, copied_event(ctx.device)
 
 
-def run_batches(ctx: RunContext, start: int
-                ) -> Iterator[tuple[int, dict[str, np.ndarray], torch.cuda.Event | None]]:
-    """(run token, stored arrays, copy event) of each batch from run token ``start`` on; draw k holds run tokens
+def run_batches(ctx: RunContext, start: int) -> Iterator[Batch]:
+    """(run token, stored arrays, copy event, no buffers to release) of each batch from run token ``start`` on; draw
+    k holds run tokens
     k·N .. (k+1)·N − 1 for baseline tokens 0 .. N − 1."""
     for draw in range(start // ctx.tokens, ctx.run.draws):
         begin = max(start - draw * ctx.tokens, 0)
         at = draw * ctx.tokens + begin
         for first, last, drop, keep in batches_between(ctx.plan, begin, ctx.tokens, ctx.opts.batch_size):
             batch, copied = skip_batch(ctx, draw, first, last, drop)
-            yield at, first_tokens(batch, keep), copied
+            yield at, first_tokens(batch, keep), copied, None
             at += keep
 
 
@@ -411,9 +411,9 @@ def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedMod
         check_destination(opts.out, resume=False)
     device = str(resolve_device(opts.device))
     docs = load_documents(opts.data)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
-    arch = architecture_for(loaded.model)
-    depth = n_layers(loaded.model)
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    structure, _ = checked(loaded.model, opts.check)
+    depth = structure.n_layers
     runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]
     if not exists:
         run_tokens(skip.tokens, 1, make_plan(opts, loaded, docs, depth).n_tokens)  # refuse before writing
@@ -441,7 +441,7 @@ def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedMod
     stops = future_stops(plan, skip.seed) if skip.variant == "future" else None
     done = {}
     for run, stored, reuse, attrs, previous in todo:
-        ctx = RunContext(loaded, arch, plan, base_opts, run, stored, tokens, device,
+        ctx = RunContext(loaded, structure, plan, base_opts, run, stored, tokens, device,
                          root["resid_pre"] if reuse else None, layers.index(min(run.layers)) if reuse else 0, stops)
         done[run.name] = execute_run(ctx, opts.out, run.name, attrs, previous)
     return done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from depthcache.errors import DepthcacheError
@@ -40,7 +41,7 @@ class Window:
 
 
 
-def make_windows(token_docs: list[list[int]], seq_len: int, bos_id: int | None,
+def make_windows(token_docs: Iterable[list[int]], seq_len: int, bos_id: int | None,
                  max_tokens: int | None = None) -> list[Window]:
     """Split each document into windows of at most ``seq_len`` tokens, each starting with BOS if the model uses one.
 
@@ -67,9 +68,10 @@ def make_windows(token_docs: list[list[int]], seq_len: int, bos_id: int | None,
 
 
 
-def tokenize_documents(tokenizer, docs: Documents) -> list[list[int]]:  # noqa: ANN001 - any HF tokenizer
-    """Token ids of each document, without special tokens (BOS is added per window)."""
-    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in docs.texts]
+def tokenize_documents(tokenizer, docs: Documents) -> Iterator[list[int]]:  # noqa: ANN001 - any HF tokenizer
+    """Token ids of each document, without special tokens (BOS is added per window), tokenized as they are asked
+    for: make_windows stops at ``max_tokens``, so the documents after it are never tokenized."""
+    return (list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in docs.texts)
 
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from depthcache.locate.maps import Prompt, map_dataset
-from depthcache.model import architecture_for, clean_run, frozen, n_layers, run_from
+from depthcache.locate.maps import Prompt, Rows, computed, map_dataset
+from depthcache.model import clean_run, frozen, n_layers, run_from, structure_of
 
 RULE = "trapezoid, adaptive bisection"
 SCALE_FLOOR = 0.01  # output differences below 1% probability are judged on this absolute scale (float32 noise)
@@ -52,12 +52,21 @@ def interval_pieces(alphas: np.ndarray, f: np.ndarray, q: np.ndarray) -> tuple[n
     return pieces, pieces.sum(1) - np.diff(f)
 
 
-def integrate_path(evaluate: PathFunction, steps: int, tolerance: float, max_steps: int) -> PathIntegral:
-    """Adaptive trapezoidal integral of ``evaluate``'s derivative from ``steps`` equal intervals (see module doc)."""
+def relative_error(errors: np.ndarray, f: np.ndarray) -> float:
+    """|Σ interval errors| / max(|f(1) − f(0)|, SCALE_FLOOR): the completeness error ``tolerance`` bounds."""
+    return float(abs(errors.sum()) / max(abs(f[-1] - f[0]), SCALE_FLOOR))
+
+
+def integrate_path(evaluate: PathFunction, steps: int, tolerance: float, max_steps: int,
+                   on_round: Callable[[int, float], None] | None = None) -> PathIntegral:
+    """Adaptive trapezoidal integral of ``evaluate``'s derivative from ``steps`` equal intervals (see module doc);
+    ``on_round(intervals, relative completeness error)`` is told where each round of refinement stands."""
     alphas = np.linspace(0.0, 1.0, steps + 1)
     f, q = evaluate(alphas)
     while True:
         pieces, errors = interval_pieces(alphas, f, q)
+        if on_round is not None:
+            on_round(len(errors), relative_error(errors, f))
         budget = tolerance * max(abs(f[-1] - f[0]), SCALE_FLOOR)
         room = max_steps - len(errors)
         if abs(errors.sum()) <= budget or room <= 0:
@@ -83,46 +92,60 @@ def completeness_error(ds: xr.Dataset) -> float:
 def residual_path(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, layer: int, batch_size: int
                   ) -> PathFunction:
     """f and its per-position directional derivative on the straight path from the mean residual to layer
-    ``layer``'s residual (T, d), evaluated in batches of ``batch_size`` values of α."""
-    arch = architecture_for(model)
+    ``layer``'s residual (T, d): the values of α are evaluated ``batch_size`` at a time, each batch one forward and
+    one backward pass from layer ``layer`` (the prompt is shared; the layers before it are never rerun)."""
+    structure = structure_of(model)
     h = resid.float()
     base = h[:prompt.n_prompt].double().mean(0).float().expand_as(h)
+    direction = h - base
+    along = direction.double()
 
     def evaluate(alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         values, slopes = [], []
         for start in range(0, len(alphas), batch_size):
             a = torch.tensor(alphas[start:start + batch_size], dtype=h.dtype, device=h.device).view(-1, 1, 1)
-            x = (base + a * (h - base)).to(resid.dtype).requires_grad_(True)
-            f = run_from(model, arch, layer, x, prompt).sum(-1)
+            x = (base + a * direction).to(resid.dtype).requires_grad_(True)
+            f = run_from(model, structure, layer, x, prompt).sum(-1)
             (grad,) = torch.autograd.grad(f.sum(), x)
             values.append(f.detach().double().cpu().numpy())
-            slopes.append((grad.double() * (h - base).double()).sum(-1).cpu().numpy())
+            slopes.append((grad.double() * along).sum(-1).cpu().numpy())
         return np.concatenate(values), np.concatenate(slopes)
 
     return evaluate
 
 
-def igrad_map(model: torch.nn.Module, prompt: Prompt, steps: int = 256, batch_size: int = 32,
-              on_layer: Callable[[], None] | None = None, tolerance: float = 0.01, max_steps: int = 4096
-              ) -> xr.Dataset:
-    """Layer × position integrated-gradients map of the answer probability, with per-layer completeness."""
+def layer_attribution(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, layer: int, steps: int,
+                      batch_size: int, tolerance: float, max_steps: int,
+                      on_round: Callable[[int, float], None] | None = None) -> dict[str, np.ndarray]:
+    """One layer's row of the map: attribution per position, f at both ends, intervals used, error bound."""
+    r = integrate_path(residual_path(model, prompt, resid, layer, batch_size), steps, tolerance, max_steps, on_round)
+    return {"attribution": r.attribution, "f_end": np.float64(r.f_end), "f_start": np.float64(r.f_start),
+            "intervals": np.int32(r.intervals), "error_bound": np.float64(r.error_bound)}
+
+
+def igrad_map(model: torch.nn.Module, prompt: Prompt, layers: list[int] | None = None, steps: int = 64,
+              batch_size: int = 64, tolerance: float = 0.01, max_steps: int = 4096, rows: Rows = computed,
+              on_round: Callable[[int, int, float], None] | None = None) -> xr.Dataset:
+    """Layer × position integrated-gradients map of the answer probability (``layers``: all by default), with
+    per-layer completeness; ``on_round(layer, intervals, relative error)`` follows the refinement."""
     clean = clean_run(model, prompt)
     depth = n_layers(model)
-    results = []
+    layers = list(range(depth)) if layers is None else layers
+    done = []
     with frozen(model):
-        for layer in range(depth):
-            evaluate = residual_path(model, prompt, clean.resid[layer], layer, batch_size)
-            results.append(integrate_path(evaluate, steps, tolerance, max_steps))
-            if on_layer is not None:
-                on_layer()
-    attributions = np.stack([r.attribution for r in results])
-    ds = map_dataset(prompt, depth, {
+        for layer in layers:
+            note = None if on_round is None else (lambda n, e, layer=layer: on_round(layer, n, e))
+            done.append(rows(layer, lambda layer=layer, note=note: layer_attribution(
+                model, prompt, clean.resid[layer], layer, steps, batch_size, tolerance, max_steps, note)))
+    attributions = np.stack([r["attribution"] for r in done])
+    f_end, f_start = (np.array([float(r[k]) for r in done]) for k in ("f_end", "f_start"))
+    ds = map_dataset(prompt, depth, layers, {
         "attribution": (("layer", "position"), attributions),
         "attribution_sum": ("layer", attributions.sum(-1)),
-        "output_difference": ("layer", np.array([r.f_end - r.f_start for r in results])),
-        "target_at_baseline": ("layer", np.array([r.f_start for r in results])),
-        "intervals": ("layer", np.array([r.intervals for r in results], dtype=np.int32)),
-        "error_bound": ("layer", np.array([r.error_bound for r in results])),
+        "output_difference": ("layer", f_end - f_start),
+        "target_at_baseline": ("layer", f_start),
+        "intervals": ("layer", np.array([int(r["intervals"]) for r in done], dtype=np.int32)),
+        "error_bound": ("layer", np.array([float(r["error_bound"]) for r in done])),
         "answer_prob": ("answer_position", clean.answer_prob.cpu().numpy())})
     ds.attrs.update(steps=steps, tolerance=tolerance, max_steps=max_steps, rule=RULE,
                     target="sum of answer-token probabilities (teacher-forced)",

@@ -7,7 +7,7 @@ identifies it (kind, schema, model, reference); see docs/store-format.md, "Locat
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,16 +114,26 @@ def write_map(ds: xr.Dataset, out: str) -> Path:
     return dest
 
 
-def map_dataset(prompt: Prompt, n_layers: int, data_vars: dict[str, Any]) -> xr.Dataset:
-    """One prompt's map: the variables with ``layer`` (+ ``relative_depth``), ``position`` (+ ``token``) and
-    ``answer_position`` (+ ``answer_token``) coordinates, and the prompt and answer as attributes."""
-    layers = np.arange(n_layers)
+def map_dataset(prompt: Prompt, n_layers: int, layers: Sequence[int], data_vars: dict[str, Any]) -> xr.Dataset:
+    """One prompt's map of ``layers`` (of a model with ``n_layers``): the variables with ``layer`` (+
+    ``relative_depth``), ``position`` (+ ``token``) and ``answer_position`` (+ ``answer_token``) coordinates, and the
+    prompt and answer as attributes."""
+    layers = np.asarray(layers, dtype=np.int64)
     coords = {"layer": layers, "relative_depth": ("layer", layers / n_layers),
               "position": np.arange(len(prompt.input_ids)), "token": ("position", np.array(prompt.labels, dtype=object)),
               "answer_position": np.arange(prompt.n_answer),
               "answer_token": ("answer_position", np.array(prompt.answer_labels, dtype=object))}
     return xr.Dataset(data_vars, coords=coords,
                       attrs={"prompt": prompt.prompt, "answer": prompt.answer, "n_prompt_tokens": prompt.n_prompt})
+
+
+# (layer, compute) -> that layer's row of a map: computed, or taken from where an interrupted run saved it
+Rows = Callable[[int, Callable[[], dict[str, np.ndarray]]], dict[str, np.ndarray]]
+
+
+def computed(layer: int, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The default ``Rows``: compute the layer's row (``locate`` passes one that saves rows and reuses saved ones)."""
+    return compute()
 
 
 PER_ITEM = ("prompt", "answer", "n_prompt_tokens")

@@ -10,6 +10,7 @@ import xarray as xr
 from depthcache.analyze.plotting import figure, save
 from depthcache.errors import DepthcacheError
 from depthcache.locate.maps import MAP_ATTR, item_info, read_map
+from depthcache.store.io import model_display_name
 
 LOOK = {"erasure": ("max_prob_change", "max |Δ p(answer)|", "Residual erasure", "viridis"),
         "igrad": ("attribution", "attribution", "Integrated gradients", "RdBu_r")}
@@ -42,7 +43,7 @@ def heatmap(m: xr.Dataset, kind: str, model: str, folder: Path, name: str) -> Pa
 
 def plot_map(ds: xr.Dataset, kind: str, folder: Path) -> list[Path]:
     """Heatmaps of a map dataset: one PNG, or one per item of a batch map."""
-    model = ds.attrs[MAP_ATTR]["model"].get("alias") or Path(str(ds.attrs[MAP_ATTR]["model"]["spec"])).name
+    model = model_display_name(ds.attrs[MAP_ATTR]["model"])
     if "item" not in ds.dims:
         return [heatmap(ds, kind, model, folder, kind)]
     return [heatmap(ds.sel(item=item), kind, model, folder, f"{kind}-{item}") for item in ds.item.values]

@@ -15,7 +15,7 @@ from depthcache.analyze.reduce import f32, token_weights
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.data import load_documents
 from depthcache.extraction.windows import bos_token_id, make_windows
-from depthcache.model import Capture, LoadedModel, architecture_for, n_layers
+from depthcache.model import Capture, LoadedModel, n_layers, structure_of
 from depthcache.store.reader import Store
 
 REFERENCE_DATA = "pydoc-topics"
@@ -60,7 +60,8 @@ def store_mean(location: str, loaded: LoadedModel) -> Reference:
 def sequence_mean(loaded: LoadedModel, windows: int) -> Reference:
     """Mean residual entering each layer over the first ``windows`` windows of pydoc-topics (positions ≥ 1)."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    arch, depth = architecture_for(model), n_layers(model)
+    structure = structure_of(model)
+    depth = structure.n_layers
     docs = load_documents(REFERENCE_DATA).texts
     total = torch.zeros((depth, model.config.hidden_size), dtype=torch.float64)
     count = 0
@@ -73,7 +74,7 @@ def sequence_mean(loaded: LoadedModel, windows: int) -> Reference:
     device = next(model.parameters()).device
     for window in picked:
         ids = torch.tensor(window.tokens, device=device).unsqueeze(0)
-        with torch.inference_mode(), Capture(model, arch, range(depth), ("resid",)) as cap:
+        with torch.inference_mode(), Capture(model, structure, range(depth), ("resid",)) as cap:
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
         total += torch.stack([cap.records["resid_pre"][layer][0, 1:] for layer in range(depth)]).double().sum(1).cpu()
         count += len(window.tokens) - 1

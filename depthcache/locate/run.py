@@ -3,16 +3,19 @@ compute one map per prompt, and write them as one location-map store."""
 
 from __future__ import annotations
 
-import sys
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
+import numpy as np
 import torch
 import xarray as xr
-from tqdm import tqdm
 
 import depthcache
 from depthcache.errors import DepthcacheError
+from depthcache.layerspec import parse_layers
 from depthcache.locate.erasure import erasure_map
 from depthcache.locate.igrad import igrad_map
 from depthcache.locate.maps import (
@@ -20,14 +23,17 @@ from depthcache.locate.maps import (
     MAP_ATTR,
     MAP_SCHEMA,
     Prompt,
+    Rows,
     check_out,
     context_length,
     encode,
     stack_items,
     write_map,
 )
+from depthcache.locate.partial import Partial, partial_path
 from depthcache.locate.reference import Reference, sequence_mean, store_mean
 from depthcache.model import DEFAULT_MODEL, LoadedModel, load_model, n_layers
+from depthcache.progress import Progress
 from depthcache.tasks import load_task
 
 
@@ -44,11 +50,13 @@ class LocateOptions:
     device: str = "auto"
     reference: str | None = None  # erasure: activation store giving the mean residual
     reference_windows: int = 8  # erasure without a reference store: pydoc-topics windows
-    steps: int = 256  # igrad: equal trapezoid intervals to start from
+    layers: str = "all"  # which layers get a row of the map
+    steps: int = 64  # igrad: equal trapezoid intervals to start from
     tolerance: float = 0.01  # igrad: completeness target, relative to |f(h) - f(baseline)|
     max_steps: int = 4096  # igrad: most intervals adaptive refinement may reach per layer
-    batch_size: int = 32
-    progress: bool | None = None  # None: a bar on a terminal only
+    batch_size: int = 64
+    progress: bool | None = None  # None: a bar on a terminal, a line per layer elsewhere
+    resume: bool = False  # continue from OUT.partial
 
 
 def check_options(kind: str, opts: LocateOptions) -> None:
@@ -99,29 +107,65 @@ def reference(opts: LocateOptions, loaded: LoadedModel) -> Reference:
 def map_attrs(kind: str, opts: LocateOptions, loaded: LoadedModel, ref: Reference | None) -> dict:
     """The ``depthcache_map`` attribute: what the store is and how it was made."""
     return {"kind": kind, "schema": MAP_SCHEMA, "model": loaded.provenance, "reference": None if ref is None else
-            ref.source, "task": opts.task, "steps": opts.steps if kind == "igrad" else None,
+            ref.source, "task": opts.task, "layers": opts.layers, "steps": opts.steps if kind == "igrad" else None,
             **({"tolerance": opts.tolerance, "max_steps": opts.max_steps} if kind == "igrad" else {}),
             "code_version": depthcache.__version__, "created": datetime.now(timezone.utc).isoformat()}
 
 
+def job_identity(kind: str, opts: LocateOptions, loaded: LoadedModel, encoded: list[Prompt], layers: tuple[int, ...],
+                 ref: Reference | None) -> dict[str, Any]:
+    """Everything a map's numbers depend on: an interrupted run resumes only with all of it unchanged."""
+    model = loaded.provenance
+    return {"kind": kind, "model": model.get("weights_sha256") or model["spec"], "code_version": depthcache.__version__,
+            "prompts": [[p.input_ids, p.answer_ids] for p in encoded], "layers": list(layers),
+            "device": str(next(loaded.model.parameters()).device), "batch_size": opts.batch_size,
+            **({"steps": opts.steps, "tolerance": opts.tolerance, "max_steps": opts.max_steps} if kind == "igrad" else
+               {"reference": hashlib.sha256(np.ascontiguousarray(ref.mean).tobytes()).hexdigest()})}
+
+
 def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) -> xr.Dataset:
-    """Compute the ``kind`` map of every prompt and write them to ``opts.out`` (atomically); returns the dataset."""
+    """Compute the ``kind`` map of every prompt and write them to ``opts.out`` (atomically); each finished layer is
+    saved in OUT.partial first, so ``opts.resume`` continues an interrupted run. Returns the dataset."""
     check_options(kind, opts)
+    if partial_path(opts.out).exists() and not opts.resume:
+        Partial(opts.out, {}, resume=False)  # refuses before the model is loaded
     loaded = loaded or load_model(opts.model, device=opts.device, progress=opts.progress)
     ids, encoded = prompts(opts, loaded)
+    layers = parse_layers(opts.layers, n_layers(loaded.model))
     ref = reference(opts, loaded) if kind == "erasure" else None
-    show = sys.stderr.isatty() if opts.progress is None else opts.progress
-    depth = n_layers(loaded.model)
+    partial = Partial(opts.out, job_identity(kind, opts, loaded, encoded, layers, ref), opts.resume)
     maps = []
-    with tqdm(total=len(encoded) * depth, desc=kind, unit="layer", disable=not show) as bar:
-        for prompt in encoded:
+    with Progress(kind, len(encoded) * len(layers), "layers", opts.progress, done=partial.count()) as bar:
+        for item, prompt in enumerate(encoded):
+            rows = counted(partial.through(item), bar, f"item {ids[item]}, " if opts.task else "")
             if ref is not None:
                 mean = torch.from_numpy(ref.mean).to(next(loaded.model.parameters()).device)
-                maps.append(erasure_map(loaded.model, prompt, mean, opts.batch_size, bar.update))
+                maps.append(erasure_map(loaded.model, prompt, mean, list(layers), opts.batch_size, rows))
             else:
-                maps.append(igrad_map(loaded.model, prompt, opts.steps, opts.batch_size, bar.update,
-                                            opts.tolerance, opts.max_steps))
+                maps.append(igrad_map(loaded.model, prompt, list(layers), opts.steps, opts.batch_size, opts.tolerance,
+                                      opts.max_steps, rows, refinement_note(bar, opts.tolerance, ids[item]
+                                                                            if opts.task else None)))
     ds = maps[0] if opts.task is None else stack_items(maps, ids)
     ds.attrs[MAP_ATTR] = map_attrs(kind, opts, loaded, ref)
     write_map(ds, opts.out)
+    partial.remove()
     return ds
+
+
+def counted(rows: Rows, bar: Progress, where: str) -> Rows:
+    """``rows`` that advance the bar by one for each layer computed in this run (saved ones are counted already)."""
+    def row(layer: int, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        def computing() -> dict[str, np.ndarray]:
+            bar.note(f"{where}layer {layer}")
+            found = compute()
+            bar.update()
+            return found
+        return rows(layer, computing)
+    return row
+
+
+def refinement_note(bar: Progress, tolerance: float, item: str | None) -> Callable[[int, int, float], None]:
+    """Shows igrad's refinement inside a layer: intervals so far and the completeness error against its target."""
+    where = f"item {item}, " if item is not None else ""
+    return lambda layer, n, error: bar.note(f"{where}layer {layer}: {n:,} intervals, completeness error "
+                                            f"{error:.2g} (target {tolerance:g})")

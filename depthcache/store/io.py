@@ -9,13 +9,15 @@ import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
+
+if TYPE_CHECKING:  # only annotations: writing a store (extract) never imports xarray
+    import xarray as xr
 
 from depthcache.errors import DepthcacheError
 from depthcache.limits import MAX_JSON_DEPTH, MAX_METADATA_BYTES
@@ -154,6 +156,15 @@ def local_name(location: str | os.PathLike[str]) -> Path:
     text = str(location).rstrip("/")
     return Path.cwd() / text.rsplit("/", 1)[-1] if is_url(text) else Path(text)
 
+
+
+def model_display_name(model: dict[str, Any]) -> str:
+    """The exact name of a store's model for figures and summaries, e.g. 'SmolLM2-135M-Instruct (Q4_1 GGUF,
+    dequantized)'; stores made before names were recorded fall back to their alias or spec."""
+    if isinstance(model.get("display_name"), str) and model["display_name"]:
+        return model["display_name"]
+    name = model.get("alias") or str(model.get("spec", "?")).rstrip("/").rsplit("/", 1)[-1]
+    return f"{name} (GGUF, dequantized)" if model.get("source") == "gguf" else name
 
 
 def read_attrs(group: zarr.Group) -> dict[str, Any]:

@@ -32,8 +32,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from depthcache.dtypes import STORED_DTYPES
 
-SCHEMA_VERSION = "1.3"  # 1.1: intervention runs under runs/<name>; 1.2: task stores (item, answer_index, hops);
-# 1.3: model head and tokenizer files checksummed (crc32c) and every chunk written, string lengths capped, limits
+SCHEMA_VERSION = "1.3"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure,
+# model head and tokenizer files checksummed (crc32c) and every chunk written, string lengths capped, limits
 CHECKSUMMED_HEAD = (1, 3)  # the first schema version whose model/ arrays carry crc32c
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
@@ -93,15 +93,21 @@ def array_shape(name: str, n_tokens: int, n_layers: int, d_model: int, top_k: in
     return tuple(sizes[d] for d in ARRAYS[name].dims)
 
 
+def activation_compressors(zstd_level: int | None) -> list[Any]:
+    """Codecs of the activation arrays after serialisation: the crc32c checksum alone by default (zstd saves about
+    a fifth of bf16's bytes but costs more CPU than writing them, benchmarks/README.md), zstd first when asked."""
+    return [Crc32cCodec()] if zstd_level is None else [ZstdCodec(level=zstd_level), Crc32cCodec()]
+
+
 def create_array(group: zarr.Group, name: str, layout: StoreLayout) -> None:
     """Create one empty array of the table in ``group``: shape from ``layout``, chunks along tokens, checksummed."""
     spec = ARRAYS[name]
     shape = array_shape(name, layout.n_tokens, len(layout.layers), layout.d_model, layout.top_k)
     chunks = tuple(layout.chunk_tokens if d == "token" else n for d, n in zip(spec.dims, shape))
     dtype = array_dtype(name, layout.dtype)
+    codecs = activation_compressors(layout.zstd_level) if spec.dtype == "activation" else compressors("int32")
     group.create_array(name, shape=shape, chunks=chunks, dtype=STORED_DTYPES.get(dtype, dtype), fill_value=0,
-                       compressors=compressors(dtype if spec.dtype == "activation" else "int32"),
-                       dimension_names=spec.dims)
+                       compressors=codecs, dimension_names=spec.dims)
 
 
 
@@ -117,6 +123,7 @@ class StoreLayout:
     dtype: str
     chunk_tokens: int
     task: bool = False  # a task store (schema 1.2): also the per-token arrays TASK_ARRAYS
+    zstd_level: int | None = None  # activations: crc32c only (None), or zstd at this level first
 
     def activation_arrays(self) -> dict[str, tuple[str, ...]]:
         """Name → dimension names of each activation array this layout stores."""

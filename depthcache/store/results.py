@@ -31,7 +31,7 @@ import zarr
 import depthcache
 from depthcache.errors import DepthcacheError
 from depthcache.limits import MAX_RESULT_BYTES
-from depthcache.store.io import can_write, is_url, local_name, parse_json, write_dataset_atomically
+from depthcache.store.io import can_write, is_url, local_name, model_display_name, parse_json, write_dataset_atomically
 from depthcache.store.layout import is_checksummed
 from depthcache.store.reader import Store
 
@@ -58,6 +58,11 @@ class Place:
     def path(self, *parts: str) -> str:
         """Group path of ``parts`` below the prefix."""
         return "/".join(p for p in (self.prefix, *parts) if p)
+
+    @property
+    def options(self) -> dict[str, Any] | None:
+        """fsspec options for a URL place (None for a local folder)."""
+        return dict(self.storage_options) if self.storage_options and not self.writable else None
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ def open_place(place: Place, path: str = "") -> zarr.Group | None:
     """A group of a place, read-only, or None when absent or unreadable."""
     try:
         return zarr.open_group(place.location, mode="r", path=place.path(path) or None, zarr_format=3,
-                               storage_options=dict(place.storage_options) or None)
+                               storage_options=place.options)
     except UNREADABLE:
         return None
 
@@ -191,7 +196,8 @@ def provenance(name: str, params: dict[str, Any], stores: Sequence[Store], read_
     """What identifies a result computed now: analysis, parameters, source stores (and runs read), code version."""
     return {"name": name, "params": json.loads(canonical(params)), "sources": [s.identity for s in stores],
             "runs": [runs_identity(s) if used else None for s, used in zip(stores, read_runs)],
-            "source_locations": [s.location for s in stores], "code_version": depthcache.__version__}
+            "source_locations": [s.location for s in stores],
+            "models": [model_display_name(s.attrs["model"]) for s in stores], "code_version": depthcache.__version__}
 
 
 def current(entry: Entry, stores: Sequence[Store]) -> bool:
@@ -221,7 +227,7 @@ def load(entry: Entry) -> xr.Dataset | None:
     checksums (stores are untrusted: such a result is recomputed, never used)."""
     try:
         ds = xr.open_zarr(entry.place.location, group=entry.place.path(entry.name, entry.key), consolidated=False,
-                          storage_options=dict(entry.place.storage_options) or None)
+                          storage_options=entry.place.options)
         if ds.nbytes > MAX_RESULT_BYTES or not all(is_checksummed(v.encoding.get("compressors"))
                                                     for v in ds.variables.values()):
             return None

@@ -1,0 +1,596 @@
+"""Discover where a decoder keeps its layers, what each layer adds to the residual, and how its head is computed.
+
+No table of families: one short probe forward records, for every decoder layer, which direct child modules run and
+which tensors flow between them. From that data flow (and the config) follow the attention and MLP modules, whether
+what a branch adds is a post-norm's output (Gemma 2/3, OLMo 2), whether the MLP reads the layer input (parallel
+residual), the final norm and its formula (probed numerically: RMSNorm or LayerNorm, weight w or 1 + w), a residual
+branch multiplier, the embedding scale, and the logits' scale and soft-cap. The load check (``model.check``) then
+proves the result on every layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from depthcache.errors import DepthcacheError
+
+PROBE_TOKENS = 16
+MIXER = re.compile(r"att|mixer|mamba|conv|ssm|retention|temporal")
+MLP = re.compile(r"mlp|feed_?forward|ffn|^ff$|moe|expert")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
+EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon")
+EPS_GUESSES = (1e-5, 1e-6, 1e-8, 1e-12)  # for norms that hard-code their epsilon (OLMo's LayerNorm)
+SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap")
+# Families discovery would accept but that are not attention decoders: their token mixer is a recurrence.
+REFUSED = {"rwkv": "RWKV's time mixing is a recurrence, not attention"}
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A decoder's discovered layout: module paths, what each branch adds, and the head's formula.
+
+    ``attn[l]``/``mlp[l]`` are paths relative to layer l of the modules whose outputs, times ``branch_scale``, are
+    ADDED to the residual. Logits = softcap(logit_scale · unembed(final_norm(resid_final))), with the final norm
+    ``norm_kind`` of the residual times (``norm_offset`` + weight) plus bias.
+    """
+
+    model_type: str
+    class_name: str
+    layers: str
+    attn: tuple[str, ...]
+    mlp: tuple[str, ...]
+    final_norm: str
+    norm_kind: str  # "rmsnorm" or "layernorm"
+    norm_eps: float
+    norm_offset: float = 0.0  # 1.0: the norm multiplies by (1 + weight) (Gemma)
+    parallel: bool = False  # the MLP reads the layer input h, not h + attn_out
+    attn_post_norm: bool = False  # what attention adds is a norm's output (sandwich / post-norm)
+    mlp_post_norm: bool = False
+    attn_adds_residual: bool = False  # the attention module returns residual + what it adds (BLOOM)
+    mlp_adds_residual: bool = False
+    branch_scale: float = 1.0  # the layer adds branch_scale · (attn + mlp) (Granite's residual_multiplier)
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    embed_scale: float | None = None  # resid_pre[0] = embed_scale · embedding row, when it is a pure scale
+    tied_embeddings: bool = False
+    moe_layers: tuple[int, ...] = ()
+    layer_types: tuple[str, ...] | None = None  # the config's per-layer attention kinds (sliding, full, linear)
+    sliding_window: int | None = None
+    attn_classes: tuple[str, ...] = ()  # per layer: the token mixer's class (hybrids mix attention kinds)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers."""
+        return len(self.attn)
+
+    def pruned(self, keep: tuple[int, ...]) -> Structure:
+        """The structure of a copy that keeps only the layers ``keep`` (renumbered 0..)."""
+        types = None if self.layer_types is None else tuple(self.layer_types[i] for i in keep)
+        return replace(self, attn=tuple(self.attn[i] for i in keep), mlp=tuple(self.mlp[i] for i in keep),
+                       moe_layers=tuple(new for new, old in enumerate(keep) if old in self.moe_layers),
+                       layer_types=types, attn_classes=tuple(self.attn_classes[i] for i in keep))
+
+    def attrs(self) -> dict[str, Any]:
+        """JSON attributes for the store (``model.structure``)."""
+        out = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+
+
+def not_a_decoder(model: torch.nn.Module, reason: str) -> DepthcacheError:
+    """The one-line refusal for models whose layers are not attention + MLP added to a residual."""
+    config = getattr(model, "config", None)
+    return DepthcacheError(f"{type(model).__name__} ({getattr(config, 'model_type', '?')}) is not a residual "
+                           f"attention+MLP decoder: {reason}")
+
+
+def submodule(root: torch.nn.Module, dotted: str) -> Any:
+    """``root.a.b`` for ``dotted == 'a.b'``."""
+    return root.get_submodule(dotted) if dotted else root
+
+
+def decoder_layers(model: torch.nn.Module, structure: Structure | None = None) -> torch.nn.ModuleList:
+    """The model's list of decoder layers."""
+    return submodule(model, (structure or structure_of(model)).layers)
+
+
+def n_layers(model: torch.nn.Module) -> int:
+    """Number of decoder layers of a loaded model."""
+    return structure_of(model).n_layers
+
+
+def first_tensor(value: Any) -> Any:
+    """The hidden-state tensor of a module output (attention returns ``(out, weights)``, MoE ``(out, router)``)."""
+    return value[0] if isinstance(value, (tuple, list)) and value else value
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The tensor a module was called on: its first positional argument, else ``hidden_states`` or ``x``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in ("hidden_states", "x", "input", "hidden_state"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    return None
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """A normalisation layer (by type or class name)."""
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or "norm" in type(module).__name__.lower()
+
+
+def is_dropout(module: torch.nn.Module) -> bool:
+    """A dropout layer (the identity in eval mode)."""
+    return isinstance(module, torch.nn.Dropout) or "dropout" in type(module).__name__.lower()
+
+
+@dataclass(eq=False)
+class Call:
+    """One call of a hooked module during the probe: order, path, input and output tensors (``output`` is the
+    object itself, to follow the data flow; ``value`` a copy, safe from later in-place additions)."""
+
+    order: int
+    path: str
+    module: torch.nn.Module
+    input: torch.Tensor | None
+    residual: torch.Tensor | None = None  # the ``residual`` argument of a module that adds it itself (BLOOM)
+    output: Any = None
+    value: torch.Tensor | None = None
+
+    @property
+    def added(self) -> torch.Tensor:
+        """What this call adds to the residual: its output, less the residual it was given if it adds one."""
+        return self.value if self.residual is None else self.value - self.residual
+
+
+def residual_argument(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The value of the module's ``residual`` parameter, for modules that add the residual themselves (BLOOM)."""
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "residual" not in names:
+        return None
+    index = names.index("residual")
+    value = kwargs.get("residual", args[index] if index < len(args) else None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+@dataclass
+class Trace:
+    """The probe's record of every hooked call, in call order, each tagged with its group: ("block", l) for decoder
+    layer l, ("child", l) for its direct children, ("outside", None) for modules outside the layers."""
+
+    calls: list[tuple[tuple[str, int | None], Call]] = field(default_factory=list)
+    running: dict[int, list[Call]] = field(default_factory=dict)  # per module: calls entered but not returned
+
+    def enter(self, group: tuple[str, int | None], path: str, module: torch.nn.Module, args: tuple,
+              kwargs: dict) -> None:
+        """Record a call as it starts."""
+        call = Call(len(self.calls), path, module, first_input(args, kwargs), residual_argument(module, args, kwargs))
+        self.calls.append((group, call))
+        self.running.setdefault(id(module), []).append(call)
+
+    def leave(self, module: torch.nn.Module, output: Any) -> None:
+        """Record a call's output (and a copy of it) as it returns."""
+        call = self.running[id(module)].pop()
+        call.output = first_tensor(output)
+        if isinstance(call.output, torch.Tensor):
+            call.value = call.output.clone()
+
+    def group(self, kind: str, layer: int | None = None) -> list[Call]:
+        """The calls of one group, in call order."""
+        return [call for group, call in self.calls if group == (kind, layer)]
+
+    def block(self, layer: int) -> Call | None:
+        """The (last) call of decoder layer ``layer``, or None if it did not run."""
+        calls = self.group("block", layer)
+        return calls[-1] if calls else None
+
+
+@contextmanager
+def tracing(model: torch.nn.Module, layers_path: str) -> Iterator[Trace]:
+    """Hooks recording the data flow of a forward through the layers at ``layers_path`` and the modules after them."""
+    trace = Trace()
+    blocks = submodule(model, layers_path)
+    handles = []
+
+    def watch(module: torch.nn.Module, path: str, group: tuple[str, int | None]) -> None:
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs: trace.enter(group, path, m, args, kwargs), with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda m, args, output: trace.leave(m, output)))
+
+    for index, block in enumerate(blocks):
+        watch(block, f"{layers_path}.{index}", ("block", index))
+        for name, child in block.named_children():
+            watch(child, name, ("child", index))
+    inside = {id(m) for m in blocks.modules()} | {id(m) for m in ancestors(model, layers_path)}
+    for path, module in model.named_modules():
+        if id(module) not in inside:
+            watch(module, path, ("outside", None))
+    try:
+        yield trace
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ancestors(model: torch.nn.Module, path: str) -> list[torch.nn.Module]:
+    """The modules on the way from the model down to ``path`` (the model included)."""
+    parts = path.split(".") if path else []
+    return [submodule(model, ".".join(parts[:i])) for i in range(len(parts))]
+
+
+def layer_count(config: Any) -> int | None:
+    """The decoder's layer count from its (text) config."""
+    for key in LAYER_COUNT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def probe_ids(model: torch.nn.Module, n: int = PROBE_TOKENS) -> torch.Tensor:
+    """A fixed (1, n) input spread over the vocabulary, on the model's device."""
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    device = next(model.parameters()).device
+    return (torch.arange(n, device=device) * 7919 + 11).remainder(vocab).unsqueeze(0)
+
+
+def run_probe(model: torch.nn.Module, layers_path: str, ids: torch.Tensor) -> tuple[Trace, torch.Tensor]:
+    """Forward ``ids`` once with tracing hooks; the trace and the model's logits."""
+    with torch.inference_mode(), tracing(model, layers_path) as trace:
+        logits = model(input_ids=ids, use_cache=False).logits
+    return trace, logits
+
+
+def layer_list(model: torch.nn.Module, count: int) -> list[str]:
+    """Paths of the module lists with ``count`` entries: candidates for the decoder layers."""
+    return [path for path, module in model.named_modules()
+            if isinstance(module, torch.nn.ModuleList) and len(module) == count]
+
+
+def branch_modules(model: torch.nn.Module, block: Call, calls: list[Call], layer: int) -> tuple[Call, Call]:
+    """The calls of the token mixer (attention) and of the MLP among a layer's direct children."""
+    plain = [c for c in calls if not is_norm(c.module) and not is_dropout(c.module)
+             and not isinstance(c.module, torch.nn.Identity)]
+    mixers = [c for c in plain if MIXER.search(c.path.lower())]
+    mlps = [c for c in plain if MLP.search(c.path.lower()) and c not in mixers]
+    if not mixers:
+        raise not_a_decoder(model, f"layer {layer} ({type(block.module).__name__}) has no attention")
+    if len({c.path for c in mixers}) != 1:
+        found = sorted({c.path for c in mixers})
+        raise not_a_decoder(model, f"layer {layer} has {len(found)} token mixers ({', '.join(found)})")
+    mixer = mixers[0]
+    if not mlps:  # OPT/BioGPT style: fc1, activation, fc2 directly in the layer; fc2's output is added
+        after = [c for c in calls if c.order > mixer.order and not is_norm(c.module) and not is_dropout(c.module)
+                 and isinstance(c.output, torch.Tensor)]
+        width = mixer.input.shape[-1] if mixer.input is not None else None
+        mlps = [c for c in after if c.output.shape[-1] == width][-1:]
+        if not mlps or len(after) < 2:
+            raise not_a_decoder(model, f"layer {layer} ({type(block.module).__name__}) has no MLP")
+    if len({c.path for c in mlps}) != 1:
+        raise not_a_decoder(model, f"layer {layer} has several MLPs ({', '.join(sorted({c.path for c in mlps}))})")
+    return mixer, mlps[0]
+
+
+def added_output(calls: list[Call], branch: Call) -> Call:
+    """The call whose output the layer adds for a branch: the branch itself, or the norm applied to its output."""
+    if branch.residual is not None:
+        return branch
+    tensor = branch.output
+    for call in (c for c in calls if c.order > branch.order):  # calls are in call order
+        if call.input is not tensor:
+            continue
+        if is_norm(call.module):
+            return call
+        if not is_dropout(call.module):
+            break
+        tensor = call.output
+    return branch
+
+
+def mlp_entry(calls: list[Call], mixer: Call, mlp: Call) -> Call:
+    """The first call of the MLP branch (the MLP module, or fc1 for OPT-style layers)."""
+    if MLP.search(mlp.path.lower()):
+        return mlp
+    branch = [c for c in calls if mixer.order < c.order <= mlp.order and not is_norm(c.module)
+              and not is_dropout(c.module) and c.path != mixer.path]
+    return min(branch, key=lambda c: c.order)
+
+
+def reads_layer_input(calls: list[Call], block: Call, mixer: Call, entry: Call) -> bool:
+    """True when the MLP branch reads the layer input (directly or through its own norm): a parallel residual."""
+    sources = [s for s in (block.input, mixer.input) if s is not None]
+    feeders = [c for c in calls if c.output is entry.input and is_norm(c.module)]
+    return any(entry.input is s for s in sources) or any(f.input is s for f in feeders for s in sources)
+
+
+def contains_experts(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts MLP: it has experts (a list or fused 3-D expert weights) or a router."""
+    names = [n.lower() for n, _ in module.named_modules()] + [n.lower() for n, _ in module.named_parameters()]
+    return any("expert" in n or "router" in n for n in names)
+
+
+def numeric_config_values(config: Any, pattern: str) -> list[float]:
+    """Positive numbers of the config whose keys match ``pattern`` (candidates for a scale)."""
+    values = []
+    for key, value in config.to_dict().items():
+        if re.search(pattern, key) and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            values.append(float(value))
+    return values
+
+
+def fit_tolerance(model: torch.nn.Module) -> float:
+    """Relative tolerance of a scale fitted from the model's activations: 1e-3, or a few roundings of a half dtype."""
+    return max(1e-3, 4 * torch.finfo(next(model.parameters()).dtype).eps)
+
+
+def snap(value: float, candidates: list[float], tol: float) -> float | None:
+    """The candidate within relative ``tol`` of ``value`` (the config's exact number), or None."""
+    for candidate in candidates:
+        if abs(value - candidate) <= tol * max(abs(candidate), 1e-12):
+            return candidate
+    return None
+
+
+def fitted_scale(target: torch.Tensor, basis: torch.Tensor) -> float:
+    """The least-squares s in target ≈ s · basis (float64)."""
+    t, b = target.double().flatten(), basis.double().flatten()
+    return float((t @ b) / (b @ b).clamp_min(1e-300))
+
+
+def branch_scale(model: torch.nn.Module, text: Any, block: Call, attn: Call, mlp: Call) -> float:
+    """The factor the layer multiplies its branches by before adding them, from the config (Granite, MiniCPM)."""
+    out, inp = block.value, block.input
+    added = attn.added.reshape(inp.shape).double() + mlp.added.reshape(inp.shape).double()
+    scale = fitted_scale(out.double() - inp.double(), added)
+    candidates = [1.0, *numeric_config_values(text, r"residual")]
+    depth_scale = getattr(text, "scale_depth", None)
+    if isinstance(depth_scale, (int, float)) and layer_count(text):
+        candidates.append(float(depth_scale) / math.sqrt(layer_count(text)))
+    found = snap(scale, candidates, fit_tolerance(model))
+    if found is None:
+        raise not_a_decoder(model, f"layer 0 adds its branches times {scale:.4g}, a factor no config value explains")
+    return found
+
+
+def final_norm_call(model: torch.nn.Module, trace: Trace, last: Call) -> Call:
+    """The module that reads the last layer's output: the final norm."""
+    output = first_tensor(last.output)
+    readers = [c for c in trace.group("outside") if c.order > last.order and c.input is output]
+    if not readers:
+        raise not_a_decoder(model, "no final norm reads the last layer's output")
+    reader = min(readers, key=lambda c: c.order)
+    if not is_norm(reader.module):
+        raise not_a_decoder(model, f"the last layer's output goes to {reader.path} ({type(reader.module).__name__}),"
+                            " not to a final norm")
+    return reader
+
+
+def norm_eps(norm: torch.nn.Module, text: Any) -> float | None:
+    """The norm's epsilon: an attribute of the module, else the config's; None when neither has one."""
+    for name in EPS_ATTRS:
+        value = getattr(norm, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    for key in EPS_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def norm_formula(x: torch.Tensor, kind: str, eps: float, weight: torch.Tensor, bias: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """RMSNorm or LayerNorm of x (float64) times ``weight`` plus ``bias``."""
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    out = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+    return out + bias if bias is not None else out
+
+
+def norm_parameters(norm: torch.nn.Module, d_model: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The norm's weight (ones when it has none) and bias, as float64 CPU tensors."""
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    w = torch.ones(d_model, dtype=torch.float64) if weight is None else weight.detach().double().cpu()
+    return w, (None if bias is None else bias.detach().double().cpu())
+
+
+def probe_norm(model: torch.nn.Module, norm: torch.nn.Module, eps: float | None, d_model: int
+               ) -> tuple[str, float, float]:
+    """Which formula the final norm computes, found numerically on small inputs (where epsilon matters too):
+    (rmsnorm | layernorm, weight offset 0 | 1, epsilon: the given one, else the best of EPS_GUESSES)."""
+    param = next(model.parameters())
+    x = 1e-3 * (torch.randn(4, d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5)
+    with torch.inference_mode():
+        y = norm(x.to(param.device, param.dtype)).double().cpu()
+    x = x.to(param.dtype).double()  # what the norm saw
+    weight, bias = norm_parameters(norm, d_model)
+    errors = {(kind, offset, e): float((norm_formula(x, kind, e, weight + offset, bias) - y).abs().max())
+              for kind in ("rmsnorm", "layernorm") for offset in (0.0, 1.0)
+              for e in ((eps,) if eps is not None else EPS_GUESSES)}
+    best = min(errors, key=errors.get)
+    if errors[best] > 0.05 * float(y.abs().max()):
+        raise not_a_decoder(model, f"the final norm {type(norm).__name__} is neither an RMSNorm nor a LayerNorm "
+                            f"(error {errors[best]:.3g})")
+    return best
+
+
+def head_matrix(model: torch.nn.Module, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unembedding (vocab, d_model) and its bias (the first ``rows`` tokens if given), on the model's device."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise not_a_decoder(model, "it has no output embedding")
+    bias = getattr(head, "bias", None)
+    return head.weight.detach()[:rows], (None if bias is None else bias.detach()[:rows])
+
+
+def logit_transform(model: torch.nn.Module, text: Any, normed: torch.Tensor, logits: torch.Tensor
+                    ) -> tuple[float, float | None]:
+    """(scale, soft-cap) with logits = cap·tanh(scale·raw/cap): the cap from the config, the scale fitted (on the
+    first 4096 tokens of the vocabulary) and matched to a config value (Cohere's logit_scale, Granite's
+    1/logits_scaling)."""
+    caps = [getattr(text, key, None) for key in SOFTCAP_KEYS]
+    cap = next((float(c) for c in caps if isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0), None)
+    weight, bias = head_matrix(model, 4096)
+    raw = normed.double() @ weight.double().T
+    raw = raw + bias.double() if bias is not None else raw
+    if logits.shape[:-1] != raw.shape[:-1] or logits.shape[-1] < raw.shape[-1]:
+        raise not_a_decoder(model, f"its logits {tuple(logits.shape)} are not the unembedding of the final norm's "
+                            f"output {tuple(normed.shape)}")
+    z = logits[..., :raw.shape[-1]].double()
+    if cap is not None:
+        keep = z.abs() < 0.9 * cap
+        raw, z = raw[keep], cap * torch.atanh(z[keep] / cap)
+    scale = fitted_scale(z, raw)
+    if float((z - scale * raw).abs().max()) > 10 * fit_tolerance(model) * float(z.abs().max()):
+        raise not_a_decoder(model, "its logits are not a scaled unembedding of the final norm's output (the head "
+                            "transforms it first)")
+    values = numeric_config_values(text, r"logit|lm_head|output_mult")
+    base = getattr(text, "dim_model_base", None)  # MiniCPM divides the last residual by hidden_size / dim_model_base
+    if isinstance(base, (int, float)) and getattr(text, "hidden_size", None):
+        values.append(float(base) / float(text.hidden_size))
+    found = snap(scale, [1.0, *values, *(1.0 / v for v in values)], fit_tolerance(model))
+    if found is None:
+        raise not_a_decoder(model, f"its logits are the unembedding times {scale:.4g}, a factor no config value "
+                            "explains")
+    return found, cap
+
+
+def embedding_scale(model: torch.nn.Module, ids: torch.Tensor, first: torch.Tensor) -> float | None:
+    """c with resid_pre[0] = c · embedding row when that holds (Gemma: sqrt(d_model)), else None."""
+    rows = model.get_input_embeddings().weight.detach()[ids].double()
+    scale = fitted_scale(first.double(), rows)
+    if float((first.double() - scale * rows).abs().max()) > fit_tolerance(model) * float(first.double().abs().max()):
+        return None
+    return float(f"{scale:.6g}")
+
+
+def layer_types(text: Any, count: int) -> tuple[str, ...] | None:
+    """The config's per-layer attention kinds, when it lists one per layer."""
+    types = getattr(text, "layer_types", None)
+    return tuple(str(t) for t in types) if isinstance(types, (list, tuple)) and len(types) == count else None
+
+
+def pick_layers(model: torch.nn.Module, count: int) -> tuple[str, Trace, torch.Tensor, torch.Tensor]:
+    """The decoder-layer list (the one with ``count`` layers that a text forward runs), its trace, ids and logits."""
+    ids = probe_ids(model)
+    for path in layer_list(model, count):
+        try:
+            trace, logits = run_probe(model, path, ids)
+        except Exception as exc:  # noqa: BLE001 - any family's forward may fail in its own way
+            raise DepthcacheError(f"{type(model).__name__} ({model.config.model_type}): a forward of "
+                                  f"{ids.shape[1]} tokens fails ({type(exc).__name__}: {exc})") from exc
+        if all(trace.block(i) is not None and trace.block(i).output is not None for i in range(count)):
+            return path, trace, ids, logits
+    raise not_a_decoder(model, f"no list of {count} layers runs on a text input")
+
+
+def discover(model: torch.nn.Module) -> Structure:
+    """The model's Structure, found from its module tree, one probe forward and its config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise DepthcacheError(f"{type(model).__name__} has no config: not a transformers model")
+    model_type = str(getattr(config, "model_type", "?"))
+    if model_type in REFUSED:
+        raise not_a_decoder(model, REFUSED[model_type])
+    if getattr(config, "is_encoder_decoder", False):
+        raise not_a_decoder(model, "it is an encoder-decoder")
+    text = config.get_text_config()
+    count = layer_count(text)
+    if count is None:
+        raise not_a_decoder(model, "its config gives no layer count")
+    path, trace, ids, logits = pick_layers(model, count)
+    layers = [layer_branches(model, trace, layer) for layer in range(count)]
+    last = trace.block(count - 1)
+    norm_call = final_norm_call(model, trace, last)
+    d_model = int(first_tensor(last.output).shape[-1])
+    kind, offset, eps = probe_norm(model, norm_call.module, norm_eps(norm_call.module, text), d_model)
+    scale, cap = logit_transform(model, text, norm_call.value, logits)
+    types = layer_types(text, count)
+    return Structure(
+        model_type=model_type, class_name=type(model).__name__, layers=path,
+        attn=tuple(b.attn_added.path for b in layers), mlp=tuple(b.mlp_added.path for b in layers),
+        final_norm=norm_call.path, norm_kind=kind, norm_eps=eps, norm_offset=offset,
+        parallel=all(b.parallel for b in layers),
+        attn_post_norm=all(b.attn_added is not b.mixer for b in layers),
+        mlp_post_norm=all(b.mlp_added is not b.mlp for b in layers),
+        attn_adds_residual=all(b.attn_added.residual is not None for b in layers),
+        mlp_adds_residual=all(b.mlp_added.residual is not None for b in layers),
+        branch_scale=branch_scale(model, text, trace.block(0), layers[0].attn_added, layers[0].mlp_added),
+        logit_scale=scale, logit_softcap=cap, embed_scale=embedding_scale(model, ids[0], trace.block(0).input[0]),
+        tied_embeddings=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+        moe_layers=tuple(i for i, b in enumerate(layers) if contains_experts(b.mlp.module)),
+        layer_types=types, sliding_window=attention_window(text, types),
+        attn_classes=tuple(type(b.mixer.module).__name__ for b in layers))
+
+
+@dataclass(frozen=True, eq=False)
+class Branches:
+    """One layer's data flow: its token mixer and MLP calls, the calls whose outputs it adds, and whether the MLP
+    reads the layer input."""
+
+    mixer: Call
+    mlp: Call
+    attn_added: Call
+    mlp_added: Call
+    parallel: bool
+
+
+def layer_branches(model: torch.nn.Module, trace: Trace, layer: int) -> Branches:
+    """What the probe saw of one decoder layer, or the refusal when it is not attention + MLP added to a residual."""
+    calls, block = trace.group("child", layer), trace.block(layer)
+    mixer, mlp = branch_modules(model, block, calls, layer)
+    if any(first_tensor(block.output) is c.output for c in calls if is_norm(c.module)):
+        raise not_a_decoder(model, f"layer {layer} normalises the residual stream itself (post-LN)")
+    return Branches(mixer, mlp, added_output(calls, mixer), added_output(calls, mlp),
+                    reads_layer_input(calls, block, mixer, mlp_entry(calls, mixer, mlp)))
+
+
+def attention_window(text: Any, types: tuple[str, ...] | None) -> int | None:
+    """The sliding window, when some layer uses one: every layer (no layer types) or the sliding ones."""
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    return window if types is None or any("sliding" in t for t in types) else None
+
+
+_DISCOVERED: weakref.WeakKeyDictionary[torch.nn.Module, Structure] = weakref.WeakKeyDictionary()
+
+
+def structure_of(model: torch.nn.Module) -> Structure:
+    """The model's Structure, discovered once per model object."""
+    found = _DISCOVERED.get(model)
+    if found is None:
+        found = _DISCOVERED[model] = discover(model)
+    return found
+
+
+def remember(model: torch.nn.Module, structure: Structure) -> None:
+    """Record a model's structure (after pruning it in place, say) so it is not rediscovered."""
+    _DISCOVERED[model] = structure
+
+
+def model_head(model: torch.nn.Module, structure: Structure) -> dict[str, Any]:
+    """The head as the store records it (float32 numpy, the keys of ``store.head.read_head``): the final norm's
+    weight with any offset folded in (Gemma's 1 + w), its bias, the unembedding, the logits' scale and soft-cap."""
+    d_model = int(model.get_output_embeddings().weight.shape[1])
+    weight, bias = norm_parameters(submodule(model, structure.final_norm), d_model)
+    unembed, unembed_bias = head_matrix(model)
+    return {"norm_kind": structure.norm_kind, "eps": structure.norm_eps,
+            "norm_weight": (weight + structure.norm_offset).float().numpy(),
+            "norm_bias": None if bias is None else bias.float().numpy(),
+            "unembed": unembed.float().cpu().numpy(),
+            "unembed_bias": None if unembed_bias is None else unembed_bias.float().cpu().numpy(),
+            "logit_scale": structure.logit_scale, "logit_softcap": structure.logit_softcap}
