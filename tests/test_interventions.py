@@ -197,7 +197,8 @@ def test_interrupted_skip_run_resumes_to_identical_data(tiny_models, docs, tmp_p
         real_write(group, attrs)
 
     monkeypatch.setattr(interventions, "write_attrs", failing_write)
-    with pytest.raises(DepthcacheError, match="simulated crash while writing tokens 32..64.*first 32 tokens are committed"):
+    with pytest.raises(DepthcacheError, match="simulated crash while writing tokens 32..64; the first 32 tokens are "
+                                              "committed and intact: fix that and rerun with --resume"):
         extract_skips(options(interrupted, tiny_models["llama"], docs), SkipOptions("1", tokens=96))
     monkeypatch.setattr(interventions, "write_attrs", real_write)
     run = interrupted / "runs" / "skip_1"

@@ -363,7 +363,7 @@ def test_junk_results_and_bad_inputs_are_one_error_line(copy, tmp_path, tiny_mod
 @pytest.mark.parametrize("param", ["max_tokens=-5", "max_tokens=0", "max_tokens=NaN"])
 def test_analysis_parameters_out_of_range_are_refused_and_nothing_cached(copy, tmp_path, param) -> None:
     code, out = cli("analyze", "logit-lens", str(copy), "-p", param, "--results", str(tmp_path / "r"))
-    one_error(code, out, "must be int at least 1 | None")
+    one_error(code, out, "must be of type int | None, at least 1")
     assert not (tmp_path / "r").exists()
 
 

@@ -140,17 +140,28 @@ def check_params(spec: Analysis, params: dict[str, Any]) -> None:
             raise DepthcacheError(f"analysis {spec.name!r} has no parameter {key!r}; its parameters (with defaults): "
                                   f"{describe_parameters(spec)}")
         if key in hints and not accepts(hints[key], value):
-            raise DepthcacheError(f"parameter {key}={json.dumps(value)[:100]} of {spec.name!r} must be "
-                                  f"{typing_name(hints[key])} (e.g. -p {key}={json.dumps(known[key].default)})")
+            finite = ["finite"] if isinstance(value, float) and not math.isfinite(value) else []
+            bounds = " and ".join([*finite, *map(str, hint_bounds(hints[key]))])
+            raise DepthcacheError(f"parameter {key}={json.dumps(value)[:100]} of {spec.name!r} must be of type "
+                                  f"{typing_name(hints[key])}{', ' + bounds if bounds else ''} "
+                                  f"(e.g. -p {key}={json.dumps(known[key].default)})")
+
+
+def hint_bounds(hint: Any) -> list[Bounds]:
+    """The ranges ``Annotated`` puts on a type hint (inside unions too)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [b for option in typing.get_args(hint) for b in hint_bounds(option)]
+    if typing.get_origin(hint) is Annotated:
+        return [b for b in typing.get_args(hint)[1:] if isinstance(b, Bounds)]
+    return []
 
 
 def typing_name(hint: Any) -> str:
-    """A readable name of a type hint: 'bool', 'int | None', 'list[float] | None', 'int at least 1 | None'."""
+    """A readable name of a type hint, ranges left out: 'bool', 'int | None', 'list[float] | None'."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " | ".join(typing_name(option) for option in typing.get_args(hint))
     if typing.get_origin(hint) is Annotated:
-        inner, *extras = typing.get_args(hint)
-        return " ".join([typing_name(inner), *(str(b) for b in extras if isinstance(b, Bounds))])
+        return typing_name(typing.get_args(hint)[0])
     return str(hint).replace("typing.", "").replace("NoneType", "None").removeprefix("<class '").removesuffix("'>")
 
 
