@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
-import click
+# Before torch is loaded: OpenMP threads waiting for work sleep instead of spinning. Where the cores are shared
+# (more runnable processes than cores) spinning threads burn the time slices the working ones need: scoring a task
+# on a small model ran 30x slower that way on 2 cores with ~20 runnable processes. OMP_WAIT_POLICY=ACTIVE in the
+# environment restores spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from depthcache.errors import DepthcacheError
+import click  # noqa: E402
+
+from depthcache.errors import DepthcacheError  # noqa: E402
 
 
 class Commands(click.Group):
@@ -35,6 +42,12 @@ def main() -> None:
     """
 
 
+progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Progress with ETA (default: a bar on a terminal, else a line per step or per minute on stderr; "
+         "--progress forces the bar, --no-progress silences both).")
+
+
 @main.command()
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF folder, .gguf file, or hub id.")
@@ -56,7 +69,7 @@ def main() -> None:
               help="Tokens per chunk (default: largest power of two keeping a chunk of all layers ≤ 32 MiB).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction into --out (options must match).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@progress_option
 @click.option("--num-workers", type=int, default=None,
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
 @click.option("--worker-index", type=int, default=None, help="This process's index (default: $RANK / Slurm).")
@@ -182,13 +195,16 @@ def analysis_command(spec: Any) -> click.Command:
     @click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
     @click.option("--results", default=None, help="Folder for results when the store is not writable (or a URL).")
     @storage_option
+    @progress_option
     def command(stores: tuple[str, ...], params: tuple[str, ...], force: bool, scheduler: str | None,
-                results: str | None, storage_options: tuple[str, ...]) -> None:
+                results: str | None, storage_options: tuple[str, ...], progress: bool | None) -> None:
         from depthcache.analyze import run
+        from depthcache.progress import dask_progress, shown
 
         stores = (stores,) if isinstance(stores, str) else stores
-        result = run(spec.name, *stores, force=force, scheduler_address=scheduler, results_dir=results,
-                     storage_options=parse_params(storage_options), **parse_params(params))
+        with shown(progress), dask_progress(f"analyze {spec.name}"):
+            result = run(spec.name, *stores, force=force, scheduler_address=scheduler, results_dir=results,
+                         storage_options=parse_params(storage_options), **parse_params(params))
         click.echo(result.drop_attrs().to_dataframe().to_string() if len(result.dims) <= 2 else str(result))
     return command
 
@@ -229,12 +245,6 @@ def plot(args: tuple[str, ...], out_dir: str | None, params: tuple[str, ...], fo
         paths = draw(name, *stores, out_dir=out_dir, force=force, results_dir=results, **extra, **parse_params(params))
     for path in paths:
         click.echo(str(path))
-
-
-progress_option = click.option(
-    "--progress/--no-progress", default=None,
-    help="Progress with ETA (default: a bar on a terminal, else a line per step or per minute on stderr; "
-         "--progress forces the bar, --no-progress silences both).")
 
 
 def locate_options(command: Any) -> Any:
@@ -302,12 +312,13 @@ def igrad(**kw: Any) -> None:
                    f"{kw['max_steps']} was reached; raise --max-steps before reading magnitudes there", err=True)
 
 
-def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:
+def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool,
+                    progress: bool | None) -> None:
     """Run a push or pull and print what it did; a failed verification is an error."""
     from depthcache.sharing import copy_store
 
     kw = {"destination_options": options} if push else {"source_options": options}
-    report = copy_store(source, destination, jobs=jobs, **kw)
+    report = copy_store(source, destination, jobs=jobs, progress=progress, **kw)
     if report.problems:
         raise DepthcacheError(f"{destination} failed verification after the copy: {report.problems[0]}"
                               f"{f' (and {len(report.problems) - 1} more)' if len(report.problems) > 1 else ''}; "
@@ -321,9 +332,10 @@ def copy_and_report(source: str, destination: str, jobs: int, options: dict[str,
 @click.argument("url")
 @click.option("--jobs", default=16, show_default=True, type=int, help="Objects copied in parallel.")
 @storage_option
-def push(store: str, url: str, jobs: int, storage_options: tuple[str, ...]) -> None:
+@progress_option
+def push(store: str, url: str, jobs: int, storage_options: tuple[str, ...], progress: bool | None) -> None:
     """Copy a local store to URL (s3://bucket/run.zarr): parallel, resumable, every chunk verified at the end."""
-    copy_and_report(store, url, jobs, parse_params(storage_options), push=True)
+    copy_and_report(store, url, jobs, parse_params(storage_options), push=True, progress=progress)
 
 
 @main.command()
@@ -331,9 +343,10 @@ def push(store: str, url: str, jobs: int, storage_options: tuple[str, ...]) -> N
 @click.argument("store")
 @click.option("--jobs", default=16, show_default=True, type=int, help="Objects copied in parallel.")
 @storage_option
-def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...]) -> None:
+@progress_option
+def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...], progress: bool | None) -> None:
     """Copy a store from URL to a local folder: parallel, resumable, every chunk verified at the end."""
-    copy_and_report(url, store, jobs, parse_params(storage_options), push=False)
+    copy_and_report(url, store, jobs, parse_params(storage_options), push=False, progress=progress)
 
 
 @main.command()

@@ -11,8 +11,8 @@ end every committed chunk of the destination is read back and checked against it
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from depthcache.errors import DepthcacheError
+from depthcache.progress import MINUTE, Progress
 from depthcache.store.io import is_url
 from depthcache.store.layout import ATTRS_KEY
 
@@ -132,10 +133,17 @@ def check_same_store(dst: Place, src_attrs: dict[str, Any], destination: str) ->
         raise DepthcacheError(f"{destination} already holds a different store; remove it or choose another location")
 
 
+def as_completed_sizes(pool: ThreadPoolExecutor, calls: list[Callable[[], int]]) -> Iterator[int]:
+    """Run ``calls`` on ``pool``; yield each result as soon as it is done."""
+    for future in as_completed([pool.submit(call) for call in calls]):
+        yield future.result()
+
+
 def copy_store(source: str, destination: str, source_options: Mapping[str, Any] | None = None,
                destination_options: Mapping[str, Any] | None = None, jobs: int = 8,
-               verify: bool = True) -> CopyReport:
-    """Copy a store object by object (parallel, resumable, root metadata last), then verify every chunk."""
+               verify: bool = True, progress: bool | None = False) -> CopyReport:
+    """Copy a store object by object (parallel, resumable, root metadata last), then verify every chunk;
+    ``progress`` as for every long command (False: silent, the library default)."""
     from depthcache.store.schema import validate_store
 
     started = time.perf_counter()
@@ -148,7 +156,12 @@ def copy_store(source: str, destination: str, source_options: Mapping[str, Any] 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes), keys)))
         todo = [k for k in keys if not present[k]]
-        sizes = list(pool.map(lambda k: copy_object(src, dst, k), todo))
+        with Progress("copy", sum(objects[k] for k in todo) / 2**20, "MiB", progress, every=MINUTE) as bar:
+            bar.note(f"{len(todo):,} objects to copy, {len(keys) - len(todo):,} already there")
+            sizes = []
+            for size in as_completed_sizes(pool, [lambda k=k: copy_object(src, dst, k) for k in todo]):
+                sizes.append(size)
+                bar.update(size / 2**20)
     sizes.append(copy_object(src, dst, ROOT_METADATA))
     arrived = listing(dst) if verify else {}
     problems = [f"{k} did not arrive whole" for k, size in sorted(objects.items()) if verify and arrived.get(k) != size]

@@ -27,7 +27,6 @@ from depthcache.dtypes import STORED_DTYPES
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.data import DEFAULT_DATASET, load_documents
 from depthcache.extraction.model_group import write_model_group
-from depthcache.extraction.progress import Progress
 from depthcache.extraction.task_data import (
     TaskDocuments,
     task_attrs,
@@ -57,6 +56,7 @@ from depthcache.model import (
     parallel_residual,
     resolve_device,
 )
+from depthcache.progress import MINUTE, Progress
 from depthcache.store.head import tokenizer_sha256
 from depthcache.store.io import open_group, read_attrs, write_attrs
 from depthcache.store.layout import (
@@ -89,7 +89,7 @@ class ExtractOptions:
     chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB
     device: str = "auto"
     resume: bool = False
-    progress: bool | None = None  # None: a bar on a terminal only
+    progress: bool | None = None  # None: a bar on a terminal, a line per minute elsewhere
     num_workers: int = 1  # several processes writing disjoint shards of one store
     worker_index: int = 0
     queue_batches: int = 2
@@ -430,9 +430,9 @@ def planned_batches(model: torch.nn.Module, arch: Architecture, plan: Plan, opts
 
 
 def write_batches(writer: ChunkWriter, batches: Iterator[tuple[int, dict[str, np.ndarray], Any]], total: int,
-                  opts: ExtractOptions) -> None:
+                  opts: ExtractOptions, desc: str = "extract") -> None:
     """Run ``batches`` (the forward passes) in this thread and write them in a background thread, joined by a
-    bounded queue; ``total`` tokens drive the progress bar."""
+    bounded queue; ``total`` tokens drive the progress named ``desc``."""
     pending: queue.Queue[tuple[int, dict[str, np.ndarray], Any] | None] = queue.Queue(maxsize=opts.queue_batches)
     failure: list[BaseException] = []
 
@@ -451,10 +451,12 @@ def write_batches(writer: ChunkWriter, batches: Iterator[tuple[int, dict[str, np
 
     thread = threading.Thread(target=drain, name="depthcache-writer", daemon=True)
     thread.start()
-    bar = Progress(total, 0, lambda: writer.bytes_written, enabled=opts.progress)
+    bar = Progress(desc, total, "tok", opts.progress, every=MINUTE)
     try:
         for at, batch, copied in batches:
             pending.put((at, batch, copied))
+            seconds = max(bar.clock() - bar.started, 1e-9)
+            bar.note(f"{writer.bytes_written / seconds / 2**20:.0f} MB/s written")
             bar.update(len(batch["token_id"]))
             if failure:
                 break
