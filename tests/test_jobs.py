@@ -21,13 +21,17 @@ from click.testing import CliRunner
 from conftest import CORPUS
 from transformers.utils import logging as hf_logging
 
+from depthcache.analyze import plotting
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
 from depthcache.evaluate import PruneOptions, evaluate_prune
+from depthcache.evaluate.plot import plot_prune
 from depthcache.locate import LocateOptions, locate, read_map
+from depthcache.locate import plot as locate_plot
 from depthcache.locate.igrad import completeness_error, igrad_map
 from depthcache.locate.maps import encode
 from depthcache.locate.partial import partial_path
+from depthcache.locate.plot import plot_map
 from depthcache.model.loading import load_model
 from depthcache.progress import Progress
 from depthcache.tasks import TaskItem, write_task_jsonl
@@ -103,9 +107,11 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
-def test_prune_reads_no_deprecated_cache_name(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_prune_reads_no_deprecated_cache_name(tiny_models: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A prune run with warnings as errors, and no 'deprecated' message from transformers' own logger (which does
-    not propagate, and warns once per process: its memory is cleared first so the check can fail)."""
+    not propagate, and warns once per process: its memory is cleared first so the check can fail); its chart has
+    the chance line and a tick per step naming the layer removed."""
     task = write_task_jsonl(items(4), tmp_path / "task.jsonl")
     logger = hf_logging.get_logger("transformers")
     handler = Records()
@@ -120,6 +126,14 @@ def test_prune_reads_no_deprecated_cache_name(tiny_models: dict[str, Path], tmp_
         logger.removeHandler(handler)
     assert ds.sizes["step"] == 3 and np.isfinite(ds.mean_gold_logprob.values).all()
     assert not [r.getMessage() for r in handler.records if "deprecated" in r.getMessage()]
+    figures = kept_figures(monkeypatch, plotting)
+    plot_prune(ds, tmp_path)
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0\nfull", f"1\nL{ds.removed_layer.values[1]}",
+                                                            f"2\nL{ds.removed_layer.values[2]}"]
+    chance = [line for line in ax.get_lines() if line.get_label().startswith("chance")]
+    expected = np.mean([1 / len(it.choices) for it in items(4) if it.choices])
+    assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(expected)
 
 
 def items(n: int, long: bool = False) -> list[TaskItem]:
@@ -214,11 +228,22 @@ def test_igrad_batched_equals_one_point_per_pass(tiny_models: dict[str, Path]) -
     assert np.abs(batched.attribution.values).max() > 1e-4
 
 
-def test_erase_layers_pick_rows(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    """--layers 1,3 maps exactly those rows, equal to the same rows of a full map."""
+def test_erase_layers_pick_rows(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                               ) -> None:
+    """--layers 1,3 maps exactly those rows, equal to the same rows of a full map; the heatmap's ticks name them."""
     base = dict(model=str(tiny_models["gpt2"]), prompt=PROMPT, answer=ANSWER, device="cpu", reference_windows=1,
                 progress=False)
     some = locate("erasure", LocateOptions(out=str(tmp_path / "some.zarr"), layers="1,3", **base))
     every = locate("erasure", LocateOptions(out=str(tmp_path / "all.zarr"), **base))
     assert list(some.layer.values) == [1, 3] and json.dumps(some.relative_depth.values.tolist()) == "[0.25, 0.75]"
     np.testing.assert_array_equal(some.max_prob_change.values, every.max_prob_change.sel(layer=[1, 3]).values)
+    figures = kept_figures(monkeypatch, locate_plot)
+    plot_map(read_map(tmp_path / "some.zarr"), "erasure", tmp_path)
+    assert [t.get_text() for t in figures[0].axes[0].get_yticklabels()] == ["1", "3"]
+
+
+def kept_figures(monkeypatch: pytest.MonkeyPatch, module: object) -> list:
+    """The figures ``module.save`` is handed from now on, kept open instead of written."""
+    figures: list = []
+    monkeypatch.setattr(module, "save", lambda fig, folder, name: figures.append(fig) or Path(folder) / name)
+    return figures
