@@ -166,7 +166,7 @@ def run_killed(args: list[str], marker: Path, pattern: str, final: Path) -> None
 
 def test_prune_resumes_after_a_kill(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Kill a pruning run after its first step, resume it: the outputs equal an uninterrupted run's."""
-    task = write_task_jsonl(items(48), tmp_path / "task.jsonl")
+    task = write_task_jsonl(items(24), tmp_path / "task.jsonl")
     opts = dict(task=str(task), model=str(tiny_models["llama"]), layers="1-3", n=None, max_new_tokens=8,
                 batch_size=4, device="cpu", progress=False)
     out = tmp_path / "killed"
@@ -194,14 +194,14 @@ def test_maps_resume_after_a_kill(kind: str, tiny_models: dict[str, Path], tmp_p
     other options is refused."""
     model = str(tiny_models["llama"])
     task = write_task_jsonl(items(4, long=True), tmp_path / "task.jsonl")
-    extra = ["--steps", "256", "--max-steps", "256", "--batch-size", "16"] if kind == "igrad" else \
+    extra = ["--steps", "128", "--max-steps", "128", "--batch-size", "16"] if kind == "igrad" else \
         ["--reference-windows", "1", "--batch-size", "8"]
     out = tmp_path / "killed.zarr"
     run_killed(["igrad" if kind == "igrad" else "erase", "--model", model, "--task", str(task), "--layers", "1-3",
                 "--device", "cpu", "--out", str(out), *extra], partial_path(str(out)), "item*.npz", out)
     saved = len(list(partial_path(str(out)).glob("item*.npz")))
     options = dict(model=model, task=str(task), layers="1-3", device="cpu", progress=False,
-                   **({"steps": 256, "max_steps": 256, "batch_size": 16} if kind == "igrad" else
+                   **({"steps": 128, "max_steps": 128, "batch_size": 16} if kind == "igrad" else
                       {"reference_windows": 1, "batch_size": 8}))
     with pytest.raises(DepthcacheError, match="started with other options"):
         locate(kind, LocateOptions(out=str(out), resume=True, **options | {"layers": "1-2"}))
