@@ -47,20 +47,22 @@ class Progress:
     """Progress over ``total`` units of ``unit`` (None: unknown) of a job named ``desc``, ``done`` of them already
     finished (a resumed job: they count towards the position, not towards the rate behind the ETA).
 
-    Lines are written at most every ``every`` seconds (0: at every update) and at the end; ``note`` adds what the
-    current step is doing (shown in the bar, and in a line when a minute passed without one)."""
+    Lines are written at the start, at most every ``every`` seconds (0: at every update) and at the end; ``note``
+    adds what the current step is doing (shown in the bar, and in a line when a minute passed without one). A
+    ``quiet`` job writes no line before its first ``every`` seconds have passed, and then none at the end either
+    unless it wrote one (analyses: most finish in seconds)."""
 
     def __init__(self, desc: str, total: float | None, unit: str = "step", enabled: bool | None = None,
                  done: float = 0, every: float = 0.0, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, quiet: bool = False) -> None:
         self.desc, self.total, self.unit, self.every = desc, total, unit, every
         self.stream = stream or sys.stderr
         self.mode = mode(enabled, self.stream)
         self.clock, self.started, self.initial, self.done = clock, clock(), done, done
-        self.last_line, self.extra, self.printed = self.started, "", None
+        self.last_line, self.extra, self.printed, self.quiet = self.started, "", None, quiet
         self.bar = tqdm(total=total, initial=done, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream,
                         unit_scale=unit == "tok", disable=self.mode != "bar")
-        if self.mode == "lines":
+        if self.mode == "lines" and not quiet:
             self.line()
 
     def eta(self) -> float | None:
@@ -107,7 +109,7 @@ class Progress:
     def close(self) -> None:
         """Finish: the bar closes; line mode writes a last line unless the last one already showed the end."""
         self.bar.close()
-        if self.mode == "lines" and self.printed != self.done:
+        if self.mode == "lines" and self.printed != self.done and not (self.quiet and self.printed is None):
             self.extra = ""
             self.line()
 
@@ -138,7 +140,7 @@ def shown(enabled: bool | None) -> Iterator[None]:
 def stage(desc: str, total: float, unit: str, every: float = MINUTE) -> Iterator[Progress]:
     """A Progress under the ``shown`` setting for an analysis that counts its own units with ``advance`` (dask
     tasks go unreported meanwhile, so the output is not doubled)."""
-    with Progress(desc, total, unit, _AMBIENT.get(), every=every) as bar:
+    with Progress(desc, total, unit, _AMBIENT.get(), every=every, quiet=True) as bar:
         token = _STAGE.set(bar)
         try:
             yield bar
@@ -161,7 +163,7 @@ def dask_progress(desc: str) -> Iterator[None]:
         return
     from dask.callbacks import Callback
 
-    bar = Progress(desc, None, "tasks", _AMBIENT.get(), every=MINUTE)
+    bar = Progress(desc, None, "tasks", _AMBIENT.get(), every=MINUTE, quiet=True)
 
     class Tasks(Callback):
         """Adds each computation's tasks to the total and counts them as they finish."""

@@ -26,6 +26,7 @@ from depthcache.cli import main
 from depthcache.errors import DepthcacheError
 from depthcache.evaluate import PruneOptions, evaluate_prune
 from depthcache.evaluate.plot import plot_prune
+from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.locate import LocateOptions, locate, read_map
 from depthcache.locate import plot as locate_plot
 from depthcache.locate.igrad import completeness_error, igrad_map
@@ -75,6 +76,15 @@ def test_progress_lines_off_a_terminal() -> None:
     tokens.close()
     assert [line.split(" tok")[0] for line in fine.getvalue().splitlines()] == [
         "extract: 0/1,000", "extract: 600/1,000", "extract: 1,000/1,000"]
+    for seconds, expected in ((30, []), (90, ["analyze x: 1/2 tasks (50%)", "analyze x: 2/2 tasks (100%)"])):
+        quiet, clock = io.StringIO(), Clock()  # quiet: silent unless the job runs past a minute
+        tasks = Progress("analyze x", None, "tasks", None, stream=quiet, clock=clock, every=60, quiet=True)
+        tasks.set_total(2)
+        clock.now = seconds
+        tasks.update()
+        tasks.update()
+        tasks.close()
+        assert [line.split(",")[0] for line in quiet.getvalue().splitlines()] == expected
     for enabled, bar in ((False, False), (True, True)):
         quiet = io.StringIO()
         with Progress("x", 2, enabled=enabled, stream=quiet) as other:
@@ -105,6 +115,21 @@ class Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+def test_analyses_report_progress(tiny_models: dict[str, Path], text_file: Path, tmp_path: Path) -> None:
+    """analyze (dask tasks) and layer-map (its own blocks) show a bar with --progress; quick ones write no line by
+    default."""
+    store = str(tmp_path / "s.zarr")
+    extract(ExtractOptions(out=store, model=str(tiny_models["llama"]), data=str(text_file), sites=("resid",),
+                           dtype="float32", seq_len=16, batch_size=8, chunk_tokens=64, max_tokens=400,
+                           progress=False, device="cpu"))
+    shown = CliRunner().invoke(main, ["analyze", "residual-norms", store, "--progress"])
+    assert shown.exit_code == 0 and "analyze residual-norms" in shown.stderr and "tasks" in shown.stderr, shown.output
+    mapped = CliRunner().invoke(main, ["analyze", "layer-map", store, store, "--progress"])
+    assert mapped.exit_code == 0 and "layer-map" in mapped.stderr and "blocks" in mapped.stderr, mapped.output
+    quick = CliRunner().invoke(main, ["analyze", "residual-norms", store, "--force"])
+    assert quick.exit_code == 0 and quick.stderr == "", quick.stderr
 
 
 def test_prune_reads_no_deprecated_cache_name(tiny_models: dict[str, Path], tmp_path: Path,
