@@ -92,9 +92,18 @@ def test_progress_lines_off_a_terminal() -> None:
         assert ("|" in quiet.getvalue()) == bar and "x: 0/2" not in quiet.getvalue()
 
 
-def test_cli_progress_lines_on_stderr(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
-    """erase and igrad through the CLI (not a terminal) write a line per layer to stderr; --no-progress none."""
+def test_cli_progress_lines_on_stderr(tmp_path: Path, tiny_models: dict[str, Path], text_file: Path) -> None:
+    """extract with skip runs, igrad and erase through the CLI (not a terminal) write lines to stderr: extraction
+    at the start and the end, skip runs and igrad one per run or layer; --no-progress none."""
     model = str(tiny_models["llama"])
+    extracted = CliRunner().invoke(main, ["extract", "--model", model, "--data", str(text_file), "--out",
+                                          str(tmp_path / "s.zarr"), "--max-tokens", "256", "--seq-len", "32",
+                                          "--device", "cpu", "--skip", "each", "--skip-tokens", "0"])
+    assert extracted.exit_code == 0, extracted.output
+    lines = extracted.stderr.splitlines()
+    assert lines[0].startswith("extract: 0/256 tok") and "extract: 256/256 tok (100%)" in extracted.stderr
+    runs = [line for line in lines if line.startswith("skip runs: ")]
+    assert [line.split(",")[0] for line in runs] == [f"skip runs: {k}/4 runs ({25 * k}%)" for k in range(5)]
     common = ["--model", model, "--prompt", PROMPT, "--answer", ANSWER, "--device", "cpu"]
     shown = CliRunner().invoke(main, ["igrad", *common, "--out", str(tmp_path / "a.zarr"), "--steps", "8"])
     assert shown.exit_code == 0, shown.output
