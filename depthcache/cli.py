@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
 
-import click
+# Before torch is loaded: OpenMP threads waiting for work sleep instead of spinning. Where the cores are shared
+# (more runnable processes than cores) spinning threads burn the time slices the working ones need: scoring a task
+# on a small model ran 30x slower that way on 2 cores with ~20 runnable processes. OMP_WAIT_POLICY=ACTIVE in the
+# environment restores spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from depthcache.defaults import DEFAULT_MODEL
-from depthcache.errors import DepthcacheError, Interrupted
+import click  # noqa: E402
+
+from depthcache.defaults import DEFAULT_MODEL  # noqa: E402
+from depthcache.errors import DepthcacheError, Interrupted  # noqa: E402
 
 MODEL_HELP = ("Alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m), local HF folder, .gguf "
               "file, or hub id.")
@@ -263,10 +270,13 @@ def analysis_command(spec: Any) -> click.Command:
     @click.option("--scheduler", default=None, help="dask.distributed scheduler address (or $DEPTHCACHE_SCHEDULER).")
     @results_option
     @storage_option
+    @progress_option
     def command(stores: tuple[str, ...], params: tuple[str, ...], force: bool, full: bool, list_cached: bool,
-                clear: bool, scheduler: str | None, results: str | None, storage_options: tuple[str, ...]) -> None:
+                clear: bool, scheduler: str | None, results: str | None, storage_options: tuple[str, ...],
+                progress: bool | None) -> None:
         from depthcache.analyze import run
         from depthcache.analyze.text import cache_text, clear_text, result_text
+        from depthcache.progress import dask_progress, shown
 
         stores = (stores,) if isinstance(stores, str) else stores
         kw = {"results_dir": results, "storage_options": parse_params(storage_options)}
@@ -274,7 +284,8 @@ def analysis_command(spec: Any) -> click.Command:
             click.echo((clear_text if clear else cache_text)(spec, stores, parse_params(params) if clear else None,
                                                              **kw))
             return
-        result = run(spec.name, *stores, force=force, scheduler_address=scheduler, **kw, **parse_params(params))
+        with shown(progress), dask_progress(f"analyze {spec.name}"):
+            result = run(spec.name, *stores, force=force, scheduler_address=scheduler, **kw, **parse_params(params))
         click.echo(result_text(spec, result, full))
     return command
 
@@ -362,8 +373,6 @@ def compare(stores: tuple[str, ...], out_dir: str, analyses: str | None, params:
         click.echo(str(path))
 
 
-
-
 def locate_options(command: Any) -> Any:
     """The options ``erase`` and ``igrad`` share: one prompt or a task, output store, model and device."""
     return options(
@@ -419,12 +428,13 @@ def igrad(**kw: Any) -> None:
                    f"{kw['max_steps']} was reached; raise --max-steps before reading magnitudes there", err=True)
 
 
-def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool) -> None:
+def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool,
+                    progress: bool | None) -> None:
     """Run a push or pull and print what it did; a failed verification is an error saying whose it is."""
     from depthcache.sharing import copy_store
 
     kw = {"destination_options": options} if push else {"source_options": options}
-    report = copy_store(source, destination, jobs=jobs, **kw)
+    report = copy_store(source, destination, jobs=jobs, progress=progress, **kw)
     if report.problems:
         more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
         advice = (f"the source has the same problem: repair or re-extract {source} (depthcache validate lists it)"
@@ -447,9 +457,10 @@ def copy_and_report(source: str, destination: str, jobs: int, options: dict[str,
 @click.argument("url")
 @click.option("--jobs", default=16, show_default=True, type=int, help="Objects copied in parallel.")
 @storage_option
-def push(store: str, url: str, jobs: int, storage_options: tuple[str, ...]) -> None:
+@progress_option
+def push(store: str, url: str, jobs: int, storage_options: tuple[str, ...], progress: bool | None) -> None:
     """Copy a local store to URL (s3://bucket/run.zarr): parallel, resumable, every chunk verified at the end."""
-    copy_and_report(store, url, jobs, parse_params(storage_options), push=True)
+    copy_and_report(store, url, jobs, parse_params(storage_options), push=True, progress=progress)
 
 
 @main.command()
@@ -457,9 +468,10 @@ def push(store: str, url: str, jobs: int, storage_options: tuple[str, ...]) -> N
 @click.argument("store")
 @click.option("--jobs", default=16, show_default=True, type=int, help="Objects copied in parallel.")
 @storage_option
-def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...]) -> None:
+@progress_option
+def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...], progress: bool | None) -> None:
     """Copy a store from URL to a local folder: parallel, resumable, every chunk verified at the end."""
-    copy_and_report(url, store, jobs, parse_params(storage_options), push=False)
+    copy_and_report(url, store, jobs, parse_params(storage_options), push=False, progress=progress)
 
 
 @main.command()

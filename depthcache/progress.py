@@ -47,20 +47,22 @@ class Progress:
     """Progress over ``total`` units of ``unit`` (None: unknown) of a job named ``desc``, ``done`` of them already
     finished (a resumed job: they count towards the position, not towards the rate behind the ETA).
 
-    Lines are written at most every ``every`` seconds (0: at every update) and at the end; ``note`` adds what the
-    current step is doing (shown in the bar, and in a line when a minute passed without one)."""
+    Lines are written at the start, at most every ``every`` seconds (0: at every update) and at the end; ``note``
+    adds what the current step is doing (shown in the bar, and in a line when a minute passed without one). A
+    ``quiet`` job writes no line before its first ``every`` seconds have passed, and then none at the end either
+    unless it wrote one (analyses: most finish in seconds)."""
 
     def __init__(self, desc: str, total: float | None, unit: str = "step", enabled: bool | None = None,
                  done: float = 0, every: float = 0.0, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, quiet: bool = False) -> None:
         self.desc, self.total, self.unit, self.every = desc, total, unit, every
         self.stream = stream or sys.stderr
         self.mode = mode(enabled, self.stream)
         self.clock, self.started, self.initial, self.done = clock, clock(), done, done
-        self.last_line, self.extra = self.started, ""
+        self.last_line, self.extra, self.printed, self.quiet = self.started, "", None, quiet
         self.bar = tqdm(total=total, initial=done, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream,
                         unit_scale=unit == "tok", disable=self.mode != "bar")
-        if self.mode == "lines":
+        if self.mode == "lines" and not quiet:
             self.line()
 
     def eta(self) -> float | None:
@@ -82,7 +84,7 @@ class Progress:
     def line(self) -> None:
         """Write the current line (line mode)."""
         print(self.text(), file=self.stream, flush=True)
-        self.last_line = self.clock()
+        self.last_line, self.printed = self.clock(), self.done
 
     def update(self, n: float = 1) -> None:
         """``n`` more units done."""
@@ -105,9 +107,9 @@ class Progress:
         self.bar.refresh()
 
     def close(self) -> None:
-        """Finish: the bar closes, line mode writes a last line unless the last update just wrote one."""
+        """Finish: the bar closes; line mode writes a last line unless the last one already showed the end."""
         self.bar.close()
-        if self.mode == "lines" and self.last_line < self.clock() and (self.every > 0 or self.extra):
+        if self.mode == "lines" and self.printed != self.done and not (self.quiet and self.printed is None):
             self.extra = ""
             self.line()
 
@@ -121,7 +123,7 @@ class Progress:
 # --- analyses: the CLI says whether progress is shown; library calls stay silent by default -----------------------
 
 _AMBIENT: ContextVar[bool | None] = ContextVar("depthcache_progress", default=False)
-_STAGED: ContextVar[bool] = ContextVar("depthcache_progress_staged", default=False)
+_STAGE: ContextVar[Progress | None] = ContextVar("depthcache_progress_stage", default=None)
 
 
 @contextmanager
@@ -135,15 +137,22 @@ def shown(enabled: bool | None) -> Iterator[None]:
 
 
 @contextmanager
-def stage(desc: str, total: float, unit: str, every: float = 0.0) -> Iterator[Progress]:
-    """A Progress under the ``shown`` setting for an analysis that counts its own units (dask tasks go unreported
-    meanwhile, so the output is not doubled)."""
-    token = _STAGED.set(True)
-    try:
-        with Progress(desc, total, unit, _AMBIENT.get(), every=every) as bar:
+def stage(desc: str, total: float, unit: str, every: float = MINUTE) -> Iterator[Progress]:
+    """A Progress under the ``shown`` setting for an analysis that counts its own units with ``advance`` (dask
+    tasks go unreported meanwhile, so the output is not doubled)."""
+    with Progress(desc, total, unit, _AMBIENT.get(), every=every, quiet=True) as bar:
+        token = _STAGE.set(bar)
+        try:
             yield bar
-    finally:
-        _STAGED.reset(token)
+        finally:
+            _STAGE.reset(token)
+
+
+def advance(n: float = 1) -> None:
+    """``n`` more units of the current ``stage`` done (nothing outside one)."""
+    bar = _STAGE.get()
+    if bar is not None:
+        bar.update(n)
 
 
 @contextmanager
@@ -154,17 +163,17 @@ def dask_progress(desc: str) -> Iterator[None]:
         return
     from dask.callbacks import Callback
 
-    bar = Progress(desc, None, "tasks", _AMBIENT.get(), every=MINUTE)
+    bar = Progress(desc, None, "tasks", _AMBIENT.get(), every=MINUTE, quiet=True)
 
     class Tasks(Callback):
         """Adds each computation's tasks to the total and counts them as they finish."""
 
         def _start_state(self, dsk: Any, state: Any) -> None:
-            if not _STAGED.get():
+            if _STAGE.get() is None:
                 bar.set_total((bar.total or 0) + sum(len(state[k]) for k in ("ready", "waiting", "running")))
 
         def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-            if not _STAGED.get():
+            if _STAGE.get() is None:
                 bar.update()
 
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from depthcache.errors import DepthcacheError
 from depthcache.limits import MAX_CHUNK_BYTES, MAX_METADATA_BYTES, max_object_bytes
+from depthcache.progress import MINUTE, Progress
 from depthcache.store.io import is_url, parse_json
 from depthcache.store.layout import ATTRS_KEY, is_checksummed
 from depthcache.store.problems import CHUNK_KEY
@@ -215,10 +216,15 @@ def source_objects(src: Place, location: str) -> tuple[dict[str, int], tuple[str
     return objects, tuple(sorted(ignored))
 
 
-def copy_all(src: Place, dst: Place, keys: Iterable[str], jobs: int) -> list[int]:
-    """Copy objects in parallel; returns their sizes."""
+def copy_all(src: Place, dst: Place, keys: Iterable[str], jobs: int, bar: Progress | None = None) -> list[int]:
+    """Copy objects in parallel, advancing ``bar`` (MiB) as each arrives; returns their sizes."""
+    sizes = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(lambda k: copy_object(src, dst, k), keys))
+        for future in as_completed([pool.submit(copy_object, src, dst, k) for k in keys]):
+            sizes.append(future.result())
+            if bar is not None:
+                bar.update(sizes[-1] / 2**20)
+    return sizes
 
 
 def verification(destination: str, objects: Mapping[str, int], dst: Place, options: Mapping[str, Any] | None
@@ -240,9 +246,10 @@ def verification(destination: str, objects: Mapping[str, int], dst: Place, optio
 
 def copy_store(source: str, destination: str, source_options: Mapping[str, Any] | None = None,
                destination_options: Mapping[str, Any] | None = None, jobs: int = 8,
-               verify: bool = True) -> CopyReport:
+               verify: bool = True, progress: bool | None = False) -> CopyReport:
     """Copy a store object by object (parallel, resumable, root metadata last), then verify everything and fetch
-    again whatever fails verification (repairing a damaged copy in the same run)."""
+    again whatever fails verification (repairing a damaged copy in the same run); ``progress`` as for every long
+    command (False: silent, the library default)."""
     from depthcache.store.schema import verified
 
     started = time.perf_counter()
@@ -260,7 +267,9 @@ def copy_store(source: str, destination: str, source_options: Mapping[str, Any] 
             present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes, checksummed),
                                               keys)))
         todo = [k for k in keys if not present[k]]
-        sizes = copy_all(src, dst, todo, jobs) + [copy_object(src, dst, ROOT_METADATA)]
+        with Progress("copy", sum(objects[k] for k in todo) / 2**20, "MiB", progress, every=MINUTE) as bar:
+            bar.note(f"{len(todo):,} objects to copy, {len(keys) - len(todo):,} already there")
+            sizes = copy_all(src, dst, todo, jobs, bar) + [copy_object(src, dst, ROOT_METADATA)]
         if not verify:
             return CopyReport(len(todo) + 1, len(keys) - len(todo), sum(sizes), time.perf_counter() - started, (),
                               ignored=ignored)

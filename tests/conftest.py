@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does, before torch loads: no spinning on shared cores
+
+import json  # noqa: E402
 from pathlib import Path
 
 import pytest

@@ -43,6 +43,7 @@ import xarray as xr
 from depthcache.analyze import plotting
 from depthcache.analyze.registry import Positive, analysis
 from depthcache.errors import DepthcacheError
+from depthcache.progress import advance, stage
 from depthcache.store.identity import differences
 from depthcache.store.reader import Store
 
@@ -163,6 +164,7 @@ def read_blocks(x: da.Array, y: da.Array, block_tokens: int,
     for start in range(0, n, block_tokens):
         window = slice(start, min(start + block_tokens, n))
         xb, yb = dask.compute(x[:, window].astype(dtype), y[:, window].astype(dtype))
+        advance()
         yield window, np.ascontiguousarray(xb.transpose(1, 0, 2)), np.ascontiguousarray(yb.transpose(1, 0, 2))
 
 
@@ -390,8 +392,10 @@ def fit_all(x: da.Array, y: da.Array, split: np.ndarray, penalties: np.ndarray, 
     rows = block_rows(g, d, nt, e)
     out = Results(np.zeros((ns, nt)), np.zeros((ns, nt)), np.zeros((ns, nt)), np.zeros((ns, nt, penalties.size)),
                   np.zeros((ns, penalties.size)), {}, g, rows, -(-ns // g))
-    for start in range(0, ns, g):
-        fit_group(x[start:start + g], y, split, penalties, select, dtype, rows, out, slice(start, start + g))
+    blocks = sum(-(-int(n) // rows) for n in (np.isin(split, (TRAIN, VAL)).sum(), (split == TEST).sum()))
+    with stage("layer-map", out.passes * blocks, "blocks"):
+        for start in range(0, ns, g):
+            fit_group(x[start:start + g], y, split, penalties, select, dtype, rows, out, slice(start, start + g))
     return out
 
 

@@ -153,8 +153,8 @@ def job_identity(opts: PruneOptions, loaded: LoadedModel, items: list[TaskItem],
     model = loaded.provenance
     return {"model": model.get("weights_sha256") or model["spec"], "code_version": depthcache.__version__,
             "items": [[it.id, it.prompt, it.answer, list(it.choices)] for it in items], "device": device,
-            **{k: v for k, v in asdict(opts).items() if k in ("layers", "metrics", "order", "max_new_tokens",
-                                                              "batch_size")}}
+            "metrics": list(parse_metrics(opts.metrics)),
+            **{k: v for k, v in asdict(opts).items() if k in ("layers", "order", "max_new_tokens", "batch_size")}}
 
 
 def finite_mean(x: np.ndarray) -> np.ndarray:

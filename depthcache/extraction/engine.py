@@ -29,7 +29,6 @@ from depthcache.extraction.data import DEFAULT_DATASET, DataFields, load_documen
 from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
 from depthcache.extraction.model_group import write_model_group
 from depthcache.extraction.preflight import Sizes, preflight
-from depthcache.extraction.progress import Progress
 from depthcache.extraction.task_data import (
     TaskDocuments,
     task_attrs,
@@ -58,6 +57,7 @@ from depthcache.model import (
     resolve_device,
     token_runs,
 )
+from depthcache.progress import MINUTE, Progress
 from depthcache.store.head import tokenizer_sha256
 from depthcache.store.identity import differences
 from depthcache.store.io import (
@@ -101,7 +101,7 @@ class ExtractOptions:
     chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB (≤ tokens)
     device: str = "auto"
     resume: bool = False
-    progress: bool | None = None  # None: a bar on a terminal only
+    progress: bool | None = None  # None: a bar on a terminal, a line per minute elsewhere
     num_workers: int = 1  # several processes writing disjoint shards of one store
     worker_index: int = 0
     queue_batches: int = 2
@@ -617,10 +617,11 @@ def planned_batches(model: torch.nn.Module, structure: Structure, plan: Plan, op
                 at += keep
 
 
-def write_batches(writer: ChunkWriter, batches: Iterator[Batch], total: int, opts: ExtractOptions) -> None:
+def write_batches(writer: ChunkWriter, batches: Iterator[Batch], total: int, opts: ExtractOptions,
+                  desc: str = "extract") -> None:
     """Run ``batches`` (the forward passes) in this thread and write them in a background thread, joined by a
-    bounded queue; ``total`` tokens drive the progress bar. When this thread stops early (an interrupt, an
-    error), the writer finishes the chunk it is writing and drops the tokens of the chunk it is filling. Each
+    bounded queue; ``total`` tokens drive the progress named ``desc``. When this thread stops early (an interrupt,
+    an error), the writer finishes the chunk it is writing and drops the tokens of the chunk it is filling. Each
     batch's ``release`` (if any) runs once the writer is done with it, also after a failure, so a producer waiting
     for free buffers never waits forever."""
     pending: queue.Queue[Batch | None] = queue.Queue(maxsize=opts.queue_batches)
@@ -650,11 +651,13 @@ def write_batches(writer: ChunkWriter, batches: Iterator[Batch], total: int, opt
 
     thread = threading.Thread(target=drain, name="depthcache-writer", daemon=True)
     thread.start()
-    bar = Progress(total, 0, lambda: writer.bytes_written, enabled=opts.progress)
+    bar = Progress(desc, total, "tok", opts.progress, every=MINUTE)
     finished = False
     try:
         for item in batches:
             pending.put(item)
+            seconds = max(bar.clock() - bar.started, 1e-9)
+            bar.note(f"{writer.bytes_written / seconds / 2**20:.0f} MB/s written")
             bar.update(len(item[1]["token_id"]))
             if failure:
                 break

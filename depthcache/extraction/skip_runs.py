@@ -62,6 +62,7 @@ from depthcache.model import (
     only_layers,
     resolve_device,
 )
+from depthcache.progress import Progress
 from depthcache.store.head import tokenizer_sha256
 from depthcache.store.identity import differences
 from depthcache.store.io import open_group, read_attrs, replace_atomically, write_attrs
@@ -343,7 +344,7 @@ def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], res
 
     names = [n for n in group.array_keys() if n != "layer"]
     writer = ChunkWriter(group, names, chunk_tokens, n_tokens, start, commit)
-    write_batches(writer, run_batches(ctx, start), n_tokens - start, ctx.opts)
+    write_batches(writer, run_batches(ctx, start), n_tokens - start, ctx.opts, desc=f"run {name}")
     return attrs
 
 
@@ -440,8 +441,16 @@ def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedMod
         todo.append((run, stored, reuse, attrs, existing_run(opts.out, run.name, attrs, opts.resume)))
     stops = future_stops(plan, skip.seed) if skip.variant == "future" else None
     done = {}
-    for run, stored, reuse, attrs, previous in todo:
-        ctx = RunContext(loaded, structure, plan, base_opts, run, stored, tokens, device,
-                         root["resid_pre"] if reuse else None, layers.index(min(run.layers)) if reuse else 0, stops)
-        done[run.name] = execute_run(ctx, opts.out, run.name, attrs, previous)
+    finished = sum(1 for *_, previous in todo if previous is not None and previous["progress"]["complete"])
+    with Progress("skip runs", len(todo), "runs", opts.progress, done=finished) as bar:
+        for run, stored, reuse, attrs, previous in todo:
+            if previous is not None and previous["progress"]["complete"]:
+                done[run.name] = previous
+                continue
+            bar.note(f"run {run.name}")
+            ctx = RunContext(loaded, structure, plan, base_opts, run, stored, tokens, device,
+                             root["resid_pre"] if reuse else None, layers.index(min(run.layers)) if reuse else 0,
+                             stops)
+            done[run.name] = execute_run(ctx, opts.out, run.name, attrs, previous)
+            bar.update()
     return done

@@ -33,6 +33,9 @@ def heatmap(m: xr.Dataset, kind: str, model: str, folder: Path, name: str) -> Pa
     bounds = {"vmin": -limit, "vmax": limit} if kind == "igrad" else {"vmin": 0.0, "vmax": limit}
     image = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest", **bounds)
     ax.set_xticks(range(n), tokens, rotation=90, fontsize=8)
+    layers = [int(v) for v in m.layer.values]
+    every = -(-len(layers) // 16)  # at most 16 ticks, each a layer's own number (maps of --layers skip some)
+    ax.set_yticks(range(0, len(layers), every), [str(v) for v in layers[::every]], fontsize=8)
     ax.set_ylabel("layer")
     if n_prompt < n:
         ax.axvline(n_prompt - 0.5, color="black", linewidth=0.8, linestyle="--")

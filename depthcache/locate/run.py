@@ -33,7 +33,7 @@ from depthcache.locate.maps import (
 from depthcache.locate.partial import Partial, partial_path
 from depthcache.locate.reference import Reference, sequence_mean, store_mean
 from depthcache.model import DEFAULT_MODEL, LoadedModel, load_model, n_layers
-from depthcache.progress import Progress
+from depthcache.progress import MINUTE, Progress
 from depthcache.tasks import load_task
 
 
@@ -135,7 +135,9 @@ def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) ->
     ref = reference(opts, loaded) if kind == "erasure" else None
     partial = Partial(opts.out, job_identity(kind, opts, loaded, encoded, layers, ref), opts.resume)
     maps = []
-    with Progress(kind, len(encoded) * len(layers), "layers", opts.progress, done=partial.count()) as bar:
+    total = len(encoded) * len(layers)
+    with Progress(kind, total, "layers", opts.progress, done=partial.count(), every=0 if total <= 60 else MINUTE
+                  ) as bar:
         for item, prompt in enumerate(encoded):
             rows = counted(partial.through(item), bar, f"item {ids[item]}, " if opts.task else "")
             if ref is not None:
