@@ -7,12 +7,13 @@ at a time into a shuffle buffer whose rows are permuted before they are yielded.
 background thread while the current one is consumed.
 
 Where the time goes, and why it is laid out this way (benchmarks/README.md has the measurements): zarr decodes
-each chunk into a buffer of its own and then copies it into the caller's array; that copy is pointed at a
-token-major view of the shuffle buffer in the output dtype, so the transposition to ``(token, layer, d_model)`` and
-the bf16 -> float32 cast cost nothing beyond what a plain ``array[:, chunk]`` read already does. Batches are then
-either views of the buffer (no shuffle) or one numpy gather of whole ``layers x d_model`` rows (shuffle). Every
-large array is allocated by numpy and wrapped with ``torch.from_numpy``: on the machines measured, fresh torch
-allocations of tens of MB (``clone``, ``index_select``, ``torch.empty``) cost several times a numpy one.
+each chunk into an array of its own and then copies it into the caller's output (``out[selection] = chunk``). That
+copy, which a plain ``array[:, chunk]`` read makes too, does all the work here: its output is a token-major view of
+the shuffle buffer in the output dtype (the transposition to ``(token, layer, d_model)`` and the bf16 -> float32
+cast come with it), and with ``shuffle`` it is a ``ScatterRows`` that sends each token to its shuffled row. The
+rows are then in yield order, and batches are views of the buffer: no gather, no per-batch copy. Large arrays are
+numpy's, wrapped with ``torch.from_numpy``: fresh torch allocations of tens of MB (``clone``, ``index_select``)
+measured several times slower than numpy's on the 2-core VM.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
     Each item is a dict: ``activations`` (``(len(layers), d_model)``, or ``(d_model,)`` for one int layer or
     ``resid_final``), ``token`` (the token's index in the store) and the per-token metadata (token_id, doc_id,
     position, next_token_id, and item/answer_index/hops in task stores). With ``batch_size`` the dataset yields
-    ready batches (use ``DataLoader(ds, batch_size=None)``), much faster than collating rows one by one. Without
-    ``shuffle``, a batch's activations are a view of the shuffle buffer (no copy): treat them as read-only."""
+    ready batches (use ``DataLoader(ds, batch_size=None)``), much faster than collating rows one by one. A batch's
+    tensors are views of its shuffle buffer (disjoint slices, no copy): keeping one keeps the whole buffer."""
 
     def __init__(self, store: str | os.PathLike[str], site: str = "resid_pre",
                  layers: int | Sequence[int] | None = None, *, dtype: torch.dtype = torch.float32,
