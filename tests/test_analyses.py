@@ -269,8 +269,8 @@ def test_missing_mlp_site(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("param, message", [("bogus=1", "has no parameter 'bogus'; its parameters"),
-                                            ("include_first=maybe", "must be bool"),
-                                            ("max_tokens=1.5", "must be int at least 1 | None")])
+                                            ("include_first=maybe", "must be of type bool"),
+                                            ("max_tokens=1.5", "must be of type int | None, at least 1")])
 def test_bad_parameter_is_a_clear_error_and_saves_nothing(stores, tmp_path, param, message):
     store = fresh(stores["float32"], tmp_path)
     result = CliRunner().invoke(main, ["analyze", "logit-lens", str(store), "-p", param])

@@ -65,6 +65,29 @@ class BranchHooks:
             return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
         self._handles.append(module.register_forward_hook(post))
 
+    def added(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """What a branch adds to the residual, from its module's output: less the residual it was given (BLOOM),
+        times the branch scale (Granite), in the layer input's shape (OPT)."""
+        added = output if residual is None else output - residual
+        if self.structure.branch_scale != 1.0:
+            added = added * self.structure.branch_scale
+        return added.reshape(self.shapes[layer])
+
+    def register(self, layers: Sequence[int], names: Sequence[str]) -> None:
+        """Hook the arrays ``names`` of ``layers`` with the subclass's ``_pre_hook``, ``_out_hook`` and
+        ``_final_hook``."""
+        blocks = decoder_layers(self.model, self.structure)
+        for layer in layers:
+            self.hook_layer(layer)
+            if "resid_pre" in names:
+                self._handles.append(blocks[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
+            for branch in ("attn", "mlp"):
+                if f"{branch}_out" in names:
+                    self.hook_branch(branch, layer, self._out_hook(f"{branch}_out"))
+        if "resid_final" in names:
+            norm = submodule(self.model, self.structure.final_norm)
+            self._handles.append(norm.register_forward_pre_hook(self._final_hook, with_kwargs=True))
+
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
@@ -84,17 +107,8 @@ class Capture(BranchHooks):
         self.resid_final: torch.Tensor | None = None
 
     def __enter__(self) -> Capture:
-        blocks = decoder_layers(self.model, self.structure)
-        for layer in self.layers:
-            self.hook_layer(layer)
-            if "resid" in self.sites:
-                self._handles.append(blocks[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
-            for branch in ("attn", "mlp"):
-                if branch in self.sites:
-                    self.hook_branch(branch, layer, self._out_hook(f"{branch}_out"))
-        if self.final:
-            norm = submodule(self.model, self.structure.final_norm)
-            self._handles.append(norm.register_forward_pre_hook(self._final_hook, with_kwargs=True))
+        names = [{"resid": "resid_pre", "attn": "attn_out", "mlp": "mlp_out"}[site] for site in self.sites]
+        self.register(self.layers, [*names, *(["resid_final"] if self.final else [])])
         return self
 
     def _pre_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
@@ -104,10 +118,7 @@ class Capture(BranchHooks):
 
     def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
         def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> None:
-            added = output if residual is None else output - residual
-            if self.structure.branch_scale != 1.0:
-                added = added * self.structure.branch_scale
-            self.records[name][layer] = self._keep(added.reshape(self.shapes[layer]))
+            self.records[name][layer] = self._keep(self.added(layer, output, residual))
         return hook
 
     def _final_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -151,17 +162,7 @@ class CaptureInto(BranchHooks):
         self.targets, self.runs = targets, runs
 
     def __enter__(self) -> CaptureInto:
-        blocks = decoder_layers(self.model, self.structure)
-        for layer in self.layers:
-            self.hook_layer(layer)
-            if "resid_pre" in self.names:
-                self._handles.append(blocks[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
-            for branch in ("attn", "mlp"):
-                if f"{branch}_out" in self.names:
-                    self.hook_branch(branch, layer, self._out_hook(f"{branch}_out"))
-        if "resid_final" in self.names:
-            norm = submodule(self.model, self.structure.final_norm)
-            self._handles.append(norm.register_forward_pre_hook(self._final_hook, with_kwargs=True))
+        self.register(self.layers, self.names)
         return self
 
     def _pre_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
@@ -171,10 +172,7 @@ class CaptureInto(BranchHooks):
 
     def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
         def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> None:
-            added = output if residual is None else output - residual
-            if self.structure.branch_scale != 1.0:
-                added = added * self.structure.branch_scale
-            self._copy(added.reshape(self.shapes[layer]), self.targets[name][self.index[layer]])
+            self._copy(self.added(layer, output, residual), self.targets[name][self.index[layer]])
         return hook
 
     def _final_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
