@@ -19,6 +19,7 @@ measured several times slower than numpy's on the 2-core VM.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,6 +79,35 @@ def layer_selection(index: Sequence[int]) -> slice | np.ndarray:
     if step > 0 and all(b - a == step for a, b in zip(index, index[1:])):
         return slice(index[0], index[-1] + 1, step)
     return np.asarray(index, dtype=np.int64)
+
+
+def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted token ranges with adjacent ones joined (one zarr call reads a run of chunks, decoding concurrently)."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+class BufferPool:
+    """Shuffle buffers for reuse once nothing references them (no batch view left): a fresh array of 100+ MB is
+    page-faulted in, 4 KiB at a time, on its first write, which measured as costly as reading a chunk uncompressed."""
+
+    def __init__(self, keep: int = 3) -> None:
+        self.buffers: list[np.ndarray] = []
+        self.keep = keep
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A buffer of this shape and dtype: a free one of the pool, else a new one (kept in place of the oldest)."""
+        for buffer in self.buffers:  # a free buffer is referenced by the list, ``buffer`` and getrefcount only
+            if buffer.shape == shape and buffer.dtype == dtype and sys.getrefcount(buffer) == 3:
+                return buffer
+        buffer = np.empty(shape, dtype)
+        self.buffers = [buffer, *self.buffers][:self.keep]
+        return buffer
 
 
 class ScatterRows(NDBuffer):
@@ -202,18 +232,18 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         group = self._group()
         return {name: group[name] for name in (self.site, *self.metadata)}
 
-    def read_buffer(self, arrays: dict[str, zarr.Array], chunks: Sequence[int], rng: np.random.Generator
-                    ) -> dict[str, np.ndarray]:
+    def read_buffer(self, arrays: dict[str, zarr.Array], chunks: Sequence[int], rng: np.random.Generator,
+                    pool: BufferPool | None = None) -> dict[str, np.ndarray]:
         """Several chunks decoded into one token-major buffer in the output dtype (``(tokens, layers, d_model)``,
         or ``(tokens, d_model)`` for resid_final), rows already in the order to yield them (shuffled when
         ``shuffle``), with the metadata columns in the same order. zarr's copy of each decoded chunk into the
         buffer does the transposition, the cast and the shuffle (``ScatterRows``): no pass of its own."""
-        spans = [self._chunk_range(c) for c in chunks]
+        spans = merged_spans(sorted(self._chunk_range(c) for c in chunks))
         n = sum(stop - start for start, stop in spans)
         positions = rng.permutation(n) if self.shuffle else None  # buffer row of the i-th token read
         layered = self.site != "resid_final"
         shape = (n, len(self.layer_index), self.d_model) if layered else (n, self.d_model)
-        buffer = np.empty(shape, dtype=NUMPY_DTYPE[self.dtype])
+        buffer = np.empty(shape, NUMPY_DTYPE[self.dtype]) if pool is None else pool.get(shape, NUMPY_DTYPE[self.dtype])
         if positions is not None and self.scatter:
             if self._read_into(arrays[self.site], buffer, spans, positions):
                 order = None  # rows were written in yield order
@@ -225,9 +255,10 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             self._read_into(arrays[self.site], buffer, spans, None)
             order = None if positions is None else np.argsort(positions)
         rows = {"activations": buffer if order is None else buffer.take(order, axis=0)}
-        columns = {"token": np.concatenate([np.arange(a, b) for a, b in spans])}
-        columns |= {name: np.concatenate([arrays[name][a:b] for a, b in spans]).astype(np.int64)
-                    for name in self.metadata}
+        tokens = np.concatenate([np.arange(a, b) for a, b in spans])
+        columns = {"token": tokens}  # one zarr call per column (its chunks read concurrently), not one per chunk
+        columns |= {name: (arrays[name][spans[0][0]:spans[0][1]] if len(spans) == 1 else
+                           arrays[name].get_orthogonal_selection(tokens)).astype(np.int64) for name in self.metadata}
         for name, column in columns.items():
             if positions is None:
                 rows[name] = column
@@ -288,12 +319,12 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         """The shuffle buffers in order, each read in a background thread while the one before is consumed."""
         if not groups:
             return
-        arrays = self._arrays()
+        arrays, buffers = self._arrays(), BufferPool()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="depthcache-read") as pool:
-            pending = pool.submit(self.read_buffer, arrays, groups[0], rng)
+            pending = pool.submit(self.read_buffer, arrays, groups[0], rng, buffers)
             for nxt in groups[1:]:
                 done = pending.result()
-                pending = pool.submit(self.read_buffer, arrays, nxt, rng)
+                pending = pool.submit(self.read_buffer, arrays, nxt, rng, buffers)
                 yield done
             yield pending.result()
 

@@ -12,7 +12,7 @@ from conftest import CORPUS, save_tiny_model
 
 import depthcache
 from depthcache.errors import DepthcacheError
-from depthcache.torch import ActivationDataset, Shard, chunk_order, shard_chunks
+from depthcache.torch import ActivationDataset, BufferPool, Shard, chunk_order, shard_chunks
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,17 @@ def test_shuffle_inside_zarrs_copy_equals_read_then_gather(stores: dict[str, Pat
     stored = torch.from_numpy(ds.resid_pre.sel(layer=2).values.view(np.int16)).view(torch.bfloat16)
     assert half["activations"].dtype == torch.float16
     np.testing.assert_array_equal(half["activations"].numpy(), stored[half["token"]].to(torch.float16)[:, None].numpy())
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_references() -> None:
+    pool = BufferPool(keep=2)
+    first = pool.get((4, 3), np.dtype(np.float32))
+    held = torch.from_numpy(first[1:3])  # a batch view still alive
+    first_id = id(first)
+    del first
+    second = pool.get((4, 3), np.dtype(np.float32))
+    assert id(second) != first_id and held.data_ptr() != second.ctypes.data
+    del second
+    assert pool.get((4, 3), np.dtype(np.float32)) is pool.buffers[0]  # free again: reused
+    del held
+    assert pool.get((2, 3), np.dtype(np.float32)).shape == (2, 3) and len(pool.buffers) == 2
