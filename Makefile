@@ -71,16 +71,17 @@ clean:
 
 # `make compare`: four real models on the same 8,192 pydoc-topics tokens, compared on relative depth (docs/compare.md).
 # The stores (and their skip runs) resume where they stopped; the figures and table go to docs/figures/compare/.
-# The committed figures used 512-token skip runs (rounded up to whole chunks: 1,024 on Gemma) of every layer (every
-# other one and the last on the 0.5B), and for the slow 1.5B 256-token runs of every
-# fourth layer (and 1, 27); the logit lens, skip effects and effective depth read the first 512 tokens of each store (docs/compare.md).
+# The committed figures used skip runs of 512 tokens (rounded up to whole chunks: 1,024 on Gemma) at every layer of
+# SmolLM2, every other layer of Gemma, every fourth of the 0.5B, and 256 tokens at six layers of the 1.5B (time on a
+# shared 2-core machine); the logit lens, skip effects and effective depth read the first 512 tokens of each store.
 COMPARE_MODELS ?= smollm2-135m qwen2.5-coder-0.5b gemma-3-270m qwen2.5-coder-1.5b
 COMPARE_TOKENS ?= 8192
 SKIP_TOKENS    ?= 512
 SKIP_LAYERS    ?= each
-SKIP_LAYERS_qwen2.5-coder-0.5b ?= 0,2,4,6,8,10,12,14,16,18,20,22,23
+SKIP_LAYERS_qwen2.5-coder-0.5b ?= 0,4,8,12,16,20,23
+SKIP_LAYERS_gemma-3-270m ?= 0,1,2,4,6,8,10,12,14,16,17
 SKIP_TOKENS_qwen2.5-coder-1.5b ?= 256
-SKIP_LAYERS_qwen2.5-coder-1.5b ?= 0,1,4,8,12,16,20,24,27
+SKIP_LAYERS_qwen2.5-coder-1.5b ?= 0,1,8,16,24,27
 COMPARE_OUT    ?= docs/figures/compare
 COMPARE_FLAGS  ?= -p max_tokens=512
 
@@ -93,4 +94,5 @@ runs/compare/%.done: $(BIN)/depthcache
 	touch $@
 
 compare: $(COMPARE_MODELS:%=runs/compare/%.done)
-	$(BIN)/depthcache compare $(COMPARE_MODELS:%=runs/compare/%.zarr) --out $(COMPARE_OUT) $(COMPARE_FLAGS)
+	$(BIN)/depthcache compare $(COMPARE_MODELS:%=runs/compare/%.zarr) --out $(COMPARE_OUT) \
+		--analyses contributions,residual-norms,logit-lens,skip-effects,effective-depth $(COMPARE_FLAGS)
