@@ -123,9 +123,10 @@ def stores(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     return out
 
 
-def reference(shallow: Path, deep: Path, select: str = "source") -> dict[str, np.ndarray]:
-    """The analysis written directly: whole arrays in float64, the documented split, scikit-learn Ridge per pair."""
-    a, b = open_dataset(shallow).load(), open_dataset(deep).load()
+def reference(shallow: Path, deep: Path, select: str = "source", n: int | None = None) -> dict[str, np.ndarray]:
+    """The analysis written directly: whole arrays (the first n tokens) in float64, the documented split,
+    scikit-learn Ridge per pair."""
+    a, b = (open_dataset(p).isel(token=slice(0, n)).load() for p in (shallow, deep))
     xs = np.concatenate([a.resid_pre.values, a.resid_final.values[None]]).astype(np.float64)
     ys = np.concatenate([b.resid_pre.values, b.resid_final.values[None]]).astype(np.float64)
     seq, pos = b.seq_id.values, b.position.values
@@ -190,6 +191,12 @@ def test_runs_on_a_distributed_cluster(stores: dict[str, Path]) -> None:
         result = run("layer-map", str(stores["shallow"]), str(stores["deep"]), force=True, dtype="float64",
                      scheduler_address=cluster.scheduler_address)
     assert_matches(result, reference(stores["shallow"], stores["deep"]), EXACT)
+
+
+def test_max_tokens_fits_on_the_first_tokens_only(stores: dict[str, Path]) -> None:
+    result = run("layer-map", str(stores["shallow"]), str(stores["deep"]), dtype="float64", max_tokens=200)
+    assert result.attrs["tokens"] == 200
+    assert_matches(result, reference(stores["shallow"], stores["deep"], n=200), EXACT)
 
 
 def copy_store(source: Path, dest: Path) -> zarr.Group:

@@ -42,7 +42,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import Positive, analysis
+from depthcache.analyze.registry import Count, Positive, analysis
 from depthcache.errors import DepthcacheError
 from depthcache.progress import advance, stage
 from depthcache.store.head import tokenizer_files
@@ -471,18 +471,23 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
           "held-out ‖ŷ−y‖/‖y‖ and R² per pair.", n_stores=2, plot=plot)
 def layer_map(shallow: Store, deep: Store, site: str = "resid", select: str = "source",
               grid: list[float] | None = None, val_fraction: float = 0.15, test_fraction: float = 0.15,
-              include_first: bool = False, dtype: str = "float32", memory_gib: Positive = 4.0) -> xr.Dataset:
-    """Fit, select and test an affine ridge map for every (shallow boundary, deep boundary) pair out of core."""
+              include_first: bool = False, dtype: str = "float32", memory_gib: Positive = 4.0,
+              max_tokens: Count | None = None) -> xr.Dataset:
+    """Fit, select and test an affine ridge map for every (shallow boundary, deep boundary) pair out of core, on the
+    first ``max_tokens`` tokens (all by default; the split stays by whole windows among them)."""
     penalties = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
     check_params(site, select, dtype, penalties, memory_gib)
     check_same_tokens(shallow, deep)
     x, xl = boundaries(shallow, site)
     y, yl = boundaries(deep, site)
-    split = split_tokens(deep.ds.seq_id.values, deep.ds.position.values, val_fraction, test_fraction, include_first)
+    n = x.shape[1] if max_tokens is None else min(int(max_tokens), x.shape[1])
+    x, y = x[:, :n], y[:, :n]
+    split = split_tokens(deep.ds.seq_id.values[:n], deep.ds.position.values[:n], val_fraction, test_fraction,
+                         include_first)
     out = fit_all(x, y, split, penalties, select, np.dtype(dtype), memory_gib)
     attrs = {"site": site, "select": select, "dtype": dtype, "include_first": int(include_first),
              "grid": penalties.tolist(), "val_fraction": val_fraction, "test_fraction": test_fraction,
-             "passes": out.passes, "sources_per_pass": out.group, "block_rows": out.rows,
+             "passes": out.passes, "sources_per_pass": out.group, "block_rows": out.rows, "tokens": int(n),
              "split": "whole windows ranked by (seq_id * 0x9E3779B1) mod 2**32: first test_fraction test, next "
                       "val_fraction validation, rest training",
              "penalty_rule": "candidate penalties = grid * mean eigenvalue of the centered training Gram"}
