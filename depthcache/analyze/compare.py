@@ -271,7 +271,7 @@ def panels(name: str, results: Sequence[xr.Dataset], names: Sequence[str]) -> li
 def draw(figure_name: str, figure_panels: Sequence[Panel], title: str, folder: Path) -> Path:
     """A comparison figure in the house style: side-by-side panels, one marked line per model."""
     categorical = any(panel.categories is not None for panel in figure_panels)
-    fig, axes = plotting.figure(len(figure_panels), width=8.0 if categorical else 5.5)
+    fig, axes = plotting.figure(len(figure_panels), width=12.0 if categorical else 5.5)  # room for long model names
     for ax, panel in zip(axes, figure_panels):
         for line, marker in zip(panel.lines, "osD^v<>p*hX" * 4):
             ax.plot(line.x, line.y, marker=marker, ms=4 if categorical else 3, ls="none" if categorical else "-",
@@ -285,7 +285,8 @@ def draw(figure_name: str, figure_panels: Sequence[Panel], title: str, folder: P
             ax.set_yticks(range(len(panel.categories)), panel.categories)
             ax.set(ylim=(len(panel.categories) - 0.5, -0.5), xlim=(-0.02, 1.02))
         if categorical:
-            plotting.legend_outside(ax, title="cutoff")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncols=3, fontsize=7, title="cutoff",
+                      title_fontsize=7, borderaxespad=0.0)  # below the x label
         else:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
