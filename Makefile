@@ -96,3 +96,6 @@ runs/compare/%.done: $(BIN)/depthcache
 compare: $(COMPARE_MODELS:%=runs/compare/%.done)
 	$(BIN)/depthcache compare $(COMPARE_MODELS:%=runs/compare/%.zarr) --out $(COMPARE_OUT) \
 		--analyses contributions,residual-norms,logit-lens,skip-effects,effective-depth $(COMPARE_FLAGS)
+	$(BIN)/depthcache analyze layer-map runs/compare/qwen2.5-coder-0.5b.zarr runs/compare/qwen2.5-coder-1.5b.zarr -p max_tokens=2048
+	$(BIN)/depthcache plot layer-map runs/compare/qwen2.5-coder-0.5b.zarr runs/compare/qwen2.5-coder-1.5b.zarr \
+		-p max_tokens=2048 --out $(COMPARE_OUT)
