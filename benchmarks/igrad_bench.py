@@ -61,10 +61,13 @@ def unpack(ref: str, folder: Path) -> Path:
 
 
 def measure(path: Path, model: str, layers: str, steps: int, batch: int) -> dict:
-    """One timed child process with ``path`` first on PYTHONPATH."""
+    """One timed child process with ``path`` first on PYTHONPATH, run in ``path``: ``python -c`` puts the working
+    directory before PYTHONPATH, so run in the checkout the "before" side would import this checkout's code."""
     env = {**os.environ, "PYTHONPATH": str(path), "OMP_WAIT_POLICY": "PASSIVE"}
     done = subprocess.run([sys.executable, "-c", CHILD, model, layers, str(steps), str(batch), PROMPT, ANSWER],
-                          env=env, cwd=ROOT, check=True, capture_output=True, text=True)
+                          env=env, cwd=path, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the child in {path} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

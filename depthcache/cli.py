@@ -219,6 +219,22 @@ def validate(store: str, quick: bool, storage_options: tuple[str, ...]) -> None:
         click.echo(f"note: {note}")
 
 
+def without_scipy_in_dask() -> None:
+    """Import dask.array with scipy hidden, when nothing has imported either yet.
+
+    dask.array imports scipy.sparse and scipy.fftpack if installed, only to register them (sparse chunk types, scipy
+    FFTs); depthcache never uses scipy, and in a command that computes an analysis that import was a sixth of the
+    start-up. Only the command line does this, for its own process: a library user's dask keeps its scipy support."""
+    if "dask.array" in sys.modules or "scipy" in sys.modules:
+        return
+    sys.modules["scipy"] = None  # type: ignore[assignment]  # `import scipy` raises ImportError, which dask expects
+    try:
+        import dask.array  # noqa: F401
+    finally:
+        if sys.modules.get("scipy", 0) is None:
+            del sys.modules["scipy"]
+
+
 class AnalysisGroup(click.Group):
     """``depthcache analyze NAME STORE...``: one subcommand per registered analysis, plus ``list``."""
 
@@ -230,9 +246,10 @@ class AnalysisGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "list":
             return analyze_list
-        from depthcache.analyze import load_all
+        without_scipy_in_dask()
+        from depthcache.analyze.registry import find
 
-        spec = load_all().get(name)
+        spec = find(name)  # imports this analysis's module only
         return None if spec is None else analysis_command(spec)
 
 

@@ -20,7 +20,9 @@ from depthcache.analyze import run
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.extraction.model_group import _array as model_array
 from depthcache.model.pruned import prune_copy
+from depthcache.store.head import tokenizer_files, tokenizer_sha256
 from depthcache.store.io import read_attrs, write_attrs
 from depthcache.store.reader import Store, open_dataset
 
@@ -211,6 +213,35 @@ def test_refuses_stores_with_other_tokens(stores: dict[str, Path], tmp_path: Pat
     write_attrs(group, attrs)
     with pytest.raises(DepthcacheError, match="tokenizers differ"):
         run("layer-map", str(stores["shallow"]), str(tmp_path / "other-tokenizer.zarr"))
+
+
+def rewrite_tokenizer_file(group: zarr.Group, name: str, data: bytes) -> None:
+    """Replace (or add) one stored tokenizer file and record the files' new sha256, as an extraction would."""
+    tok = group["model/tokenizer"]
+    files = {arr.attrs["filename"]: key for key, arr in tok.arrays()}
+    key = files.get(name, f"file_{len(files)}")
+    if key in tok:
+        del tok[key]
+    arr = model_array(tok, key, np.frombuffer(data, dtype=np.uint8), (f"byte_{key}",))
+    arr.attrs["filename"] = name
+    attrs = read_attrs(group)
+    attrs["model"]["tokenizer_sha256"] = tokenizer_sha256(tokenizer_files(group))
+    write_attrs(group, attrs)
+
+
+def test_a_chat_template_alone_does_not_make_tokenizers_differ(stores: dict[str, Path], tmp_path: Path) -> None:
+    """Two releases of one tokenizer (Qwen2.5-Coder 0.5B and 1.5B GGUFs) differ only in their chat template."""
+    group = copy_store(stores["deep"], tmp_path / "templated.zarr")
+    rewrite_tokenizer_file(group, "chat_template.jinja", b"{{ messages }}")
+    templated = Store(str(tmp_path / "templated.zarr"))
+    assert templated.attrs["model"]["tokenizer_sha256"] != Store(str(stores["shallow"])).attrs["model"][
+        "tokenizer_sha256"]
+    assert lm.same_tokenizer(Store(str(stores["shallow"])), templated)
+    lm.check_same_tokens(Store(str(stores["shallow"])), templated)
+    files = tokenizer_files(group)
+    rewrite_tokenizer_file(group, "tokenizer.json", files["tokenizer.json"].replace(b'"', b'"', 1) + b" ")
+    with pytest.raises(DepthcacheError, match="tokenizers differ"):
+        lm.check_same_tokens(Store(str(stores["shallow"])), Store(str(tmp_path / "templated.zarr")))
 
 
 def test_refuses_bad_parameters(stores: dict[str, Path]) -> None:

@@ -23,3 +23,48 @@ def test_computing_an_analysis_does_not_import_torch() -> None:
     loaded = modules_after("import depthcache.analyze as a\na.load_all()")
     assert "xarray" in loaded and "dask" in loaded
     assert not loaded & {"torch", "transformers"}
+
+
+HEAVY_FOR_ANALYSES = {"matplotlib", "scipy", "sklearn", "torch", "transformers", "distributed", "ml_dtypes"}
+
+
+def cli_modules(args: list[str]) -> set[str]:
+    """Every module imported by ``depthcache ARGS`` run as the command line runs it (exit status 0)."""
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['depthcache', *{args!r}]\n"
+            "try:\n    runpy.run_module('depthcache.cli', run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print('MODULES', ' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split("MODULES", 1)[1].split())
+
+
+def test_analyze_command_imports_only_what_it_computes_with(tmp_path, tiny_models) -> None:
+    """`analyze contributions` on a float32 store: no plotting, scipy, model or bf16 libraries, no other analysis;
+    the result is the same as the library's."""
+    from test_analyses import make_store
+
+    from depthcache.analyze import run
+
+    store = make_store(tmp_path, tiny_models["llama"], "float32")
+    modules = cli_modules(["analyze", "contributions", str(store), "--force", "--results", str(tmp_path / "r")])
+    loaded = {name.split(".")[0] for name in modules}
+    assert "dask" in loaded and "xarray" in loaded
+    assert not loaded & HEAVY_FOR_ANALYSES, loaded & HEAVY_FOR_ANALYSES
+    assert "depthcache.analyze.contributions" in modules
+    assert not modules & {"depthcache.analyze.layer_map", "depthcache.analyze.logit_lens", "depthcache.locate"}
+    cached = run("contributions", str(store), results_dir=str(tmp_path / "r"))
+    fresh = run("contributions", str(store), force=True, results_dir=str(tmp_path / "r2"))
+    assert cached.equals(fresh)
+
+
+def test_bfloat16_is_loaded_when_a_store_holds_it(tmp_path, tiny_models) -> None:
+    """A bf16 store still reads (ml_dtypes is imported when its first bf16 array is decoded)."""
+    from test_analyses import make_store
+
+    store = make_store(tmp_path, tiny_models["llama"], "bfloat16")
+    code = ("import sys\nfrom depthcache.store.reader import Store\n"
+            f"s = Store({str(store)!r})\nassert 'ml_dtypes' not in sys.modules\n"
+            "x = s.ds.resid_pre.values\nprint(x.dtype, 'ml_dtypes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["bfloat16", "True"]

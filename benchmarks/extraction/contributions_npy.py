@@ -2,7 +2,7 @@
 contribution and cosine of attention, MLP and the whole layer, norms, turning; mean/std/max over tokens per layer)
 from the hooks script's .npy files: the yardstick for the analysis's whole-process time.
 
-    python contributions_npy.py FOLDER
+    python contributions_npy.py FOLDER [--save OUT.npz]   (--save: also write count, mean, std and max)
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main() -> None:
     std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
     names = ("rel_attn", "rel_mlp", "rel_layer", "cos_attn", "cos_mlp", "cos_layer", "norm_attn", "norm_mlp",
              "norm_layer", "norm_resid", "turn_cos")
+    if "--save" in sys.argv:
+        np.savez(sys.argv[sys.argv.index("--save") + 1], count=count, mean=mean, std=std, max=biggest)
     for name, mu, sd, mx in zip(names, mean, std, biggest):
         print(f"{name:<11} mean {np.array2string(mu, precision=4)}\n{'':<11} std {np.array2string(sd, precision=4)}"
               f"\n{'':<11} max {np.array2string(mx, precision=4)}")

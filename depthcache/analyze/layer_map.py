@@ -29,6 +29,7 @@ d×d-sized blocks for T targets), one float32 block product (g × T blocks) and 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from depthcache.analyze import plotting
 from depthcache.analyze.registry import Positive, analysis
 from depthcache.errors import DepthcacheError
 from depthcache.progress import advance, stage
+from depthcache.store.head import tokenizer_files
 from depthcache.store.identity import differences
 from depthcache.store.reader import Store
 
@@ -75,9 +77,40 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
     return int(diff[0]) if diff.size else None
 
 
+# tokenizer files (and tokenizer_config.json keys) that only format conversations: a chat template that differs by
+# one escape must not make two releases of one tokenizer (Qwen2.5-Coder 0.5B and 1.5B GGUFs) look different
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def tokenization_files(store: Store) -> dict[str, bytes]:
+    """The store's tokenizer files that decide how text becomes ids: all but the chat template (its own file, or the
+    ``chat_template`` entry of tokenizer_config.json). The files' sha256 is checked against the recorded one."""
+    files = {k: v for k, v in tokenizer_files(store.group, store.attrs).items() if k not in CHAT_TEMPLATE_FILES}
+    if "tokenizer_config.json" in files:
+        try:
+            config = json.loads(files["tokenizer_config.json"])
+        except ValueError:
+            return files
+        if isinstance(config, dict):
+            config.pop("chat_template", None)
+            files["tokenizer_config.json"] = json.dumps(config, sort_keys=True).encode()
+    return files
+
+
+def same_tokenizer(shallow: Store, deep: Store) -> bool:
+    """Whether two stores tokenize alike: the same recorded tokenizer hash, or the same stored tokenizer files apart
+    from the chat template."""
+    if not differences(shallow.attrs, deep.attrs, ("tokenizer",)):
+        return True
+    try:
+        return tokenization_files(shallow) == tokenization_files(deep)
+    except DepthcacheError:
+        return False
+
+
 def check_same_tokens(shallow: Store, deep: Store) -> None:
     """Refuse two stores that do not hold the same tokens in the same windows (and tokenizer)."""
-    if differences(shallow.attrs, deep.attrs, ("tokenizer",)):
+    if not same_tokenizer(shallow, deep):
         hashes = [s.attrs["model"].get("tokenizer_sha256") for s in (shallow, deep)]
         raise DepthcacheError(f"the stores' tokenizers differ (sha256 {hashes[0]} in {shallow.location}, {hashes[1]} "
                               f"in {deep.location}): layer maps need two models with the same tokenizer")

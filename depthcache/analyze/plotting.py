@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend, imported on first use: computing an analysis (which imports
+    its module, and so this one) must not pay matplotlib's import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def figure(ncols: int = 1, width: float = 5.5, height: float = 3.6) -> tuple[Figure, list]:
     """A figure with ``ncols`` side-by-side axes."""
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    fig, axes = pyplot().subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
     return fig, list(axes[0])
 
 
@@ -25,7 +34,7 @@ def save(fig: Figure, folder: Path, name: str) -> Path:
     path = folder / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -41,6 +50,8 @@ def model_title(ds_attrs: dict, what: str) -> str:
 
 def layer_axis(ax: Axes, axis: str = "x") -> None:
     """Integer ticks on a layer axis (a 4-layer model gets 0 1 2 3, not 0.5 steps)."""
+    from matplotlib.ticker import MaxNLocator
+
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
 

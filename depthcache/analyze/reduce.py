@@ -8,7 +8,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from depthcache.dtypes import BFLOAT16
+from depthcache.dtypes import is_bfloat16
 
 _SCRATCH = threading.local()
 
@@ -63,9 +63,12 @@ def scratch(key: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.nd
 
 
 def as_float32(x: np.ndarray, key: str) -> np.ndarray:
-    """``x`` as float32 in the per-thread buffer ``key`` (bfloat16 by an exact bit shift, ~4× numpy's cast)."""
+    """``x`` as float32: itself when it already is (C-contiguous float32; read, never written), else in the
+    per-thread buffer ``key`` (bfloat16 by an exact bit shift, ~4× numpy's cast)."""
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        return x
     out = scratch(key, x.shape)
-    if x.dtype == BFLOAT16:
+    if is_bfloat16(x.dtype):
         np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     else:
         np.copyto(out, x)

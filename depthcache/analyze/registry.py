@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -58,12 +59,26 @@ def load_all() -> dict[str, Analysis]:
     return ANALYSES
 
 
+def find(name: str) -> Analysis | None:
+    """The analysis called ``name``, or None. Its own module (the name with '_' for '-', the convention every
+    analysis here follows) is imported first, so running one analysis does not import all the others and their
+    libraries; every module only when that finds nothing."""
+    if name not in ANALYSES:
+        module = name.replace("-", "_")
+        if module.isidentifier() and module not in FRAMEWORK_MODULES and not module.startswith("_") and \
+                importlib.util.find_spec(f"depthcache.analyze.{module}") is not None:
+            importlib.import_module(f"depthcache.analyze.{module}")
+        if name not in ANALYSES:
+            load_all()
+    return ANALYSES.get(name)
+
+
 def get(name: str) -> Analysis:
     """The analysis called ``name``, or an error listing the known ones."""
-    analyses = load_all()
-    if name not in analyses:
-        raise DepthcacheError(f"unknown analysis {name!r}; known: {', '.join(sorted(analyses))}")
-    return analyses[name]
+    spec = find(name)
+    if spec is None:
+        raise DepthcacheError(f"unknown analysis {name!r}; known: {', '.join(sorted(load_all()))}")
+    return spec
 
 
 def parameters(spec: Analysis) -> dict[str, inspect.Parameter]:

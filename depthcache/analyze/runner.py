@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import dask.threaded
 import xarray as xr
 
 from depthcache.analyze.registry import Analysis, check_params, get
@@ -46,7 +47,9 @@ def scheduler(address: str | None = None) -> Iterator[None]:
 
     address = address or os.environ.get(SCHEDULER_ENV)
     if not address:
-        with dask.config.set(scheduler="threads"), threadpool_limits(1):
+        # the threaded scheduler's function, not its name: given a name, dask imports distributed (a second or so)
+        # to look for a client first; the function is what the name resolves to.
+        with dask.config.set(scheduler=dask.threaded.get), threadpool_limits(1):
             yield
         return
     from distributed import Client
