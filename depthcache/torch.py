@@ -245,7 +245,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         return {name: group[name] for name in (self.site, *self.metadata)}
 
     def read_buffer(self, arrays: dict[str, zarr.Array], chunks: Sequence[int], rng: np.random.Generator,
-                    pool: BufferPool | None = None) -> dict[str, np.ndarray]:
+                    pool: BufferPool | None = None) -> dict[str, Any]:
         """Several chunks decoded into one token-major buffer in the output dtype (``(tokens, layers, d_model)``,
         or ``(tokens, d_model)`` for resid_final), rows already in the order to yield them (shuffled when
         ``shuffle``), with the metadata columns in the same order. zarr's copy of each decoded chunk into the
@@ -259,8 +259,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         if shared is not None:  # a DataLoader worker: batches go to the main process as views, not copies
             buffer = shared.view(torch.int16).numpy().view(BFLOAT16) if self.dtype == torch.bfloat16 else shared.numpy()
         else:
-            buffer = pool.get(shape, NUMPY_DTYPE[self.dtype]) if pool is not None else np.empty(shape,
-                                                                                                NUMPY_DTYPE[self.dtype])
+            pool = pool or BufferPool()
+            buffer = pool.get(shape, NUMPY_DTYPE[self.dtype])
         if positions is not None and self.scatter:
             if self._read_into(arrays[self.site], buffer, spans, positions):
                 order = None  # rows were written in yield order
@@ -271,8 +271,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         else:
             self._read_into(arrays[self.site], buffer, spans, None)
             order = None if positions is None else np.argsort(positions)
-        rows: dict[str, np.ndarray | torch.Tensor] = {
-            "activations": buffer.take(order, axis=0) if order is not None else shared if shared is not None else buffer}
+        activations = buffer.take(order, axis=0) if order is not None else shared if shared is not None else buffer
+        rows: dict[str, np.ndarray | torch.Tensor] = {"activations": activations}
         tokens = np.concatenate([np.arange(a, b) for a, b in spans])
         columns = {"token": tokens}  # one zarr call per column (its chunks read concurrently), not one per chunk
         columns |= {name: (arrays[name][spans[0][0]:spans[0][1]] if len(spans) == 1 else
