@@ -71,18 +71,25 @@ clean:
 
 # `make compare`: four real models on the same 8,192 pydoc-topics tokens, compared on relative depth (docs/compare.md).
 # The stores (and their skip runs) resume where they stopped; the figures and table go to docs/figures/compare/.
+# The committed figures used 512-token skip runs (rounded up to whole chunks: 1,024 on Gemma) of every layer (every
+# other one and the last on the 0.5B), and for the slow 1.5B 256-token runs of every
+# fourth layer (and 1, 27); the logit lens, skip effects and effective depth read the first 512 tokens of each store (docs/compare.md).
 COMPARE_MODELS ?= smollm2-135m qwen2.5-coder-0.5b gemma-3-270m qwen2.5-coder-1.5b
 COMPARE_TOKENS ?= 8192
-SKIP_TOKENS    ?= 1024
+SKIP_TOKENS    ?= 512
+SKIP_LAYERS    ?= each
+SKIP_LAYERS_qwen2.5-coder-0.5b ?= 0,2,4,6,8,10,12,14,16,18,20,22,23
+SKIP_TOKENS_qwen2.5-coder-1.5b ?= 256
+SKIP_LAYERS_qwen2.5-coder-1.5b ?= 0,1,4,8,12,16,20,24,27
 COMPARE_OUT    ?= docs/figures/compare
-COMPARE_FLAGS  ?=
+COMPARE_FLAGS  ?= -p max_tokens=512
 
 .PHONY: compare
 
 runs/compare/%.done: $(BIN)/depthcache
 	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) --resume
 	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) \
-		--skip each --skip-tokens $(SKIP_TOKENS) --resume
+		--skip $(or $(SKIP_LAYERS_$*),$(SKIP_LAYERS)) --skip-tokens $(or $(SKIP_TOKENS_$*),$(SKIP_TOKENS)) --resume
 	touch $@
 
 compare: $(COMPARE_MODELS:%=runs/compare/%.done)

@@ -4,13 +4,22 @@ An ``IterableDataset`` over the committed tokens of a store. Its unit of work is
 ``chunk_tokens`` tokens, all layers): the chunk list is permuted per epoch (``shuffle=True``), dealt out to
 distributed ranks and then DataLoader workers (so every token is read exactly once per epoch), read a few chunks
 at a time into a shuffle buffer whose rows are permuted before they are yielded. The next buffer is read in a
-background thread while the current one is consumed. Rows come as float32 (or, with ``dtype=torch.bfloat16``,
-bf16 without a copy-convert) torch tensors with the token's metadata.
+background thread while the current one is consumed.
+
+Where the time goes, and why it is laid out this way (benchmarks/README.md has the measurements): zarr decodes
+each chunk into an array of its own and then copies it into the caller's output (``out[selection] = chunk``). That
+copy, which a plain ``array[:, chunk]`` read makes too, does all the work here: its output is a token-major view of
+the shuffle buffer in the output dtype (the transposition to ``(token, layer, d_model)`` and the bf16 -> float32
+cast come with it), and with ``shuffle`` it is a ``ScatterRows`` that sends each token to its shuffled row. The
+rows are then in yield order, and batches are views of the buffer: no gather, no per-batch copy. Large arrays are
+numpy's, wrapped with ``torch.from_numpy``: fresh torch allocations of tens of MB (``clone``, ``index_select``)
+measured several times slower than numpy's on the 2-core VM.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,14 +31,16 @@ import zarr
 
 from zarr.core.buffer.cpu import NDBuffer
 
+from depthcache.dtypes import BFLOAT16
 from depthcache.errors import DepthcacheError
 from depthcache.store.io import open_group
 from depthcache.store.layout import TASK_ARRAYS
-from depthcache.store.reader import Store
+from depthcache.store.schema import check_store
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 METADATA = ("token_id", "doc_id", "position", "next_token_id") + tuple(TASK_ARRAYS)
 ROW_BATCH = 256  # rows are cut from batches of this size when no batch_size is given
+NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16), torch.bfloat16: BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -59,13 +70,77 @@ def shard_chunks(order: np.ndarray, rank: Shard, worker: Shard) -> np.ndarray:
     return order[rank.index::rank.count][worker.index::worker.count]
 
 
+def layer_selection(index: Sequence[int]) -> slice | np.ndarray:
+    """The store's layer positions as a slice when they are evenly spaced and increasing (zarr copies a slice of
+    the decoded chunk straight into the buffer), else as an integer array (zarr gathers them first)."""
+    if len(index) == 1:
+        return slice(index[0], index[0] + 1)
+    step = index[1] - index[0]
+    if step > 0 and all(b - a == step for a, b in zip(index, index[1:])):
+        return slice(index[0], index[-1] + 1, step)
+    return np.asarray(index, dtype=np.int64)
+
+
+def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted token ranges with adjacent ones joined (one zarr call reads a run of chunks, decoding concurrently)."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+class BufferPool:
+    """Shuffle buffers for reuse once nothing references them (no batch view left): a fresh array of 100+ MB is
+    page-faulted in, 4 KiB at a time, on its first write, which measured as costly as reading a chunk uncompressed."""
+
+    def __init__(self, keep: int = 3) -> None:
+        self.buffers: list[np.ndarray] = []
+        self.keep = keep
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A buffer of this shape and dtype: a free one of the pool, else a new one (kept in place of the oldest)."""
+        for buffer in self.buffers:  # a free buffer is referenced by the list, ``buffer`` and getrefcount only
+            if buffer.shape == shape and buffer.dtype == dtype and sys.getrefcount(buffer) == 3:
+                return buffer
+        buffer = np.empty(shape, dtype)
+        self.buffers = [buffer, *self.buffers][:self.keep]
+        return buffer
+
+
+class ScatterRows(NDBuffer):
+    """zarr's output buffer for one chunk that sends each token's values to a chosen row of a token-major buffer.
+
+    zarr copies every decoded chunk into its output with ``out[selection] = chunk``; this ``__setitem__`` writes
+    the same values to ``buffer[rows[token]]`` instead, so the shuffle costs nothing beyond that copy. ``written``
+    counts the values it received: a zarr that bypassed ``__setitem__`` is detected and the reader falls back."""
+
+    def __init__(self, shape_of: np.ndarray, buffer: np.ndarray, rows: np.ndarray, token_axis: int) -> None:
+        super().__init__(shape_of)
+        self.buffer, self.rows, self.token_axis, self.written = buffer, rows, token_axis, 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) != self._data.ndim or not all(isinstance(part, slice) for part in key):
+            return  # not a selection this maps (``written`` stays short: the reader falls back)
+        if isinstance(value, NDBuffer):
+            value = value.as_numpy_array()
+        values = np.moveaxis(np.broadcast_to(value, self._data[key].shape), self.token_axis, 0)
+        rows = self.rows[key[self.token_axis]]
+        self.buffer[(rows, *key[:self.token_axis], *key[self.token_axis + 1:])] = values
+        self.written += values.size
+
+
 class ActivationDataset(torch.utils.data.IterableDataset):
     """A store's activations of one site (and chosen layers) as rows for PyTorch, streamed chunk by chunk.
 
     Each item is a dict: ``activations`` (``(len(layers), d_model)``, or ``(d_model,)`` for one int layer or
     ``resid_final``), ``token`` (the token's index in the store) and the per-token metadata (token_id, doc_id,
     position, next_token_id, and item/answer_index/hops in task stores). With ``batch_size`` the dataset yields
-    ready batches (use ``DataLoader(ds, batch_size=None)``), much faster than collating rows one by one."""
+    ready batches (use ``DataLoader(ds, batch_size=None)``), much faster than collating rows one by one. A batch's
+    tensors are views of its shuffle buffer (disjoint slices, no copy): keeping one keeps the whole buffer."""
 
     def __init__(self, store: str | os.PathLike[str], site: str = "resid_pre",
                  layers: int | Sequence[int] | None = None, *, dtype: torch.dtype = torch.float32,
@@ -75,38 +150,48 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         super().__init__()
         if site not in SITES:
             raise DepthcacheError(f"unknown site {site!r}; choose from {', '.join(SITES)}")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if dtype not in NUMPY_DTYPE:
             raise DepthcacheError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         for name, value in (("batch_size", batch_size), ("buffer_chunks", buffer_chunks)):
             if value is not None and value < 1:
                 raise DepthcacheError(f"{name} must be at least 1")
-        opened = Store(str(store), dict(storage_options or {}))
         self.location, self.run, self.storage_options = str(store), run, dict(storage_options or {})
-        ds = opened.run(run) if run else opened.ds
-        if site not in ds:
+        group = self._group()
+        attrs = check_store(group)  # the checked reader's check, without building an xarray dataset
+        if site not in group:
             raise DepthcacheError(f"{store} has no {site}: extract it with --sites including "
                                   f"{'resid' if site.startswith('resid') else site.split('_')[0]}")
-        attrs = opened.attrs if run is None else ds.attrs["depthcache"]
         self.site, self.dtype, self.batch_size, self.shuffle = site, dtype, batch_size, shuffle
         self.buffer_chunks, self.seed, self.drop_last, self.epoch = buffer_chunks, seed, drop_last, 0
         self.stored_dtype = attrs["options"]["dtype"]
         self.chunk_tokens = int(attrs["layout"]["chunk_tokens"])
         self.n_tokens = int(attrs["progress"]["tokens_committed"])
-        self.metadata = tuple(name for name in METADATA if name in ds)
-        self.layer_index, self.squeeze = self._layer_index(ds, site, layers)
-        self.layers = [int(ds["layer"].values[i]) for i in self.layer_index] if self.layer_index else []
-        self.layer_tensor = torch.tensor(self.layer_index, dtype=torch.int64)
-        self.d_model = int(ds[site].sizes["d_model"])
+        self.metadata = tuple(name for name in METADATA if name in group)
+        stored = [int(v) for v in group["layer"][:]] if site != "resid_final" else []
+        self.layer_index, self.squeeze = self._layer_index(stored, site, layers)
+        self.layers = [stored[i] for i in self.layer_index]
+        self.d_model = int(group[site].shape[-1])
+        # shuffle inside zarr's copy; not for unsorted layers (zarr then writes with integer arrays)
+        self.scatter = self.layer_index == sorted(self.layer_index)
         self.rank, self.world_size = rank, world_size
 
+    def _group(self) -> zarr.Group:
+        """The store's group (or its run's), opened read-only in the current process."""
+        if self.run is None:
+            return open_group(self.location, "r", storage_options=self.storage_options)
+        root = open_group(self.location, "r", storage_options=self.storage_options)
+        runs = sorted(root["runs"].group_keys()) if "runs" in root else []
+        if self.run not in runs:
+            raise DepthcacheError(f"{self.location} has no run {self.run!r}; runs: {', '.join(runs) or 'none'}")
+        return open_group(self.location, "r", path=f"runs/{self.run}", storage_options=self.storage_options)
+
     @staticmethod
-    def _layer_index(ds: Any, site: str, layers: int | Sequence[int] | None) -> tuple[list[int], bool]:
+    def _layer_index(stored: list[int], site: str, layers: int | Sequence[int] | None) -> tuple[list[int], bool]:
         """Positions in the store's layer axis of the requested model layers, and whether to drop the layer axis."""
         if site == "resid_final":
             if layers is not None:
                 raise DepthcacheError("resid_final has no layers: drop layers=")
             return [], True
-        stored = [int(v) for v in ds["layer"].values]
         wanted = stored if layers is None else [layers] if isinstance(layers, int) else list(layers)
         missing = [layer for layer in wanted if layer not in stored]
         if missing or not wanted:
@@ -144,46 +229,66 @@ class ActivationDataset(torch.utils.data.IterableDataset):
 
     def _arrays(self) -> dict[str, zarr.Array]:
         """The zarr arrays this reader needs, opened in the current process (after a DataLoader fork)."""
-        group = open_group(self.location, "r", path=f"runs/{self.run}" if self.run else None,
-                           storage_options=self.storage_options)
+        group = self._group()
         return {name: group[name] for name in (self.site, *self.metadata)}
 
-    def read_buffer(self, arrays: dict[str, zarr.Array], chunks: Sequence[int], rng: np.random.Generator
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Several chunks decoded straight into one buffer, as stored (``(layers, tokens, d_model)``, bf16 stays
-        bf16), with their metadata columns, and the order to yield its rows in (None: as stored)."""
-        spans = [self._chunk_range(c) for c in chunks]
+    def read_buffer(self, arrays: dict[str, zarr.Array], chunks: Sequence[int], rng: np.random.Generator,
+                    pool: BufferPool | None = None) -> dict[str, np.ndarray]:
+        """Several chunks decoded into one token-major buffer in the output dtype (``(tokens, layers, d_model)``,
+        or ``(tokens, d_model)`` for resid_final), rows already in the order to yield them (shuffled when
+        ``shuffle``), with the metadata columns in the same order. zarr's copy of each decoded chunk into the
+        buffer does the transposition, the cast and the shuffle (``ScatterRows``): no pass of its own."""
+        spans = merged_spans(sorted(self._chunk_range(c) for c in chunks))
         n = sum(stop - start for start, stop in spans)
-        array = arrays[self.site]
+        positions = rng.permutation(n) if self.shuffle else None  # buffer row of the i-th token read
         layered = self.site != "resid_final"
-        buffer = np.empty((array.shape[0], n, self.d_model) if layered else (n, self.d_model), dtype=array.dtype)
-        columns: dict[str, list[np.ndarray]] = {name: [] for name in self.metadata}
+        shape = (n, len(self.layer_index), self.d_model) if layered else (n, self.d_model)
+        buffer = np.empty(shape, NUMPY_DTYPE[self.dtype]) if pool is None else pool.get(shape, NUMPY_DTYPE[self.dtype])
+        if positions is not None and self.scatter:
+            if self._read_into(arrays[self.site], buffer, spans, positions):
+                order = None  # rows were written in yield order
+            else:  # this zarr did not write every chunk through NDBuffer.__setitem__: read in place, gather
+                self.scatter = False
+                self._read_into(arrays[self.site], buffer, spans, None)
+                order = np.argsort(positions)
+        else:
+            self._read_into(arrays[self.site], buffer, spans, None)
+            order = None if positions is None else np.argsort(positions)
+        rows = {"activations": buffer if order is None else buffer.take(order, axis=0)}
+        tokens = np.concatenate([np.arange(a, b) for a, b in spans])
+        columns = {"token": tokens}  # one zarr call per column (its chunks read concurrently), not one per chunk
+        columns |= {name: (arrays[name][spans[0][0]:spans[0][1]] if len(spans) == 1 else
+                           arrays[name].get_orthogonal_selection(tokens)).astype(np.int64) for name in self.metadata}
+        for name, column in columns.items():
+            if positions is None:
+                rows[name] = column
+            elif order is None:
+                rows[name] = np.empty_like(column)
+                rows[name][positions] = column
+            else:
+                rows[name] = column[order]
+        return rows
+
+    def _read_into(self, array: zarr.Array, buffer: np.ndarray, spans: list[tuple[int, int]],
+                   positions: np.ndarray | None) -> bool:
+        """Decode the spans' chunks into ``buffer``: in place, or each token's row to ``positions``. False when
+        zarr wrote some chunk without going through ``NDBuffer.__setitem__`` (the scatter is then incomplete)."""
+        layered = self.site != "resid_final"
+        layer = layer_selection(self.layer_index) if layered else None
         at = 0
         for start, stop in spans:
-            target = buffer[:, at:at + stop - start] if layered else buffer[at:at + stop - start]
-            region = (slice(None), slice(start, stop)) if layered else (slice(start, stop),)
-            array.get_basic_selection(region, out=NDBuffer.from_numpy_array(target))  # decoded in place
-            for name in self.metadata:
-                columns[name].append(arrays[name][start:stop])
+            target = buffer[at:at + stop - start]
+            target = target.transpose(1, 0, 2) if layered else target  # zarr's (layer, token, d_model) order
+            out = (NDBuffer.from_numpy_array(target) if positions is None else
+                   ScatterRows(target, buffer, positions[at:at + stop - start], token_axis=1 if layered else 0))
+            if layered:
+                array.get_orthogonal_selection((layer, slice(start, stop), slice(None)), out=out)
+            else:
+                array.get_basic_selection((slice(start, stop),), out=out)
+            if positions is not None and out.written != target.size:
+                return False
             at += stop - start
-        rows = {"raw": as_tensor(buffer, self.stored_dtype),
-                "token": torch.from_numpy(np.concatenate([np.arange(a, b) for a, b in spans]))}
-        rows |= {name: torch.from_numpy(np.concatenate(parts).astype(np.int64)) for name, parts in columns.items()}
-        return rows, torch.from_numpy(rng.permutation(n)) if self.shuffle else None
-
-    def take(self, rows: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-        """The rows ``index`` of a buffer: activations gathered (``index_select``: contiguous d_model rows), put
-        token-major and cast to ``dtype`` in one copy, metadata alongside."""
-        raw = rows["raw"]
-        axis = 0 if self.site == "resid_final" else 1
-        picked = raw[(slice(None),) * axis + (index,)] if isinstance(index, slice) else raw.index_select(axis, index)
-        if axis:
-            if len(self.layer_index) < raw.shape[0]:
-                picked = picked.index_select(0, self.layer_tensor)
-            picked = picked[0] if self.squeeze else picked.permute(1, 0, 2)
-        out = torch.empty(picked.shape, dtype=self.dtype)
-        out.copy_(picked)
-        return {"activations": out, **{key: value[index] for key, value in rows.items() if key != "raw"}}
+        return True
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -193,54 +298,54 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                             worker)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker.index])
         groups = [mine[i:i + self.buffer_chunks] for i in range(0, len(mine), self.buffer_chunks)]
-        batches = self._batches(self._buffers(groups, rng), self.batch_size or ROW_BATCH)
+        batches = (self.as_tensors(batch) for batch in self._batches(self._buffers(groups, rng),
+                                                                         self.batch_size or ROW_BATCH))
         if self.batch_size is not None:
             yield from batches
             return
         for batch in batches:
             yield from ({key: value[i] for key, value in batch.items()} for i in range(len(batch["token"])))
 
-    def _buffers(self, groups: list[np.ndarray], rng: np.random.Generator
-                 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    def as_tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A batch of numpy columns as torch tensors sharing their memory (bf16 bits reinterpreted)."""
+        values = batch["activations"]
+        if self.squeeze and values.ndim == 3:
+            values = values[:, 0]
+        activations = (torch.from_numpy(values.view(np.int16)).view(torch.bfloat16) if values.dtype == BFLOAT16
+                       else torch.from_numpy(values))
+        return {"activations": activations, **{k: torch.from_numpy(v) for k, v in batch.items() if k != "activations"}}
+
+    def _buffers(self, groups: list[np.ndarray], rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
         """The shuffle buffers in order, each read in a background thread while the one before is consumed."""
         if not groups:
             return
-        arrays = self._arrays()
+        arrays, buffers = self._arrays(), BufferPool()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="depthcache-read") as pool:
-            pending = pool.submit(self.read_buffer, arrays, groups[0], rng)
+            pending = pool.submit(self.read_buffer, arrays, groups[0], rng, buffers)
             for nxt in groups[1:]:
                 done = pending.result()
-                pending = pool.submit(self.read_buffer, arrays, nxt, rng)
+                pending = pool.submit(self.read_buffer, arrays, nxt, rng, buffers)
                 yield done
             yield pending.result()
 
-    def _batches(self, buffers: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]], size: int
-                 ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of ``size`` rows in each buffer's order, continuing across buffers; the last one partial unless
-        ``drop_last``."""
-        carry: dict[str, torch.Tensor] | None = None
-        for rows, order in buffers:
+    def _batches(self, buffers: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of ``size`` rows (views of each buffer, whose rows are in yield order), continuing across
+        buffers; the last one partial unless ``drop_last``."""
+        carry: dict[str, np.ndarray] | None = None
+        for rows in buffers:
             n = len(rows["token"])
             begin = 0
             if carry is not None:
                 begin = min(size - len(carry["token"]), n)
-                head = self.take(rows, order[:begin] if order is not None else slice(0, begin))
-                carry = {key: torch.cat([carry[key], head[key]]) for key in carry}
+                carry = {key: np.concatenate([carry[key], rows[key][:begin]]) for key in carry}
                 if len(carry["token"]) < size:
                     continue
                 yield carry
                 carry = None
             full = begin + (n - begin) // size * size
             for at in range(begin, full, size):
-                yield self.take(rows, order[at:at + size] if order is not None else slice(at, at + size))
+                yield {key: value[at:at + size] for key, value in rows.items()}
             if full < n:
-                carry = self.take(rows, order[full:] if order is not None else slice(full, n))
+                carry = {key: value[full:] for key, value in rows.items()}
         if carry is not None and not (self.drop_last and self.batch_size is not None):
             yield carry
-
-
-def as_tensor(values: np.ndarray, stored_dtype: str) -> torch.Tensor:
-    """A numpy buffer as a torch tensor without copying (bf16 bits reinterpreted)."""
-    if stored_dtype == "bfloat16":
-        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(values)

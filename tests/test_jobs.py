@@ -204,15 +204,21 @@ def test_prune_resumes_after_a_kill(tiny_models: dict[str, Path], tmp_path: Path
     opts = dict(task=str(task), model=str(tiny_models["llama"]), layers="1-3", n=None, max_new_tokens=8,
                 batch_size=4, device="cpu", progress=False)
     out = tmp_path / "killed"
-    run_killed(["evaluate", "prune", "--task", str(task), "--model", opts["model"], "--layers", "1-3",
-                "--max-new-tokens", "8", "--batch-size", "4", "--device", "cpu", "--out", str(out)],
-               out / "prune.partial", "step-*.json", out / "prune.zarr")
+    args = ["evaluate", "prune", "--task", str(task), "--model", opts["model"], "--layers", "1-3",
+            "--max-new-tokens", "8", "--batch-size", "4", "--device", "cpu"]
+    run_killed([*args, "--out", str(out)], out / "prune.partial", "step-*.json", out / "prune.zarr")
     saved = len(list((out / "prune.partial").glob("step-*.json")))
     with pytest.raises(DepthcacheError, match="continue it with --resume"):
         evaluate_prune(PruneOptions(**opts, out=str(out)))
-    resumed = evaluate_prune(PruneOptions(**opts, out=str(out), resume=True))
-    whole = evaluate_prune(PruneOptions(**opts, out=str(tmp_path / "whole")))
+    # the resumed and the uninterrupted run each in a fresh process, like the killed one: the same torch settings
+    # (threads) everywhere, so equal means bit-identical
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for extra in (["--out", str(out), "--resume"], ["--out", str(tmp_path / "whole")]):
+        subprocess.run([sys.executable, "-m", "depthcache.cli", *args, *extra, "--no-progress"], env=env, cwd=ROOT,
+                       check=True, stdout=subprocess.DEVNULL)
     assert 1 <= saved < 4 and not (out / "prune.partial").exists()
+    resumed, whole = (xr.open_dataset(folder / "prune.zarr", engine="zarr", consolidated=False).load()
+                      for folder in (out, tmp_path / "whole"))
     xr.testing.assert_identical(resumed.drop_attrs(), whole.drop_attrs())
     assert (out / "prune.csv").read_text() == (tmp_path / "whole" / "prune.csv").read_text()
     with pytest.raises(DepthcacheError, match="another model, task items or options"):

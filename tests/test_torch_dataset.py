@@ -12,7 +12,7 @@ from conftest import CORPUS, save_tiny_model
 
 import depthcache
 from depthcache.errors import DepthcacheError
-from depthcache.torch import ActivationDataset, Shard, chunk_order, shard_chunks
+from depthcache.torch import ActivationDataset, BufferPool, Shard, chunk_order, shard_chunks
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,71 @@ def test_bad_requests_are_refused(stores: dict[str, Path]) -> None:
         ActivationDataset(stores["bf16"], "resid_final", layers=[0])
     with pytest.raises(DepthcacheError, match="outside a world"):
         next(iter(ActivationDataset(stores["bf16"], rank=2, world_size=2)))
+
+
+def rows_of(batches: list[dict[str, torch.Tensor]]) -> dict[int, np.ndarray]:
+    """Each yielded token's activations (as float64 numpy), keyed by the token's index; no token twice."""
+    out: dict[int, np.ndarray] = {}
+    for batch in batches:
+        for token, row in zip(batch["token"].tolist(), batch["activations"].double().numpy()):
+            assert token not in out
+            out[token] = row
+    return out
+
+
+def test_batches_yield_the_same_rows_as_single_rows(stores: dict[str, Path]) -> None:
+    """Batch mode (shuffled or not, through workers or not) yields the same multiset of rows as row mode."""
+    single = [{key: value[None] for key, value in row.items()}
+              for row in ActivationDataset(stores["bf16"], layers=[0, 2])]
+    reference = rows_of(single)
+    assert sorted(reference) == list(range(170))
+    for shuffle in (False, True):
+        for workers in (0, 2):
+            batched = read_all(ActivationDataset(stores["bf16"], layers=[0, 2], batch_size=7, shuffle=shuffle,
+                                                 buffer_chunks=3), workers)
+            sizes = [len(b["token"]) for b in batched]
+            assert sizes.count(7) >= len(sizes) - workers - 1  # each worker's last batch may be short
+            got = rows_of(batched)
+            assert sorted(got) == sorted(reference)
+            for token, row in got.items():
+                np.testing.assert_array_equal(row, reference[token])
+
+
+def test_shuffle_inside_zarrs_copy_equals_read_then_gather(stores: dict[str, Path]) -> None:
+    """The scatter of rows inside zarr's chunk copy gives exactly the order (and rows) of the fallback that reads
+    in place and gathers; unsorted and strided layer selections and float16 rows are right too."""
+    ds = depthcache.open(stores["bf16"])
+    values = ds.depthcache.float32().resid_pre.values  # (layer, token, d_model)
+    for layers in ([0, 2], [3, 1], [1, 2, 3], None):
+        scattered = ActivationDataset(stores["bf16"], layers=layers, batch_size=32, shuffle=True, buffer_chunks=2)
+        gathered = ActivationDataset(stores["bf16"], layers=layers, batch_size=32, shuffle=True, buffer_chunks=2)
+        gathered.scatter = False
+        assert scattered.scatter == (layers != [3, 1])
+        index = list(range(4)) if layers is None else layers
+        for one, two in zip(scattered, gathered, strict=True):
+            np.testing.assert_array_equal(one["token"].numpy(), two["token"].numpy())
+            np.testing.assert_array_equal(one["doc_id"].numpy(), two["doc_id"].numpy())
+            np.testing.assert_array_equal(one["doc_id"].numpy(), ds.doc_id.values[one["token"].numpy()])
+            np.testing.assert_array_equal(one["activations"].numpy(), two["activations"].numpy())
+            np.testing.assert_array_equal(one["activations"].numpy(),
+                                          values[index][:, one["token"].numpy()].transpose(1, 0, 2))
+        assert scattered.scatter == (layers != [3, 1]), "zarr wrote every chunk through ScatterRows"
+    half = next(iter(ActivationDataset(stores["bf16"], layers=[2], batch_size=170, dtype=torch.float16,
+                                       shuffle=True)))
+    stored = torch.from_numpy(ds.resid_pre.sel(layer=2).values.view(np.int16)).view(torch.bfloat16)
+    assert half["activations"].dtype == torch.float16
+    np.testing.assert_array_equal(half["activations"].numpy(), stored[half["token"]].to(torch.float16)[:, None].numpy())
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_references() -> None:
+    pool = BufferPool(keep=2)
+    first = pool.get((4, 3), np.dtype(np.float32))
+    held = torch.from_numpy(first[1:3])  # a batch view still alive
+    first_id = id(first)
+    del first
+    second = pool.get((4, 3), np.dtype(np.float32))
+    assert id(second) != first_id and held.data_ptr() != second.ctypes.data
+    del second
+    assert pool.get((4, 3), np.dtype(np.float32)) is pool.buffers[0]  # free again: reused
+    del held
+    assert pool.get((2, 3), np.dtype(np.float32)).shape == (2, 3) and len(pool.buffers) == 2
