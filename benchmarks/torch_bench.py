@@ -1,6 +1,6 @@
 """ActivationDataset vs the raw chunk reads it is built on: tokens per second streaming a store into PyTorch.
 
-    python benchmarks/torch_bench.py --store STORE [--pairs 3] [--site resid_pre] [--before DIR]
+    python benchmarks/torch_bench.py --store STORE [--pairs 3] [--site resid_pre] [--before DIR] [--inprocess 8]
 
 What each side does, per committed chunk of ``--site`` (all stored layers), every committed token once:
 
@@ -19,7 +19,8 @@ What each side does, per committed chunk of ``--site`` (all stored layers), ever
 Each measurement runs in its own process (peak RSS is that process's ``VmHWM``; the DataLoader workers' memory is
 not in it); the clock covers opening and checking the store and the whole pass, not the imports. One untimed raw
 pass warms the page cache; then the kinds run in turn, interleaved, for ``--pairs`` rounds. Prints medians, ranges
-and each ratio per round.
+and each ratio per round. ``--inprocess N`` then runs raw-f32, dataset, raw, dataset-bf16 in turn N times in one
+process (no start-up noise; each pass still opens and checks the store and builds its dataset), for tighter pairs.
 """
 
 from __future__ import annotations
@@ -95,6 +96,21 @@ def one(kind: str, store: str, site: str) -> None:
                       "peak_rss_mib": peak_rss_mib()}))
 
 
+def inprocess(store: str, site: str, rounds: int) -> None:
+    """Alternate the in-process kinds ``rounds`` times in this process; print each pass as JSON."""
+    import depthcache  # noqa: F401
+    import torch  # noqa: F401
+
+    from depthcache.torch import ActivationDataset  # noqa: F401
+
+    for _ in range(rounds):
+        for kind in ("raw-f32", "dataset", "raw", "dataset-bf16"):
+            start = time.perf_counter()
+            tokens = raw(store, site, kind == "raw-f32") if kind.startswith("raw") else dataset(
+                store, site, bf16=kind.endswith("bf16"))
+            print(json.dumps({"kind": kind, "tokens_per_s": tokens / (time.perf_counter() - start)}), flush=True)
+
+
 def measure(kind: str, store: str, site: str, before: str | None) -> dict:
     """One measurement in a fresh process (with the older code first on the path for the before- kinds)."""
     env = dict(os.environ)
@@ -112,8 +128,12 @@ def main() -> None:
     parser.add_argument("--site", default="resid_pre")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--before", default=None, help="a folder holding an older depthcache package")
+    parser.add_argument("--inprocess", type=int, default=0, help="then N in-process rounds")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one == "inprocess":
+        inprocess(args.store, args.site, args.inprocess)
+        return
     if args.one:
         one(args.one, args.store, args.site)
         return
@@ -136,7 +156,19 @@ def main() -> None:
             print(f"{a} / {b} per round: {', '.join(f'{x:.2f}' for x in ratios)}; median "
                   f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})")
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}; tokens per pass: "
-          f"{rounds[0]['raw']['tokens']}")
+          f"{rounds[0]['raw']['tokens']}", flush=True)
+    if args.inprocess:
+        done = subprocess.run([sys.executable, __file__, "--one", "inprocess", "--inprocess", str(args.inprocess),
+                               "--store", args.store, "--site", args.site], capture_output=True, text=True, check=True)
+        passes = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        speed = {kind: [p["tokens_per_s"] for p in passes if p["kind"] == kind] for kind in
+                 ("raw-f32", "dataset", "raw", "dataset-bf16")}
+        for a, b in (("dataset", "raw-f32"), ("dataset-bf16", "raw")):
+            ratios = [x / y for x, y in zip(speed[a], speed[b])]
+            print(f"in-process {a} / {b}: {', '.join(f'{x:.2f}' for x in ratios)}; median "
+                  f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}); {a} median "
+                  f"{statistics.median(speed[a]):.0f} tok/s, {b} {statistics.median(speed[b]):.0f}")
+        print(f"load average after in-process: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

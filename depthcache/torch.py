@@ -92,13 +92,25 @@ def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory, made as the DataLoader's own collate does in a worker: sending a
+    view of it to the main process passes a handle, not a copy of the batch."""
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=dtype).new(storage).resize_(*shape)
+
+
+def concatenate(head: np.ndarray | torch.Tensor, tail: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Two columns' rows joined (numpy, or torch for shared-memory activations)."""
+    return torch.cat([head, tail]) if isinstance(head, torch.Tensor) else np.concatenate([head, tail])
+
+
 class BufferPool:
     """Shuffle buffers for reuse once nothing references them (no batch view left): a fresh array of 100+ MB is
     page-faulted in, 4 KiB at a time, on its first write, which measured as costly as reading a chunk uncompressed."""
 
-    def __init__(self, keep: int = 3) -> None:
+    def __init__(self, keep: int = 2) -> None:
         self.buffers: list[np.ndarray] = []
-        self.keep = keep
+        self.keep, self.allocated = keep, 0
 
     def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A buffer of this shape and dtype: a free one of the pool, else a new one (kept in place of the oldest)."""
@@ -106,7 +118,7 @@ class BufferPool:
             if buffer.shape == shape and buffer.dtype == dtype and sys.getrefcount(buffer) == 3:
                 return buffer
         buffer = np.empty(shape, dtype)
-        self.buffers = [buffer, *self.buffers][:self.keep]
+        self.buffers, self.allocated = [buffer, *self.buffers][:self.keep], self.allocated + 1
         return buffer
 
 
@@ -233,7 +245,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         return {name: group[name] for name in (self.site, *self.metadata)}
 
     def read_buffer(self, arrays: dict[str, zarr.Array], chunks: Sequence[int], rng: np.random.Generator,
-                    pool: BufferPool | None = None) -> dict[str, np.ndarray]:
+                    pool: BufferPool | None = None) -> dict[str, Any]:
         """Several chunks decoded into one token-major buffer in the output dtype (``(tokens, layers, d_model)``,
         or ``(tokens, d_model)`` for resid_final), rows already in the order to yield them (shuffled when
         ``shuffle``), with the metadata columns in the same order. zarr's copy of each decoded chunk into the
@@ -243,7 +255,12 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         positions = rng.permutation(n) if self.shuffle else None  # buffer row of the i-th token read
         layered = self.site != "resid_final"
         shape = (n, len(self.layer_index), self.d_model) if layered else (n, self.d_model)
-        buffer = np.empty(shape, NUMPY_DTYPE[self.dtype]) if pool is None else pool.get(shape, NUMPY_DTYPE[self.dtype])
+        shared = shared_tensor(shape, self.dtype) if torch.utils.data.get_worker_info() is not None else None
+        if shared is not None:  # a DataLoader worker: batches go to the main process as views, not copies
+            buffer = shared.view(torch.int16).numpy().view(BFLOAT16) if self.dtype == torch.bfloat16 else shared.numpy()
+        else:
+            pool = pool or BufferPool()
+            buffer = pool.get(shape, NUMPY_DTYPE[self.dtype])
         if positions is not None and self.scatter:
             if self._read_into(arrays[self.site], buffer, spans, positions):
                 order = None  # rows were written in yield order
@@ -254,7 +271,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         else:
             self._read_into(arrays[self.site], buffer, spans, None)
             order = None if positions is None else np.argsort(positions)
-        rows = {"activations": buffer if order is None else buffer.take(order, axis=0)}
+        activations = buffer.take(order, axis=0) if order is not None else shared if shared is not None else buffer
+        rows: dict[str, np.ndarray | torch.Tensor] = {"activations": activations}
         tokens = np.concatenate([np.arange(a, b) for a, b in spans])
         columns = {"token": tokens}  # one zarr call per column (its chunks read concurrently), not one per chunk
         columns |= {name: (arrays[name][spans[0][0]:spans[0][1]] if len(spans) == 1 else
@@ -298,8 +316,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                             worker)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker.index])
         groups = [mine[i:i + self.buffer_chunks] for i in range(0, len(mine), self.buffer_chunks)]
-        batches = (self.as_tensors(batch) for batch in self._batches(self._buffers(groups, rng),
-                                                                         self.batch_size or ROW_BATCH))
+        batches = (self.as_tensors(batch) for batch in self._stream(groups, rng, self.batch_size or ROW_BATCH))
         if self.batch_size is not None:
             yield from batches
             return
@@ -311,41 +328,50 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         values = batch["activations"]
         if self.squeeze and values.ndim == 3:
             values = values[:, 0]
-        activations = (torch.from_numpy(values.view(np.int16)).view(torch.bfloat16) if values.dtype == BFLOAT16
-                       else torch.from_numpy(values))
-        return {"activations": activations, **{k: torch.from_numpy(v) for k, v in batch.items() if k != "activations"}}
+        if isinstance(values, np.ndarray):
+            values = (torch.from_numpy(values.view(np.int16)).view(torch.bfloat16) if values.dtype == BFLOAT16
+                      else torch.from_numpy(values))
+        return {"activations": values, **{k: torch.from_numpy(v) for k, v in batch.items() if k != "activations"}}
 
-    def _buffers(self, groups: list[np.ndarray], rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        """The shuffle buffers in order, each read in a background thread while the one before is consumed."""
+    def _stream(self, groups: list[np.ndarray], rng: np.random.Generator, size: int
+                ) -> Iterator[dict[str, np.ndarray | torch.Tensor]]:
+        """Batches of ``size`` rows, views of the shuffle buffers (whose rows are in yield order), continuing across
+        buffers; the last one partial unless ``drop_last``. Each buffer is read in a background thread, started
+        once the consumer has taken the first batch of the buffer before it: by then the buffer before that has
+        no batch left in use (unless the consumer keeps them), so the pool hands it back instead of a fresh one."""
         if not groups:
             return
-        arrays, buffers = self._arrays(), BufferPool()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="depthcache-read") as pool:
-            pending = pool.submit(self.read_buffer, arrays, groups[0], rng, buffers)
-            for nxt in groups[1:]:
-                done = pending.result()
-                pending = pool.submit(self.read_buffer, arrays, nxt, rng, buffers)
-                yield done
-            yield pending.result()
-
-    def _batches(self, buffers: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Batches of ``size`` rows (views of each buffer, whose rows are in yield order), continuing across
-        buffers; the last one partial unless ``drop_last``."""
-        carry: dict[str, np.ndarray] | None = None
-        for rows in buffers:
-            n = len(rows["token"])
-            begin = 0
-            if carry is not None:
-                begin = min(size - len(carry["token"]), n)
-                carry = {key: np.concatenate([carry[key], rows[key][:begin]]) for key in carry}
-                if len(carry["token"]) < size:
-                    continue
-                yield carry
-                carry = None
-            full = begin + (n - begin) // size * size
-            for at in range(begin, full, size):
-                yield {key: value[at:at + size] for key, value in rows.items()}
-            if full < n:
-                carry = {key: value[full:] for key, value in rows.items()}
+        arrays, buffers = self._arrays(), BufferPool(keep=2)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="depthcache-read") as reader:
+            pending = reader.submit(self.read_buffer, arrays, groups[0], rng, buffers)
+            carry: dict[str, Any] | None = None
+            for following in [*groups[1:], None]:
+                rows = pending.result()
+                batches, carry = cut(rows, carry, size)
+                del rows
+                started = False
+                while batches:
+                    yield batches.pop()
+                    if not started and following is not None:
+                        pending, started = reader.submit(self.read_buffer, arrays, following, rng, buffers), True
+                if not started and following is not None:
+                    pending = reader.submit(self.read_buffer, arrays, following, rng, buffers)
         if carry is not None and not (self.drop_last and self.batch_size is not None):
             yield carry
+
+
+def cut(rows: dict[str, Any], carry: dict[str, Any] | None, size: int
+        ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """A buffer's batches of ``size`` rows (views, the first one completing ``carry``, the rows left over from the
+    buffers before), last first (to be popped), and the rows left over now."""
+    n = len(rows["token"])
+    begin, batches = 0, []
+    if carry is not None:
+        begin = min(size - len(carry["token"]), n)
+        carry = {key: concatenate(carry[key], rows[key][:begin]) for key in carry}
+        if len(carry["token"]) < size:
+            return [], carry
+        batches.append(carry)
+    full = begin + (n - begin) // size * size
+    batches += [{key: value[at:at + size] for key, value in rows.items()} for at in range(begin, full, size)]
+    return batches[::-1], {key: value[full:] for key, value in rows.items()} if full < n else None

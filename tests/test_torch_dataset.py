@@ -110,16 +110,17 @@ def test_batches_yield_the_same_rows_as_single_rows(stores: dict[str, Path]) -> 
               for row in ActivationDataset(stores["bf16"], layers=[0, 2])]
     reference = rows_of(single)
     assert sorted(reference) == list(range(170))
-    for shuffle in (False, True):
-        for workers in (0, 2):
-            batched = read_all(ActivationDataset(stores["bf16"], layers=[0, 2], batch_size=7, shuffle=shuffle,
-                                                 buffer_chunks=3), workers)
-            sizes = [len(b["token"]) for b in batched]
-            assert sizes.count(7) >= len(sizes) - workers - 1  # each worker's last batch may be short
-            got = rows_of(batched)
-            assert sorted(got) == sorted(reference)
-            for token, row in got.items():
-                np.testing.assert_array_equal(row, reference[token])
+    for shuffle, workers, dtype in ((False, 0, torch.float32), (False, 2, torch.float32), (True, 0, torch.float32),
+                                    (True, 2, torch.bfloat16)):  # workers: batches are views of shared memory
+        batched = read_all(ActivationDataset(stores["bf16"], layers=[0, 2], batch_size=7, shuffle=shuffle,
+                                             buffer_chunks=3, dtype=dtype), workers)
+        sizes = [len(b["token"]) for b in batched]
+        assert sizes.count(7) >= len(sizes) - workers - 1  # each worker's last batch may be short
+        assert all(b["activations"].dtype == dtype for b in batched)
+        got = rows_of(batched)
+        assert sorted(got) == sorted(reference)
+        for token, row in got.items():
+            np.testing.assert_array_equal(row, reference[token])
 
 
 def test_shuffle_inside_zarrs_copy_equals_read_then_gather(stores: dict[str, Path]) -> None:
@@ -160,3 +161,18 @@ def test_buffer_pool_reuses_only_buffers_nothing_references() -> None:
     assert pool.get((4, 3), np.dtype(np.float32)) is pool.buffers[0]  # free again: reused
     del held
     assert pool.get((2, 3), np.dtype(np.float32)).shape == (2, 3) and len(pool.buffers) == 2
+
+
+def test_buffers_are_reused_while_streaming(stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer that drops its batches gets 11 one-chunk buffers from two allocations (plus the short last one;
+    shuffled, the short one can come earlier and push a full one out of the pool)."""
+    pools: list[BufferPool] = []
+
+    class Recorded(BufferPool):
+        def __init__(self, keep: int = 2) -> None:
+            super().__init__(keep)
+            pools.append(self)
+
+    monkeypatch.setattr("depthcache.torch.BufferPool", Recorded)
+    tokens = [len(batch["token"]) for batch in ActivationDataset(stores["bf16"], batch_size=8, buffer_chunks=1)]
+    assert sum(tokens) == 170 and pools[0].allocated == 3
