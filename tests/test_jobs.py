@@ -98,12 +98,13 @@ def test_cli_progress_lines_on_stderr(tmp_path: Path, tiny_models: dict[str, Pat
     model = str(tiny_models["llama"])
     extracted = CliRunner().invoke(main, ["extract", "--model", model, "--data", str(text_file), "--out",
                                           str(tmp_path / "s.zarr"), "--max-tokens", "256", "--seq-len", "32",
-                                          "--device", "cpu", "--skip", "each", "--skip-tokens", "0"])
+                                          "--device", "cpu", "--skip", "each", "--skip-tokens", "40"])
     assert extracted.exit_code == 0, extracted.output
     lines = extracted.stderr.splitlines()
     assert lines[0].startswith("extract: 0/256 tok") and "extract: 256/256 tok (100%)" in extracted.stderr
     runs = [line for line in lines if line.startswith("skip runs: ")]
     assert [line.split(",")[0] for line in runs] == [f"skip runs: {k}/4 runs ({25 * k}%)" for k in range(5)]
+    assert "run skip_0, 256 baseline tokens (--skip-tokens 40 rounded up to whole 256-token chunks)" in runs[1]
     common = ["--model", model, "--prompt", PROMPT, "--answer", ANSWER, "--device", "cpu"]
     shown = CliRunner().invoke(main, ["igrad", *common, "--out", str(tmp_path / "a.zarr"), "--steps", "8"])
     assert shown.exit_code == 0, shown.output

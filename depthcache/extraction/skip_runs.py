@@ -442,12 +442,15 @@ def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedMod
     stops = future_stops(plan, skip.seed) if skip.variant == "future" else None
     done = {}
     finished = sum(1 for *_, previous in todo if previous is not None and previous["progress"]["complete"])
+    chunk = int(base["layout"]["chunk_tokens"])
+    rounded = f" (--skip-tokens {skip.tokens:,} rounded up to whole {chunk:,}-token chunks)" \
+        if skip.tokens is not None and tokens != skip.tokens else ""
     with Progress("skip runs", len(todo), "runs", opts.progress, done=finished) as bar:
         for run, stored, reuse, attrs, previous in todo:
             if previous is not None and previous["progress"]["complete"]:
                 done[run.name] = previous
                 continue
-            bar.note(f"run {run.name}")
+            bar.note(f"run {run.name}, {tokens:,} baseline tokens{rounded}")
             ctx = RunContext(loaded, structure, plan, base_opts, run, stored, tokens, device,
                              root["resid_pre"] if reuse else None, layers.index(min(run.layers)) if reuse else 0,
                              stops)
