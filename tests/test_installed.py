@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RUNTIME_FILES = ("depthcache/store/store.schema.json",)
+RUNTIME_FILES = ("depthcache/store/store.schema.json", "depthcache/tasks/two_hop_facts.json")
 
 
 def run(*cmd: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -73,3 +73,6 @@ def test_installed_package_reads_and_analyses_a_store(venv: Path, tiny_models, t
     opened = run(venv, "-c", "import sys, xarray as xr; ds = xr.open_dataset(sys.argv[1], engine='depthcache'); "
                  "print(ds.sizes['token'], 'position' in ds.coords)", store, cwd=tmp_path, env=env)
     assert opened.split() == ["96", "True"]
+    items = run(venv, "-c", "from depthcache.tasks import load_task; print(len(load_task('two-hop-facts', n=2)) > 2)",
+                cwd=tmp_path, env=env)  # the fact table is package data
+    assert items.strip() == "True"

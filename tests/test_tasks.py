@@ -14,13 +14,14 @@ from depthcache.errors import DepthcacheError
 from depthcache.tasks import TASKS, TaskItem, load_task, write_task_jsonl
 from depthcache.tasks.addition import near_misses
 from depthcache.tasks.two_hop_facts import (
-    DATA_DIR,
+    TABLE,
     Chain,
     Hop,
     load_table,
     table_problems,
 )
 
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 RELATIONS = {"landmark_city": "", "city_country": ""}
 
 
@@ -179,7 +180,7 @@ def test_fact_table_problems_are_reported():
 
 
 def test_broken_fact_table_file_raises(tmp_path):
-    doc = json.loads((DATA_DIR / "two_hop_facts.json").read_text(encoding="utf-8"))
+    doc = json.loads(TABLE.read_text(encoding="utf-8"))
     doc["chains"][0]["composed"]["answer"] = " Nowhere"
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
@@ -279,6 +280,10 @@ def test_task_item_validates_and_normalises_choices():
 
 def test_small_n_is_a_prefix_of_larger_for_addition():
     assert load_task("addition", n=10) == load_task("addition", n=40)[:10]
+
+
+def test_package_fact_table_is_the_published_one():
+    assert TABLE.read_bytes() == (DATA_DIR / "two_hop_facts.json").read_bytes()
 
 
 def test_data_readme_documents_every_task():

@@ -1,4 +1,7 @@
-"""``two-hop-facts``: the hand-written chains in ``data/two_hop_facts.json`` → single-hop and composed items."""
+"""``two-hop-facts``: the hand-written chains of ``two_hop_facts.json`` → single-hop and composed items.
+
+The table is package data (this module's folder), so an installed wheel has it; ``data/two_hop_facts.json`` is the
+published copy beside the task documentation, kept identical by a test."""
 
 from __future__ import annotations
 
@@ -19,8 +22,7 @@ from depthcache.tasks.base import (
 )
 from depthcache.textio import read_text
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
-TABLE = DATA_DIR / "two_hop_facts.json"
+TABLE = Path(__file__).resolve().with_name("two_hop_facts.json")
 DESCRIPTION = ("hand-written fact chains (landmark -> city -> country, person -> birth city -> country -> capital, "
                "...): every single hop (hops=1) and every composed 2- or 3-hop prompt; n counts chains")
 DEFAULT_SEED = 0
@@ -120,8 +122,8 @@ def relation_pools(chains: list[Chain]) -> dict[str, list[str]]:
 def load_table(path: Path = TABLE) -> list[Chain]:
     """The chains of a fact table file, checked for consistency."""
     if not path.is_file():
-        raise DepthcacheError(f"fact table {path} not found: the task data lives in the repository's data/ folder, "
-                              f"so run depthcache from a source checkout (pip install -e .)")
+        raise DepthcacheError(f"fact table {path} not found" + (": this depthcache installation is incomplete; "
+                              "reinstall it" if path == TABLE else ""))
     try:
         doc = json.loads(read_text(path))
     except RecursionError as exc:
