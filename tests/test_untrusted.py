@@ -58,14 +58,19 @@ def leaf_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
     return [prefix]
 
 
+def random_leaf(attrs: dict, rng: random.Random) -> tuple[dict, tuple]:
+    """A random leaf of the depthcache attributes outside the model config: (its parent dict, its path)."""
+    path = rng.choice([p for p in leaf_paths(attrs) if p[:2] != ("model", "config")])
+    parent = attrs
+    for key in path[:-1]:
+        parent = parent[key]
+    return parent, path
+
+
 def mutate_attrs(store: Path, rng: random.Random) -> str:
     """Replace or delete one leaf of the root depthcache attributes."""
     def change(meta: dict) -> None:
-        attrs = meta["attributes"]["depthcache"]
-        path = rng.choice([p for p in leaf_paths(attrs) if p[:2] != ("model", "config")])
-        parent = attrs
-        for key in path[:-1]:
-            parent = parent[key]
+        parent, path = random_leaf(meta["attributes"]["depthcache"], rng)
         if rng.random() < 0.2:
             del parent[path[-1]]
         else:
@@ -139,11 +144,7 @@ def mutate_hostile(store: Path, rng: random.Random) -> str:
         return f"nested {depth} in {meta.relative_to(store)}"
     if kind == "long-string":
         def change(meta: dict) -> None:
-            attrs = meta["attributes"]["depthcache"]
-            path = rng.choice([p for p in leaf_paths(attrs) if p[:2] != ("model", "config")])
-            parent = attrs
-            for key in path[:-1]:
-                parent = parent[key]
+            parent, path = random_leaf(meta["attributes"]["depthcache"], rng)
             parent[path[-1]] = "x" * 300_000
             change.what = ".".join(path)  # type: ignore[attr-defined]
         edit_json(store / "zarr.json", change)
