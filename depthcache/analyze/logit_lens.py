@@ -8,6 +8,7 @@ so memory stays at a few (LENS_TOKENS × vocab) float32 arrays per thread whatev
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from depthcache.store.head import apply_final_norm
 from depthcache.store.reader import Store
 
 LENS_TOKENS = 128
+ROWS = 8  # logit rows per in-cache pass of the exponential and the KL product
 TOP = 5
 STATS = ("count", "kl", "top1", "top5")
 
@@ -38,12 +40,25 @@ def lens_logits(h: np.ndarray, head: dict[str, Any], key: str) -> np.ndarray:
     return out if head["unembed_bias"] is None else np.add(out, head["unembed_bias"], out=out)
 
 
-def softmax_terms(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of float32 logits (tokens, vocab): the max m, exp(z - m) (in a reused buffer) and its float32 sum."""
-    m = block_maxima(z).max(axis=1)
-    e = np.subtract(z, m[:, None], out=scratch("lens_e", z.shape))
-    np.exp(e, out=e)
-    return m, e, e.sum(axis=1)
+def softmax_terms(z: np.ndarray, maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of float32 logits (tokens, vocab) and their ``block_maxima``: the max m and the float32 sum of
+    exp(z - m)."""
+    m = maxima.max(axis=1)
+    total = np.empty(len(z), np.float32)
+    for rows, e in row_blocks(z, m):
+        total[rows] = e.sum(axis=1)
+    return m, total
+
+
+def row_blocks(z: np.ndarray, m: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """exp(z - m) for ROWS rows at a time, in a reused per-thread buffer: every pass over those rows (the
+    exponential, its sum, the KL product) then runs on data in cache instead of streaming (tokens × vocab) arrays
+    through memory once per pass."""
+    buffer = scratch("lens_e", (ROWS, z.shape[1]))
+    for a in range(0, len(z), ROWS):
+        rows = slice(a, min(a + ROWS, len(z)))
+        e = np.subtract(z[rows], m[rows, None], out=buffer[:rows.stop - a])
+        yield rows, np.exp(e, out=e)
 
 
 def block_maxima(z: np.ndarray) -> np.ndarray:
@@ -54,14 +69,14 @@ def block_maxima(z: np.ndarray) -> np.ndarray:
     return head if n * width == z.shape[1] else np.concatenate([head, z[:, n * width:].max(axis=1)[:, None]], 1)
 
 
-def top_of_rows(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_of_rows(z: np.ndarray, k: int, maxima: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the index of the first maximum (as argmax) and the k-th largest value (as np.partition), found among
-    the entries at or above the k-th largest block maximum: only the few blocks whose maximum reaches that bound
-    are searched."""
+    the entries at or above the k-th largest block maximum (``maxima``: ``block_maxima(z)`` when already known):
+    only the few blocks whose maximum reaches that bound are searched."""
     t, vocab = z.shape
     width = max(1, vocab // BLOCKS)
     n = vocab // width
-    maxima = block_maxima(z)
+    maxima = block_maxima(z) if maxima is None else maxima
     bound = np.partition(maxima, -k, axis=1)[:, -k] if maxima.shape[1] >= k else maxima.min(axis=1)
     block_rows, blocks = np.nonzero(maxima[:, :n] >= bound[:, None])
     picked = z[:, :n * width].reshape(t, n, width)[block_rows, blocks]
@@ -86,19 +101,28 @@ def compare(z: np.ndarray, z_final: np.ndarray, lse_final: np.ndarray, top1_fina
     """(3, tokens) float64 KL(lens ‖ final), top-1 agreement (0/1), top-5 overlap of lens logits ``z``.
 
     KL = Σ p (log p − log q) = Σ p (z − z_final) − lse(z) + lse(z_final), with p = exp(z − m) / Σ exp(z − m): one
-    exponential pass and one product pass over the vocabulary instead of two log-softmaxes."""
-    m, e, total = softmax_terms(z)
-    d = np.subtract(z, z_final, out=scratch("lens_d", z.shape))
+    exponential pass and one product pass over the vocabulary instead of two log-softmaxes, both on ROWS rows at a
+    time while they are in cache."""
+    maxima = block_maxima(z)
+    m = maxima.max(axis=1)
+    total, cross = np.empty(len(z), np.float32), np.empty(len(z), np.float32)
+    difference = scratch("lens_d", (ROWS, z.shape[1]))
+    for rows, e in row_blocks(z, m):
+        total[rows] = e.sum(axis=1)
+        cross[rows] = np.vecdot(e, np.subtract(z[rows], z_final[rows], out=difference[:len(e)]))
     lse = m.astype(np.float64) + np.log(total.astype(np.float64))
-    kl = np.vecdot(e, d).astype(np.float64) / total - lse + lse_final
-    argmax, fifth = top_of_rows(z, TOP)
+    kl = cross.astype(np.float64) / total - lse + lse_final
+    argmax, fifth = top_of_rows(z, TOP, maxima)
     overlap = (np.take_along_axis(z, top5_final, axis=-1) >= fifth[:, None]).sum(axis=-1) / TOP
     return np.stack([kl, argmax == top1_final, np.minimum(overlap, 1.0)]).astype(np.float64)
 
 
 def chunk_sums(h: np.ndarray, final: np.ndarray, position: np.ndarray, head: dict[str, Any], *,
                include_first: bool) -> np.ndarray:
-    """(1, len(STATS), layer + 1) token count and sums of KL, top-1 and top-5 agreement over one token chunk."""
+    """(1, len(STATS), layer + 1) token count and sums of KL, top-1 and top-5 agreement over one token chunk.
+
+    The output compared with itself (layer L) is KL 0, top-1 1 and top-5 1 exactly, so it is counted, not
+    computed."""
     keep = position >= (0 if include_first else 1)
     out = np.zeros((1, len(STATS), h.shape[0] + 1))
     for a in np.arange(0, len(position), LENS_TOKENS):
@@ -106,15 +130,16 @@ def chunk_sums(h: np.ndarray, final: np.ndarray, position: np.ndarray, head: dic
         if not len(rows):
             continue
         z_final = lens_logits(final[rows], head, "lens_final")
-        m, _, total = softmax_terms(z_final)
+        maxima = block_maxima(z_final)
+        m, total = softmax_terms(z_final, maxima)
         lse_final = m.astype(np.float64) + np.log(total.astype(np.float64))
-        top1 = top_of_rows(z_final, 1)[0]
+        top1 = top_of_rows(z_final, 1, maxima)[0]
         top5 = np.argpartition(z_final, -TOP, axis=-1)[:, -TOP:]
         out[0, 0] += len(rows)
         for layer in range(h.shape[0]):
             z = lens_logits(h[layer, rows], head, "lens_z")
             out[0, 1:, layer] += compare(z, z_final, lse_final, top1, top5).sum(1)
-        out[0, 1:, -1] += compare(z_final, z_final, lse_final, top1, top5).sum(axis=1)
+        out[0, 2:, -1] += len(rows)  # top-1 and top-5 of the output against itself; its KL stays 0
     return out
 
 
