@@ -574,5 +574,18 @@ def prune(**kw: Any) -> None:
     click.echo(f"written to {kw['out']}/ (prune.zarr, prune.csv, prune-items.csv, prune.png)")
 
 
+@evaluate.command(name="compare")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Folder for prune-compare.png, prune-compare.csv and prune-compare.md.")
+def compare_pruning(runs: tuple[str, ...], out: str) -> None:
+    """Pruning runs (evaluate prune output folders) of one or more models side by side on the fraction of layers
+    removed: a figure and a table of how many layers each metric survives (keeps half its full-model score)."""
+    from depthcache.evaluate.compare import compare_pruning as run_comparison
+
+    text, paths = run_comparison(list(runs), out)
+    click.echo(text)
+    click.echo(f"written: {', '.join(str(p) for p in paths)}")
+
+
 if __name__ == "__main__":
     main()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
+import xarray as xr
 from click.testing import CliRunner
 
 from depthcache.cli import main
@@ -21,6 +23,7 @@ from depthcache.evaluate.prune import Scorer
 from depthcache.model.skips import only_layers
 from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.tasks import TaskItem, load_task, write_task_jsonl
+from conftest import save_tiny_model
 
 ITEMS = [
     TaskItem("fox", "The quick brown fox", " jumps", (" jumps", " over the lazy dog", " dog", " and")),
@@ -181,3 +184,38 @@ def test_smollm2_generation_breaks_before_likelihood_when_late_layers_go() -> No
         match.append(scorer.generation(removed)[0].mean())
     assert match[0] >= 0.25 and accuracy[0] >= 0.6  # the whole model knows many of these facts
     assert match[0] - match[1] > accuracy[0] - accuracy[1] + 0.1
+
+
+def test_compare_pruning_puts_runs_of_different_depths_on_relative_depth(tiny_models, task_file,
+                                                                        tmp_path: Path) -> None:
+    """Two models (4 and 6 layers), two orders: the table's scores and survival counts equal each run's own values,
+    the figure's x axis is k / L, and a folder that is not a run gives one line."""
+    from depthcache.evaluate.compare import compare_pruning, open_run, survives
+
+    deep = save_tiny_model("llama", tmp_path / "llama6", n_layers=6)
+    folders = []
+    for name, model, order in (("a", tiny_models["llama"], "last-first"), ("b", deep, "influence")):
+        folders.append(str(tmp_path / name))
+        evaluate_prune(PruneOptions(task=str(task_file), model=str(model), n=None, order=order, max_new_tokens=4,
+                                    batch_size=3, device="cpu", out=folders[-1]))
+    result = CliRunner().invoke(main, ["evaluate", "compare", *folders, "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "cmp" / "prune-compare.csv").open()))
+    assert [(r["layers"], r["order"]) for r in rows] == [("4", "last-first"), ("6", "influence")]
+    for row, folder, depth in zip(rows, folders, (4, 6)):
+        ds = xr.open_zarr(Path(folder) / "prune.zarr", consolidated=False)
+        for name in ("choice_accuracy", "exact_match_rate"):
+            scores = ds[name].values
+            assert float(row[f"{name}_full"]) == pytest.approx(scores[0])
+            k = int(row[f"{name}_survives"])
+            # survival: every step up to k keeps half the full score, step k + 1 (if any) does not
+            assert all(s >= 0.5 * scores[0] for s in scores[:k + 1]) or scores[0] <= 0
+            assert k == len(scores) - 1 or not scores[k + 1] >= 0.5 * scores[0] or scores[0] <= 0
+            assert float(row[f"{name}_survives_fraction"]) == pytest.approx(k / depth)
+        assert open_run(folder).depth == depth
+    assert (tmp_path / "cmp" / "prune-compare.png").stat().st_size > 10_000
+    assert "| model | layers | order |" in result.output
+    assert survives(np.array([0.8, 0.6, 0.39, 0.5])) == 1 and survives(np.array([0.0, 0.0])) == 0
+    bad = CliRunner().invoke(main, ["evaluate", "compare", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "no prune.zarr here" in bad.output and "Traceback" not in bad.output
+    assert len([line for line in bad.output.splitlines() if line.strip()]) == 1

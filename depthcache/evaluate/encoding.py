@@ -66,6 +66,12 @@ def cache_argument(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     return {"cache" if takes_cache else "past_key_values": cache}
 
 
+def last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
+    """The forward keyword that computes logits for the last position only (``logits_to_keep=1``) where the model
+    takes it: a prompt pass needs no others, and with a 150k-word head the rest cost more than the layers."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def returned_cache(out: Any) -> Any:
     """The KV cache a forward returned: the ``cache`` field where the output has one (5.2x, where reading
     ``past_key_values`` is deprecated and logs a warning), else ``past_key_values``."""

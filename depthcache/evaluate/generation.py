@@ -8,6 +8,7 @@ import torch
 from depthcache.evaluate.encoding import (
     cache_argument,
     encode_prompt,
+    last_logits_only,
     left_padded,
     pad_id,
     returned_cache,
@@ -31,7 +32,8 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: list[str], words: list[in
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **last_logits_only(model))
         position = mask.sum(-1, keepdim=True)
         for _ in range(max_new_tokens):
             token = out.logits[:, -1].argmax(-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from depthcache.evaluate.encoding import encode_prompt, left_padded, pad_id
+from depthcache.evaluate.encoding import encode_prompt, last_logits_only, left_padded, pad_id
 from depthcache.model import Capture, Structure
 
 
@@ -18,7 +18,8 @@ def block_influence(model: torch.nn.Module, structure: Structure, tokenizer, tex
         seqs = [encode_prompt(tokenizer, t) for t in texts[start:start + batch_size]]
         ids, mask, positions = left_padded(seqs, pad_id(tokenizer), device)
         with Capture(model, structure, range(depth), ("resid",), torch.float32) as cap, torch.inference_mode():
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                  **last_logits_only(model))
             h = torch.cat([cap.stacked("resid_pre"), cap.resid_final.unsqueeze(0)])[:, mask.bool()]
             total += torch.nn.functional.cosine_similarity(h[:-1], h[1:], dim=-1).double().sum(-1).cpu().numpy()
         count += int(mask.sum())

@@ -13,6 +13,7 @@ from depthcache.evaluate.encoding import (
     cache_argument,
     encode_continuation,
     encode_prompt,
+    last_logits_only,
     left_padded,
     pad_id,
     returned_cache,
@@ -34,7 +35,8 @@ def batch_scores(model: torch.nn.Module, tokenizer, items: list[TaskItem],  # no
     ids, mask, positions = left_padded([encode_prompt(tokenizer, it.prompt) for it in items], pad, device)
     scores = [np.zeros(len(c)) for c in conts]
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **last_logits_only(model))
         cache, first = returned_cache(out), torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         lengths = mask.sum(-1, keepdim=True)
         for j in range(max(len(c) for c in conts)):
