@@ -205,3 +205,41 @@ def test_llama_structure_is_discovered() -> None:
     assert found.layers == "model.layers" and found.final_norm == "model.norm"
     assert found.attn == ("self_attn",) * 4 and found.mlp == ("mlp",) * 4
     assert found.norm_eps == model.config.rms_norm_eps and math.isclose(found.embed_scale, 1.0)
+
+
+def test_logit_lens_analysis_applies_the_soft_cap_and_logit_scale(tmp_path: Path, tokenizer) -> None:
+    """The logit-lens analysis forms its logits as the model does (Gemma-2's soft-cap, a logit scale): its
+    per-layer KL equals a float64 computation from logits_from_residual, and differs from the uncapped one."""
+    from depthcache.analyze import run
+    from depthcache.analyze.logit_lens import lens_logits
+
+    config = tiny_config("gemma2")
+    config.final_logit_softcapping = 0.5
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    out, data = tmp_path / "g.zarr", tmp_path / "d.jsonl"
+    data.write_text('{"text": "%s"}\n' % CORPUS)
+    extract(ExtractOptions(out=str(out), model="tiny", data=str(data), dtype="float32", seq_len=16, max_tokens=32,
+                           batch_size=2, chunk_tokens=16, progress=False, device="cpu"), loaded_tiny(model, tokenizer))
+    ds, head = open_dataset(str(out)).load(), read_head(str(out))
+    keep = ds.position.values >= 1
+
+    def mean_kl(h: np.ndarray, final: np.ndarray, h_head: dict) -> float:
+        z, zf = (logits_from_residual(x[keep], h_head).astype(np.float64) for x in (h, final))
+        logp, logq = (x - np.logaddexp.reduce(x, axis=-1, keepdims=True) for x in (z, zf))
+        return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
+
+    final = ds.resid_final.values
+    want = [mean_kl(ds.resid_pre.values[layer], final, head) for layer in range(ds.sizes["layer"])]
+    got = run("logit-lens", str(out)).kl_mean.values[:-1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    uncapped = [mean_kl(ds.resid_pre.values[layer], final, head | {"logit_softcap": None})
+                for layer in range(ds.sizes["layer"])]
+    assert np.abs(np.array(uncapped) - got).max() > 0.01  # ~1e-12 uncapped (one-hot) vs 0.01-0.04 capped
+    scaled = head | {"logit_scale": 0.25}
+    np.testing.assert_allclose(lens_logits(final[:4], scaled, "t"), logits_from_residual(final[:4], scaled),
+                               rtol=1e-6, atol=1e-6)

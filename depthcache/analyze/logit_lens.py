@@ -33,11 +33,17 @@ BLOCKS = 64  # vocabulary blocks whose maxima bound each row's top-5 threshold f
 
 
 def lens_logits(h: np.ndarray, head: dict[str, Any], key: str) -> np.ndarray:
-    """``logits_from_residual`` written into the per-thread buffer ``key``: the same product, without fresh pages
-    for every (tokens × vocab) result."""
+    """``logits_from_residual`` written into the per-thread buffer ``key``: the same product, bias, logit scale and
+    soft-cap, in place, without fresh pages for every (tokens × vocab) result."""
     normed = apply_final_norm(h, head)
     out = np.matmul(normed, head["unembed"].T, out=scratch(key, (len(normed), head["unembed"].shape[0])))
-    return out if head["unembed_bias"] is None else np.add(out, head["unembed_bias"], out=out)
+    if head["unembed_bias"] is not None:
+        np.add(out, head["unembed_bias"], out=out)
+    if head.get("logit_scale", 1.0) != 1.0:
+        np.multiply(out, np.float32(head["logit_scale"]), out=out)
+    if (cap := head.get("logit_softcap")) is not None:
+        np.multiply(np.tanh(np.divide(out, np.float32(cap), out=out), out=out), np.float32(cap), out=out)
+    return out
 
 
 def softmax_terms(z: np.ndarray, maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
