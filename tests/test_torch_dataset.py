@@ -3,14 +3,17 @@ equal to the store's, shuffling by whole chunks, bf16 tensors, metadata."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import CORPUS, save_tiny_model
 
 import depthcache
+from depthcache.dtypes import BFLOAT16
 from depthcache.errors import DepthcacheError
 from depthcache.torch import ActivationDataset, BufferPool, Shard, chunk_order, shard_chunks
 
@@ -176,3 +179,51 @@ def test_buffers_are_reused_while_streaming(stores: dict[str, Path], monkeypatch
     monkeypatch.setattr("depthcache.torch.BufferPool", Recorded)
     tokens = [len(batch["token"]) for batch in ActivationDataset(stores["bf16"], batch_size=8, buffer_chunks=1)]
     assert sum(tokens) == 170 and pools[0].allocated == 3
+
+
+def special_bf16_store(source: Path, out: Path) -> np.ndarray:
+    """A copy of ``source`` whose resid_pre holds chosen bf16 bit patterns (both zeros, subnormals, the extremes,
+    infinities, quiet and signalling NaNs with payloads, then random patterns); returns them (layer, token, d)."""
+    shutil.copytree(source, out)
+    array = zarr.open_array(out / "resid_pre", mode="r+")
+    special = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x007F, 0x807F, 0x0080, 0x8080, 0x7F7F, 0xFF7F, 0x7F80,
+                        0xFF80, 0x7FC0, 0xFFC0, 0x7F81, 0xFFFF, 0x3F80, 0xBF80], dtype=np.uint16)
+    bits = np.random.default_rng(7).integers(0, 1 << 16, size=array.shape, dtype=np.uint16)
+    bits.reshape(-1)[:special.size] = special
+    bits[:, -1, :special.size] = special  # in the last, short chunk too
+    array[...] = bits.view(BFLOAT16)
+    return bits
+
+
+def test_float32_rows_are_the_exact_widening_of_bf16_and_batches_are_independent(
+        stores: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 rows from a bf16 store are bit for bit numpy's ``astype(float32)`` (signed zeros, subnormals, inf,
+    NaN payloads), shuffled or not, in process or through workers; a consumer that writes into its batches in place
+    does not change the batches after them (the pooled buffers they reuse are rewritten whole)."""
+    bits = special_bf16_store(stores["bf16"], tmp_path / "special.zarr")
+    widened = bits.view(BFLOAT16).astype(np.float32).view(np.uint32)  # (layer, token, d_model)
+    assert np.array_equal(widened, bits.astype(np.uint32) << 16)
+    pools: list[BufferPool] = []
+
+    class Recorded(BufferPool):
+        def __init__(self, keep: int = 2) -> None:
+            super().__init__(keep)
+            pools.append(self)
+
+    monkeypatch.setattr("depthcache.torch.BufferPool", Recorded)
+    for layers, shuffle, workers in (([1, 3], True, 0), (None, False, 0), ([0, 2], True, 2), ([2, 0], True, 0)):
+        data = ActivationDataset(tmp_path / "special.zarr", layers=layers, batch_size=6, shuffle=shuffle,
+                                 buffer_chunks=1)
+        index = list(range(4)) if layers is None else layers
+        seen = []
+        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers) if workers else data
+        for batch in loader:  # not kept: their buffers go back to the pool
+            tokens = batch["token"].numpy()
+            got = batch["activations"].numpy().view(np.uint32)
+            np.testing.assert_array_equal(got, widened[index][:, tokens].transpose(1, 0, 2))
+            batch["activations"].fill_(float("nan"))  # written in place, then dropped: later batches unchanged
+            batch["activations"].view(torch.int32)[..., ::3] = -1
+            seen += tokens.tolist()
+            del batch
+        assert sorted(seen) == list(range(170))
+    assert len(pools) == 3 and all(pool.allocated < 11 for pool in pools), "buffers written in place were reused"
