@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
 from depthcache.evaluate import PruneOptions, evaluate_prune
-from depthcache.evaluate.encoding import encode_continuation, encode_prompt
+from depthcache.evaluate.encoding import SHARED_PREFIX_MIN, common_prefix, encode_continuation, encode_prompt
 from depthcache.evaluate.generation import greedy, parse_answer
 from depthcache.evaluate.influence import block_influence
 from depthcache.evaluate.likelihood import batch_scores
@@ -32,6 +32,13 @@ ITEMS = [
     TaskItem("num", "Numbers: 0 1 2 3", " 4", (" 4 5", " 4", " 9", " +")),
     TaskItem("lm", "Language models use their", " depth", ()),
 ]
+
+FEW_SHOT = "Q: What is two plus two? A: four\nQ: What is one plus two? A: three\nQ: "  # a shared prompt prefix
+SHARED = [TaskItem(f"s{i}", FEW_SHOT + q, a, c) for i, (q, a, c) in enumerate((
+    ("What is one plus one? A:", " two", (" two", " three", " one")),
+    ("What is three plus one? A:", " four", (" five", " four")),
+    ("Is it done? A:", " yes", ()),
+    ("What is two plus three and then some more? A:", " five", (" five", " six", " seven", " four"))))]
 
 
 def load(model_dir: Path) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
@@ -62,11 +69,15 @@ def test_removed_layers_equal_a_model_with_those_layers_deleted(arch, tiny_model
     assert len(decoder_layers(model, spec)) == 4 and not torch.allclose(restored, want)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_likelihood_equals_one_forward_per_candidate(arch, tiny_models) -> None:
+@pytest.mark.parametrize("arch,items", [("llama", ITEMS), ("gpt2", ITEMS), ("llama", SHARED), ("gpt2", SHARED),
+                                        ("gpt_neox", SHARED)])
+def test_batched_likelihood_equals_one_forward_per_candidate(arch, items, tiny_models) -> None:
+    """Batched scoring (with a shared few-shot prefix run once for SHARED) equals one whole forward per candidate."""
     model, tok = load(tiny_models[arch])
-    scores = batch_scores(model, tok, ITEMS, "cpu")
-    for item, got in zip(ITEMS, scores):
+    if items is SHARED:
+        assert common_prefix([encode_prompt(tok, it.prompt) for it in items]) >= SHARED_PREFIX_MIN
+    scores = batch_scores(model, tok, items, "cpu")
+    for item, got in zip(items, scores):
         prompt = encode_prompt(tok, item.prompt)
         for choice, value in zip(item.choices or (item.answer,), got):
             cont = encode_continuation(tok, item.prompt, choice)
@@ -76,9 +87,10 @@ def test_batched_likelihood_equals_one_forward_per_candidate(arch, tiny_models) 
             assert value == pytest.approx(want, abs=1e-4)
 
 
-def test_greedy_decoding_equals_unbatched_argmax(tiny_models) -> None:
+@pytest.mark.parametrize("items", [ITEMS, SHARED])
+def test_greedy_decoding_equals_unbatched_argmax(items, tiny_models) -> None:
     model, tok = load(tiny_models["qwen3"])
-    prompts = [it.prompt for it in ITEMS]
+    prompts = [it.prompt for it in items]
     got = greedy(model, tok, prompts, [3] * len(prompts), 6, "cpu")
     for prompt, text in zip(prompts, got):
         ids = encode_prompt(tok, prompt)

@@ -1,10 +1,12 @@
-"""Prompts and continuations as token ids, left-padded batches whose last column is every prompt's end, and the
-KV cache handed back to the next incremental forward."""
+"""Prompts and continuations as token ids, left-padded batches whose last column is every prompt's end, the prompt
+pass (a token prefix common to a batch, such as few-shot examples, run once and shared), and the KV cache handed
+back to the next incremental forward."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,3 +79,49 @@ def returned_cache(out: Any) -> Any:
     ``past_key_values`` is deprecated and logs a warning), else ``past_key_values``."""
     names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
     return out.cache if "cache" in names else out.past_key_values
+
+
+SHARED_PREFIX_MIN = 8  # tokens: a shorter prefix common to a batch is not worth a pass of its own
+
+
+@dataclass
+class PromptPass:
+    """A batch of prompts after one forward: the logits after each prompt's last token, the KV cache, the attention
+    mask over the cached positions and each row's next position id."""
+
+    last_logits: torch.Tensor  # (batch, vocab)
+    cache: Any
+    mask: torch.Tensor  # (batch, cached positions), 1 where a real token is cached
+    next_position: torch.Tensor  # (batch, 1)
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens all ``seqs`` share, leaving at least one token of each to run after them."""
+    shortest = min(len(s) for s in seqs)
+    n = 0
+    while n < shortest - 1 and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def run_prompts(model: torch.nn.Module, tokenizer, prompts: list[str], device: str) -> PromptPass:  # noqa: ANN001
+    """The prompts through the model once, keeping the KV cache. When they share a prefix of SHARED_PREFIX_MIN or
+    more tokens (few-shot examples), it runs once and its cache is repeated for every row; the rest runs left-padded
+    after it (positions continue from the prefix; the padding sits between the two and is masked out)."""
+    seqs = [encode_prompt(tokenizer, p) for p in prompts]
+    shared = common_prefix(seqs) if len(seqs) > 1 else 0
+    cache_kw: dict[str, Any] = {}
+    if shared >= SHARED_PREFIX_MIN:
+        prefix = torch.tensor([seqs[0][:shared]], device=device)
+        cache = returned_cache(model(input_ids=prefix, use_cache=True, **last_logits_only(model)))
+        if hasattr(cache, "batch_repeat_interleave"):  # transformers' caches; anything else runs whole prompts
+            cache.batch_repeat_interleave(len(seqs))
+            cache_kw = cache_argument(model, cache)
+            seqs = [s[shared:] for s in seqs]
+    ids, mask, positions = left_padded(seqs, pad_id(tokenizer), device)
+    if cache_kw:
+        mask = torch.cat([torch.ones((len(seqs), shared), dtype=mask.dtype, device=mask.device), mask], dim=1)
+        positions = positions + shared
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **last_logits_only(model), **cache_kw)
+    return PromptPass(out.logits[:, -1], returned_cache(out), mask, mask.sum(-1, keepdim=True))

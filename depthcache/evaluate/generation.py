@@ -5,14 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from depthcache.evaluate.encoding import (
-    cache_argument,
-    encode_prompt,
-    last_logits_only,
-    left_padded,
-    pad_id,
-    returned_cache,
-)
+from depthcache.evaluate.encoding import cache_argument, returned_cache, run_prompts
 from depthcache.tasks import TaskItem
 
 STOP = "\n"
@@ -28,15 +21,13 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: list[str], words: list[in
            max_new_tokens: int, device: str) -> list[str]:
     """The greedy continuation of each prompt, up to the first newline, EOS, the first word after the ``words``
     words the answer parser reads, or ``max_new_tokens`` tokens."""
-    ids, mask, positions = left_padded([encode_prompt(tokenizer, p) for p in prompts], pad_id(tokenizer), device)
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **last_logits_only(model))
-        position = mask.sum(-1, keepdim=True)
+        start = run_prompts(model, tokenizer, prompts, device)
+        logits, cache, mask, position = start.last_logits, start.cache, start.mask, start.next_position
         for _ in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)
+            token = logits.argmax(-1)
             for row, t in enumerate(token.tolist()):
                 if not done[row]:
                     generated[row].append(t)
@@ -45,8 +36,8 @@ def greedy(model: torch.nn.Module, tokenizer, prompts: list[str], words: list[in
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
-                        use_cache=True, **cache_argument(model, returned_cache(out)))
-            position = position + 1
+                        use_cache=True, **cache_argument(model, cache))
+            logits, cache, position = out.logits[:, -1], returned_cache(out), position + 1
     return [tokenizer.decode(g, skip_special_tokens=True).split(STOP, 1)[0] for g in generated]
 
 

@@ -1,7 +1,7 @@
 """Likelihood scoring (lm-evaluation-harness style): log-prob of the gold continuation and accuracy among choices.
 
-Each batch runs its prompts once, keeps the KV cache, then scores every candidate continuation on top of it,
-cropping the cache back to the prompts after each candidate.
+Each batch runs its prompts once (a shared few-shot prefix once for all), keeps the KV cache, then scores every
+candidate continuation on top of it, cropping the cache back to the prompts after each candidate.
 """
 
 from __future__ import annotations
@@ -9,16 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from depthcache.evaluate.encoding import (
-    cache_argument,
-    encode_continuation,
-    encode_prompt,
-    last_logits_only,
-    left_padded,
-    pad_id,
-    returned_cache,
-    right_padded,
-)
+from depthcache.evaluate.encoding import cache_argument, encode_continuation, pad_id, right_padded, run_prompts
 from depthcache.tasks import TaskItem
 
 
@@ -32,13 +23,11 @@ def batch_scores(model: torch.nn.Module, tokenizer, items: list[TaskItem],  # no
     """Summed log-prob of every candidate continuation of each item, given its prompt."""
     pad = pad_id(tokenizer)
     conts = [[encode_continuation(tokenizer, it.prompt, c) for c in candidates(it)] for it in items]
-    ids, mask, positions = left_padded([encode_prompt(tokenizer, it.prompt) for it in items], pad, device)
     scores = [np.zeros(len(c)) for c in conts]
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **last_logits_only(model))
-        cache, first = returned_cache(out), torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        lengths = mask.sum(-1, keepdim=True)
+        prompts = run_prompts(model, tokenizer, [it.prompt for it in items], device)
+        cache, mask, lengths = prompts.cache, prompts.mask, prompts.next_position
+        first = torch.log_softmax(prompts.last_logits.float(), dim=-1)
         for j in range(max(len(c) for c in conts)):
             seqs = [c[j] if j < len(c) else c[0] for c in conts]
             cont, cont_mask = right_padded(seqs, pad, device)
