@@ -14,7 +14,7 @@ from depthcache.dtypes import register_bfloat16
 register_bfloat16()
 register_bounded_zstd()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {"open": ("depthcache.store.backend", "open_store"), "as_float32": ("depthcache.store.backend", "as_float32"),
          "extract": ("depthcache.extraction.api", "extract")}
