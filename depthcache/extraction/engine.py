@@ -23,7 +23,7 @@ import torch
 import zarr
 
 import depthcache
-from depthcache.dtypes import STORED_DTYPES
+from depthcache.dtypes import ITEMSIZES
 from depthcache.errors import DepthcacheError, Interrupted
 from depthcache.extraction.data import DEFAULT_DATASET, DataFields, load_documents
 from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
@@ -136,8 +136,8 @@ def parse_sites(sites: tuple[str, ...] | str) -> tuple[str, ...]:
 
 def check_options(opts: ExtractOptions) -> None:
     """Refuse bad options before any model is loaded."""
-    if opts.dtype not in STORED_DTYPES:
-        raise DepthcacheError(f"unknown --dtype {opts.dtype!r}; choose from {', '.join(STORED_DTYPES)}")
+    if opts.dtype not in ITEMSIZES:
+        raise DepthcacheError(f"unknown --dtype {opts.dtype!r}; choose from {', '.join(ITEMSIZES)}")
     for name in ("seq_len", "batch_size", "top_k", "chunk_tokens"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise DepthcacheError(f"--{name.replace('_', '-')} must be at least 1")
@@ -273,15 +273,14 @@ def batch_inputs(windows: list[Window], seq_len: int, pad_id: int, device: str) 
 
 
 def to_host(tensor: torch.Tensor, dtype: str | None = None) -> np.ndarray:
-    """Cast on the device, copy to the host (pinned and asynchronous on CUDA: wait on the batch's event), view as numpy."""
+    """Cast on the device, copy to the host (pinned and asynchronous on CUDA: wait on the batch's event), view as numpy
+    (bfloat16 as its uint16 bit patterns, as the writer takes them)."""
     t = tensor.to(TORCH_DTYPES[dtype]) if dtype else tensor
     if t.is_cuda:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
         t = host
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(STORED_DTYPES["bfloat16"])
-    return t.numpy()
+    return host_view(t)
 
 
 def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
@@ -330,9 +329,10 @@ def array_shape(name: str, n_layers: int, tokens: int, d_model: int) -> tuple[in
 
 
 def host_view(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor; bfloat16 as ml_dtypes' bfloat16 (numpy has no bf16 of its own)."""
+    """A numpy view of a CPU tensor; bfloat16 as its uint16 bit patterns (numpy has no bf16 of its own, and the
+    writer stores the bits as they are: no ml_dtypes)."""
     if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(STORED_DTYPES["bfloat16"])
+        return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
 
 
@@ -525,7 +525,7 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
-                                                            STORED_DTYPES[opts.dtype].itemsize, plan.n_tokens)
+                                                            ITEMSIZES[opts.dtype], plan.n_tokens)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens, docs.details)
     attrs["layout"]["num_workers"] = worker.count
     task = isinstance(docs, TaskDocuments)
@@ -554,7 +554,7 @@ def extraction_sizes(opts: ExtractOptions, attrs: dict[str, Any], plan: Plan, si
     o = attrs["options"]
     return Sizes(n_tokens=plan.n_tokens, remaining=plan.n_tokens - int(attrs["progress"]["tokens_committed"]),
                  n_layers=len(plan.layers), d_model=d_model, vocab=int(attrs["model"]["vocab_size"]),
-                 sites=len(sites), final=int("resid" in sites), itemsize=STORED_DTYPES[o["dtype"]].itemsize,
+                 sites=len(sites), final=int("resid" in sites), itemsize=ITEMSIZES[o["dtype"]],
                  chunk_tokens=int(attrs["layout"]["chunk_tokens"]), seq_len=int(o["seq_len"]),
                  batch_size=int(o["batch_size"]), top_k=int(o["top_k"]), queue_batches=opts.queue_batches)
 
@@ -575,7 +575,6 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
     chunk_tokens = int(attrs["layout"]["chunk_tokens"])
     done = resume_point(worker_done_until(group, worker), chunk_tokens, plan.n_tokens)
     todo = segments(worker, plan.n_tokens, chunk_tokens, batch_tokens(attrs), done)
-    names = [n for n in group.array_keys() if n != "layer"]
 
     def commit(stop: int) -> None:
         if worker.count > 1:
@@ -585,7 +584,7 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
             write_attrs(group, attrs)
 
     start = todo[0][0] if todo else plan.n_tokens
-    writer = ChunkWriter(group, names, chunk_tokens, plan.n_tokens, start, commit)
+    writer = ChunkWriter(group, None, chunk_tokens, plan.n_tokens, start, commit)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     batches = planned_batches(loaded.model, structure, plan, opts, todo, pad_id, device)
     write_batches(writer, batches, sum(b - a for a, b in todo), opts)

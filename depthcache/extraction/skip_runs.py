@@ -342,8 +342,7 @@ def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], res
         attrs["progress"] = {"tokens_committed": stop, "complete": stop == n_tokens}
         write_attrs(group, attrs)
 
-    names = [n for n in group.array_keys() if n != "layer"]
-    writer = ChunkWriter(group, names, chunk_tokens, n_tokens, start, commit)
+    writer = ChunkWriter(group, None, chunk_tokens, n_tokens, start, commit)
     write_batches(writer, run_batches(ctx, start), n_tokens - start, ctx.opts, desc=f"run {name}")
     return attrs
 

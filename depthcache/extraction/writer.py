@@ -1,17 +1,63 @@
-"""Chunk buffers between the forward pass and the store: every chunk is written once, whole, then committed."""
+"""Chunk buffers between the forward pass and the store: every chunk is written once, whole, then committed.
+
+bfloat16 arrays are opened as ``BFloat16Bits`` (depthcache.dtypes): the writer's buffers hold the uint16 bit
+patterns that torch's bf16 tensors are, and zarr encodes them (bytes, zstd if any, crc32c) into exactly the chunk
+files a bf16 array gives, without ml_dtypes (a second or more of start-up) ever being imported.
+"""
 
 from __future__ import annotations
 
 import errno
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.array import AsyncArray
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.metadata import ArrayV3Metadata
+from zarr.core.sync import sync
 
+from depthcache.dtypes import BFloat16Bits, is_bfloat16
 from depthcache.errors import DepthcacheError
 from depthcache.store.io import fsync_path, local_root
+
+METADATA = "zarr.json"
+
+
+async def _documents(group: zarr.Group) -> dict[str, dict[str, Any]]:
+    children = [key async for key in group.store.list_dir(group.path) if key != METADATA]
+    found = {}
+    for name in children:
+        raw = await (group.store_path / name / METADATA).get(prototype=default_buffer_prototype())
+        if raw is not None:
+            found[name] = json.loads(raw.to_bytes())
+    return found
+
+
+def array_documents(group: zarr.Group) -> dict[str, dict[str, Any]]:
+    """Name → zarr.json document of every array directly in ``group``, read as JSON through the group's store (local
+    or remote): zarr's metadata objects of a bf16 array would import ml_dtypes."""
+    return {name: doc for name, doc in sync(_documents(group)).items() if doc.get("node_type") == "array"}
+
+
+def writable_array(group: zarr.Group, name: str, document: dict[str, Any]) -> zarr.Array:
+    """Array ``name`` of ``group`` (its zarr.json ``document``) for the writer, every chunk written even if it equals
+    the fill value (so a committed chunk always exists); a bfloat16 array as ``BFloat16Bits`` (uint16 values)."""
+    config = {"write_empty_chunks": True}
+    if document.get("data_type") != "bfloat16":
+        return group[name].with_config(config)
+    bits = BFloat16Bits()
+    metadata = ArrayV3Metadata(
+        shape=document["shape"], data_type=bits, chunk_grid=document["chunk_grid"],
+        chunk_key_encoding=document["chunk_key_encoding"],
+        fill_value=bits.from_json_scalar(document["fill_value"], zarr_format=3), codecs=document["codecs"],
+        attributes=document.get("attributes"), dimension_names=document.get("dimension_names"),
+        storage_transformers=document.get("storage_transformers"))
+    return zarr.Array(AsyncArray(metadata, store_path=group.store_path / name, config=config))
 
 
 def token_axis(array: zarr.Array) -> int:
@@ -53,15 +99,17 @@ class ChunkWriter:
 
     ``start`` must be a chunk boundary (a resume point); the buffers are reused so memory stays at one chunk
     per array whatever the dataset size. Only whole chunks (or the store's last, shorter one) are ever written
-    and committed: tokens buffered when writing stops (an interrupt) are dropped, never flushed.
+    and committed: tokens buffered when writing stops (an interrupt) are dropped, never flushed. ``names``: the
+    arrays written (None: every array of ``group`` but ``layer``); a bf16 array's buffer holds uint16 bit patterns.
     """
 
-    def __init__(self, group: zarr.Group, names: list[str], chunk_tokens: int, n_tokens: int, start: int,
+    def __init__(self, group: zarr.Group, names: list[str] | None, chunk_tokens: int, n_tokens: int, start: int,
                  commit: Callable[[int], None], threads: int = 4) -> None:
         if start % chunk_tokens and start != n_tokens:
             raise ValueError(f"resume point {start} is not on a chunk boundary")
-        # every chunk is written even if it equals the fill value, so a committed chunk always exists on disk
-        self.arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in names}
+        documents = array_documents(group)
+        names = [n for n in documents if n != "layer"] if names is None else names
+        self.arrays = {name: writable_array(group, name, documents[name]) for name in names}
         self.chunk_tokens, self.n_tokens, self.commit = chunk_tokens, n_tokens, commit
         self.chunk_start, self.filled = start, 0
         self.buffers = {name: np.empty(self._buffer_shape(a), dtype=a.dtype) for name, a in self.arrays.items()}
@@ -91,11 +139,21 @@ class ChunkWriter:
             for name, values in batch.items():
                 axis = token_axis(self.arrays[name])
                 self.buffers[name][along(axis, values.ndim, self.filled, self.filled + take)] = \
-                    values[along(axis, values.ndim, offset, offset + take)]
+                    self._stored(name, values)[along(axis, values.ndim, offset, offset + take)]
             self.filled += take
             offset += take
             if self.filled == self.chunk_tokens or self.chunk_start + self.filled == self.n_tokens:
                 self.flush()
+
+    def _stored(self, name: str, values: np.ndarray) -> np.ndarray:
+        """``values`` as array ``name`` holds them: a bf16 array takes uint16 bit patterns or ml_dtypes bfloat16
+        (viewed as its bits); anything else would be cast by value, so it is refused."""
+        if not isinstance(self.arrays[name].metadata.data_type, BFloat16Bits) or values.dtype == np.uint16:
+            return values
+        if is_bfloat16(values.dtype):
+            return values.view(np.uint16)
+        raise TypeError(f"{name} is bfloat16: give its values as uint16 bit patterns (or ml_dtypes bfloat16), "
+                        f"not {values.dtype}")
 
     def flush(self) -> None:
         """Write the buffered chunk of every array (full, or the store's last), make it durable, then commit."""

@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from depthcache.dtypes import stored_dtype
+from depthcache.dtypes import BFloat16Bits
 
 SCHEMA_VERSION = "1.3"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure,
 # model head and tokenizer files checksummed (crc32c) and every chunk written, string lengths capped, limits
@@ -107,7 +107,8 @@ def create_array(group: zarr.Group, name: str, layout: StoreLayout) -> None:
     chunks = tuple(layout.chunk_tokens if d == "token" else n for d, n in zip(spec.dims, shape))
     dtype = array_dtype(name, layout.dtype)
     codecs = activation_compressors(layout.zstd_level) if spec.dtype == "activation" else compressors("int32")
-    group.create_array(name, shape=shape, chunks=chunks, dtype=stored_dtype(dtype), fill_value=0,
+    zdtype = BFloat16Bits() if dtype == "bfloat16" else dtype  # bf16's metadata made without ml_dtypes, same JSON
+    group.create_array(name, shape=shape, chunks=chunks, dtype=zdtype, fill_value=0,
                        compressors=codecs, dimension_names=spec.dims)
 
 
