@@ -166,17 +166,23 @@ def test_buffer_pool_reuses_only_buffers_nothing_references() -> None:
     assert pool.get((2, 3), np.dtype(np.float32)).shape == (2, 3) and len(pool.buffers) == 2
 
 
-def test_buffers_are_reused_while_streaming(stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A consumer that drops its batches gets 11 one-chunk buffers from two allocations (plus the short last one;
-    shuffled, the short one can come earlier and push a full one out of the pool)."""
-    pools: list[BufferPool] = []
+@pytest.fixture()
+def pools(monkeypatch: pytest.MonkeyPatch) -> list[BufferPool]:
+    """Every BufferPool the dataset makes while the test runs, in order."""
+    made: list[BufferPool] = []
 
     class Recorded(BufferPool):
         def __init__(self, keep: int = 2) -> None:
             super().__init__(keep)
-            pools.append(self)
+            made.append(self)
 
     monkeypatch.setattr("depthcache.torch.BufferPool", Recorded)
+    return made
+
+
+def test_buffers_are_reused_while_streaming(stores: dict[str, Path], pools: list[BufferPool]) -> None:
+    """A consumer that drops its batches gets 11 one-chunk buffers from two allocations (plus the short last one;
+    shuffled, the short one can come earlier and push a full one out of the pool)."""
     tokens = [len(batch["token"]) for batch in ActivationDataset(stores["bf16"], batch_size=8, buffer_chunks=1)]
     assert sum(tokens) == 170 and pools[0].allocated == 3
 
@@ -196,21 +202,13 @@ def special_bf16_store(source: Path, out: Path) -> np.ndarray:
 
 
 def test_float32_rows_are_the_exact_widening_of_bf16_and_batches_are_independent(
-        stores: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        stores: dict[str, Path], tmp_path: Path, pools: list[BufferPool]) -> None:
     """Float32 rows from a bf16 store are bit for bit numpy's ``astype(float32)`` (signed zeros, subnormals, inf,
     NaN payloads), shuffled or not, in process or through workers; a consumer that writes into its batches in place
     does not change the batches after them (the pooled buffers they reuse are rewritten whole)."""
     bits = special_bf16_store(stores["bf16"], tmp_path / "special.zarr")
     widened = bits.view(BFLOAT16).astype(np.float32).view(np.uint32)  # (layer, token, d_model)
     assert np.array_equal(widened, bits.astype(np.uint32) << 16)
-    pools: list[BufferPool] = []
-
-    class Recorded(BufferPool):
-        def __init__(self, keep: int = 2) -> None:
-            super().__init__(keep)
-            pools.append(self)
-
-    monkeypatch.setattr("depthcache.torch.BufferPool", Recorded)
     for layers, shuffle, workers in (([1, 3], True, 0), (None, False, 0), ([0, 2], True, 2), ([2, 0], True, 0)):
         data = ActivationDataset(tmp_path / "special.zarr", layers=layers, batch_size=6, shuffle=shuffle,
                                  buffer_chunks=1)
