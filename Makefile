@@ -101,8 +101,9 @@ compare: $(COMPARE_MODELS:%=runs/compare/%.done)
 		-p max_tokens=2048 --out $(COMPARE_OUT)
 
 # `make compare-prune`: pruning on few-shot addition, Qwen2.5-Coder-0.5B (which can add) against SmolLM2-135M, layers
-# removed from the back and by block influence, up to half the depth; likelihood vs generation on the fraction of
-# layers removed (docs/compare.md#pruning). Each run resumes where it stopped; the figure and table go beside the others.
+# removed from the back (up to half the depth) and by block influence (up to a third); likelihood vs generation on the
+# fraction of layers removed (docs/compare.md). Each run resumes where it stopped; the figure and table go beside the
+# other comparison figures.
 PRUNE_FLAGS ?= --task addition --n 60 --max-new-tokens 6
 PRUNE_RUNS  := qwen2.5-coder-0.5b-last-first smollm2-135m-last-first qwen2.5-coder-0.5b-influence smollm2-135m-influence
 
@@ -112,8 +113,8 @@ compare-prune: $(BIN)/depthcache
 		--out runs/prune/qwen2.5-coder-0.5b-last-first --resume
 	$(BIN)/depthcache evaluate prune --model smollm2-135m --order last-first --steps 15 $(PRUNE_FLAGS) \
 		--out runs/prune/smollm2-135m-last-first --resume
-	$(BIN)/depthcache evaluate prune --model qwen2.5-coder-0.5b --order influence --steps 12 $(PRUNE_FLAGS) \
+	$(BIN)/depthcache evaluate prune --model qwen2.5-coder-0.5b --order influence --steps 8 $(PRUNE_FLAGS) \
 		--out runs/prune/qwen2.5-coder-0.5b-influence --resume
-	$(BIN)/depthcache evaluate prune --model smollm2-135m --order influence --steps 15 $(PRUNE_FLAGS) \
+	$(BIN)/depthcache evaluate prune --model smollm2-135m --order influence --steps 10 $(PRUNE_FLAGS) \
 		--out runs/prune/smollm2-135m-influence --resume
 	$(BIN)/depthcache evaluate compare $(PRUNE_RUNS:%=runs/prune/%) --out $(COMPARE_OUT)

@@ -99,6 +99,7 @@ def plot_comparison(runs: list[PruneRun], folder: Path, name: str = "prune-compa
     """Two panels on the fraction of layers removed: likelihood accuracy among choices and greedy exact match, one
     line per run (a colour per model, a line style per removal order)."""
     from depthcache.analyze import plotting
+    from depthcache.evaluate.plot import chance_accuracy
 
     fig, axes = plotting.figure(2, width=5.2, height=3.8)
     models = list(dict.fromkeys(run.ds.attrs["model"] for run in runs))
@@ -110,8 +111,13 @@ def plot_comparison(runs: list[PruneRun], folder: Path, name: str = "prune-compa
             style = styles[orders.index(run.ds.attrs["order"]) % len(styles)]
             ax.plot(run.ds.n_removed.values / run.depth, run.ds[var].values, style, color=colour, ms=3,
                     label=run.label)
-        ax.set(xlabel="fraction of layers removed (k / L)", ylabel="accuracy", ylim=(-0.03, 1.03), title=title)
-    plotting.legend_outside(axes[-1])
+        ax.set(xlabel="fraction of layers removed (k / L)", ylabel="accuracy", ylim=(-0.03, 1.03))
+        ax.set_title(title, fontsize=9)
+    chances = {chance_accuracy(run.ds) for run in runs} - {None}
+    if len(chances) == 1:
+        axes[0].axhline(chances.pop(), color="gray", linestyle=":", linewidth=1, label="chance among choices")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=2,
+               fontsize=7, frameon=False)
     tasks = sorted({f"{run.ds.attrs['task']} ({run.ds.sizes['item']} items)" for run in runs})
     fig.suptitle(f"Pruning, likelihood vs generation: {', '.join(tasks)}", fontsize=9)
     return plotting.save(fig, folder, name)
