@@ -20,7 +20,7 @@ import xarray as xr
 from depthcache.analyze import plotting
 from depthcache.analyze.reduce import scratch
 from depthcache.analyze.registry import Count, analysis
-from depthcache.store.head import apply_final_norm
+from depthcache.store.head import apply_final_norm, output_transform
 from depthcache.store.reader import Store
 
 LENS_TOKENS = 128
@@ -36,14 +36,8 @@ def lens_logits(h: np.ndarray, head: dict[str, Any], key: str) -> np.ndarray:
     """``logits_from_residual`` written into the per-thread buffer ``key``: the same product, bias, logit scale and
     soft-cap, in place, without fresh pages for every (tokens × vocab) result."""
     normed = apply_final_norm(h, head)
-    out = np.matmul(normed, head["unembed"].T, out=scratch(key, (len(normed), head["unembed"].shape[0])))
-    if head["unembed_bias"] is not None:
-        np.add(out, head["unembed_bias"], out=out)
-    if head.get("logit_scale", 1.0) != 1.0:
-        np.multiply(out, np.float32(head["logit_scale"]), out=out)
-    if (cap := head.get("logit_softcap")) is not None:
-        np.multiply(np.tanh(np.divide(out, np.float32(cap), out=out), out=out), np.float32(cap), out=out)
-    return out
+    return output_transform(np.matmul(normed, head["unembed"].T,
+                                      out=scratch(key, (len(normed), head["unembed"].shape[0]))), head)
 
 
 def softmax_terms(z: np.ndarray, maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -304,11 +304,17 @@ def apply_final_norm(h: np.ndarray, head: dict[str, Any]) -> np.ndarray:
 def logits_from_residual(h: np.ndarray, head: dict[str, Any]) -> np.ndarray:
     """Logit lens: the model's output transform of the unembedded, final-normed residual (float32): times the logit
     scale (Cohere, Granite), then soft-capped as cap·tanh(logits/cap) (Gemma 2)."""
-    logits = apply_final_norm(h, head) @ head["unembed"].T
+    return output_transform(apply_final_norm(h, head) @ head["unembed"].T, head)
+
+
+def output_transform(logits: np.ndarray, head: dict[str, Any]) -> np.ndarray:
+    """The unembedding product made the model's logits, in place (float32): plus the bias, times the logit scale,
+    then soft-capped as cap·tanh(logits/cap)."""
     if head["unembed_bias"] is not None:
-        logits = logits + head["unembed_bias"]
+        np.add(logits, head["unembed_bias"], out=logits)
     if head.get("logit_scale", 1.0) != 1.0:
-        logits = logits * np.float32(head["logit_scale"])
-    cap = head.get("logit_softcap")
-    return logits if cap is None else np.float32(cap) * np.tanh(logits / np.float32(cap))
+        np.multiply(logits, np.float32(head["logit_scale"]), out=logits)
+    if (cap := head.get("logit_softcap")) is not None:
+        np.multiply(np.tanh(np.divide(logits, np.float32(cap), out=logits), out=logits), np.float32(cap), out=logits)
+    return logits
 
