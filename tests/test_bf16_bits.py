@@ -199,3 +199,16 @@ def test_bf16_extract_command_never_imports_ml_dtypes(tiny_models, text_file, tm
             "print(a.dtype, bool((a.view('uint16') != 0).any()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["bfloat16", "True"]
+
+
+def test_widening_bits_equals_ml_dtypes_cast_for_every_pattern() -> None:
+    """bf16_bits_to_float32 (what analyses read) gives, for all 65,536 bit patterns, the float32 bits of ml_dtypes'
+    cast (NaNs keep their payload, signed zeros and infinities their sign)."""
+    import ml_dtypes
+
+    from depthcache.dtypes import bf16_bits_to_float32
+
+    bits = np.arange(2**16, dtype=np.uint16)
+    expected = bits.view(ml_dtypes.bfloat16).astype(np.float32).view(np.uint32)
+    assert np.array_equal(bf16_bits_to_float32(bits).view(np.uint32), expected)
+    assert bf16_bits_to_float32(np.asarray(np.uint16(0x3F80)))[()] == 1.0

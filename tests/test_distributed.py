@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import numpy as np
 import pytest
 from conftest import write_documents
@@ -26,7 +29,11 @@ def store(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_process_cluster_matches_default_scheduler(store, tmp_path):
     names = ("contributions", "logit-lens", "residual-norms")
     local = {name: run(name, store, results_dir=str(tmp_path / "local")) for name in names}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    # LocalCluster sets OMP/MKL/OPENBLAS_NUM_THREADS=1 in this process's environment and leaves them: later tests'
+    # subprocesses would then compute with one thread and round differently from the in-process runs they are
+    # compared with
+    with mock.patch.dict(os.environ), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = {name: run(name, store, scheduler_address=cluster.scheduler_address,
                             results_dir=str(tmp_path / "remote")) for name in names}
     for name in names:

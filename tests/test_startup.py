@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def modules_after(code: str) -> set[str]:
     """Top-level modules imported by a fresh interpreter running ``code``."""
@@ -39,14 +41,15 @@ def cli_modules(args: list[str]) -> set[str]:
     return set(out.split("MODULES", 1)[1].split())
 
 
-def test_analyze_command_imports_only_what_it_computes_with(tmp_path, tiny_models) -> None:
-    """`analyze contributions` on a float32 store: no plotting, scipy, model or bf16 libraries, no other analysis;
-    the result is the same as the library's."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_analyze_command_imports_only_what_it_computes_with(dtype, tmp_path, tiny_models) -> None:
+    """`analyze contributions`: no plotting, scipy, model or bf16 libraries (a bf16 store is widened by bit shift),
+    no other analysis; the result is the same as the library's."""
     from test_analyses import make_store
 
     from depthcache.analyze import run
 
-    store = make_store(tmp_path, tiny_models["llama"], "float32")
+    store = make_store(tmp_path, tiny_models["llama"], dtype)
     modules = cli_modules(["analyze", "contributions", str(store), "--force", "--results", str(tmp_path / "r")])
     loaded = {name.split(".")[0] for name in modules}
     assert "dask" in loaded and "xarray" in loaded
@@ -58,13 +61,15 @@ def test_analyze_command_imports_only_what_it_computes_with(tmp_path, tiny_model
     assert cached.equals(fresh)
 
 
-def test_bfloat16_is_loaded_when_a_store_holds_it(tmp_path, tiny_models) -> None:
-    """A bf16 store still reads (ml_dtypes is imported when its first bf16 array is decoded)."""
+def test_bfloat16_reaches_analyses_as_exact_float32_and_users_as_bfloat16(tmp_path, tiny_models) -> None:
+    """Analyses read a bf16 store as float32 without ml_dtypes; ``depthcache.open`` gives ml_dtypes bfloat16 whose
+    float32 cast is bit for bit what the analyses read."""
     from test_analyses import make_store
 
     store = make_store(tmp_path, tiny_models["llama"], "bfloat16")
-    code = ("import sys\nfrom depthcache.store.reader import Store\n"
-            f"s = Store({str(store)!r})\nassert 'ml_dtypes' not in sys.modules\n"
-            "x = s.ds.resid_pre.values\nprint(x.dtype, 'ml_dtypes' in sys.modules)")
+    code = ("import sys\nimport numpy as np\nfrom depthcache.store.reader import Store\n"
+            f"s = Store({str(store)!r})\nx = s.ds.resid_pre.values\nloaded = 'ml_dtypes' in sys.modules\n"
+            f"import depthcache\ny = depthcache.open({str(store)!r}).resid_pre.values\n"
+            "print(x.dtype, loaded, y.dtype, np.array_equal(x.view(np.uint32), y.astype(np.float32).view(np.uint32)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["bfloat16", "True"]
+    assert out.split() == ["float32", "False", "bfloat16", "True"]

@@ -8,7 +8,6 @@ files a bf16 array gives, without ml_dtypes (a second or more of start-up) ever 
 from __future__ import annotations
 
 import errno
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,48 +15,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.array import AsyncArray
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.metadata import ArrayV3Metadata
-from zarr.core.sync import sync
 
-from depthcache.dtypes import BFloat16Bits, is_bfloat16
+from depthcache.dtypes import is_bfloat16
 from depthcache.errors import DepthcacheError
+from depthcache.store.arrays import array_documents, holds_bits, open_array
 from depthcache.store.io import fsync_path, local_root
-
-METADATA = "zarr.json"
-
-
-async def _documents(group: zarr.Group) -> dict[str, dict[str, Any]]:
-    children = [key async for key in group.store.list_dir(group.path) if key != METADATA]
-    found = {}
-    for name in children:
-        raw = await (group.store_path / name / METADATA).get(prototype=default_buffer_prototype())
-        if raw is not None:
-            found[name] = json.loads(raw.to_bytes())
-    return found
-
-
-def array_documents(group: zarr.Group) -> dict[str, dict[str, Any]]:
-    """Name → zarr.json document of every array directly in ``group``, read as JSON through the group's store (local
-    or remote): zarr's metadata objects of a bf16 array would import ml_dtypes."""
-    return {name: doc for name, doc in sync(_documents(group)).items() if doc.get("node_type") == "array"}
-
-
-def writable_array(group: zarr.Group, name: str, document: dict[str, Any]) -> zarr.Array:
-    """Array ``name`` of ``group`` (its zarr.json ``document``) for the writer, every chunk written even if it equals
-    the fill value (so a committed chunk always exists); a bfloat16 array as ``BFloat16Bits`` (uint16 values)."""
-    config = {"write_empty_chunks": True}
-    if document.get("data_type") != "bfloat16":
-        return group[name].with_config(config)
-    bits = BFloat16Bits()
-    metadata = ArrayV3Metadata(
-        shape=document["shape"], data_type=bits, chunk_grid=document["chunk_grid"],
-        chunk_key_encoding=document["chunk_key_encoding"],
-        fill_value=bits.from_json_scalar(document["fill_value"], zarr_format=3), codecs=document["codecs"],
-        attributes=document.get("attributes"), dimension_names=document.get("dimension_names"),
-        storage_transformers=document.get("storage_transformers"))
-    return zarr.Array(AsyncArray(metadata, store_path=group.store_path / name, config=config))
 
 
 def token_axis(array: zarr.Array) -> int:
@@ -109,7 +71,8 @@ class ChunkWriter:
             raise ValueError(f"resume point {start} is not on a chunk boundary")
         documents = array_documents(group)
         names = [n for n in documents if n != "layer"] if names is None else names
-        self.arrays = {name: writable_array(group, name, documents[name]) for name in names}
+        # every chunk written even if it equals the fill value, so a committed chunk always exists
+        self.arrays = {name: open_array(group, name, documents[name], {"write_empty_chunks": True}) for name in names}
         self.chunk_tokens, self.n_tokens, self.commit = chunk_tokens, n_tokens, commit
         self.chunk_start, self.filled = start, 0
         self.buffers = {name: np.empty(self._buffer_shape(a), dtype=a.dtype) for name, a in self.arrays.items()}
@@ -148,7 +111,7 @@ class ChunkWriter:
     def _stored(self, name: str, values: np.ndarray) -> np.ndarray:
         """``values`` as array ``name`` holds them: a bf16 array takes uint16 bit patterns or ml_dtypes bfloat16
         (viewed as its bits); anything else would be cast by value, so it is refused."""
-        if not isinstance(self.arrays[name].metadata.data_type, BFloat16Bits) or values.dtype == np.uint16:
+        if not holds_bits(self.arrays[name]) or values.dtype == np.uint16:
             return values
         if is_bfloat16(values.dtype):
             return values.view(np.uint16)

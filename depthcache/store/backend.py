@@ -41,7 +41,7 @@ def open_store(location: str | os.PathLike[str], run: str | None = None, *, floa
     ``float32`` casts bf16/f16 activations for arithmetic, ``token_text`` adds the decoded ``token_text`` and
     ``next_token_text`` coordinates, ``load_coords`` reads the per-token coordinates into memory (4 bytes per
     token each) so ``groupby("position")`` works; activations stay lazy."""
-    store = Store(str(location), dict(storage_options or {}))
+    store = Store(str(location), dict(storage_options or {}), bfloat16_as="bfloat16")
     ds = store.run(run) if run else store.ds
     ds = ds.set_coords([name for name in COORDINATES if name in ds.variables])
     if load_coords:

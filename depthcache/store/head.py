@@ -193,10 +193,10 @@ def head_problems(root: zarr.Group, attrs: dict[str, Any], chunks: Mapping[str, 
     """Problems of the model head and tokenizer files: presence, shapes, chunking, crc32c codec and every chunk
     written (schema >= 1.3; older heads get a note); with ``read``, every chunk decoded and checksummed, values
     finite and the tokenizer's sha256 equal to the one recorded at extraction."""
-    if MODEL_GROUP not in root.group_keys():
+    model = root.get(MODEL_GROUP)  # reads model/zarr.json only (group_keys would parse every member's)
+    if not isinstance(model, zarr.Group):
         problems.add("the model/ group (final norm, unembedding, tokenizer) is missing")
         return
-    model = root[MODEL_GROUP]
     current = every_chunk_written(attrs)
     if not current:
         problems.note(UNCHECKSUMMED_NOTE)

@@ -6,15 +6,20 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import dask.array as da
+import numpy as np
 import xarray as xr
 import zarr
+from dask.base import tokenize
 
+from depthcache.dtypes import bf16_bits_to_float32, bfloat16
 from depthcache.errors import DepthcacheError
+from depthcache.store.arrays import holds_bits, open_arrays
 from depthcache.store.head import read_head
 from depthcache.store.identity import identity
 from depthcache.store.io import open_group
@@ -30,6 +35,7 @@ class Store:
 
     location: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    bfloat16_as: str = "float32"  # bf16 activations as exact float32 (analyses) or ml_dtypes bfloat16 (users)
     runs_read: bool = field(default=False, init=False, repr=False, compare=False)  # set when runs are looked at
 
     @cached_property
@@ -45,14 +51,14 @@ class Store:
     @cached_property
     def ds(self) -> xr.Dataset:
         """The baseline run as a lazy dataset (committed tokens only), from the group checked once by ``attrs``."""
-        return lazy_dataset(self.group, self.attrs)
+        return lazy_dataset(self.group, self.attrs, self.bfloat16_as)
 
     def run(self, name: str) -> xr.Dataset:
         """An intervention run stored under ``runs/<name>`` as a lazy dataset (its own attributes checked)."""
         if name not in self.runs():
             raise DepthcacheError(f"{self.location} has no run {name!r}; runs: {', '.join(self.runs()) or 'none'}")
         group = self.group["runs"][name]
-        return lazy_dataset(group, check_store(group))
+        return lazy_dataset(group, check_store(group), self.bfloat16_as)
 
     def runs(self) -> list[str]:
         """Names of the intervention runs in the store (noted in ``runs_read``: results then depend on them)."""
@@ -91,20 +97,64 @@ def natural_sorted(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
 
 
-def lazy_dataset(group: zarr.Group, attrs: dict[str, Any]) -> xr.Dataset:
-    """A checked group as a lazy xarray Dataset backed by dask arrays, cut to its committed tokens before the dask
-    graph is built: the graph covers only committed chunks (which exist), whatever the metadata claims."""
-    ds = xr.open_dataset(group.store, group=group.path or None, engine="zarr", consolidated=False, chunks=None,
-                         cache=False)
-    ds.attrs = {ATTRS_KEY: attrs}
+@dataclass(frozen=True)
+class Committed:
+    """The committed tokens of a store array as dask reads them, each block converted on read."""
+
+    array: zarr.Array
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    convert: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.convert(self.array[key])
+
+
+def view_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns as ml_dtypes bfloat16 values (no copy)."""
+    return bits.view(bfloat16())
+
+
+def lazy_variable(array: zarr.Array, name: str, committed: int, chunk_tokens: int, bfloat16_as: str,
+                  key: str) -> tuple[tuple[str, ...], da.Array | np.ndarray]:
+    """(dims, dask array) of one checked store array, cut to its committed tokens before the graph is built, in
+    chunks of ``chunk_tokens`` along tokens (whole along the other dims, as stored)."""
+    dims = tuple(array.metadata.dimension_names)
+    shape = tuple(min(committed, n) if d == "token" else n for d, n in zip(dims, array.shape))
+    dtype, convert = array.dtype, np.asarray
+    if holds_bits(array):
+        dtype, convert = ((np.dtype(np.float32), bf16_bits_to_float32) if bfloat16_as == "float32"
+                          else (bfloat16(), view_bfloat16))
+    if dims == (name,):  # an index coordinate (layer): read now, as xarray would to build its index
+        return dims, convert(array[:shape[0]])
+    chunks = tuple(chunk_tokens if d == "token" else n for d, n in zip(dims, shape))
+    data = da.from_array(Committed(array, shape, dtype, convert), chunks=chunks, name=f"{name}-{key}", lock=False,
+                         asarray=True, meta=np.empty((0,) * len(shape), dtype))
+    return dims, data
+
+
+def lazy_dataset(group: zarr.Group, attrs: dict[str, Any], bfloat16_as: str = "float32") -> xr.Dataset:
+    """A checked group as a lazy xarray Dataset of dask arrays over its committed tokens only (whatever the metadata
+    claims, the graph covers committed chunks, which exist). bfloat16 arrays come as float32 (``bfloat16_as=
+    "float32"``: widened exactly, block by block, ml_dtypes never imported; what analyses read) or as ml_dtypes
+    bfloat16 (``"bfloat16"``: what users open)."""
+    if bfloat16_as not in ("float32", "bfloat16"):
+        raise ValueError(f"bfloat16_as must be 'float32' or 'bfloat16', not {bfloat16_as!r}")
     committed = int(attrs["progress"]["tokens_committed"])
-    if "token" in ds.dims and committed < ds.sizes["token"]:
-        ds = ds.isel(token=slice(0, committed))
-    return ds.chunk({"token": int(attrs["layout"]["chunk_tokens"])} if "token" in ds.dims else {})
+    chunk_tokens = int(attrs["layout"]["chunk_tokens"])
+    key = tokenize(str(group.store), group.path, committed, attrs.get("created"), bfloat16_as)
+    ds = xr.Dataset({name: lazy_variable(array, name, committed, chunk_tokens, bfloat16_as, key)
+                     for name, array in sorted(open_arrays(group).items())})
+    ds.attrs = {ATTRS_KEY: attrs}
+    return ds
 
 
 def open_dataset(location: str | os.PathLike[str], group: str | None = None,
                  storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Open a store (or a run inside it) lazily as an xarray Dataset backed by dask arrays, checked once."""
     zgroup = open_group(location, "r", path=group, storage_options=storage_options)
-    return lazy_dataset(zgroup, check_store(zgroup))
+    return lazy_dataset(zgroup, check_store(zgroup), bfloat16_as="bfloat16")

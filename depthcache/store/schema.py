@@ -18,6 +18,7 @@ import jsonschema
 import numpy as np
 import zarr
 
+from depthcache.dtypes import bf16_bits_to_float32
 from depthcache.errors import DepthcacheError
 from depthcache.limits import (
     MAX_CHUNK_BYTES,
@@ -28,6 +29,7 @@ from depthcache.limits import (
     MAX_RESULT_BYTES,
     max_object_bytes,
 )
+from depthcache.store.arrays import holds_bits, open_arrays
 from depthcache.store.head import head_problems
 from depthcache.store.io import (
     METADATA,
@@ -235,7 +237,7 @@ def store_problems(group: zarr.Group, attrs: dict[str, Any], objects: Mapping[st
     object_problems(objects, problems)
     if problems:
         return
-    arrays = dict(group.arrays())  # each zarr.json read once (every read is a request on object storage)
+    arrays = open_arrays(group)  # each zarr.json read once; bf16 as bit patterns (no ml_dtypes)
     for name, array in arrays.items():  # before xarray copies attributes recursively
         if json_depth(array.metadata.attributes) > MAX_JSON_DEPTH:
             problems.add(f"array {name!r} has attributes nested more than {MAX_JSON_DEPTH} levels deep")
@@ -292,6 +294,8 @@ def read_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], toke
                              f"{type(exc).__name__}: {shorten(str(exc))}", key)
                 continue
             problems.count_read("activation and token chunks (crc32c)")
+            if holds_bits(array):
+                values = bf16_bits_to_float32(values)
             if values.dtype.kind == "f" and name != "next_logprob" and not np.isfinite(values.astype(np.float32)).all():
                 problems.add(f"array {name!r} token chunk {index}: non-finite values", key)
 
@@ -299,7 +303,7 @@ def read_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], toke
 def chunk_problems(group: zarr.Group, names: list[str], tokens: int) -> list[str]:
     """Read every committed chunk of the named arrays; report those whose bytes fail to decode or checksum."""
     problems = Problems()
-    read_chunk_problems(dict(group.arrays()), names, tokens, problems)
+    read_chunk_problems(open_arrays(group), names, tokens, problems)
     return problems.report()
 
 
