@@ -8,13 +8,14 @@ ready for arithmetic. All load lazily, so ``import depthcache`` stays cheap for 
 
 from typing import Any
 
-from depthcache.codecs import register_bounded_zstd
+from depthcache.codecs import register_bounded_zstd, register_checked_sharding
 from depthcache.dtypes import register_bfloat16
 
 register_bfloat16()
 register_bounded_zstd()
+register_checked_sharding()
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {"open": ("depthcache.store.backend", "open_store"), "as_float32": ("depthcache.store.backend", "as_float32"),
          "extract": ("depthcache.extraction.api", "extract")}

@@ -119,9 +119,13 @@ def main() -> None:
               help="Compress activation chunks with zstd at this level (default: checksum only; zstd 1 saves ~20% "
                    "of bf16's bytes for more CPU time than writing them takes on most machines).")
 @click.option("--top-k", default=20, show_default=True, type=int, help="Top-k final log-probs kept per token.")
+@click.option("--shard-mib", default=256, show_default=True, type=click.IntRange(1, 1024),
+              help="Target size of one shard, the object holding all layers of a run of tokens (schema 2.0: one "
+                   "inner chunk per layer, so a layer is read alone). Written whole from memory (one buffer per "
+                   "array); 128 or more keeps every array at most one object per 128 MiB.")
 @click.option("--chunk-tokens", default=None, type=int,
-              help="Tokens per chunk (default: the largest power of two keeping a chunk of all layers ≤ 32 MiB, "
-                   "at most the store's tokens).")
+              help="Tokens per shard (default: the largest power of two within --shard-mib, at most the store's "
+                   "tokens); tests and experiments only.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction into --out (options must match).")
 @click.option("--num-workers", type=int, default=None,
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
@@ -400,7 +404,24 @@ def locate_options(command: Any) -> Any:
         click.option("--layers", default="all", show_default=True, help="Layers to map, e.g. 'all', '0-5,20'."),
         click.option("--resume", is_flag=True,
                      help="Continue an interrupted run from OUT.partial (each finished layer is saved there)."),
+        click.option("--final-residual/--no-final-residual", default=None,
+                     help="Also map the final residual (after the last layer, before the final norm) as row L, as the "
+                          "paper does. [default: no; yes with --paper]"),
+        click.option("--paper", is_flag=True,
+                     help="Take the paper's choice for every option of the measure left unset (docs/analyses.md, "
+                          "'Ours and the paper's'); the plan line printed first says which."),
         model_options(batch_size=64, unit="Sequences (erase: erased positions; igrad: points on the path)"))(command)
+
+
+def run_locate(kind: str, kw: dict[str, Any]) -> Any:
+    """Print the plan (the measure's choices), then compute and write the ``kind`` map."""
+    from depthcache.locate import LocateOptions, locate
+    from depthcache.locate.run import check_options, plan
+
+    opts = LocateOptions(**kw)
+    check_options(kind, opts)
+    click.echo(plan(kind, opts), err=True)
+    return locate(kind, opts)
 
 
 @main.command()
@@ -410,37 +431,55 @@ def locate_options(command: Any) -> Any:
                    "(default: the mean over --reference-windows windows of pydoc-topics).")
 @click.option("--reference-windows", default=8, show_default=True, type=int,
               help="Without --reference: 128-token pydoc-topics windows averaged for the mean residual.")
+@click.option("--measure", type=click.Choice(["answer-prob", "distribution-l2"]), default=None,
+              help="answer-prob: max over answer tokens of |change of its probability|; distribution-l2 (the "
+                   "paper's): max over the positions predicting them of the L2 distance between the whole next-token "
+                   "distributions. [default: answer-prob; distribution-l2 with --paper]")
+@click.option("--include-first/--exclude-first", default=None,
+              help="Include position 0 (the attention sink, an outlier norm) in the mean residual, as the paper "
+                   "does. [default: exclude; include with --paper]")
 def erase(**kw: Any) -> None:
-    """Residual erasure: replace each (layer, position) residual by the layer's mean, record max |Δ p(answer)|."""
-    from depthcache.locate import LocateOptions, locate
-
-    ds = locate("erasure", LocateOptions(**kw))
+    """Residual erasure: replace each (layer, position) residual by the layer's mean, record how the output changes
+    (max |Δ p(answer)|, or the paper's L2 distance of the distributions)."""
+    ds = run_locate("erasure", kw)
     click.echo(f"{kw['out']}: erasure map, {ds.sizes['layer']} layers x {ds.sizes['position']} positions"
                + (f" x {ds.sizes['item']} items" if "item" in ds.dims else ""))
 
 
 @main.command()
 @locate_options
-@click.option("--steps", default=64, show_default=True, type=int,
-              help="Equal trapezoid intervals each layer's path integral starts from (steps + 1 points, evaluated "
-                   "--batch-size at a time in one forward/backward pass), before adaptive refinement.")
+@click.option("--steps", default=None, type=int,
+              help="Equal intervals of each layer's path integral (steps + 1 points, evaluated --batch-size at a time "
+                   "in one forward/backward pass): where adaptive refinement starts, or the left Riemann sum's count. "
+                   "[default: 64; 256 with --paper]")
 @click.option("--tolerance", default=0.01, show_default=True, type=float,
               help="Bisect the intervals with the largest completeness error until |sum(attribution) - (f(h) - "
                    "f(baseline))| is at most this times max(|f(h) - f(baseline)|, 0.01).")
 @click.option("--max-steps", default=4096, show_default=True, type=int,
               help="Most intervals per layer after refinement (= --steps: no refinement).")
+@click.option("--rule", type=click.Choice(["adaptive-trapezoid", "left-riemann"]), default=None,
+              help="adaptive-trapezoid: trapezoids refined until --tolerance holds; left-riemann (the paper's): the "
+                   "derivative at the left end of each of --steps equal intervals, no refinement (--tolerance and "
+                   "--max-steps unused). [default: adaptive-trapezoid; left-riemann with --paper]")
+@click.option("--baseline-positions", type=click.Choice(["prompt", "sequence"]), default=None,
+              help="The baseline is the layer's mean over these positions, put at every position: the prompt's, or "
+                   "the whole sequence's (prompt + every answer token, the paper's). "
+                   "[default: prompt; sequence with --paper]")
+@click.option("--site", type=click.Choice(["resid", "attn", "mlp"]), default="resid", show_default=True,
+              help="What is interpolated and attributed: the residual entering each layer, or what the layer's "
+                   "attention or MLP adds to it (the paper shows all three).")
 def igrad(**kw: Any) -> None:
-    """Integrated gradients on the residual at every (layer, position), with a completeness check per layer."""
-    from depthcache.locate import LocateOptions, locate
+    """Integrated gradients at every (layer, position) of the residual (or the attention or MLP outputs), with a
+    completeness check per layer."""
     from depthcache.locate.igrad import completeness_error
 
-    ds = locate("igrad", LocateOptions(**kw))
+    ds = run_locate("igrad", kw)
     error = completeness_error(ds)
     click.echo(f"{kw['out']}: igrad map, {ds.sizes['layer']} layers x {ds.sizes['position']} positions"
                + (f" x {ds.sizes['item']} items" if "item" in ds.dims else "")
                + f"; {int(ds.intervals.min())}-{int(ds.intervals.max())} intervals per layer; completeness: max "
                f"|sum(attribution) - (f(h) - f(baseline))| / max(|f(h) - f(baseline)|, 0.01) = {error:.3g}")
-    if error > kw["tolerance"]:
+    if error > kw["tolerance"] and ds.attrs["depthcache_map"]["rule"] == "adaptive-trapezoid":
         click.echo(f"warning: completeness {error:.3g} is above --tolerance {kw['tolerance']} where --max-steps "
                    f"{kw['max_steps']} was reached; raise --max-steps before reading magnitudes there", err=True)
 

@@ -15,7 +15,7 @@ from test_startup import cli_modules
 from depthcache import dtypes
 from depthcache.extraction import engine
 from depthcache.extraction.engine import ExtractOptions, extract
-from depthcache.extraction.writer import ChunkWriter, along, chunk_file, fsync_chunk, token_axis
+from depthcache.extraction.writer import ChunkWriter, along, fsync_chunk, object_file, token_axis
 from depthcache.store import layout as layout_module
 from depthcache.store.layout import StoreLayout, create_arrays
 
@@ -30,14 +30,14 @@ class ZarrCastWriter(ChunkWriter):
         super().__init__(group, *args, **kwargs)
         self.zarr_arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in self.arrays}
 
-    def _write(self, name: str, stop: int, chunk_index: int) -> None:
+    def _write(self, name: str, stop: int) -> None:
         array, buffer = self.zarr_arrays[name], self.buffers[name]
         if buffer.dtype == np.uint16:
             buffer = buffer.view(dtypes.bfloat16())
         axis = token_axis(array)
         array[along(axis, array.ndim, self.chunk_start, stop)] = buffer[along(axis, array.ndim, 0, self.filled)]
         if self.folder is not None:
-            fsync_chunk(self.folder / name, chunk_file(array, chunk_index))
+            fsync_chunk(self.folder / name, object_file(array, self.chunk_start))
 
 
 def create_as_before(patch: pytest.MonkeyPatch) -> None:
@@ -73,9 +73,10 @@ def batches(dtype: str, n_layers: int, n_tokens: int, d_model: int, seed: int = 
 
 def write_store(group: zarr.Group, dtype: str, zstd: int | None, writer: type[ChunkWriter]) -> None:
     """A store of 112 tokens in chunks of 32 (the last one short, so filled with the fill value) written by
-    ``writer``."""
+    ``writer``; sharded (schema 2.0): resid_final and token_id in shards of two chunks, each written in two parts."""
     n_layers, n_tokens, d_model, chunk = 3, 112, 24, 32
-    layout = StoreLayout(n_tokens, tuple(range(n_layers)), d_model, 5, ("resid",), dtype, chunk, zstd_level=zstd)
+    layout = StoreLayout(n_tokens, tuple(range(n_layers)), d_model, 5, ("resid",), dtype, chunk, zstd_level=zstd,
+                         token_shard_tokens=2 * chunk)
     create_arrays(group, layout)
     names = ["resid_pre", "resid_final", "token_id"]
     w = writer(group, names, chunk, n_tokens, 0, lambda stop: None)

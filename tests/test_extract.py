@@ -96,7 +96,10 @@ def test_bfloat16_store_opens_with_plain_xarray(tiny_models, text_file, tmp_path
     np.testing.assert_array_equal(ds.resid_pre.values.astype(np.float32),
                                   f32.resid_pre.values.astype(ds.resid_pre.dtype).astype(np.float32))
     meta = json.loads((bf16_path / "resid_pre" / "zarr.json").read_text())
-    assert meta["data_type"] == "bfloat16" and [c["name"] for c in meta["codecs"]][-1] == "crc32c"
+    sharding = meta["codecs"][0]["configuration"]  # schema 2.0: one inner chunk per layer inside each shard
+    assert meta["data_type"] == "bfloat16" and meta["codecs"][0]["name"] == "sharding_indexed"
+    assert sharding["codecs"][-1]["name"] == "crc32c" and sharding["index_codecs"][-1]["name"] == "crc32c"
+    assert sharding["chunk_shape"][0] == 1
 
 
 def test_layer_and_site_subsets(tiny_models, text_file, tmp_path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
+from depthcache.analyze.layer_subset import select_layers
 from depthcache.analyze.reduce import scratch
 from depthcache.analyze.registry import Count, analysis
 from depthcache.store.head import apply_final_norm, output_transform
@@ -166,11 +167,13 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 
 @analysis("logit-lens", "Final norm + unembedding applied to every layer's residual: KL to the output, top-1 "
           "agreement and top-5 overlap per layer.", plot=plot)
-def logit_lens(store: Store, include_first: bool = False, max_tokens: Count | None = None) -> xr.Dataset:
-    """Per layer (and the final residual, layer L): mean KL(lens ‖ final), top-1 agreement, top-5 overlap, over
-    the first ``max_tokens`` tokens (all by default)."""
+def logit_lens(store: Store, include_first: bool = False, max_tokens: Count | None = None,
+               layers: str = "all") -> xr.Dataset:
+    """Per layer of ``layers`` (a layer spec; the final residual, layer L, always): mean KL(lens ‖ final), top-1
+    agreement, top-5 overlap, over the first ``max_tokens`` tokens (all by default)."""
     store.require("resid_pre", "resid_final")
-    ds = store.ds if max_tokens is None else store.ds.isel(token=slice(0, int(max_tokens)))
+    ds = select_layers(store.ds, layers, store.n_layers)
+    ds = ds if max_tokens is None else ds.isel(token=slice(0, int(max_tokens)))
     head = dask.delayed(store.head, pure=True)  # one graph key: shipped once to each distributed worker
     sums = da.blockwise(chunk_sums, "tsl", ds.resid_pre.data, "ltd", ds.resid_final.data, "td", ds.position.data,
                         "t", head, None, new_axes={"s": len(STATS), "l": ds.sizes["layer"] + 1},

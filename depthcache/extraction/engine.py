@@ -69,12 +69,17 @@ from depthcache.store.io import (
     write_attrs,
 )
 from depthcache.store.layout import (
+    DEFAULT_SHARD_MIB,
+    MIB,
     SCHEMA_VERSION,
+    SHARD_MIB_BOUNDS,
     SITE_ARRAYS,
     SITES,
     StoreLayout,
     choose_chunk_tokens,
+    choose_token_shard_tokens,
     create_arrays,
+    layout_units,
 )
 
 LAYERED = ("resid_pre", "attn_out", "mlp_out")
@@ -98,7 +103,8 @@ class ExtractOptions:
     batch_size: int = 8
     dtype: str = "bfloat16"
     top_k: int = 20
-    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer chunk ≤ 32 MiB (≤ tokens)
+    chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer shard ≤ shard_mib (≤ tokens)
+    shard_mib: int = DEFAULT_SHARD_MIB  # schema 2.0: target size of one all-layer shard (one object per array)
     device: str = "auto"
     resume: bool = False
     progress: bool | None = None  # None: a bar on a terminal, a line per minute elsewhere
@@ -143,6 +149,9 @@ def check_options(opts: ExtractOptions) -> None:
             raise DepthcacheError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.max_tokens is not None and opts.max_tokens < 1:
         raise DepthcacheError("--max-tokens must be at least 1")
+    low, high = SHARD_MIB_BOUNDS
+    if not low <= opts.shard_mib <= high:
+        raise DepthcacheError(f"--shard-mib must be between {low} and {high} (a shard is written whole, from memory)")
     if opts.zstd_level is not None and not 1 <= opts.zstd_level <= 22:
         raise DepthcacheError("--zstd-level must be between 1 and 22 (faster levels do not compress activations)")
 
@@ -524,15 +533,17 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
     if plan.n_tokens == 0:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
-    chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model,
-                                                            ITEMSIZES[opts.dtype], plan.n_tokens)
+    chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model, ITEMSIZES[opts.dtype],
+                                                            plan.n_tokens, opts.shard_mib * MIB)
+    token_shard = choose_token_shard_tokens(chunk_tokens, d_model, ITEMSIZES[opts.dtype], plan.n_tokens)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens, docs.details)
-    attrs["layout"]["num_workers"] = worker.count
+    attrs["layout"] |= {"token_shard_tokens": token_shard, "num_workers": worker.count}
     task = isinstance(docs, TaskDocuments)
     if task:
         attrs["dataset"] |= task_attrs(docs)
     if existing:
         compare_identity(existing, attrs, opts.out)
+        compare_layout(existing, opts, chunk_tokens)
         if existing["progress"]["complete"]:
             return existing
         attrs = existing
@@ -540,12 +551,23 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
     preflight(attrs, sizes, loaded.model.config, opts.out, device, new=existing is None)
     if not existing:
         layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task,
-                             opts.zstd_level)
+                             opts.zstd_level, token_shard)
         if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
             existing = read_attrs(open_group(opts.out, "r"))
             compare_identity(existing, attrs, opts.out)
             attrs = existing
     return run_pipeline(opts, attrs, loaded, structure, plan, device, worker)
+
+
+def compare_layout(existing: dict[str, Any], opts: ExtractOptions, chunk_tokens: int) -> None:
+    """Refuse to resume with a --chunk-tokens or --shard-mib that gives other chunks than the store's (given
+    explicitly; left out, the store's own are used)."""
+    chunk = int(existing["layout"]["chunk_tokens"])
+    given = "--chunk-tokens" if opts.chunk_tokens is not None else \
+        "--shard-mib" if opts.shard_mib != DEFAULT_SHARD_MIB else None
+    if given and chunk_tokens != chunk:
+        raise DepthcacheError(f"{given} gives {chunk_tokens:,}-token chunks, the store has {chunk:,}: its chunks are "
+                              f"fixed when it is created; leave {given} out to resume")
 
 
 def extraction_sizes(opts: ExtractOptions, attrs: dict[str, Any], plan: Plan, sites: tuple[str, ...],
@@ -572,9 +594,9 @@ def run_pipeline(opts: ExtractOptions, attrs: dict[str, Any], loaded: LoadedMode
                  device: str, worker: Worker = Worker()) -> dict[str, Any]:
     """Forward in this thread, write in a background thread, joined by a bounded queue."""
     group = open_group(opts.out, "r+")
-    chunk_tokens = int(attrs["layout"]["chunk_tokens"])
+    chunk_tokens, unit = layout_units(attrs["layout"])
     done = resume_point(worker_done_until(group, worker), chunk_tokens, plan.n_tokens)
-    todo = segments(worker, plan.n_tokens, chunk_tokens, batch_tokens(attrs), done)
+    todo = segments(worker, plan.n_tokens, unit, batch_tokens(attrs), done)
 
     def commit(stop: int) -> None:
         if worker.count > 1:

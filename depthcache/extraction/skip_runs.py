@@ -269,12 +269,22 @@ def run_attrs(base: dict[str, Any], run: SkipRun, stored: tuple[int, ...], token
     return {**base, "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": library_versions(),
             "options": {**base["options"], "sites": list(RUN_SITES), "layers": list(stored), "device": device},
-            "layout": {"n_tokens": run.draws * tokens, "n_windows": run.draws * windows,
-                       "chunk_tokens": base["layout"]["chunk_tokens"]},
+            "layout": run_layout(base, run.draws * tokens, run.draws * windows),
             "progress": {"tokens_committed": 0, "complete": False},
             "intervention": {"kind": "skip", "layers": list(run.layers), "sublayer": run.sublayer,
                              "variant": run.variant, "baseline_tokens": tokens, "draws": run.draws, "seed": skip.seed,
                              "prefix": prefix, "baseline_created": base["created"]}}
+
+
+def run_layout(base: dict[str, Any], n_tokens: int, n_windows: int) -> dict[str, Any]:
+    """A run's layout attributes: the baseline's chunks; sharded like the baseline (2.0), its token shards no longer
+    than the run."""
+    chunk = int(base["layout"]["chunk_tokens"])
+    layout = {"n_tokens": n_tokens, "n_windows": n_windows, "chunk_tokens": chunk}
+    if "token_shard_tokens" in base["layout"]:
+        shard = int(base["layout"]["token_shard_tokens"])
+        layout["token_shard_tokens"] = min(shard, -(-n_tokens // chunk) * chunk)
+    return layout
 
 
 def flat(attrs: dict[str, Any], key: str) -> Any:
@@ -310,7 +320,8 @@ def create_run(out: str, name: str, attrs: dict[str, Any]) -> None:
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         layout = StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
-                             task="task" in attrs["dataset"])
+                             task="task" in attrs["dataset"],
+                             token_shard_tokens=attrs["layout"].get("token_shard_tokens"))
         create_arrays(group, layout)
         create_array(group, "resid_final", layout)
         if attrs["intervention"]["variant"] == "future":

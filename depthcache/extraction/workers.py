@@ -15,6 +15,7 @@ import zarr
 
 from depthcache.errors import DepthcacheError
 from depthcache.store.io import read_attrs, write_attrs
+from depthcache.store.layout import layout_units
 
 PROGRESS_GROUP = "progress"
 
@@ -45,17 +46,19 @@ def worker_from_env(env: dict[str, str] | None = None) -> Worker:
     return Worker()
 
 
-def shard_chunks(chunk_tokens: int, batch_tokens: int) -> int:
-    """Chunks per shard: enough that a shard spans ~8 batches, so batches shared by two shards cost little."""
-    return max(1, -(-8 * batch_tokens // chunk_tokens))
+def shard_units(unit_tokens: int, batch_tokens: int) -> int:
+    """Units (chunks; token shards in 2.0 stores) per worker shard: enough that a shard spans ~8 batches, so
+    batches shared by two shards cost little."""
+    return max(1, -(-8 * batch_tokens // unit_tokens))
 
 
-def segments(worker: Worker, n_tokens: int, chunk_tokens: int, batch_tokens: int, done_until: int
+def segments(worker: Worker, n_tokens: int, unit_tokens: int, batch_tokens: int, done_until: int
              ) -> list[tuple[int, int]]:
-    """Token ranges [start, stop) this worker still has to write, in increasing order."""
+    """Token ranges [start, stop) this worker still has to write, in increasing order: whole units of
+    ``unit_tokens`` (``layout_units``), so no stored object has two writers."""
     if worker.count == 1:
         return [(done_until, n_tokens)] if done_until < n_tokens else []
-    shard = shard_chunks(chunk_tokens, batch_tokens) * chunk_tokens
+    shard = shard_units(unit_tokens, batch_tokens) * unit_tokens
     ranges = [(s, min(s + shard, n_tokens)) for s in range(worker.index * shard, n_tokens, worker.count * shard)]
     return [(max(a, done_until), b) for a, b in ranges if b > done_until]
 
@@ -87,9 +90,9 @@ def batch_tokens(attrs: dict[str, Any]) -> int:
 
 def unfinished_workers(root: zarr.Group, attrs: dict[str, Any], count: int) -> list[int]:
     """Indices of the workers that still have tokens to write."""
-    n, chunk = int(attrs["layout"]["n_tokens"]), int(attrs["layout"]["chunk_tokens"])
+    n, (_, unit) = int(attrs["layout"]["n_tokens"]), layout_units(attrs["layout"])
     return [i for i in range(count)
-            if segments(Worker(i, count), n, chunk, batch_tokens(attrs), worker_done_until(root, Worker(i, count)))]
+            if segments(Worker(i, count), n, unit, batch_tokens(attrs), worker_done_until(root, Worker(i, count)))]
 
 
 def finalize(root: zarr.Group, attrs: dict[str, Any], count: int) -> dict[str, Any]:

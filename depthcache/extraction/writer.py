@@ -1,5 +1,9 @@
 """Chunk buffers between the forward pass and the store: every chunk is written once, whole, then committed.
 
+In schema 2.0 a chunk of tokens is one shard object of each layered array (one inner chunk per layer) and one inner
+chunk of the longer shards of the other arrays (``resid_final``, per-token and top-k arrays), which zarr reads,
+updates and replaces atomically (a temporary file renamed), so a kill leaves the previous shard intact.
+
 bfloat16 arrays are opened as ``BFloat16Bits`` (depthcache.dtypes): the writer's buffers hold the uint16 bit
 patterns that torch's bf16 tensors are, and zarr encodes them (bytes, zstd if any, crc32c) into exactly the chunk
 files a bf16 array gives, without ml_dtypes (a second or more of start-up) ever being imported.
@@ -34,10 +38,11 @@ def along(axis: int, ndim: int, start: int, stop: int) -> tuple[slice, ...]:
     return tuple(index)
 
 
-def chunk_file(array: zarr.Array, chunk_index: int) -> str:
-    """Relative path of the chunk holding token chunk ``chunk_index`` (default '/' key encoding)."""
+def object_file(array: zarr.Array, token: int) -> str:
+    """Relative path of the object (the chunk, or in schema 2.0 the shard) holding ``token`` (default '/' keys)."""
+    axis = token_axis(array)
     grid = ["0"] * array.ndim
-    grid[token_axis(array)] = str(chunk_index)
+    grid[axis] = str(token // array.metadata.chunk_grid.chunk_shape[axis])
     return "/".join(["c", *grid])
 
 
@@ -123,9 +128,8 @@ class ChunkWriter:
         stop = self.chunk_start + self.filled
         if self.filled != self.chunk_tokens and stop != self.n_tokens:
             raise RuntimeError(f"refusing to commit a partly filled chunk (tokens {self.chunk_start}..{stop})")
-        chunk_index = self.chunk_start // self.chunk_tokens
         try:
-            list(self.pool.map(lambda name: self._write(name, stop, chunk_index), self.arrays))
+            list(self.pool.map(lambda name: self._write(name, stop), self.arrays))
             self.commit(stop)
         except OSError as exc:
             full = exc.errno == errno.ENOSPC
@@ -137,12 +141,14 @@ class ChunkWriter:
                                   for n, b in self.buffers.items())
         self.chunk_start, self.filled = stop, 0
 
-    def _write(self, name: str, stop: int, chunk_index: int) -> None:
+    def _write(self, name: str, stop: int) -> None:
+        """Write one array's buffered chunk: a whole object, or (2.0 arrays without a layer dim) the chunk's part of
+        a longer shard, which zarr reads, updates and replaces atomically."""
         array, buffer = self.arrays[name], self.buffers[name]
         axis = token_axis(array)
         array[along(axis, array.ndim, self.chunk_start, stop)] = buffer[along(axis, array.ndim, 0, self.filled)]
         if self.folder is not None:
-            fsync_chunk(self.folder / name, chunk_file(array, chunk_index))
+            fsync_chunk(self.folder / name, object_file(array, self.chunk_start))
 
     def finish(self) -> None:
         """Check that the batches ended on a chunk boundary (a partly filled chunk would be silently lost)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +24,7 @@ if TYPE_CHECKING:  # only annotations: writing a store (extract) never imports x
 
 from depthcache.errors import DepthcacheError
 from depthcache.limits import MAX_JSON_DEPTH, MAX_METADATA_BYTES
-from depthcache.store.layout import ATTRS_KEY, SCHEMA_VERSION
+from depthcache.store.layout import ATTRS_KEY, READABLE_MAJORS, SCHEMA_VERSION
 
 METADATA = "zarr.json"
 NOT_A_FILE = -1  # size given by object_listing to anything that is not a regular file (device, pipe, socket)
@@ -48,12 +51,58 @@ def open_group(location: str | os.PathLike[str], mode: str = "r", path: str | No
     except FileNotFoundError as exc:
         raise DepthcacheError(f"no depthcache store at {location}{'/' + path if path else ''}") from exc
     except PermissionError as exc:
+        if is_url(location):
+            raise access_error(location, exc) from exc
         raise DepthcacheError(f"cannot open {location}: permission denied ({exc.filename})") from exc
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
         raise DepthcacheError(f"{location} is not a Zarr v3 store ({exc})") from exc
     except (ValueError, TypeError, KeyError, RecursionError) as exc:  # malformed zarr.json of an untrusted store
         raise DepthcacheError(f"{location}: unreadable zarr metadata ({type(exc).__name__}: "
                               f"{str(exc)[:200]})") from exc
+    except Exception as exc:
+        if not is_access_failure(exc):
+            raise
+        raise access_error(location, exc) from exc
+
+
+@contextmanager
+def reaching(location: str | os.PathLike[str]) -> Iterator[None]:
+    """Inside the body, a failure to reach or read ``location`` becomes one line (``access_error``)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_access_failure(exc):
+            raise
+        raise access_error(location, exc) from exc
+
+
+NETWORK_LIBRARIES = frozenset({"aiobotocore", "aiohttp", "botocore", "s3fs", "gcsfs", "adlfs", "azure", "google",
+                               "requests", "urllib3"})
+
+
+def is_access_failure(exc: BaseException) -> bool:
+    """True for a failure to reach or read a location rather than a bug: any OSError (a symlink loop, an I/O error,
+    a refused connection, a timeout) or an error of the libraries fsspec reaches object stores with."""
+    return isinstance(exc, OSError) or any(t.__module__.split(".")[0] in NETWORK_LIBRARIES for t in type(exc).__mro__)
+
+
+def access_error(location: str | os.PathLike[str], exc: BaseException) -> DepthcacheError:
+    """One line naming ``location`` and why it cannot be reached or read (connection refused, unknown host, timeout,
+    access denied, a symlink loop), with what to check."""
+    if not is_url(location):
+        return DepthcacheError(f"cannot read {location}: {getattr(exc, 'strerror', None) or one_line(exc)}")
+    return DepthcacheError(f"cannot reach {location}: {one_line(exc)}; check the URL, the network, the credentials "
+                           "(AWS_* variables) and --storage-option endpoint_url=...")
+
+
+def one_line(exc: BaseException) -> str:
+    """'TYPE: message (underlying error)' on one line, e.g. 'EndpointConnectionError: Could not connect to the
+    endpoint URL: "http://127.0.0.1:9/b/x.zarr/zarr.json" (Cannot connect to host 127.0.0.1:9 [Connect call
+    failed])'."""
+    text = " ".join(str(exc).split())[:300] or "no message"
+    inner = getattr(exc, "kwargs", {}).get("error") or exc.__cause__  # botocore keeps the socket's error in kwargs
+    detail = " ".join(str(inner).split())[:200] if inner is not None else ""
+    return f"{type(exc).__name__}: {text}" + (f" ({detail})" if detail and detail not in text else "")
 
 
 def check_metadata_file(location: str | os.PathLike[str], path: str | None,
@@ -175,7 +224,7 @@ def read_attrs(group: zarr.Group) -> dict[str, Any]:
         raise DepthcacheError(f"{group.store} has no '{ATTRS_KEY}' attributes: not a depthcache store")
     check_json_depth(attrs, f"the '{ATTRS_KEY}' attributes of {group.store}")
     version = str(attrs.get("schema_version", ""))
-    if major(version) != major(SCHEMA_VERSION) or version_tuple(version) > version_tuple(SCHEMA_VERSION):
+    if major(version) not in READABLE_MAJORS or version_tuple(version) > version_tuple(SCHEMA_VERSION):
         raise DepthcacheError(
             f"store schema version {version!r} is newer than this depthcache understands "
             f"({SCHEMA_VERSION}); upgrade depthcache to read it")
@@ -227,7 +276,7 @@ def can_write(folder: str | os.PathLike[str]) -> bool:
 
 def require_writable(path: Path, option: str = "--out") -> Path:
     """The nearest existing folder above ``path``, checked writable (one clear error naming ``option`` if not)."""
-    parent = Path(path).resolve().parent
+    parent = resolved(path, option).parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     try:
         with tempfile.TemporaryFile(dir=existing):
@@ -235,6 +284,14 @@ def require_writable(path: Path, option: str = "--out") -> Path:
     except OSError as exc:
         raise DepthcacheError(f"cannot write to {existing} ({exc.strerror}): choose a writable {option}") from exc
     return existing
+
+
+def resolved(path: str | os.PathLike[str], option: str) -> Path:
+    """``path`` made absolute with its links followed; a symlink loop is one error naming ``option``."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Python before 3.13 on a loop
+        raise DepthcacheError(f"cannot use {path} ({exc}): choose another {option}") from exc
 
 
 def replace_atomically(staged: Path, dest: Path) -> None:
@@ -310,17 +367,63 @@ def open_result(location: Any, group: str | None = None, **kwargs: Any) -> xr.Da
 
 def write_dataset_atomically(ds: xr.Dataset, folder: Path, avoid_dims: Iterable[str] = ()) -> None:
     """Write ``ds`` as a checksummed Zarr v3 group at ``folder`` via a hidden sibling renamed into place: never
-    partial; dimensions named in ``avoid_dims`` are stored under private names (read back by ``open_result``)."""
+    partial, and every chunk written, fill values only or not (so an absent chunk always means damage); dimensions
+    named in ``avoid_dims`` are stored under private names (read back by ``open_result``)."""
     ds = with_private_dims(ds, avoid_dims)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.writing-{os.getpid()}")
+    remove_dead_writers(folder)
+    tmp = hidden_sibling(folder, "writing")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False, encoding=checksummed_encoding(ds))
-        shutil.rmtree(folder, ignore_errors=True)
-        replace_atomically(tmp, folder)
+        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False, encoding=checksummed_encoding(ds),
+                   write_empty_chunks=True)
+        publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hidden_sibling(folder: Path, role: str) -> Path:
+    """``.NAME.ROLE-PID`` beside ``folder``: this process's private folder while writing or replacing it (hidden:
+    never taken for a result)."""
+    return folder.with_name(f".{folder.name}.{role}-{os.getpid()}")
+
+
+def remove_dead_writers(folder: Path) -> None:
+    """Remove the hidden siblings of ``folder`` left by processes of this machine that died (kill -9) mid-write."""
+    for sibling in folder.parent.glob(f".{glob.escape(folder.name)}.*-*"):
+        pid = sibling.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """True if a process with this id runs on this machine (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(staged: Path, folder: Path) -> None:
+    """Move a fully written folder to ``folder`` in one rename, the previous one first moved aside whole (never half
+    deleted); when a concurrent writer publishes ``folder`` in between, its copy (of the same inputs) is kept and
+    ``staged`` dropped by the caller: neither writer fails."""
+    old = hidden_sibling(folder, "replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(folder, old)
+    except FileNotFoundError:
+        pass
+    try:
+        replace_atomically(staged, folder)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 

@@ -15,9 +15,15 @@ Layout (schema 1.x, documented in docs/store-format.md and schemas/):
       runs/<name>/              intervention runs (same arrays over a token subset)
       analyses/<name>/<key>/    cached analysis results, one per parameter set (depthcache.store.results)
 
-Every array is chunked along tokens in chunks of ``chunk_tokens`` (all layers of a token range in one
+Schema 1.x chunks every array along tokens in chunks of ``chunk_tokens`` (all layers of a token range in one
 chunk), each chunk written exactly once and whole, and checksummed with crc32c; since schema 1.3 so is every array
 of ``model/`` (in chunks of whole rows) and every cached result.
+
+Schema 2.0 shards (Zarr v3 ``sharding_indexed``): an activation array with a layer dimension is one shard object per
+``chunk_tokens`` tokens (all layers, written once and whole) holding one inner chunk per layer, so one layer is read
+without the others; the arrays without a layer dimension (``resid_final``, the per-token and top-k arrays) hold
+``token_shard_tokens`` tokens per shard in inner chunks of ``chunk_tokens``, so no array has more objects than its
+bytes / 128 MiB + 1. Every inner chunk ends with its crc32c and so does every shard index.
 """
 
 from __future__ import annotations
@@ -32,13 +38,19 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from depthcache.dtypes import BFloat16Bits
 
-SCHEMA_VERSION = "1.3"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure,
-# model head and tokenizer files checksummed (crc32c) and every chunk written, string lengths capped, limits
+SCHEMA_VERSION = "2.0"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure,
+# model head and tokenizer files checksummed (crc32c) and every chunk written, string lengths capped, limits;
+# 2.0: sharded arrays (one inner chunk per layer, long shards for the token arrays)
+READABLE_MAJORS = ("1", "2")  # 1.x stores open and analyse unchanged
 CHECKSUMMED_HEAD = (1, 3)  # the first schema version whose model/ arrays carry crc32c
 ATTRS_KEY = "depthcache"
 SITES = ("resid", "attn", "mlp")
 ROOT_DIMS = ("layer", "token", "d_model", "k")  # results stored inside a store rename these (io.with_private_dims)
-TARGET_CHUNK_BYTES = 32 * 2**20
+TARGET_CHUNK_BYTES = 32 * 2**20  # schema 1.x: one all-layer chunk
+MIB = 2**20
+DEFAULT_SHARD_MIB = 256  # schema 2.0: one all-layer shard (--shard-mib); the largest power of two of tokens within it
+SHARD_MIB_BOUNDS = (1, 1024)  # below 128 a store has more objects than bytes / 128 MiB; 1024: the chunk-size limit
+TOKEN_SHARD_BYTES = 128 * MIB  # schema 2.0: least bytes of a resid_final shard (when the store is that long)
 MIN_CHUNK_TOKENS = 16
 
 
@@ -101,16 +113,22 @@ def activation_compressors(zstd_level: int | None) -> list[Any]:
 
 
 def create_array(group: zarr.Group, name: str, layout: StoreLayout) -> None:
-    """Create one empty array of the table in ``group``: shape from ``layout``, chunks along tokens, checksummed."""
+    """Create one empty array of the table in ``group``: shape from ``layout``, chunks along tokens (sharded in
+    schema 2.0), every chunk checksummed."""
     spec = ARRAYS[name]
     shape = array_shape(name, layout.n_tokens, len(layout.layers), layout.d_model, layout.top_k)
     chunks = tuple(layout.chunk_tokens if d == "token" else n for d, n in zip(spec.dims, shape))
+    shards = None
+    if layout.token_shard_tokens is not None:  # 2.0: one inner chunk per layer, a shard per write (or K writes)
+        chunks = tuple(1 if d == "layer" else n for d, n in zip(spec.dims, chunks))
+        long = "layer" not in spec.dims
+        shards = tuple((layout.token_shard_tokens if long else layout.chunk_tokens) if d == "token" else n
+                       for d, n in zip(spec.dims, shape))
     dtype = array_dtype(name, layout.dtype)
     codecs = activation_compressors(layout.zstd_level) if spec.dtype == "activation" else compressors("int32")
     zdtype = BFloat16Bits() if dtype == "bfloat16" else dtype  # bf16's metadata made without ml_dtypes, same JSON
-    group.create_array(name, shape=shape, chunks=chunks, dtype=zdtype, fill_value=0,
+    group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=zdtype, fill_value=0,
                        compressors=codecs, dimension_names=spec.dims)
-
 
 
 @dataclass(frozen=True)
@@ -126,20 +144,37 @@ class StoreLayout:
     chunk_tokens: int
     task: bool = False  # a task store (schema 1.2): also the per-token arrays TASK_ARRAYS
     zstd_level: int | None = None  # activations: crc32c only (None), or zstd at this level first
+    token_shard_tokens: int | None = None  # 2.0: tokens per shard of the arrays without a layer dim (None: 1.x)
 
     def activation_arrays(self) -> dict[str, tuple[str, ...]]:
         """Name → dimension names of each activation array this layout stores."""
         return {name: ARRAYS[name].dims for site in self.sites for name in SITE_ARRAYS[site]}
 
 
-def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int, n_tokens: int | None = None) -> int:
-    """Largest power of two of tokens whose all-layer chunk stays within TARGET_CHUNK_BYTES, and never more than
-    the store's ``n_tokens`` (a chunk longer than the store would only store fill values)."""
+def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int, n_tokens: int | None = None,
+                        target_bytes: int = TARGET_CHUNK_BYTES) -> int:
+    """Largest power of two of tokens whose all-layer chunk (2.0: shard) stays within ``target_bytes``, and never
+    more than the store's ``n_tokens`` (a chunk longer than the store would only store fill values)."""
     per_token = max(n_layers, 1) * d_model * itemsize
     tokens = MIN_CHUNK_TOKENS
-    while tokens * 2 * per_token <= TARGET_CHUNK_BYTES:
+    while tokens * 2 * per_token <= target_bytes:
         tokens *= 2
     return tokens if n_tokens is None else max(1, min(tokens, n_tokens))
+
+
+def choose_token_shard_tokens(chunk_tokens: int, d_model: int, itemsize: int, n_tokens: int) -> int:
+    """Tokens per shard of the arrays without a layer dimension (2.0): whole chunks, enough that a ``resid_final``
+    shard holds at least TOKEN_SHARD_BYTES, and no more chunks than the store has."""
+    per_chunk = chunk_tokens * d_model * itemsize
+    chunks = min(-(-TOKEN_SHARD_BYTES // per_chunk), -(-n_tokens // chunk_tokens))
+    return max(1, chunks) * chunk_tokens
+
+
+def layout_units(layout: dict[str, Any]) -> tuple[int, int]:
+    """(chunk_tokens, worker unit) of a store's ``layout`` attributes: every write covers whole chunks, and a
+    worker owns whole token shards (2.0; in 1.x stores the chunk)."""
+    chunk = int(layout["chunk_tokens"])
+    return chunk, int(layout.get("token_shard_tokens", chunk))
 
 
 def compressors(dtype: str) -> list[Any]:

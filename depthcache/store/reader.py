@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +28,7 @@ from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS
 from depthcache.store.schema import check_store
 
 SITE_OF_ARRAY = {name: site for site, names in SITE_ARRAYS.items() for name in names}
+BLOCK_BYTES = 128 * 2**20  # a dask block of a sharded array, as read (float32 for bf16 stores)
 
 
 @dataclass
@@ -122,7 +124,7 @@ def view_bfloat16(bits: np.ndarray) -> np.ndarray:
 def lazy_variable(array: zarr.Array, name: str, committed: int, chunk_tokens: int, bfloat16_as: str,
                   key: str) -> tuple[tuple[str, ...], da.Array | np.ndarray]:
     """(dims, dask array) of one checked store array, cut to its committed tokens before the graph is built, in
-    chunks of ``chunk_tokens`` along tokens (whole along the other dims, as stored)."""
+    blocks of ``chunk_tokens`` along tokens (see ``block_shape``)."""
     dims = tuple(array.metadata.dimension_names)
     shape = tuple(min(committed, n) if d == "token" else n for d, n in zip(dims, array.shape))
     dtype, convert = array.dtype, np.asarray
@@ -131,10 +133,24 @@ def lazy_variable(array: zarr.Array, name: str, committed: int, chunk_tokens: in
                           else (bfloat16(), view_bfloat16))
     if dims == (name,):  # an index coordinate (layer): read now, as xarray would to build its index
         return dims, convert(array[:shape[0]])
-    chunks = tuple(chunk_tokens if d == "token" else n for d, n in zip(dims, shape))
+    chunks = block_shape(array, dims, shape, chunk_tokens, np.dtype(dtype).itemsize)
     data = da.from_array(Committed(array, shape, dtype, convert), chunks=chunks, name=f"{name}-{key}", lock=False,
                          asarray=True, meta=np.empty((0,) * len(shape), dtype))
     return dims, data
+
+
+def block_shape(array: zarr.Array, dims: tuple[str, ...], shape: tuple[int, ...], chunk_tokens: int,
+                itemsize: int) -> tuple[int, ...]:
+    """Dask blocks of ``chunk_tokens`` tokens, whole along every other dim but ``layer`` of a sharded (2.0) array,
+    which is split evenly into blocks of at most BLOCK_BYTES as read (a whole 2.0 chunk holds ~256 MiB as stored):
+    each block reads its layers' inner chunks, and a block cut to one layer reads one inner chunk."""
+    blocks = [chunk_tokens if d == "token" else n for d, n in zip(dims, shape)]
+    if array.shards and "layer" in dims:
+        axis = dims.index("layer")
+        per_layer = chunk_tokens * math.prod(n for d, n in zip(dims, shape) if d not in ("layer", "token")) * itemsize
+        groups = -(-shape[axis] // max(1, BLOCK_BYTES // per_layer))
+        blocks[axis] = max(1, -(-shape[axis] // max(1, groups)))
+    return tuple(blocks)
 
 
 def lazy_dataset(group: zarr.Group, attrs: dict[str, Any], bfloat16_as: str = "float32") -> xr.Dataset:

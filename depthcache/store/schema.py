@@ -17,7 +17,10 @@ from typing import Any
 import jsonschema
 import numpy as np
 import zarr
+from zarr.codecs.sharding import MAX_UINT_64
+from zarr.core.sync import sync
 
+from depthcache.codecs import index_entries_problem
 from depthcache.dtypes import bf16_bits_to_float32
 from depthcache.errors import DepthcacheError
 from depthcache.limits import (
@@ -30,6 +33,7 @@ from depthcache.limits import (
     max_object_bytes,
 )
 from depthcache.store.arrays import holds_bits, open_arrays
+from depthcache.store.complete import result_chunk_problems
 from depthcache.store.head import head_problems
 from depthcache.store.io import (
     METADATA,
@@ -103,6 +107,11 @@ def limit_problems(attrs: dict[str, Any]) -> list[str]:
         problems.append(f"options.top_k {o['top_k']} exceeds model.vocab_size {m['vocab_size']}")
     problems += chunking_problems(lay["n_tokens"], lay["chunk_tokens"], len(o["layers"]),
                                   min(m["d_model"], MAX_D_MODEL), ITEMSIZE[o["dtype"]])
+    shard = lay.get("token_shard_tokens")
+    if shard is not None and (shard % lay["chunk_tokens"]
+                              or shard * min(m["d_model"], MAX_D_MODEL) * ITEMSIZE[o["dtype"]] > MAX_CHUNK_BYTES):
+        problems.append(f"layout.token_shard_tokens {shard} is not a multiple of chunk_tokens {lay['chunk_tokens']} "
+                        f"or makes a shard larger than {MAX_CHUNK_BYTES / 2**30:g} GiB")
     return [f"attributes.{ATTRS_KEY}: {p}" for p in problems]
 
 
@@ -137,29 +146,50 @@ def expected_arrays(attrs: dict[str, Any]) -> list[str]:
 
 
 def expected_metadata(attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The zarr metadata (shape, chunk shape, data type, dimension names) every known array must have."""
+    """The zarr metadata (shape, chunk and shard shapes, data type, dimension names) every known array must have:
+    unsharded in 1.x layouts; in 2.0 (``layout.token_shard_tokens``) sharded, one inner chunk per layer."""
     lay, opts = attrs["layout"], attrs["options"]
+    token_shard = lay.get("token_shard_tokens")
     result = {}
     for name in expected_arrays(attrs):
         dims = ARRAYS[name].dims
         shape = array_shape(name, lay["n_tokens"], len(opts["layers"]), attrs["model"]["d_model"], opts["top_k"])
+        chunks = [lay["chunk_tokens"] if d == "token" else n for d, n in zip(dims, shape)]
+        shards = None
+        if token_shard is not None:
+            shard_tokens = lay["chunk_tokens"] if "layer" in dims else token_shard
+            shards = [shard_tokens if d == "token" else n for d, n in zip(dims, shape)]
+            chunks = [1 if d == "layer" else n for d, n in zip(dims, chunks)]
         result[name] = {"shape": list(shape), "dimension_names": list(dims),
-                        "data_type": array_dtype(name, opts["dtype"]),
-                        "chunk_shape": [lay["chunk_tokens"] if d == "token" else n for d, n in zip(dims, shape)]}
+                        "data_type": array_dtype(name, opts["dtype"]), "chunk_shape": chunks, "shard_shape": shards}
     return result
 
 
 def array_metadata(arrays: Mapping[str, zarr.Array], name: str) -> dict[str, Any]:
-    """An array's zarr.json as a dict, with unreadable metadata reported as a DepthcacheError."""
+    """An array's zarr.json as a dict (``chunk_shape``: the inner chunks of a sharded array, ``shard_shape``: its
+    shards or None), with unreadable metadata reported as a DepthcacheError."""
     try:
         meta = arrays[name].metadata.to_dict()
+        grid = list(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        codecs = list(meta["codecs"])
+        sharding = codecs[0] if len(codecs) == 1 and codec_name(codecs[0]) == "sharding_indexed" else None
+        if sharding is None:
+            chunks, shards, checksummed = grid, None, is_checksummed(codecs)
+        else:
+            config = sharding["configuration"]
+            chunks, shards = list(config["chunk_shape"]), grid
+            checksummed = is_checksummed(list(config["codecs"])) and is_checksummed(list(config["index_codecs"]))
         return {"shape": list(meta["shape"]), "dimension_names": list(meta.get("dimension_names") or ()),
-                "data_type": str(meta["data_type"]),
-                "chunk_shape": list(meta["chunk_grid"]["configuration"]["chunk_shape"]),
-                "chunk_key_encoding": meta["chunk_key_encoding"], "checksummed": is_checksummed(meta["codecs"])}
+                "data_type": str(meta["data_type"]), "chunk_shape": chunks, "shard_shape": shards,
+                "chunk_key_encoding": meta["chunk_key_encoding"], "checksummed": checksummed}
     except Exception as exc:  # noqa: BLE001 - untrusted metadata may break zarr's parser in any way
         raise DepthcacheError(f"array {name!r} has unreadable metadata ({type(exc).__name__}: "
                               f"{shorten(str(exc))})") from exc
+
+
+def codec_name(codec: Any) -> str | None:
+    """The name of a codec given as its zarr.json dict or as a codec object."""
+    return codec.get("name") if isinstance(codec, dict) else codec.to_dict().get("name")
 
 
 def structure_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any], problems: Problems,
@@ -183,7 +213,8 @@ def structure_problems(arrays: Mapping[str, zarr.Array], attrs: dict[str, Any], 
             problems.add(f"array {name!r} has chunk key encoding {shorten(str(meta['chunk_key_encoding']))}, "
                          "expected default '/'")
         if not meta["checksummed"]:
-            problems.add(f"array {name!r} has no crc32c checksum codec")
+            problems.add(f"array {name!r} has no crc32c checksum codec"
+                         f"{' on its inner chunks and shard index' if meta['shard_shape'] else ''}")
     if problems.count == before and "layer" in arrays:
         layer_problems(arrays, attrs, problems)
 
@@ -220,13 +251,30 @@ def object_problems(objects: Mapping[str, int], problems: Problems) -> None:
 
 def committed_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], tokens: int,
                              chunks: Mapping[str, Mapping[tuple[int, ...], int]], problems: Problems) -> None:
-    """Committed chunks that are absent (they would silently read as zeros) or larger than a chunk can be."""
+    """Committed objects (chunks, or 2.0 shards) that are absent (they would silently read as zeros) or larger than
+    one can be."""
     for name in names:
         array = arrays[name]
         axis = array.metadata.dimension_names.index("token")
-        grid = tuple(math.ceil(tokens / c) if i == axis else 1 for i, c in enumerate(array.chunks))
-        chunk_bytes = math.prod(array.chunks) * array.dtype.itemsize
-        grid_problems(name, grid, chunks.get(name, {}), max_object_bytes(chunk_bytes), problems, "committed chunk")
+        objects = object_shape(array)
+        grid = tuple(math.ceil(tokens / c) if i == axis else 1 for i, c in enumerate(objects))
+        grid_problems(name, grid, chunks.get(name, {}), max_stored_bytes(array), problems,
+                      "committed shard" if array.shards else "committed chunk")
+
+
+def object_shape(array: zarr.Array) -> tuple[int, ...]:
+    """The shape one stored object of ``array`` covers: its shard (2.0) or its chunk."""
+    return tuple(array.shards or array.chunks)
+
+
+def max_stored_bytes(array: zarr.Array) -> int:
+    """Largest object ``array`` can legitimately store: a chunk (see ``max_object_bytes``), or a shard of such
+    inner chunks plus its index (16 bytes per inner chunk and a crc32c)."""
+    inner = max_object_bytes(math.prod(array.chunks) * array.dtype.itemsize)
+    if not array.shards:
+        return inner
+    n_inner = math.prod(s // c for s, c in zip(array.shards, array.chunks))
+    return n_inner * (inner + 16) + 4
 
 
 def store_problems(group: zarr.Group, attrs: dict[str, Any], objects: Mapping[str, int], problems: Problems,
@@ -283,10 +331,13 @@ def read_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], toke
         array = arrays[name]
         axis = array.metadata.dimension_names.index("token")
         step = array.chunks[axis]
+        if array.shards:
+            shard_index_problems(array, name, tokens, problems)
         for index, start in enumerate(range(0, tokens, step)):
             region = [slice(None)] * array.ndim
             region[axis] = slice(start, min(start + step, tokens))
-            key = chunk_key(name, tuple(index if i == axis else 0 for i in range(array.ndim)))
+            stored = start // object_shape(array)[axis]  # the object holding it: its chunk, or (2.0) its shard
+            key = chunk_key(name, tuple(stored if i == axis else 0 for i in range(array.ndim)))
             try:
                 values = array[tuple(region)]
             except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt chunk to report
@@ -298,6 +349,36 @@ def read_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], toke
                 values = bf16_bits_to_float32(values)
             if values.dtype.kind == "f" and name != "next_logprob" and not np.isfinite(values.astype(np.float32)).all():
                 problems.add(f"array {name!r} token chunk {index}: non-finite values", key)
+
+
+def shard_index_problems(array: zarr.Array, name: str, tokens: int, problems: Problems) -> None:
+    """2.0: read every committed shard's index and check it (its crc32c; entries inside the shard, no longer than an
+    inner chunk of the array, not overlapping) and that every inner chunk holding committed tokens is in it (a
+    missing one would read as zeros)."""
+    axis = array.metadata.dimension_names.index("token")
+    codec = array.metadata.codecs[0]
+    per_shard = tuple(s // c for s, c in zip(array.shards, array.chunks))
+    limit = max_object_bytes(math.prod(array.chunks) * array.dtype.itemsize)
+    shard_tokens, inner_tokens = array.shards[axis], array.chunks[axis]
+    for index, start in enumerate(range(0, tokens, shard_tokens)):
+        coords = tuple(index if i == axis else 0 for i in range(array.ndim))
+        key = chunk_key(name, coords)
+        try:
+            found = sync(codec._load_shard_index_maybe(array.store_path / key.split("/", 1)[1], per_shard))
+        except Exception as exc:  # noqa: BLE001 - any failure of untrusted index bytes is a problem to report
+            problems.add(f"array {name!r} shard {key}: {type(exc).__name__}: {shorten(str(exc))}", key)
+            continue
+        problems.count_read("shard indexes (crc32c)")
+        entries = found.offsets_and_lengths if found is not None else None
+        problem = "missing" if entries is None else index_entries_problem(entries, limit)
+        if problem is None:
+            committed = -(-(min(tokens, start + shard_tokens) - start) // inner_tokens)
+            held = entries[..., 0] != MAX_UINT_64
+            absent = np.argwhere(~np.take(held, range(committed), axis=axis))
+            problem = (f"inner chunk {tuple(int(c) for c in absent[0])} of committed tokens is missing from its "
+                       "index (it would read as zeros)") if absent.size else None
+        if problem:
+            problems.add(f"array {name!r} shard {key}: {problem}", key)
 
 
 def chunk_problems(group: zarr.Group, names: list[str], tokens: int) -> list[str]:
@@ -342,6 +423,7 @@ def analyses_problems(analyses: zarr.Group, attrs: dict[str, Any], problems: Pro
             problems.add(f"{ANALYSES}/{path} declares {size:,} bytes, more than a cached result may take "
                          f"({MAX_RESULT_BYTES:,}): {redo}")
             continue
+        result_chunk_problems(f"{ANALYSES}/{path}", group, problems, redo)
         if unchecked and current:
             problems.add(f"{ANALYSES}/{path}: {', '.join(unchecked)} not checksummed: {redo}")
         elif unchecked:
