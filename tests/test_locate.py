@@ -16,8 +16,8 @@ from depthcache.cli import main
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.locate import LocateOptions, is_map, locate, read_map
-from depthcache.locate.erasure import erase_layer
-from depthcache.locate.igrad import igrad_map, integrate_path
+from depthcache.locate.erasure import erase_layer, erasure_map
+from depthcache.locate.igrad import igrad_map, integrate_path, left_riemann
 from depthcache.locate.maps import encode
 from depthcache.locate.reference import sequence_mean, store_mean
 from depthcache.model.loading import load_model
@@ -254,3 +254,213 @@ def test_existing_non_map_is_not_overwritten(tmp_path: Path, tiny_models: dict[s
         locate("erasure", LocateOptions(out=str(tmp_path / "keep.zarr"), model=str(tiny_models["llama"]),
                                         prompt=PROMPT, answer=ANSWER))
     assert not is_map(tmp_path / "keep.zarr")
+
+
+# The paper's measures (issue 30), each against plain torch: full forwards of the tiny Llama with hooks that rewrite a
+# module's input or output, hidden states from output_hidden_states, means and sums written out here.
+
+def plain_logits(model: torch.nn.Module, ids: list[int], module: torch.nn.Module, rewrite, output: bool = False
+                 ) -> torch.Tensor:  # noqa: ANN001 - rewrite: (hidden (1, T, d)) -> new hidden
+    """Logits (T, vocab) of a full forward whose ``module`` input (or, with ``output``, its first output) is
+    replaced by ``rewrite(value)``."""
+    def pre(mod, args, kwargs):  # noqa: ANN001, ANN202 - torch hook
+        if args:
+            return (rewrite(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": rewrite(kwargs["hidden_states"])}
+
+    def post(mod, args, out):  # noqa: ANN001, ANN202 - torch hook
+        return (rewrite(out[0]), *out[1:]) if isinstance(out, tuple) else rewrite(out)
+    handle = module.register_forward_hook(post) if output else module.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    finally:
+        handle.remove()
+
+
+def plain_values(model: torch.nn.Module, ids: list[int], module: torch.nn.Module, output: bool = False
+                 ) -> torch.Tensor:
+    """(T, d) input (or first output) of ``module`` in a plain forward of ``ids``."""
+    seen = []
+    plain_logits(model, ids, module, lambda h: seen.append(h[0].detach().clone()) or h, output)
+    return seen[0]
+
+
+def row_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The tiny Llama's module whose input is residual row ``layer``: decoder layer l, or the final norm at L."""
+    return model.model.norm if layer == len(model.model.layers) else model.model.layers[layer]
+
+
+def test_paper_erasure_matches_hooked_forwards(llama) -> None:
+    """--measure distribution-l2 with the final residual (row L): for every cell, max over the positions predicting
+    answer tokens of ‖softmax − softmax_clean‖₂ of a full forward whose residual entering layer l (the final norm at
+    L) has that position replaced (atol 1e-6); the paper's measure differs from ours."""
+    model, p = llama.model, prompt_of(llama)
+    depth = len(model.model.layers)
+    ids, n_answer = list(p.input_ids), p.n_answer
+    with torch.no_grad():
+        clean = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -n_answer:], -1)
+    mean = torch.randn(depth + 1, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    layers = [0, 2, depth]
+    ours = erasure_map(model, p, mean, layers, batch_size=4)
+    paper = erasure_map(model, p, mean, layers, batch_size=4, measure="distribution-l2")
+    assert list(paper.layer.values) == layers and paper.relative_depth.values[-1] == 1.0
+    for layer in layers:
+        for pos in range(len(ids)):
+            def erase(h, layer=layer, pos=pos):  # noqa: ANN001, ANN202
+                h = h.clone()
+                h[:, pos] = mean[layer]
+                return h
+            with torch.no_grad():
+                probs = torch.softmax(plain_logits(model, ids, row_module(model, layer), erase)[-n_answer:], -1)
+            expected = (probs - clean).norm(dim=-1).max().item()
+            assert paper.max_distribution_l2.sel(layer=layer).values[pos] == pytest.approx(expected, abs=1e-6)
+            answer = torch.tensor(p.answer_ids).view(-1, 1)
+            change = (probs.gather(1, answer) - clean.gather(1, answer)).abs().max().item()
+            assert ours.max_prob_change.sel(layer=layer).values[pos] == pytest.approx(change, abs=1e-6)
+    assert not np.allclose(paper.max_distribution_l2.values, ours.max_prob_change.values, atol=1e-3)
+
+
+@pytest.mark.parametrize("include_first", [False, True])
+def test_reference_mean_positions_and_final_row(llama, include_first: bool) -> None:
+    """The mean residual over all positions (--include-first) or positions ≥ 1, with the final residual (the final
+    norm's input, caught by a plain hook) as row L, equals numpy's mean over the same windows."""
+    from depthcache.extraction.data import load_documents
+    from depthcache.extraction.windows import make_windows
+
+    ref = sequence_mean(llama, windows=2, include_first=include_first, final=True)
+    texts = load_documents("pydoc-topics").texts
+    tokens = [llama.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:3]]
+    first = 0 if include_first else 1
+    sums, count = 0.0, 0
+    for window in make_windows(tokens, 128, llama.tokenizer.bos_token_id)[:2]:
+        with torch.no_grad():
+            out = llama.model(input_ids=torch.tensor([window.tokens]), output_hidden_states=True)
+            final = plain_values(llama.model, list(window.tokens), llama.model.model.norm)
+        rows = [h[0].double().numpy() for h in out.hidden_states[:-1]] + [final.double().numpy()]
+        sums = sums + np.stack(rows)[:, first:].sum(1)
+        count += len(window.tokens) - first
+    assert ref.mean.shape[0] == len(llama.model.model.layers) + 1
+    np.testing.assert_allclose(ref.mean, sums / count, rtol=1e-5, atol=1e-6)
+    assert ("position 0 included" in ref.source) == include_first
+
+
+def plain_ig(model: torch.nn.Module, ids: list[int], n_answer: int, answer_ids: tuple[int, ...],
+             module: torch.nn.Module, h: torch.Tensor, base: torch.Tensor, steps: int, output: bool = False
+             ) -> tuple[np.ndarray, float, float]:
+    """The paper's integrated gradients written out: Σ_{k<steps} ∂f/∂x(b + k/steps (h − b)) · (h − b) / steps per
+    position, f = Σ answer-token probabilities of a full forward with ``module``'s input (or output) set to x;
+    returns (attribution (T,), f(h), f(b))."""
+    def f_at(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (base + alpha * (h - base)).unsqueeze(0).requires_grad_(True)
+        logits = plain_logits(model, ids, module, lambda _: x, output)
+        probs = torch.softmax(logits[-n_answer:].float(), -1)
+        return probs[torch.arange(n_answer), torch.tensor(answer_ids)].sum(), x
+    total = torch.zeros(len(ids), dtype=torch.float64)
+    for k in range(steps):
+        f, x = f_at(k / steps)
+        (grad,) = torch.autograd.grad(f, x)
+        total += (grad[0].double() * (h - base).double()).sum(-1) / steps
+    return total.numpy(), f_at(1.0)[0].item(), f_at(0.0)[0].item()
+
+
+def test_paper_igrad_matches_plain_torch(llama) -> None:
+    """--rule left-riemann --baseline-positions sequence with the final row: the attribution equals the paper's sum
+    written out (baseline: mean over prompt + WHOLE answer of output_hidden_states / the final norm's input), and
+    f(h), f(b) equal full forwards."""
+    model, p = llama.model, prompt_of(llama)
+    depth, steps = len(model.model.layers), 8
+    ids, whole = list(p.input_ids), [*p.input_ids, p.answer_ids[-1]]
+    ds = igrad_map(model, p, [1, depth], steps=steps, batch_size=5, rule="left-riemann", baseline="sequence")
+    assert list(ds.intervals.values) == [steps, steps]
+    for layer in (1, depth):
+        module = row_module(model, layer)
+        h = plain_values(model, ids, module)
+        base = plain_values(model, whole, module).double().mean(0).float()
+        attribution, f_h, f_b = plain_ig(model, ids, p.n_answer, p.answer_ids, module, h, base, steps)
+        np.testing.assert_allclose(ds.attribution.sel(layer=layer).values, attribution, rtol=1e-4, atol=1e-8)
+        assert ds.output_difference.sel(layer=layer).item() == pytest.approx(f_h - f_b, abs=1e-8)
+        assert ds.target_at_baseline.sel(layer=layer).item() == pytest.approx(f_b, abs=1e-8)
+    assert np.abs(ds.attribution.values).max() > 1e-4
+
+
+@pytest.mark.parametrize("site", ["attn", "mlp"])
+def test_igrad_sites_match_plain_torch(llama, site: str) -> None:
+    """--site attn/mlp: interpolating what the branch of the last layer adds (baseline: its mean over the prompt)
+    equals the paper's sum with the plain module's output replaced; the adaptive rule keeps completeness there."""
+    model, p = llama.model, prompt_of(llama)
+    layer = len(model.model.layers) - 1
+    module = getattr(model.model.layers[layer], "self_attn" if site == "attn" else "mlp")
+    ids, steps = list(p.input_ids), 6
+    ds = igrad_map(model, p, [layer], steps=steps, batch_size=4, rule="left-riemann", site=site)
+    h = plain_values(model, ids, module, output=True)
+    base = h[:p.n_prompt].double().mean(0).float()
+    attribution, f_h, f_b = plain_ig(model, ids, p.n_answer, p.answer_ids, module, h, base, steps, output=True)
+    np.testing.assert_allclose(ds.attribution.values[0], attribution, rtol=1e-4, atol=1e-8)
+    assert ds.output_difference.item() == pytest.approx(f_h - f_b, abs=1e-8) and abs(f_h - f_b) > 1e-4
+    adaptive = igrad_map(model, p, [layer], steps=16, tolerance=1e-4, site=site)
+    assert adaptive.target_at_baseline.item() == pytest.approx(f_b, abs=1e-8)
+    assert abs(adaptive.attribution_sum.item() - (f_h - f_b)) <= 1e-4 * max(abs(f_h - f_b), 0.01)
+
+
+def test_left_riemann_is_the_papers_sum() -> None:
+    """The left Riemann rule: Σ_{k<n} q(k/n) / n, exactly (numpy), with f at both ends and Σ |interval error|."""
+    path = sigmoid_path(np.array([1.0, -2.0]), sharpness=5.0, centre=0.3)
+    alphas = np.linspace(0, 1, 9)
+    f, q = path(alphas)
+    got = left_riemann(path, 8)
+    np.testing.assert_allclose(got.attribution, q[:-1].sum(0) / 8, rtol=1e-12)
+    assert (got.f_start, got.f_end, got.intervals) == (f[0], f[-1], 8)
+    pieces = [q[i].sum() / 8 - (f[i + 1] - f[i]) for i in range(8)]
+    assert got.error_bound == pytest.approx(np.abs(pieces).sum(), rel=1e-12)
+    assert abs(got.attribution.sum() - (f[-1] - f[0])) > 1e-3  # unlike the trapezoid, not exact on this grid
+
+
+def test_cli_paper_switch_plan_and_attributes(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """--paper: the plan line marks every paper choice, the map stores them (explicit options win), the final
+    residual is row L; our defaults otherwise; a site without a final row refuses --final-residual."""
+    model = str(tiny_models["llama"])
+    common = ["--model", model, "--prompt", PROMPT, "--answer", ANSWER, "--device", "cpu"]
+    erase = str(tmp_path / "erase.zarr")
+    result = CliRunner().invoke(main, ["erase", *common, "--out", erase, "--reference-windows", "1", "--paper"])
+    assert result.exit_code == 0, result.output
+    assert ("erase: measure distribution-l2 (paper), mean residual over all positions (paper), final residual as "
+            "row L: yes (paper)") in result.output
+    ds = read_map(erase)
+    attrs = ds.attrs["depthcache_map"]
+    assert (attrs["schema"], attrs["paper"], attrs["measure"], attrs["include_first"], attrs["final_residual"]) == \
+        ("1.2", True, "distribution-l2", True, True)
+    assert "max_distribution_l2" in ds and "max_prob_change" not in ds and list(ds.layer.values) == [0, 1, 2, 3, 4]
+    assert "position 0 included" in attrs["reference"]
+    igrad = str(tmp_path / "igrad.zarr")
+    result = CliRunner().invoke(main, ["igrad", *common, "--out", igrad, "--paper", "--steps", "4", "--layers", "3"])
+    assert result.exit_code == 0, result.output
+    assert "rule left-riemann (paper), 4 steps, baseline: mean over the sequence (paper)" in result.output
+    attrs = read_map(igrad).attrs["depthcache_map"]
+    assert {k: attrs.get(k) for k in ("rule", "steps", "baseline_positions", "site", "final_residual", "tolerance")} \
+        == {"rule": "left-riemann", "steps": 4, "baseline_positions": "sequence", "site": "resid",
+            "final_residual": True, "tolerance": None}
+    assert list(read_map(igrad).layer.values) == [3, 4]
+    result = CliRunner().invoke(main, ["igrad", *common, "--out", igrad, "--steps", "4", "--layers", "3"])
+    attrs = read_map(igrad).attrs["depthcache_map"]
+    assert result.exit_code == 0 and (attrs["rule"], attrs["baseline_positions"], attrs["final_residual"]) == \
+        ("adaptive-trapezoid", "prompt", False), result.output
+    code, out = run_cli("igrad", *common, "--out", igrad, "--site", "attn", "--final-residual")
+    assert code == 2 and "--final-residual needs --site resid" in out
+
+
+def test_older_map_schemas_still_read(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """Maps of schema 1 and 1.1 (before the measure's choices were named) are read and plotted; unknown ones refused."""
+    out = str(tmp_path / "old.zarr")
+    locate("erasure", LocateOptions(out=out, model=str(tiny_models["llama"]), prompt=PROMPT, answer=ANSWER,
+                                    reference_windows=1, layers="0", device="cpu"))
+    meta = Path(out) / "zarr.json"
+    for schema, readable in (("1", True), ("1.1", True), ("0.9", False)):
+        doc = json.loads(meta.read_text())
+        doc["attributes"]["depthcache_map"]["schema"] = schema
+        meta.write_text(json.dumps(doc))
+        if readable:
+            assert read_map(out).attrs["depthcache_map"]["schema"] == schema
+            assert run_cli("plot", "erasure", out, "--out", str(tmp_path / schema))[0] == 0
+        else:
+            with pytest.raises(DepthcacheError, match="schemas 1, 1.1, 1.2"):
+                read_map(out)

@@ -4,8 +4,13 @@ For each layer l, the residual entering l at ALL positions is interpolated from 
 layer's residual over the prompt's positions, at every position) to its clean value, x(α) = b + α (h − b), and
 f(x) = Σ_k p(answer token k) (teacher-forced) is differentiated w.r.t. x along the path. Attribution of cell
 (l, p) = ∫₀¹ Σ_d (h − b)[p, d] ∂f/∂x[p, d](x(α)) dα. Completeness: Σ_p attribution[l, p] = f(h) − f(b).
+Layer L is the final residual (the final norm's input). Options beside these defaults, the paper's choices:
+``baseline="sequence"`` averages over every position of prompt + whole answer (the teacher-forced input plus the
+last answer token) instead of the prompt's; ``site="attn"``/``"mlp"`` interpolates what that branch of layer l adds
+(the residual entering l kept clean, every later computation rerun) instead of the residual; ``rule="left-riemann"``
+is the paper's sum (1/n) Σ_{k<n} q(k/n) over ``steps`` equal intervals, without refinement.
 
-The integral uses the trapezoidal rule, starting from ``steps`` equal intervals and then refined adaptively: on
+The default integral uses the trapezoidal rule, starting from ``steps`` equal intervals and then refined adaptively: on
 the real model the integrand can be a narrow spike (the attention-sink position moving from the mean residual to
 its outlier value switches attention patterns abruptly), which equal steps miss. Completeness splits over
 intervals: on [a, b] the trapezoid of the directional derivative should equal f(b) − f(a), so each interval's
@@ -32,9 +37,14 @@ import torch
 import xarray as xr
 
 from depthcache.locate.maps import Prompt, Rows, computed, map_dataset
-from depthcache.model import clean_run, frozen, n_layers, run_from, structure_of
+from depthcache.model import Clean, Replace, clean_run, frozen, n_layers, run_from, structure_of, whole_sequence
 
-RULE = "trapezoid, adaptive bisection (at most 128 intervals per round)"
+RULES = {"adaptive-trapezoid": "trapezoid, adaptive bisection (at most 128 intervals per round)",
+         "left-riemann": "left Riemann sum over equal steps, no refinement (the paper's)"}
+BASELINES = {"prompt": "mean over the prompt's positions of the layer's {site}, at every position",
+             "sequence": "mean over every position of prompt + whole answer of the layer's {site}, at every position "
+                         "(the paper's)"}
+SITES = {"resid": "residual", "attn": "attention output", "mlp": "MLP output"}
 ROUND = 128  # most intervals bisected per round: the worst ones first, then errors are measured again
 SCALE_FLOOR = 0.01  # output differences below 1% probability are judged on this absolute scale (float32 noise)
 
@@ -89,6 +99,16 @@ def integrate_path(evaluate: PathFunction, steps: int, tolerance: float, max_ste
     return PathIntegral(pieces.sum(0), float(f[-1]), float(f[0]), len(errors), float(np.abs(errors).sum()))
 
 
+def left_riemann(evaluate: PathFunction, steps: int) -> PathIntegral:
+    """The paper's rule: Σ_{k<steps} q(k/steps) / steps, the derivative taken at each interval's left end (α = 1 is
+    evaluated for f(h) only); the error bound is Σ over intervals of |left rectangle − (f(b) − f(a))|."""
+    alphas = np.linspace(0.0, 1.0, steps + 1)
+    f, q = evaluate(alphas)
+    pieces = np.diff(alphas)[:, None] * q[:-1]
+    errors = pieces.sum(1) - np.diff(f)
+    return PathIntegral(pieces.sum(0), float(f[-1]), float(f[0]), steps, float(np.abs(errors).sum()))
+
+
 def completeness_error(ds: xr.Dataset) -> float:
     """Largest |Σ attribution − (f(h) − f(b))| / max(|f(h) − f(b)|, SCALE_FLOOR) over the layers (and items) of a
     map: the quantity ``tolerance`` bounds unless ``max_steps`` was reached."""
@@ -96,14 +116,28 @@ def completeness_error(ds: xr.Dataset) -> float:
     return float((abs(ds.attribution_sum - ds.output_difference) / scale).max())
 
 
-def residual_path(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, layer: int, batch_size: int
-                  ) -> PathFunction:
-    """f and its per-position directional derivative on the straight path from the mean residual to layer
-    ``layer``'s residual (T, d): the values of α are evaluated ``batch_size`` at a time, each batch one forward and
-    one backward pass from layer ``layer`` (the prompt is shared; the layers before it are never rerun)."""
+def site_value(resid: torch.Tensor, added: dict[str, torch.Tensor], layer: int, site: str) -> torch.Tensor:
+    """(positions, d) what is attributed at ``layer``: the residual entering it (row L: the final residual), or
+    what its attention or MLP branch adds (``resid``, ``added`` as a clean run captures them)."""
+    return resid[layer] if site == "resid" else added[site][layer]
+
+
+def baseline_of(values: torch.Tensor, prompt: Prompt, baseline: str) -> torch.Tensor:
+    """(d,) float32 mean of ``values`` (positions, d: the whole sequence's for ``sequence``, the teacher-forced
+    input's for ``prompt``) over the positions ``baseline`` names, accumulated in float64."""
+    rows = values[:prompt.n_prompt] if baseline == "prompt" else values
+    return rows.double().mean(0).float()
+
+
+def site_path(model: torch.nn.Module, prompt: Prompt, clean: Clean, layer: int, site: str, base: torch.Tensor,
+              batch_size: int) -> PathFunction:
+    """f and its per-position directional derivative on the straight path from ``base`` (d,), at every position, to
+    ``site``'s clean value at ``layer``: the values of α are evaluated ``batch_size`` at a time, each batch one forward
+    and one backward pass from layer ``layer`` (the prompt is shared; the layers before it are never rerun)."""
     structure = structure_of(model)
-    h = resid.float()
-    base = h[:prompt.n_prompt].double().mean(0).float().expand_as(h)
+    value = site_value(clean.resid, clean.added, layer, site)
+    h = value.float()
+    base = base.to(h.device).expand_as(h)
     direction = h - base
     along = direction.double()
 
@@ -111,8 +145,13 @@ def residual_path(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, l
         values, slopes = [], []
         for start in range(0, len(alphas), batch_size):
             a = torch.tensor(alphas[start:start + batch_size], dtype=h.dtype, device=h.device).view(-1, 1, 1)
-            x = (base + a * direction).to(resid.dtype).requires_grad_(True)
-            f = run_from(model, structure, layer, x, prompt).sum(-1)
+            x = (base + a * direction).to(value.dtype).requires_grad_(True)
+            if site == "resid":
+                f = run_from(model, structure, layer, x, prompt).sum(-1)
+            else:
+                with Replace(model, structure, layer, site, x):
+                    entering = clean.resid[layer].expand(len(a), -1, -1)
+                    f = run_from(model, structure, layer, entering, prompt).sum(-1)
             (grad,) = torch.autograd.grad(f.sum(), x)
             values.append(f.detach().double().cpu().numpy())
             slopes.append((grad.double() * along).sum(-1).cpu().numpy())
@@ -121,29 +160,34 @@ def residual_path(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, l
     return evaluate
 
 
-def layer_attribution(model: torch.nn.Module, prompt: Prompt, resid: torch.Tensor, layer: int, steps: int,
-                      batch_size: int, tolerance: float, max_steps: int,
+def layer_attribution(evaluate: PathFunction, steps: int, tolerance: float, max_steps: int, rule: str,
                       on_round: Callable[[int, float], None] | None = None) -> dict[str, np.ndarray]:
     """One layer's row of the map: attribution per position, f at both ends, intervals used, error bound."""
-    r = integrate_path(residual_path(model, prompt, resid, layer, batch_size), steps, tolerance, max_steps, on_round)
+    r = integrate_path(evaluate, steps, tolerance, max_steps, on_round) if rule == "adaptive-trapezoid" else \
+        left_riemann(evaluate, steps)
     return {"attribution": r.attribution, "f_end": np.float64(r.f_end), "f_start": np.float64(r.f_start),
             "intervals": np.int32(r.intervals), "error_bound": np.float64(r.error_bound)}
 
 
 def igrad_map(model: torch.nn.Module, prompt: Prompt, layers: list[int] | None = None, steps: int = 64,
               batch_size: int = 64, tolerance: float = 0.01, max_steps: int = 4096, rows: Rows = computed,
-              on_round: Callable[[int, int, float], None] | None = None) -> xr.Dataset:
-    """Layer × position integrated-gradients map of the answer probability (``layers``: all by default), with
-    per-layer completeness; ``on_round(layer, intervals, relative error)`` follows the refinement."""
+              on_round: Callable[[int, int, float], None] | None = None, rule: str = "adaptive-trapezoid",
+              baseline: str = "prompt", site: str = "resid") -> xr.Dataset:
+    """Layer × position integrated-gradients map of the answer probability (``layers``: 0..L−1 by default, L: the
+    final residual), with per-layer completeness; ``on_round(layer, intervals, relative error)`` follows the
+    refinement; ``rule``, ``baseline`` and ``site`` as in the module doc."""
     clean = clean_run(model, prompt)
     depth = n_layers(model)
     layers = list(range(depth)) if layers is None else layers
+    source = whole_sequence(model, prompt) if baseline == "sequence" else (clean.resid, clean.added)
     done = []
     with frozen(model):
         for layer in layers:
             note = None if on_round is None else (lambda n, e, layer=layer: on_round(layer, n, e))
-            done.append(rows(layer, lambda layer=layer, note=note: layer_attribution(
-                model, prompt, clean.resid[layer], layer, steps, batch_size, tolerance, max_steps, note)))
+            base = baseline_of(site_value(*source, layer, site), prompt, baseline)
+            path = site_path(model, prompt, clean, layer, site, base, batch_size)
+            done.append(rows(layer, lambda path=path, note=note: layer_attribution(
+                path, steps, tolerance, max_steps, rule, note)))
     attributions = np.stack([r["attribution"] for r in done])
     f_end, f_start = (np.array([float(r[k]) for r in done]) for k in ("f_end", "f_start"))
     ds = map_dataset(prompt, depth, layers, {
@@ -154,7 +198,7 @@ def igrad_map(model: torch.nn.Module, prompt: Prompt, layers: list[int] | None =
         "intervals": ("layer", np.array([int(r["intervals"]) for r in done], dtype=np.int32)),
         "error_bound": ("layer", np.array([float(r["error_bound"]) for r in done])),
         "answer_prob": ("answer_position", clean.answer_prob.cpu().numpy())})
-    ds.attrs.update(steps=steps, tolerance=tolerance, max_steps=max_steps, rule=RULE,
-                    target="sum of answer-token probabilities (teacher-forced)",
-                    baseline="mean over the prompt's positions of the layer's residual, at every position")
+    ds.attrs.update(steps=steps, rule=RULES[rule], target="sum of answer-token probabilities (teacher-forced)",
+                    baseline=BASELINES[baseline].format(site=SITES[site]),
+                    **({"tolerance": tolerance, "max_steps": max_steps} if rule == "adaptive-trapezoid" else {}))
     return ds

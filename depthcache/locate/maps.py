@@ -21,8 +21,9 @@ from depthcache.extraction.windows import bos_token_id
 from depthcache.store.io import write_dataset_atomically
 
 MAP_ATTR = "depthcache_map"
-MAP_SCHEMA = "1.1"  # 1.1: igrad adds intervals, error_bound and the tolerance, max_steps attributes
-READABLE_MAP_SCHEMAS = ("1", MAP_SCHEMA)
+MAP_SCHEMA = "1.2"  # 1.1: igrad adds intervals, error_bound and the tolerance, max_steps attributes; 1.2: the
+# measure's choices (the paper's or ours) as attributes, erasure's max_distribution_l2, a final-residual row L
+READABLE_MAP_SCHEMAS = ("1", "1.1", MAP_SCHEMA)
 KINDS = ("erasure", "igrad")
 
 

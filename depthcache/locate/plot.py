@@ -12,8 +12,9 @@ from depthcache.errors import DepthcacheError
 from depthcache.locate.maps import MAP_ATTR, item_info, read_map
 from depthcache.store.io import model_display_name
 
-LOOK = {"erasure": ("max_prob_change", "max |Δ p(answer)|", "Residual erasure", "viridis"),
-        "igrad": ("attribution", "attribution", "Integrated gradients", "RdBu_r")}
+LOOK = {"max_prob_change": ("max |Δ p(answer)|", "Residual erasure", "viridis"),
+        "max_distribution_l2": ("max ‖Δ p‖₂ (next-token distribution)", "Residual erasure", "viridis"),
+        "attribution": ("attribution", "Integrated gradients", "RdBu_r")}
 
 
 def tick_label(token: str) -> str:
@@ -23,7 +24,8 @@ def tick_label(token: str) -> str:
 
 def heatmap(m: xr.Dataset, kind: str, model: str, folder: Path, name: str) -> Path:
     """One prompt's map (dims layer, position) as a PNG."""
-    var, label, title, cmap = LOOK[kind]
+    var = next(name for name in LOOK if name in m)
+    label, title, cmap = LOOK[var]
     info = item_info(m)
     n, n_prompt = int(info["n_positions"]), int(info["n_prompt_tokens"])
     values = m[var].values[:, :n]

@@ -19,8 +19,17 @@ from depthcache.model.loading import (
                                             wrap_model,
 )
 from depthcache.model.pruned import prune_copy, prune_model, removed_layers
-from depthcache.model.restart import Clean, answer_probs, clean_run, frozen, run_from
-from depthcache.model.skips import Skip, only_layers
+from depthcache.model.restart import (
+                                            Clean,
+                                            answer_probs,
+                                            clean_run,
+                                            frozen,
+                                            logits_from,
+                                            output_probs,
+                                            run_from,
+                                            whole_sequence,
+)
+from depthcache.model.skips import Replace, Skip, only_layers
 from depthcache.model.structure import (
                                             Structure,
                                             decoder_layers,
@@ -33,8 +42,8 @@ from depthcache.model.structure import (
 )
 
 __all__ = ["ALIASES", "TOLERANCES", "Capture", "CaptureInto", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel",
-           "Skip",
-           "Structure", "answer_probs", "cache_dir", "check_model", "checked", "clean_run", "decoder_layers",
-           "discover", "file_sha256", "first_tensor", "frozen", "load_model", "model_head", "n_layers", "only_layers",
-           "prune_copy", "prune_model", "relative_errors", "removed_layers", "resolve_device", "run_from", "structure_of",
-           "submodule", "token_runs", "tokenizer_files", "wrap_model"]
+           "Replace", "Skip", "Structure", "answer_probs", "cache_dir", "check_model", "checked", "clean_run",
+           "decoder_layers", "discover", "file_sha256", "first_tensor", "frozen", "load_model", "logits_from",
+           "model_head", "n_layers", "only_layers", "output_probs", "prune_copy", "prune_model", "relative_errors",
+           "removed_layers", "resolve_device", "run_from", "structure_of", "submodule", "token_runs", "tokenizer_files",
+           "whole_sequence", "wrap_model"]

@@ -1,4 +1,5 @@
-"""Hooks that change a forward pass: skip a layer's branches, run only some layers, feed a residual into a layer."""
+"""Hooks that change a forward pass: skip a layer's branches, replace what a branch adds, run only some layers, feed
+a residual into a layer or into the final norm."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ class Skip(BranchHooks):
         return torch.where(mask, residual.reshape(output.shape), output)
 
 
+class Replace(BranchHooks):
+    """Context manager: branch ``branch`` (attn or mlp) of ``layer`` adds ``added`` (batch, seq, d) to the residual
+    instead of what it computes; its module's output is rebuilt from it (divided by the branch scale, plus the residual
+    the module was given when it adds that itself)."""
+
+    def __init__(self, model: torch.nn.Module, structure: Structure, layer: int, branch: str,
+                 added: torch.Tensor) -> None:
+        super().__init__(model, structure)
+        self.layer, self.branch, self.added = layer, branch, added
+
+    def __enter__(self) -> Replace:
+        self.hook_branch(self.branch, self.layer, self._replace)
+        return self
+
+    def _replace(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        value = (self.added / self.structure.branch_scale).to(output.dtype).reshape(output.shape)
+        return value if residual is None else value + residual.reshape(output.shape)
+
+
 @contextmanager
 def only_layers(model: torch.nn.Module, structure: Structure, keep: list[int],
                 hidden: torch.Tensor | None = None) -> Iterator[None]:
@@ -67,3 +87,14 @@ def feeder(hidden: torch.Tensor):  # noqa: ANN201 - torch hook
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
     return hook
+
+
+@contextmanager
+def final_fed(model: torch.nn.Module, structure: Structure, hidden: torch.Tensor) -> Iterator[None]:
+    """The final norm reads ``hidden`` instead of the residual leaving the last layer (``resid_final``)."""
+    norm = submodule(model, structure.final_norm)
+    handle = norm.register_forward_pre_hook(feeder(hidden), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
