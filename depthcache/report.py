@@ -82,11 +82,12 @@ def cached_entries(store: Store, results_dir: str | None = None) -> dict[str, re
 
 def loaded(entry: results.Entry) -> xr.Dataset:
     """One cached result in memory (bounded, checksummed), or an error saying to recompute it."""
-    ds = results.load(entry)
-    if ds is None:
+    try:
+        return results.read(entry)
+    except DepthcacheError as exc:
         raise DepthcacheError(f"cached analysis {entry.name!r} is unreadable, implausibly large, not checksummed or "
-                              f"corrupt; recompute it with depthcache analyze {entry.name} STORE --force")
-    return ds
+                              f"corrupt ({exc}); recompute it with depthcache analyze {entry.name} STORE --force"
+                              ) from exc
 
 
 def figures(name: str, result: xr.Dataset) -> list[str]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
 import zarr
@@ -16,11 +19,15 @@ from test_extract import run as extract_store
 from depthcache.analyze import runner
 from depthcache.analyze.runner import run
 from depthcache.cli import main
+from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions
 from depthcache.extraction.skip_runs import SkipOptions, extract_skips
-from depthcache.store import results
+from depthcache.store import io, results
+from depthcache.store.complete import missing_chunks
+from depthcache.store.io import write_dataset_atomically
 from depthcache.store.layout import choose_chunk_tokens
 from depthcache.store.reader import Store
+from depthcache.store.schema import validate
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +174,83 @@ def test_info_lists_runs_in_natural_order(base, tmp_path) -> None:
     for name in ("skip_10", "skip_2"):  # same run under other names: only the listing order is under test
         shutil.copytree(store / "runs" / "skip_1", store / "runs" / name)
     assert "runs       skip_1, skip_2, skip_10\n" in invoke("info", str(store)).output
+
+
+def entry_folder(store: Path, name: str) -> Path:
+    """The folder of the one cached result of analysis ``name`` inside a store."""
+    (folder,) = [p for p in (store / "analyses" / name).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return folder
+
+
+def test_a_result_missing_a_chunk_is_recomputed_never_served(base, tmp_path, monkeypatch) -> None:
+    store = fresh(base[0], tmp_path)
+    first = run("contributions", str(store))
+    chunk = entry_folder(store, "contributions") / "rel_mean" / "c" / "0" / "0"
+    chunk.unlink()
+    where = f"analyses/contributions/{chunk.parent.parent.parent.parent.name}/rel_mean/c/0/0"
+    assert any(where in line and "is missing" in line for line in validate(str(store)).report())
+    monkeypatch.setattr(results, "can_write", lambda folder: False)  # a read-only place: refused, naming the chunk
+    with pytest.raises(DepthcacheError, match=f"cannot save results .*{where} is missing"):
+        run("contributions", str(store))
+    monkeypatch.undo()
+    again = run("contributions", str(store))
+    assert created(again) != created(first) and chunk.exists()  # recomputed, not served as NaN
+    np.testing.assert_array_equal(again.rel_mean.values, first.rel_mean.values)
+    assert validate(str(store)).count == 0
+
+
+def test_results_of_fill_values_only_are_written_whole(tmp_path) -> None:
+    ds = xr.Dataset({"nan": ("a", np.full(3, np.nan)), "zero": ("a", np.zeros(3, np.int32)), "scalar": ((), 0.0)})
+    write_dataset_atomically(ds, tmp_path / "r")
+    assert missing_chunks(zarr.open_group(str(tmp_path / "r"), mode="r")) == []
+    (tmp_path / "r" / "scalar" / "c").unlink()
+    assert missing_chunks(zarr.open_group(str(tmp_path / "r"), mode="r")) == ["scalar/c"]
+
+
+def test_a_killed_writers_folder_is_invisible_and_removed_by_the_next_writer(base, tmp_path) -> None:
+    store = fresh(base[0], tmp_path)
+    first = run("residual-norms", str(store))
+    folder = entry_folder(store, "residual-norms")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs: the writer killed with -9
+    leftover = folder.with_name(f".{folder.name}.writing-{dead.pid}")
+    folder.rename(leftover)  # complete-looking, but never published
+    assert results.entries(results.places(Store(str(store)))[0]) == []
+    assert "residual-norms" not in invoke("info", str(store)).output
+    page = tmp_path / "r.html"
+    assert invoke("report", str(store), "--out", str(page)).exit_code == 0
+    assert 'id="analysis-residual-norms' not in page.read_text()
+    again = run("residual-norms", str(store))
+    assert created(again) != created(first) and not leftover.exists()
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]
+
+
+def test_two_writers_of_one_result_never_fail(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "analyses" / "x" / "key"
+    write_dataset_atomically(xr.Dataset({"v": ("a", np.zeros(3))}), folder)  # an older result, being replaced
+    theirs = tmp_path / "theirs"
+    write_dataset_atomically(xr.Dataset({"v": ("a", np.ones(3))}), theirs)
+    real = io.replace_atomically
+
+    def other_writer_first(staged: Path, dest: Path) -> None:  # the other process publishes in between
+        shutil.copytree(theirs, dest)
+        real(staged, dest)
+
+    monkeypatch.setattr(io, "replace_atomically", other_writer_first)
+    write_dataset_atomically(xr.Dataset({"v": ("a", np.full(3, 2.0))}), folder)
+    assert xr.open_zarr(folder, consolidated=False).v.values.tolist() == [1.0, 1.0, 1.0]  # the first published stays, whole
+    assert [p.name for p in folder.parent.iterdir()] == ["key"]  # no private folder left behind
+
+
+def test_parameters_that_leave_no_token_are_refused_before_computing(base, tmp_path) -> None:
+    store = fresh(base[0], tmp_path)
+    for name in ("logit-lens", "effective-depth"):
+        with pytest.raises(DepthcacheError, match=f"{name} with max_tokens=1 uses no token: .* pass -p "
+                                                  "max_tokens=2 or more, or -p include_first=true"):
+            run(name, str(store), max_tokens=1)
+    assert not (store / "analyses").exists()  # nothing computed, nothing cached
+    assert int(run("logit-lens", str(store), max_tokens=1, include_first=True).tokens_used) == 1
+    assert int(run("logit-lens", str(store), max_tokens=2).tokens_used) == 1
+    one = invoke("analyze", "logit-lens", str(store), "-p", "max_tokens=1")
+    assert one.exit_code == 2 and one.output.startswith("error: logit-lens with max_tokens=1 uses no token")
+    assert one.output.count("\n") == 1

@@ -15,9 +15,10 @@ from typing import Any
 
 import dask
 import dask.threaded
+import numpy as np
 import xarray as xr
 
-from depthcache.analyze.registry import Analysis, check_params, get
+from depthcache.analyze.registry import Analysis, check_params, get, parameters
 from depthcache.errors import DepthcacheError
 from depthcache.store import results
 from depthcache.store.io import local_name
@@ -105,6 +106,35 @@ def checked(name: str, locations: tuple[str | Store, ...], storage_options: dict
     return spec, stores, result_params(spec, params)
 
 
+def first_used_token(store: Store, first: int) -> int | None:
+    """Index of the store's first token at window position ``first`` or later, or None if there is none; read chunk
+    by chunk, stopping at the first found (in the first chunk of any real store)."""
+    position = store.ds.position.data
+    start = 0
+    for index in range(position.numblocks[0]):
+        block = np.asarray(position.blocks[index])
+        if len(hits := np.flatnonzero(block >= first)):
+            return start + int(hits[0])
+        start += len(block)
+    return None
+
+
+def require_tokens(spec: Analysis, stores: list[Store], params: dict[str, Any]) -> None:
+    """Refuse, before computing, parameters under which an analysis would use no token (its result would be NaN):
+    position 0 of every window left out and ``max_tokens`` ending before position 1, or windows of one token."""
+    if "include_first" not in parameters(spec):
+        return
+    store, first, limit = stores[-1], 0 if params["include_first"] else 1, params.get("max_tokens")
+    used = first_used_token(store, first)
+    if used is None:
+        raise DepthcacheError(f"{spec.name} with include_first=false uses no token: every window of "
+                              f"{store.location} is one token long (position 0, left out); pass -p include_first=true")
+    if limit is not None and used >= limit:
+        raise DepthcacheError(f"{spec.name} with max_tokens={limit} uses no token: position 0 of each window is left "
+                              f"out (include_first=false) and the first token at a later position is token {used}; "
+                              f"pass -p max_tokens={used + 1} or more, or -p include_first=true")
+
+
 def cached(name: str, *locations: str | Store, results_dir: str | None = None,
            storage_options: dict[str, Any] | None = None, **params: Any) -> xr.Dataset | None:
     """The cached result of ``name`` with ``params`` (defaults filled in) on the stores as they are now, or None."""
@@ -151,9 +181,11 @@ def run(name: str, *locations: str | Store, force: bool = False, scheduler_addre
     if empty:
         raise DepthcacheError(f"{empty[0]} has no committed tokens yet (nothing to analyse): finish its extraction "
                               "with depthcache extract ... --resume")
-    if not force and (hit := results.lookup(name, full, stores, results_dir)) is not None:
+    require_tokens(spec, stores, full)
+    hit, damage = results.find(name, full, stores, results_dir) if not force else (None, None)
+    if hit is not None:
         return hit
-    results.require_writable_place(stores[-1], results_dir)  # before computing, not after
+    results.require_writable_place(stores[-1], results_dir, damage)  # before computing, not after
     nested = CONTEXT.get() is not None
     token = CONTEXT.set(Context(results_dir, scheduler_address))
     try:

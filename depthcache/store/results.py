@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import zarr
 import depthcache
 from depthcache.errors import DepthcacheError
 from depthcache.limits import MAX_RESULT_BYTES
+from depthcache.store.complete import missing_chunks
 from depthcache.store.io import (
     can_write,
     is_url,
@@ -38,6 +39,7 @@ from depthcache.store.io import (
     model_display_name,
     open_result,
     parse_json,
+    resolved,
     write_dataset_atomically,
 )
 from depthcache.store.layout import ROOT_DIMS
@@ -127,20 +129,21 @@ def places(store: Store, results_dir: str | None = None) -> list[Place]:
     return [Place(str(here.with_name(f"{here.name}.analyses"))), inside]
 
 
-def require_writable_place(store: Store, results_dir: str | None = None) -> None:
+def require_writable_place(store: Store, results_dir: str | None = None, damage: str | None = None) -> None:
     """Refuse, before computing, a place new results cannot be written to (a file in the way, no permission):
-    the error says to pass --results."""
+    the error says to pass --results, and why the cached result could not be used (``damage``) if one was found."""
     place = places(store, results_dir)[0]
-    path = Path(place.location).resolve()
+    path = resolved(place.location, "--results FOLDER")
     blocker = next((p for p in (path, *path.parents) if p.exists()), None)
     if blocker is None:
         return
+    why = f" (the cached result cannot be used: {damage})" if damage else ""
     if not blocker.is_dir():
         raise DepthcacheError(f"cannot save results in {place.location}: {blocker} is in the way (not a folder); "
-                              "pass --results FOLDER")
+                              f"pass --results FOLDER{why}")
     if not can_write(blocker):
         raise DepthcacheError(f"cannot save results in {place.location}: {blocker} is not writable; pass --results "
-                              "FOLDER")
+                              f"FOLDER{why}")
 
 
 def open_place(place: Place, path: str = "") -> zarr.Group | None:
@@ -168,17 +171,23 @@ def entries(place: Place, name: str | None = None) -> list[Entry]:
         return []
     found = []
     try:
-        names = sorted(root.group_keys()) if name is None else [name] if name in root.group_keys() else []
+        names = sorted(visible(root.group_keys())) if name is None else [name] if name in root.group_keys() else []
         for analysis in names:
             group = root[analysis]
             if (meta := recorded(group.attrs)) is not None:
                 found.append(Entry(place, analysis, "", meta))
-            for key in sorted(group.group_keys()):
+            for key in sorted(visible(group.group_keys())):
                 if (meta := recorded(group[key].attrs)) is not None:
                     found.append(Entry(place, analysis, key, meta))
     except UNREADABLE:
         return found
     return found
+
+
+def visible(names: Iterable[str]) -> list[str]:
+    """Group names that can hold results: hidden ones (``.KEY.writing-PID``, ``.KEY.replaced-PID``) are a writer's
+    private folders, complete or not, never results."""
+    return [name for name in names if not name.startswith(".")]
 
 
 def all_entries(store: Store, results_dir: str | None = None) -> list[Entry]:
@@ -231,31 +240,67 @@ def belongs(entry: Entry, store: Store) -> bool:
     return current(entry, [store])
 
 
-def load(entry: Entry) -> xr.Dataset | None:
-    """An entry's dataset in memory, or None when it is unreadable, implausibly large, not checksummed or fails its
-    checksums (stores are untrusted: such a result is recomputed, never used)."""
+def where(entry: Entry) -> str:
+    """An entry's location as one string, e.g. 'run.zarr/analyses/contributions/0123456789abcdef'."""
+    return f"{entry.place.location.rstrip('/')}/{entry.place.path(entry.name, entry.key)}"
+
+
+def read(entry: Entry) -> xr.Dataset:
+    """An entry's dataset in memory, checked whole: at most MAX_RESULT_BYTES, every array checksummed, every chunk
+    present and its checksum verified as it is read; else a DepthcacheError naming what is wrong (stores are
+    untrusted: such a result is recomputed, never used)."""
+    path = entry.place.path(entry.name, entry.key)
     try:
-        ds = open_result(entry.place.location, group=entry.place.path(entry.name, entry.key),
-                         storage_options=entry.place.options)
-        if ds.nbytes > MAX_RESULT_BYTES or not all(is_checksummed(v.encoding.get("compressors"))
-                                                    for v in ds.variables.values()):
-            return None
-        return ds.load()
-    except (*UNREADABLE, RuntimeError):
+        ds = open_result(entry.place.location, group=path, storage_options=entry.place.options)
+        if ds.nbytes > MAX_RESULT_BYTES:
+            raise DepthcacheError(f"{where(entry)} declares {ds.nbytes:,} bytes, more than a cached result may take")
+        unchecked = sorted(str(n) for n, v in ds.variables.items() if not is_checksummed(v.encoding.get("compressors")))
+        if unchecked:
+            raise DepthcacheError(f"{where(entry)}: {', '.join(unchecked)} not checksummed")
+        group = open_place(entry.place, f"{entry.name}/{entry.key}")
+        missing = missing_chunks(group, 1) if group is not None else ["zarr.json"]
+        if missing:
+            raise DepthcacheError(f"{where(entry)}/{missing[0]} is missing (the result is incomplete)")
+        for name, variable in ds.variables.items():
+            try:
+                variable.load()
+            except (*UNREADABLE, RuntimeError) as exc:
+                raise DepthcacheError(f"{where(entry)}/{name} fails to decode or its checksum "
+                                      f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+        return ds
+    except (*UNREADABLE, RuntimeError) as exc:
+        raise DepthcacheError(f"{where(entry)} is unreadable ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+def load(entry: Entry) -> xr.Dataset | None:
+    """An entry's dataset in memory, or None when ``read`` finds it damaged."""
+    try:
+        return read(entry)
+    except DepthcacheError:
         return None
+
+
+def find(name: str, params: dict[str, Any], stores: Sequence[Store], results_dir: str | None = None
+         ) -> tuple[xr.Dataset | None, str | None]:
+    """The cached result of analysis ``name`` with ``params`` (defaults filled in) on ``stores``, computed by this
+    code version from the stores as they are now, or None with why a matching entry could not be used (None if
+    there was none)."""
+    key = entry_key(json.loads(canonical(params)))
+    damage = None
+    for place in places(stores[-1], results_dir):
+        for entry in entries(place, name):
+            if entry.key == key and entry.params == json.loads(canonical(params)) and current(entry, stores):
+                try:
+                    return read(entry), None
+                except DepthcacheError as exc:
+                    damage = damage or str(exc)
+    return None, damage
 
 
 def lookup(name: str, params: dict[str, Any], stores: Sequence[Store], results_dir: str | None = None
            ) -> xr.Dataset | None:
-    """THE reader of cached results: analysis ``name`` with ``params`` (defaults filled in) on ``stores``, computed
-    by this code version from the stores as they are now, or None."""
-    key = entry_key(json.loads(canonical(params)))
-    for place in places(stores[-1], results_dir):
-        for entry in entries(place, name):
-            if entry.key == key and entry.params == json.loads(canonical(params)) and current(entry, stores):
-                if (ds := load(entry)) is not None:
-                    return ds
-    return None
+    """THE reader of cached results: ``find``'s result, or None."""
+    return find(name, params, stores, results_dir)[0]
 
 
 def save(result: xr.Dataset, meta: dict[str, Any], store: Store, results_dir: str | None = None) -> Path:
@@ -265,7 +310,7 @@ def save(result: xr.Dataset, meta: dict[str, Any], store: Store, results_dir: st
     results = zarr.open_group(place.location, mode="a", zarr_format=3)
     results = results.require_group(place.prefix) if place.prefix else results
     if name in results and recorded(results[name].attrs) is not None:  # old layout: replaced by the new one
-        shutil.rmtree(Path(place.location) / place.path(name))
+        shutil.rmtree(Path(place.location) / place.path(name), ignore_errors=True)  # a concurrent writer may too
     results.require_group(name)
     result.attrs[RESULT_ATTR] = json.dumps(meta)
     folder = Path(place.location) / place.path(name, key)
