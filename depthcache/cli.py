@@ -330,9 +330,9 @@ def analyze_list() -> None:
 def plot_arguments(args: tuple[str, ...]) -> tuple[str, list[str]]:
     """(name, stores) from `plot NAME STORE...`; the old order `plot STORE... NAME` still works, with a note."""
     from depthcache.analyze import load_all
-    from depthcache.locate.maps import KINDS
+    from depthcache.locate.maps import MAP_KINDS
 
-    known = set(load_all()) | set(KINDS)
+    known = set(load_all()) | set(MAP_KINDS)
     if len(args) < 2:
         raise DepthcacheError("plot needs an analysis name and a store: depthcache plot NAME STORE")
     if args[0] in known or args[-1] not in known:
@@ -482,6 +482,30 @@ def igrad(**kw: Any) -> None:
     if error > kw["tolerance"] and ds.attrs["depthcache_map"]["rule"] == "adaptive-trapezoid":
         click.echo(f"warning: completeness {error:.3g} is above --tolerance {kw['tolerance']} where --max-steps "
                    f"{kw['max_steps']} was reached; raise --max-steps before reading magnitudes there", err=True)
+
+
+@main.command(name="hop-depth")
+@task_options(required=True, seed=False)
+@click.option("--out", required=True, help="Map store to write (a folder ending in .zarr).")
+@click.option("--per-hops", default=None, type=click.IntRange(min=1),
+              help="Only the first N items of each hop count (the paper used 20). [default: all]")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUT.partial (each finished skip is saved there).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@progress_option
+def hop_depth(**kw: Any) -> None:
+    """The paper's multi-hop depth score, from the model: per item, skip each layer at the prompt's positions only,
+    measure at the answer's; per hop count the max over items and the centre of mass over skipped layers (`analyze
+    multihop` is depthcache's own score, from a store's skip runs)."""
+    from depthcache.locate.hops import HopDepthOptions, hop_depth
+
+    ds = hop_depth(HopDepthOptions(**kw))
+    scores = ", ".join(f"{h} hops: {later * ds.sizes['layer']:.2f} / {out * ds.sizes['layer']:.2f}"
+                       for h, later, out in zip(ds.hops.values, ds.depth_score_later_max.values,
+                                                ds.depth_score_output_max.values))
+    click.echo(f"{kw['out']}: {ds.sizes['item']} items x {ds.sizes['skipped_layer']} skipped layers; depth score "
+               f"(layers; later-layer effect / output effect, max over items): {scores}")
 
 
 def copy_and_report(source: str, destination: str, jobs: int, options: dict[str, Any], push: bool,

@@ -228,3 +228,79 @@ def test_multihop_refuses_a_text_store(tiny_models, text_file: Path, tmp_path: P
     extract(options(out, tiny_models["llama"], str(text_file), max_tokens=64))
     with pytest.raises(DepthcacheError, match="not a task store: extract one with --data task:NAME"):
         run("multihop", str(out))
+
+
+def plain_skip_effects(model: torch.nn.Module, ids: list[int], t: int) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's future-token skip effects written out in float64: layer s's output is set back to its input at
+    positions 1..t−1 (a plain forward hook), d_l = h_{l+1} − h_l from output_hidden_states (h_L: the final norm's
+    input), effects = max over positions ≥ t of ‖Δd_l‖ / max(‖d_l‖, 1e-6) and of ‖Δ softmax‖₂."""
+    depth = len(model.model.layers)
+
+    def run(skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        def back(module, args, kwargs, out):  # noqa: ANN001, ANN202 - torch hook
+            given = args[0] if args else kwargs["hidden_states"]
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            h[:, 1:t] = given[:, 1:t]
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        final: list[torch.Tensor] = []
+        handles = [model.model.norm.register_forward_pre_hook(lambda m, a: final.append(a[0]))]
+        if skip is not None:
+            handles.append(model.model.layers[skip].register_forward_hook(back, with_kwargs=True))
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        for handle in handles:
+            handle.remove()
+        hs = [*out.hidden_states[:-1], final[0]]
+        return torch.stack([hs[i + 1][0] - hs[i][0] for i in range(depth)]), torch.softmax(out.logits[0], -1)
+    base_d, base_p = run(None)
+    effect, output = np.zeros((depth, depth)), np.zeros(depth)
+    for s in range(depth):
+        d, p = run(s)
+        effect[s] = ((d - base_d)[:, t:].norm(dim=-1) / base_d[:, t:].norm(dim=-1).clamp(min=1e-6)).amax(-1).numpy()
+        output[s] = (p - base_p)[t:].norm(dim=-1).max().item()
+    return effect, output
+
+
+def test_hop_depth_matches_plain_torch(tiny_models, task_file: Path, tmp_path: Path) -> None:
+    """`hop-depth` (the paper's multi-hop measure): per item the skip effects equal plain float64 forwards with the
+    layer's output set back to its input at the prompt's positions; per hop count the max over items, the later-layer
+    profile Σ_l / max(L − 1 − s, 1), the output profile and their centres of mass equal numpy's; the plot draws."""
+    out = tmp_path / "hops.zarr"
+    result = CliRunner().invoke(main, ["hop-depth", "--model", str(tiny_models["llama"]), "--task", str(task_file),
+                                       "--out", str(out), "--device", "cpu", "--per-hops", "2"])
+    assert result.exit_code == 0, result.output
+    from depthcache.locate import read_map
+
+    ds = read_map(out)
+    kept = [it for it in ITEMS if it["hops"] == 1][:2] + [it for it in ITEMS if it["hops"] > 1]
+    assert list(ds.item.values) == [it["id"] for it in ITEMS if it in kept]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).double().eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_models["llama"])
+    effects, outputs = [], []
+    for item_id in ds.item.values:
+        item = next(it for it in ITEMS if it["id"] == item_id)
+        prompt = tok(item["prompt"], add_special_tokens=False)["input_ids"]
+        ids = [tok.bos_token_id, *tok(item["prompt"] + item["answer"], add_special_tokens=False)["input_ids"]]
+        assert ds.first_answer_position.sel(item=item_id).item() == 1 + len(prompt)
+        effect, output = plain_skip_effects(model, ids, 1 + len(prompt))
+        np.testing.assert_allclose(ds.layer_effect.sel(item=item_id).values, effect, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ds.output_l2.sel(item=item_id).values, output, rtol=1e-4, atol=1e-7)
+        effects.append(effect)
+        outputs.append(output)
+    effects, outputs, hops = np.array(effects), np.array(outputs), ds.item_hops.values
+    depth = effects.shape[-1]
+    for g, h in enumerate(ds.hops.values):
+        worst = effects[hops == h].max(0)
+        later = np.array([worst[s].sum() / max(depth - 1 - s, 1) for s in range(depth)])
+        np.testing.assert_allclose(ds.later_effect_max.values[g], later, rtol=1e-4, atol=1e-6)
+        score = (np.arange(depth) * later).sum() / later.sum() / depth
+        assert ds.depth_score_later_max.values[g] == pytest.approx(score, rel=1e-4)
+        top = outputs[hops == h].max(0)
+        assert ds.depth_score_output_max.values[g] == pytest.approx((np.arange(depth) * top).sum() / top.sum() / depth,
+                                                                     rel=1e-4)
+        mean = effects[hops == h].mean(0).sum(-1) / np.maximum(depth - 1 - np.arange(depth), 1)
+        np.testing.assert_allclose(ds.later_effect_mean.values[g], mean, rtol=1e-4, atol=1e-6)
+    assert effects[:, :, 0].max() == 0 and effects.max() > 0.01  # l ≤ s unchanged; the test can fail
+    assert "2 hops" in result.output and ds.attrs["depthcache_map"]["kind"] == "hop-depth"
+    plotted = CliRunner().invoke(main, ["plot", "hop-depth", str(out), "--out", str(tmp_path / "plots")])
+    assert plotted.exit_code == 0 and (tmp_path / "plots" / "hop-depth.png").stat().st_size > 10_000, plotted.output

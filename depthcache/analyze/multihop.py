@@ -100,6 +100,30 @@ def centre_of_mass(effect: np.ndarray, depth: np.ndarray) -> np.ndarray:
         return np.where(total > 0, (effect * depth).sum(axis=-1) / total, np.nan)
 
 
+def later_layer_profile(effect: np.ndarray) -> np.ndarray:
+    """(..., skipped s, layer l) → (..., s): the paper's effect of skipping s on the later layers,
+    Σ_l effect[s, l] / max(L − 1 − s, 1) (entries l ≤ s are zero when only earlier positions are skipped), float64."""
+    return effect.sum(axis=-1, dtype=np.float64) / np.maximum(effect.shape[-1] - 1 - np.arange(effect.shape[-2]), 1)
+
+
+def paper_depth(layer_effect: np.ndarray, output_l2: np.ndarray, hops: np.ndarray) -> dict[str, Any]:
+    """The paper's multi-hop reduction of per-item skip effects (``layer_effect`` (item, s, l), ``output_l2``
+    (item, s)): per hop count, the elementwise max over its items (the paper's; the mean beside it), the later-layer
+    profile of the max (or mean) layer effect and the output profile, and each profile's depth score
+    Σ_s (s/L) e_s / Σ_s e_s. Returns xarray variables with dims hops (and skipped_layer)."""
+    groups = np.unique(hops)
+    depth = np.arange(layer_effect.shape[1]) / layer_effect.shape[-1]
+    out: dict[str, Any] = {"n_items": ("hops", np.array([(hops == g).sum() for g in groups]))}
+    for stat, reduce in (("max", np.max), ("mean", np.mean)):
+        later = later_layer_profile(np.stack([reduce(layer_effect[hops == g], axis=0) for g in groups]))
+        output = np.stack([reduce(output_l2[hops == g], axis=0) for g in groups]).astype(np.float64)
+        out |= {f"later_effect_{stat}": (("hops", "skipped_layer"), later),
+                f"output_l2_{stat}": (("hops", "skipped_layer"), output),
+                f"depth_score_later_{stat}": ("hops", centre_of_mass(later, depth)),
+                f"depth_score_output_{stat}": ("hops", centre_of_mass(output, depth))}
+    return out
+
+
 def skip_part(store: Store, pos: np.ndarray, item: np.ndarray, n_items: int, base_lp: np.ndarray,
               base_final: np.ndarray) -> dict[str, Any]:
     """Per-item skip-effect profiles and depth scores from the store's current-variant single-layer skip runs."""

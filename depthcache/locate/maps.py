@@ -24,7 +24,8 @@ MAP_ATTR = "depthcache_map"
 MAP_SCHEMA = "1.2"  # 1.1: igrad adds intervals, error_bound and the tolerance, max_steps attributes; 1.2: the
 # measure's choices (the paper's or ours) as attributes, erasure's max_distribution_l2, a final-residual row L
 READABLE_MAP_SCHEMAS = ("1", "1.1", MAP_SCHEMA)
-KINDS = ("erasure", "igrad")
+KINDS = ("erasure", "igrad")  # the layer × position maps of erase and igrad
+MAP_KINDS = (*KINDS, "hop-depth")  # every kind of map store
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def is_map(location: str | os.PathLike[str]) -> bool:
 def read_map(location: str | os.PathLike[str]) -> xr.Dataset:
     """A location map, loaded into memory, or a clear error when ``location`` is not one."""
     if not is_map(location):
-        raise DepthcacheError(f"{location} is not a depthcache location map (made by `depthcache erase` or `igrad`)")
+        raise DepthcacheError(f"{location} is not a depthcache location map (made by `depthcache erase`, `igrad` or "
+                              "`hop-depth`)")
     ds = xr.open_zarr(str(location), consolidated=False).load()
     found = ds.attrs[MAP_ATTR].get("schema")
     if found not in READABLE_MAP_SCHEMAS:

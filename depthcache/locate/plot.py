@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from depthcache.analyze.plotting import figure, save
+from depthcache.analyze.plotting import figure, layer_axis, legend_outside, save
 from depthcache.errors import DepthcacheError
 from depthcache.locate.maps import MAP_ATTR, item_info, read_map
 from depthcache.store.io import model_display_name
@@ -54,6 +54,35 @@ def plot_map(ds: xr.Dataset, kind: str, folder: Path) -> list[Path]:
     return [heatmap(ds.sel(item=item), kind, model, folder, f"{kind}-{item}") for item in ds.item.values]
 
 
+def plot_hop_depth(ds: xr.Dataset, folder: Path) -> Path:
+    """The paper's multi-hop panels: per hop count, the max over items of the later-layer effect and of the output
+    change for each skipped layer, and the depth scores of both profiles (in layers, as the paper plots them)."""
+    model = model_display_name(ds.attrs[MAP_ATTR]["model"])
+    fig, (later, output, scores) = figure(3, width=5.0, height=3.4)
+    width = 0.8 / ds.sizes["hops"]
+    for i, hops in enumerate(ds.hops.values):
+        x = ds.skipped_layer.values + (i - (ds.sizes["hops"] - 1) / 2) * width
+        label = f"{hops} hop{'s' if hops != 1 else ''} (n={int(ds.n_items.sel(hops=hops))})"
+        later.bar(x, ds.later_effect_max.sel(hops=hops).values, width, label=label)
+        output.bar(x, ds.output_l2_max.sel(hops=hops).values, width, label=label)
+    later.set(xlabel="Layer skipped (prompt positions)", ylabel="max over items of the mean over later\nlayers of "
+              "max ‖Δd_l‖ / ‖d_l‖ at the answer")
+    output.set(xlabel="Layer skipped (prompt positions)", ylabel="max over items of max ‖Δp‖₂ at the answer")
+    for ax in (later, output):
+        layer_axis(ax)
+    depth = ds.sizes["layer"]
+    positions = np.arange(ds.sizes["hops"])
+    scores.bar(positions - 0.2, ds.depth_score_later_max.values * depth, 0.4, label="layer effect")
+    scores.bar(positions + 0.2, ds.depth_score_output_max.values * depth, 0.4, label="output effect")
+    scores.set(xticks=positions, xticklabels=[str(h) for h in ds.hops.values], xlabel="hops",
+               ylabel="depth score (layer, centre of mass)")
+    legend_outside(output)
+    legend_outside(scores)
+    fig.suptitle(f"Multi-hop depth, the paper's measure (skip at the prompt, measure at the answer) — {model}",
+                 fontsize=9)
+    return save(fig, folder, "hop-depth")
+
+
 def plot_map_store(location: str, name: str, out_dir: str | None = None) -> list[Path]:
     """``depthcache plot MAP.zarr erasure|igrad``: draw a location-map store's heatmaps."""
     ds = read_map(location)
@@ -63,4 +92,4 @@ def plot_map_store(location: str, name: str, out_dir: str | None = None) -> list
     here = Path(location.rstrip("/"))
     folder = Path(out_dir) if out_dir else here.with_name(f"{here.name.removesuffix('.zarr')}.plots")
     folder.mkdir(parents=True, exist_ok=True)
-    return plot_map(ds, kind, folder)
+    return [plot_hop_depth(ds, folder)] if kind == "hop-depth" else plot_map(ds, kind, folder)
