@@ -62,8 +62,9 @@ def task_options(required: bool, seed: bool) -> Any:
 
 
 class Commands(click.Group):
-    """A click group that turns DepthcacheError into 'error: …' and exit status 2, and an interrupt into
-    'error: …' (what was kept, how to continue) and 128 + the signal's number."""
+    """A click group that turns DepthcacheError into 'error: …' and exit status 2, a failure to reach a URL or use a
+    file that escaped the library likewise (naming it), and an interrupt into 'error: …' (what was kept, how to
+    continue) and 128 + the signal's number."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -71,10 +72,25 @@ class Commands(click.Group):
         except DepthcacheError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Exception as exc:
+            failed = failed_access(ctx.args, exc)
+            if failed is None:
+                raise
+            click.echo(f"error: {failed}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
             click.echo(f"error: {exc if isinstance(exc, Interrupted) else 'interrupted by SIGINT'}", err=True)
             sys.exit(128 + signum)
+
+
+def failed_access(args: list[str], exc: Exception) -> DepthcacheError | None:
+    """A network or file failure as one line naming the file at fault, else the command's URL; None for anything
+    else (a bug: shown with its traceback)."""
+    from depthcache.store.io import access_error, is_access_failure, is_url
+
+    where = getattr(exc, "filename", None) or next((arg for arg in args if is_url(arg)), None)
+    return access_error(where, exc) if where and is_access_failure(exc) else None
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -552,6 +568,22 @@ def push(store: str, url: str, jobs: int, storage_options: tuple[str, ...], prog
 def pull(url: str, store: str, jobs: int, storage_options: tuple[str, ...], progress: bool | None) -> None:
     """Copy a store from URL to a local folder: parallel, resumable, every chunk verified at the end."""
     copy_and_report(url, store, jobs, parse_params(storage_options), push=False, progress=progress)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("destination")
+@click.option("--shard-mib", default=256, show_default=True, type=click.IntRange(1, 1024),
+              help="Target size of one shard of the new store (as for extract).")
+@progress_option
+def upgrade(source: str, destination: str, shard_mib: int, progress: bool | None) -> None:
+    """Rewrite a schema 1.x store as 2.0 (sharded: one layer is read without the others) into a new folder, every
+    chunk's checksum verified on the way and the result validated; the source is left as it is."""
+    from depthcache.extraction.upgrade import upgrade_store
+
+    attrs = upgrade_store(source, destination, shard_mib, progress)
+    click.echo(f"{destination}: schema {attrs['schema_version']}, {attrs['layout']['n_tokens']:,} tokens in "
+               f"{attrs['layout']['chunk_tokens']:,}-token shards, validated")
 
 
 @main.command()

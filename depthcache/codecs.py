@@ -124,11 +124,11 @@ def index_coords(entries: np.ndarray, flat_index: int) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(flat_index), entries.shape[:-1]))
 
 
-def index_end(entries: np.ndarray) -> int:
-    """Where the last inner chunk a shard index points to ends (0: no inner chunk)."""
+def entry_past(entries: np.ndarray, data_bytes: int) -> tuple[int, ...] | None:
+    """Coordinates of the first inner chunk a (checked) shard index places beyond the shard's ``data_bytes``."""
     flat = entries.reshape(-1, 2)
-    used = flat[flat[:, 0] != MAX_UINT_64]
-    return int((used[:, 0] + used[:, 1]).max()) if used.size else 0
+    past = np.flatnonzero((flat[:, 0] != MAX_UINT_64) & (flat[:, 0] + flat[:, 1] > data_bytes))
+    return index_coords(entries, past[0]) if past.size else None
 
 
 class ExactRanges:
@@ -203,9 +203,10 @@ class CheckedShardingCodec(ShardingCodec):
             raise CorruptChunkError(f"{path}: {exc}") from exc
         if shard is not None:
             data_bytes = len(shard.buf) - self._shard_index_size(chunks_per_shard)
-            if index_end(shard.index.offsets_and_lengths) > data_bytes:
-                raise CorruptChunkError(f"{path}: the shard index points past the end of the shard's "
-                                        f"{data_bytes:,} data bytes")
+            past = entry_past(shard.index.offsets_and_lengths, data_bytes)
+            if past is not None:
+                raise CorruptChunkError(f"{path}: the shard index places inner chunk {past} past the end of the "
+                                        f"shard's {data_bytes:,} data bytes")
         return shard
 
 

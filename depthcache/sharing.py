@@ -1,8 +1,8 @@
 """Copying a store between places (``depthcache push`` / ``pull``): parallel, resumable, verified by checksums.
 
 Any two fsspec locations work (local folder, ``s3://``, ``gs://``, ...). Objects are copied in parallel; a chunk
-already at the destination with the same size and the same trailing crc32c is skipped, so an interrupted copy
-resumes where it stopped. Metadata (every ``zarr.json``) is always copied, and the root ``zarr.json``, which
+already at the destination with the same size and the same trailing crc32c (a 2.0 shard: the same index and the
+same trailing crc32c of every inner chunk) is skipped, so an interrupted copy resumes where it stopped. Metadata (every ``zarr.json``) is always copied, and the root ``zarr.json``, which
 holds the progress, is copied last: a half-copied store has no root metadata and never looks complete. At the
 end the destination is validated as ``depthcache validate`` does (every committed chunk, the model head, the
 tokenizer files and cached analyses decoded and checked); every object at fault is fetched again from the source
@@ -20,17 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from depthcache.errors import DepthcacheError
 from depthcache.limits import MAX_CHUNK_BYTES, MAX_METADATA_BYTES, max_object_bytes
 from depthcache.progress import MINUTE, Progress
-from depthcache.store.io import is_url, parse_json
-from depthcache.store.layout import ATTRS_KEY, is_checksummed
+from depthcache.store.io import is_access_failure, is_url, one_line, parse_json, reaching
+from depthcache.store.layout import ATTRS_KEY, is_checksummed, shard_index_bytes
 from depthcache.store.problems import CHUNK_KEY
 
 ROOT_METADATA = "zarr.json"
 CRC_BYTES = 4  # crc32c is the last codec of every store array: a chunk's last 4 bytes are its checksum
+COPY_PIECE = 64 * 2**20  # objects larger than this (2.0 shards) are copied piece by piece
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,11 @@ def require_bucket(where: Place, location: str) -> None:
     if name is None:
         return
     try:
-        found = where.fs.exists(name.partition("://")[2])
-    except (OSError, PermissionError, ValueError) as exc:
-        raise DepthcacheError(f"cannot reach {name}: {exc} (check the credentials and --storage-option "
-                              "endpoint_url=...)") from exc
-    if not found:
+        where.fs.info(name.partition("://")[2])  # not fs.exists: s3fs's takes a refused connection for 'no bucket'
+    except FileNotFoundError as exc:
         how = f" (e.g. aws s3 mb {name})" if name.startswith("s3://") else ""
         raise DepthcacheError(f"the bucket {name} does not exist (or these credentials cannot see it): create it "
-                              f"first{how}, or name an existing bucket")
+                              f"first{how}, or name an existing bucket") from exc
 
 
 def listing(where: Place) -> dict[str, int]:
@@ -133,43 +132,78 @@ def is_chunk(key: str) -> bool:
     return "/c/" in f"/{key}" and not key.startswith("analyses/")
 
 
-def checksummed_arrays(src: Place, objects: Mapping[str, int], jobs: int) -> set[str]:
-    """Paths of the source's arrays whose codecs end with crc32c: only their chunks may be skipped by size and
-    trailer (a model head of schema < 1.3 has no checksum, so its chunks are always copied)."""
+def checksummed_arrays(src: Place, objects: Mapping[str, int], jobs: int) -> dict[str, int]:
+    """The source's arrays whose objects can be compared without reading them, by path: codecs ending with crc32c
+    (0: an object's last 4 bytes are its checksum), or sharded (2.0) with crc32c on every inner chunk and on the
+    index (the index's size in bytes). A model head of schema < 1.3 has no checksum: its chunks are always copied."""
     metadata = [k for k in objects if k.endswith(f"/{ROOT_METADATA}")]
 
-    def checksummed(key: str) -> bool:
+    def comparable(key: str) -> int | None:
         try:
             meta = parse_json(src.fs.cat_file(src.path(key)), key)
         except DepthcacheError:
-            return False
-        return isinstance(meta, dict) and meta.get("node_type") == "array" and is_checksummed(meta.get("codecs"))
+            return None
+        if not isinstance(meta, dict) or meta.get("node_type") != "array":
+            return None
+        return 0 if is_checksummed(meta.get("codecs")) else shard_index_bytes(meta)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        flags = list(pool.map(checksummed, metadata))
-    return {key.removesuffix(f"/{ROOT_METADATA}") for key, flag in zip(metadata, flags) if flag}
+        found = list(pool.map(comparable, metadata))
+    return {key.removesuffix(f"/{ROOT_METADATA}"): n for key, n in zip(metadata, found) if n is not None}
 
 
-def same_object(src: Place, dst: Place, key: str, size: int, dst_sizes: dict[str, int], checksummed: set[str]
+def same_object(src: Place, dst: Place, key: str, size: int, dst_sizes: dict[str, int], checksummed: dict[str, int]
                 ) -> bool:
-    """True if the destination already holds this chunk of a checksummed array: same size and same trailing
-    crc32c (the final verification fetches it again if its middle differs)."""
+    """True if the destination already holds this object of a checksummed array: same size and same trailing
+    crc32c, or for a shard the same index and the same crc32c at the end of every inner chunk (the final
+    verification fetches it again if its middle differs)."""
     match = CHUNK_KEY.fullmatch(key)
     if (not is_chunk(key) or match is None or match["array"] not in checksummed or dst_sizes.get(key) != size
             or size < CRC_BYTES):
         return False
+    index_bytes = checksummed[match["array"]]
+    if index_bytes:
+        mine = shard_fingerprint(src, key, size, index_bytes)
+        return mine is not None and mine == shard_fingerprint(dst, key, size, index_bytes)
     tail = slice(size - CRC_BYTES, size)
     return (src.fs.cat_file(src.path(key), start=tail.start, end=tail.stop)
             == dst.fs.cat_file(dst.path(key), start=tail.start, end=tail.stop))
 
 
+def shard_fingerprint(where: Place, key: str, size: int, index_bytes: int) -> bytes | None:
+    """A shard's index followed by the crc32c trailer of every inner chunk it lists (one ranged read each), or None
+    when the index points outside the shard (never the same as anything: the shard is copied)."""
+    if size < index_bytes:
+        return None
+    path = where.path(key)
+    index = where.fs.cat_file(path, start=size - index_bytes, end=size)
+    entries = np.frombuffer(index[:-CRC_BYTES], dtype="<u8").reshape(-1, 2)
+    used = entries[entries[:, 0] != np.iinfo(np.uint64).max]
+    ends = used[:, 0] + used[:, 1]
+    if len(used) and ((used[:, 1] < CRC_BYTES).any() or (ends > size - index_bytes).any()):
+        return None
+    trailers = where.fs.cat_ranges([path] * len(ends), [int(e) - CRC_BYTES for e in ends], [int(e) for e in ends])
+    return bytes(index) + b"".join(trailers)
+
+
 def copy_object(src: Place, dst: Place, key: str) -> int:
-    """Copy one object (whole, through memory: chunks are at most tens of MiB); returns its size."""
-    data = src.fs.cat_file(src.path(key))
+    """Copy one object; returns its size. Objects up to COPY_PIECE go whole through memory, larger ones (2.0 shards,
+    up to 1 GiB) in pieces of COPY_PIECE, so memory stays at one piece per copy job."""
+    path = src.path(key)
     if isinstance(dst.fs, LocalFileSystem):
         dst.fs.makedirs(dst.path(key).rsplit("/", 1)[0], exist_ok=True)
-    dst.fs.pipe_file(dst.path(key), data)
-    return len(data)
+    with src.fs.open(path, "rb", block_size=COPY_PIECE) as reader:
+        first = reader.read(COPY_PIECE)
+        if len(first) < COPY_PIECE:
+            dst.fs.pipe_file(dst.path(key), first)
+            return len(first)
+        copied = len(first)
+        with dst.fs.open(dst.path(key), "wb", block_size=COPY_PIECE) as writer:
+            while first:
+                writer.write(first)
+                first = reader.read(COPY_PIECE)
+                copied += len(first)
+    return copied
 
 
 def source_attrs(src: Place, location: str, size: int | None) -> dict[str, Any]:
@@ -254,15 +288,17 @@ def copy_store(source: str, destination: str, source_options: Mapping[str, Any] 
 
     started = time.perf_counter()
     src, dst = place(source, source_options), place(destination, destination_options)
-    require_bucket(src, source)
-    objects, ignored = source_objects(src, source)
-    src_attrs = source_attrs(src, source, objects.get(ROOT_METADATA))
-    require_bucket(dst, destination)
-    check_same_store(dst, src_attrs, destination)
-    dst_sizes = listing(dst)
+    with reaching(source):
+        require_bucket(src, source)
+        objects, ignored = source_objects(src, source)
+        src_attrs = source_attrs(src, source, objects.get(ROOT_METADATA))
+    with reaching(destination):
+        require_bucket(dst, destination)
+        check_same_store(dst, src_attrs, destination)
+        dst_sizes = listing(dst)
     keys = sorted(k for k in objects if k != ROOT_METADATA)
-    checksummed = checksummed_arrays(src, objects, jobs) if dst_sizes else set()
     try:
+        checksummed = checksummed_arrays(src, objects, jobs) if dst_sizes else {}
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             present = dict(zip(keys, pool.map(lambda k: same_object(src, dst, k, objects[k], dst_sizes, checksummed),
                                               keys)))
@@ -278,9 +314,11 @@ def copy_store(source: str, destination: str, source_options: Mapping[str, Any] 
         if refetch:  # fetch what failed again (e.g. a chunk damaged at the destination), then check everything again
             sizes += copy_all(src, dst, refetch, jobs)
             found, whole = verification(destination, objects, dst, destination_options)
-    except OSError as exc:
-        raise DepthcacheError(f"copying {source} to {destination} stopped: {exc}; fix the cause and run the same "
-                              "command again (it resumes)") from exc
+    except Exception as exc:
+        if not is_access_failure(exc):
+            raise
+        raise DepthcacheError(f"copying {source} to {destination} stopped: {one_line(exc)}; fix the cause and run the "
+                              "same command again (it resumes)") from exc
     return CopyReport(len(todo) + 1, len(keys) - len(todo), sum(sizes), time.perf_counter() - started,
                       tuple(found.report()), verified(found), len(refetch), ignored, tuple(found.notes),
                       source_damaged=bool(found) and whole)

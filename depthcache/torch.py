@@ -48,6 +48,7 @@ from depthcache.store.schema import check_store
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 METADATA = ("token_id", "doc_id", "position", "next_token_id") + tuple(TASK_ARRAYS)
 ROW_BATCH = 256  # rows are cut from batches of this size when no batch_size is given
+BUFFER_BYTES = 256 * 2**20  # default shuffle buffer (buffer_chunks whole chunks of the chosen layers, output dtype)
 NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16), torch.bfloat16: BFLOAT16}
 
 
@@ -164,7 +165,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, store: str | os.PathLike[str], site: str = "resid_pre",
                  layers: int | Sequence[int] | None = None, *, dtype: torch.dtype = torch.float32,
-                 batch_size: int | None = None, shuffle: bool = False, buffer_chunks: int = 4, seed: int = 0,
+                 batch_size: int | None = None, shuffle: bool = False, buffer_chunks: int | None = None, seed: int = 0,
                  drop_last: bool = False, run: str | None = None, rank: int | None = None,
                  world_size: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -182,7 +183,7 @@ class ActivationDataset(torch.utils.data.IterableDataset):
             raise DepthcacheError(f"{store} has no {site}: extract it with --sites including "
                                   f"{'resid' if site.startswith('resid') else site.split('_')[0]}")
         self.site, self.dtype, self.batch_size, self.shuffle = site, dtype, batch_size, shuffle
-        self.buffer_chunks, self.seed, self.drop_last, self.epoch = buffer_chunks, seed, drop_last, 0
+        self.seed, self.drop_last, self.epoch = seed, drop_last, 0
         self.stored_dtype = attrs["options"]["dtype"]
         self.chunk_tokens = int(attrs["layout"]["chunk_tokens"])
         self.n_tokens = int(attrs["progress"]["tokens_committed"])
@@ -191,6 +192,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         self.layer_index, self.squeeze = self._layer_index(stored, site, layers)
         self.layers = [stored[i] for i in self.layer_index]
         self.d_model = int(group[site].shape[-1])
+        row_bytes = max(1, len(self.layers)) * self.d_model * torch.tensor([], dtype=dtype).element_size()
+        self.buffer_chunks = buffer_chunks or max(1, BUFFER_BYTES // (self.chunk_tokens * row_bytes))
         # shuffle inside zarr's copy; not for unsorted layers (zarr then writes with integer arrays)
         self.scatter = self.layer_index == sorted(self.layer_index)
         self.rank, self.world_size = rank, world_size

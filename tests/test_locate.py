@@ -464,3 +464,38 @@ def test_older_map_schemas_still_read(tmp_path: Path, tiny_models: dict[str, Pat
         else:
             with pytest.raises(DepthcacheError, match="schemas 1, 1.1, 1.2"):
                 read_map(out)
+
+
+def shown(key: str, value: object) -> str:
+    """A choice's value as --help and docs/analyses.md write it."""
+    words = {"include_first": {True: "include", False: "exclude"}, "final_residual": {True: "yes", False: "no"}}
+    return words[key][value] if key in words else str(value)
+
+
+def test_documented_defaults_equal_the_code(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """Ours and the paper's value of every choice agree between the code (OURS, PAPER), each option's --help, the
+    table in docs/analyses.md and the attributes a map made without options stores."""
+    from depthcache.locate.run import OURS, PAPER
+
+    table = (Path(__file__).parent.parent / "docs" / "analyses.md").read_text()
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0] in ("erase", "igrad") and cells[1].startswith("--"):
+            rows[cells[0], cells[1].split("/")[0].removeprefix("--").replace("-", "_")] = (cells[2], cells[3])
+    model = str(tiny_models["llama"])
+    for command, kind, layers in (("erase", "erasure", "0"), ("igrad", "igrad", "3")):
+        text = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        out = str(tmp_path / f"{kind}.zarr")
+        code, output = run_cli(command, "--model", model, "--prompt", PROMPT, "--answer", ANSWER, "--out", out,
+                               "--device", "cpu", "--layers", layers, "--reference-windows", "1"
+                               ) if kind == "erasure" else run_cli(command, "--model", model, "--prompt", PROMPT,
+                                                                   "--answer", ANSWER, "--out", out, "--device", "cpu",
+                                                                   "--layers", layers)
+        assert code == 0, output
+        stored = read_map(out).attrs["depthcache_map"]
+        for key, ours in OURS[kind].items():
+            paper = PAPER[kind][key]
+            assert rows[command, key] == (shown(key, ours), shown(key, paper)), (command, key)
+            assert f"[default: {shown(key, ours)}; {shown(key, paper)} with --paper]" in text, (command, key)
+            assert stored[key] == ours and stored["paper"] is False

@@ -184,10 +184,10 @@ def test_report_of_a_remote_store_shows_the_results_folder(pushed, tmp_path, s3_
     result = invoke("report", url, "--results", str(folder), "--out", str(out))
     assert result.exit_code == 0, result.output
     page = out.read_text()
-    assert 'id="analysis-logit-lens (include_first=false, max_tokens=64)"' in page  # beside the pushed default
-    assert 'id="analysis-logit-lens (include_first=false, max_tokens=null)"' in page
+    assert 'id="analysis-logit-lens (include_first=false, layers=all, max_tokens=64)"' in page  # beside the pushed default
+    assert 'id="analysis-logit-lens (include_first=false, layers=all, max_tokens=null)"' in page
     info = invoke("info", url, "--results", str(folder)).output
-    assert "logit-lens      include_first=false, max_tokens=64" in info
+    assert "logit-lens      include_first=false, layers=all, max_tokens=64" in info
 
 
 def test_opening_a_remote_store_validates_it_once(pushed, s3_server, monkeypatch) -> None:
@@ -222,3 +222,76 @@ def test_opening_a_remote_store_validates_it_once(pushed, s3_server, monkeypatch
     _ = store.attrs, store.ds, store.run  # what analyses read: validated once, however often they ask
     _ = store.ds.resid_pre, store.attrs
     assert len([c for c in calls if "list" in c.lower()]) <= len(one_check) + 1 < 2 * len(one_check) + 1, calls
+
+
+@pytest.fixture
+def one_try(monkeypatch) -> list[str]:
+    """Storage options trying each request once with 2 s timeouts (s3fs's own retries off): a failure shows in
+    seconds instead of after a minute of retries."""
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    return ["--storage-option", 'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2, '
+                                '"read_timeout": 2}']
+
+
+def remote_commands(store: Path, url: str, tmp_path: Path) -> list[tuple[str, ...]]:
+    """Every command that reads or writes a URL, reading or writing ``url``."""
+    return [("info", url), ("validate", url), ("analyze", "residual-norms", url, "--results", str(tmp_path / "r")),
+            ("plot", "residual-norms", url, "--results", str(tmp_path / "r"), "--out", str(tmp_path / "p")),
+            ("report", url, "--out", str(tmp_path / "r.html")), ("pull", url, str(tmp_path / "p.zarr")),
+            ("push", str(store), url), ("compare", url, url, "--out", str(tmp_path / "c"))]
+
+
+def one_remote_error(args: tuple[str, ...], extra: list[str], url: str, *needles: str) -> None:
+    """The command fails with one 'error:' line naming ``url`` and ``needles``, no traceback."""
+    result = CliRunner().invoke(main, [*args, *extra])
+    assert result.exit_code == 2, (args, result.output, result.exception)
+    assert result.output.startswith(f"error: cannot reach {url}: ") and result.output.count("\n") == 1, \
+        (args, result.output)
+    for needle in needles:
+        assert needle in result.output, (args, result.output)
+
+
+def test_unreachable_servers_are_one_line_naming_the_url(pushed, tmp_path, s3_server, one_try) -> None:
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    store, _ = pushed
+    stopped = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    stopped.start()
+    host, port = stopped.get_host_and_port()
+    stopped.stop()  # a local S3 server that was stopped: nothing listens there any more
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        wrong_port = free.getsockname()[1]
+    url = f"s3://{BUCKET}/runs/a.zarr"
+    for endpoint in (f"http://{host}:{port}", f"http://127.0.0.1:{wrong_port}"):
+        for args in remote_commands(store, url, tmp_path):
+            one_remote_error(args, [*one_try, "--storage-option", f"endpoint_url={endpoint}"], url,
+                             "EndpointConnectionError", endpoint.removeprefix("http://"))
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers: a timeout
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for args in (("info", url), ("pull", url, str(tmp_path / "p.zarr"))):
+            one_remote_error(args, [*one_try, "--storage-option", f"endpoint_url={endpoint}"], url, "Timeout")
+    assert not (tmp_path / "p.zarr").exists() and not (tmp_path / "r").exists()
+
+
+def test_wrong_credentials_are_one_line_naming_the_url(pushed, tmp_path, s3_server, one_try, monkeypatch) -> None:
+    import moto.settings
+
+    import depthcache
+    from depthcache.errors import DepthcacheError
+
+    store, url = pushed
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server checks credentials now
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    options = [*one_try, "--storage-option", f"endpoint_url={s3_server}"]
+    for args in remote_commands(store, url, tmp_path):
+        one_remote_error(args, options, url, "Forbidden", "credentials")
+    with pytest.raises(DepthcacheError, match=f"cannot reach {url}: PermissionError: Forbidden"):
+        depthcache.open(url, storage_options={"endpoint_url": s3_server, "config_kwargs": {"retries": {
+            "max_attempts": 1}}})

@@ -147,6 +147,53 @@ def test_interrupt_from_the_command_line_is_one_error_line(tiny_models, text_fil
     assert result.output.startswith("error: interrupted by SIGINT;") and "--resume" in result.output
 
 
+def test_sighup_stops_an_extraction_like_sigterm() -> None:
+    from depthcache.extraction.interrupts import raise_interrupted, stop_on_signals
+
+    with stop_on_signals():
+        assert signal.getsignal(signal.SIGHUP) is raise_interrupted  # before: the default, which ends the process
+        with pytest.raises(Interrupted) as caught:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)
+    assert caught.value.signum == signal.SIGHUP and str(caught.value) == "interrupted by SIGHUP"
+
+
+def killed_write(path: Path) -> Path:
+    """What kill -9 during zarr's write of ``path`` leaves: zarr's own temporary file (nothing renamed into place)."""
+    from zarr.storage._local import _atomic_write
+
+    before = set(path.parent.iterdir())
+    with pytest.raises(KeyboardInterrupt), _atomic_write(path, "wb") as f:
+        f.write(b"x" * 4096)
+        raise KeyboardInterrupt  # not an Exception: zarr does not clean up, as after kill -9
+    (leftover,) = set(path.parent.iterdir()) - before
+    return leftover
+
+
+def test_resume_removes_and_validate_reports_the_leftovers_of_a_killed_write(store, copy, tiny_models,
+                                                                              text_file) -> None:
+    chunk = next(p for p in (copy / "resid_pre" / "c").rglob("*") if p.is_file())  # c/0/1/0 style keys
+    leftovers = [killed_write(chunk), killed_write(copy / "zarr.json")]
+    assert leftovers[0].name.startswith(f"{chunk.name}.") and leftovers[0].name.endswith(".partial")
+    found = validate(str(copy), read_chunks=False)
+    assert found.count == 1 and "2 temporary file(s) of interrupted writes" in found.lines[0], found.report()
+    assert str(leftovers[0].relative_to(copy)) in found.lines[0] and "--resume" in found.lines[0]
+    code, out = cli("validate", str(copy))
+    assert code == 2 and "is invalid:\n  2 temporary file(s) of interrupted writes" in out, out
+    run(copy.parent, tiny_models["llama"], text_file, name=copy.name, dtype="bfloat16", max_tokens=192, resume=True)
+    assert not any(p.exists() for p in leftovers) and validate(str(copy)).count == 0
+    assert arrays(copy) == arrays(store)
+
+
+def test_leftovers_in_a_live_writers_folder_are_not_ours() -> None:
+    from depthcache.store.leftovers import leftover_keys
+
+    uuid = "0123456789abcdef0123456789abcdef"
+    keys = [f"resid_pre/c/0/3/0.{uuid}.partial", f"zarr.{uuid}.partial", "runs/skip_1/zarr.json.tmp",
+            f"analyses/x/.k.writing-7/v/c/0.{uuid}.partial", "resid_pre/c/0/3/0", f"a.{uuid[:-1]}.partial"]
+    assert leftover_keys(keys) == sorted(keys[:3])
+
+
 # 2 ------------------------------------------------------------------------------------ model head checksums
 
 def test_model_head_and_tokenizer_are_checksummed_and_validated(store, copy, tmp_path) -> None:
@@ -361,6 +408,38 @@ def test_junk_results_and_bad_inputs_are_one_error_line(copy, tmp_path, tiny_mod
     (tmp_path / "afile").write_text("not a folder")
     code, out = cli("analyze", "residual-norms", str(copy), "--results", str(tmp_path / "afile"))
     one_error(code, out, "cannot save results", "is in the way")
+
+
+def test_symlink_loops_are_one_error_line(store, tmp_path, tiny_models, text_file, monkeypatch) -> None:
+    loop = tmp_path / "loop.zarr"
+    loop.symlink_to(loop)
+
+    def no_model(*args, **kw):  # noqa: ANN002, ANN003, ANN202 - refused before the model is loaded
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine, "load_model", no_model)
+    for args in (("validate", loop), ("info", loop), ("analyze", "residual-norms", loop), ("plot", "contributions", loop),
+                 ("report", loop, "--out", tmp_path / "r.html"), ("pull", loop, tmp_path / "p.zarr"),
+                 ("pull", store, loop), ("analyze", "residual-norms", store, "--results", loop),
+                 ("extract", "--model", tiny_models["llama"], "--data", text_file, "--out", loop, "--device", "cpu")):
+        code, out = cli(*map(str, args))
+        one_error(code, out, str(loop))
+        assert "symbolic links" in out or "Symlink loop" in out or "no depthcache store" in out, out
+
+
+def test_corrupt_chunks_read_through_the_python_api_are_named(copy) -> None:
+    import depthcache
+    from depthcache.errors import CorruptData
+
+    chunk = copy / "resid_pre" / "c" / "0" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptData, match=r"corrupt data: .*copy.zarr: array 'resid_pre' token chunk 1 \(tokens "
+                                          r"64\.\.127\): .*depthcache validate STORE"):
+        depthcache.open(copy).resid_pre.values
+    code, out = cli("analyze", "residual-norms", str(copy), "--results", str(copy.parent / "r"))
+    one_error(code, out, "array 'resid_pre' token chunk 1 (tokens 64..127)")
 
 
 # 8 ----------------------------------------------------------------------------------- analysis parameters

@@ -68,6 +68,7 @@ from depthcache.store.io import (
     require_writable,
     write_attrs,
 )
+from depthcache.store.leftovers import remove_leftovers
 from depthcache.store.layout import (
     DEFAULT_SHARD_MIB,
     MIB,
@@ -524,6 +525,7 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
     sites = parse_sites(opts.sites)
     worker = Worker(opts.worker_index, opts.num_workers)
     resuming = check_destination(opts.out, opts.resume or worker.count > 1)
+    remove_leftovers(opts.out, worker.count)  # temporary files of a write killed midway (none in a new store)
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
     device = str(resolve_device(opts.device))
     docs = docs if docs is not None else load_documents(opts.data, opts.fields)
@@ -537,7 +539,9 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
                                                             plan.n_tokens, opts.shard_mib * MIB)
     token_shard = choose_token_shard_tokens(chunk_tokens, d_model, ITEMSIZES[opts.dtype], plan.n_tokens)
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens, docs.details)
-    attrs["layout"] |= {"token_shard_tokens": token_shard, "num_workers": worker.count}
+    attrs["layout"]["num_workers"] = worker.count
+    if token_shard is not None:  # None: a 1.x layout (unsharded), which only tests of old stores make
+        attrs["layout"]["token_shard_tokens"] = token_shard
     task = isinstance(docs, TaskDocuments)
     if task:
         attrs["dataset"] |= task_attrs(docs)

@@ -1,5 +1,5 @@
-"""SIGINT and SIGTERM during an extraction: stop at the last committed chunk, never inside one, and say how to
-resume. (SIGKILL cannot be caught: the store is consistent after it too, since every commit is atomic.)"""
+"""SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH session) during an extraction: stop at the last committed
+chunk, never inside one, and say how to resume. (SIGKILL cannot be caught: the store is consistent after it too, since every commit is atomic.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from types import FrameType
 
 from depthcache.errors import Interrupted
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def raise_interrupted(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - signal handler signature
@@ -23,8 +23,8 @@ def raise_interrupted(signum: int, frame: FrameType | None) -> None:  # noqa: AR
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """While the body runs, SIGINT and SIGTERM raise Interrupted in the main thread instead of ending the process
-    mid-write; a signal the parent set to be ignored (a background job's SIGINT) stays ignored."""
+    """While the body runs, SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread instead of ending the
+    process mid-write; a signal the parent set to be ignored (a background job's SIGINT) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

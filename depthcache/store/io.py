@@ -22,7 +22,7 @@ from zarr.core.sync import sync
 if TYPE_CHECKING:  # only annotations: writing a store (extract) never imports xarray
     import xarray as xr
 
-from depthcache.errors import DepthcacheError
+from depthcache.errors import CorruptData, DepthcacheError
 from depthcache.limits import MAX_JSON_DEPTH, MAX_METADATA_BYTES
 from depthcache.store.layout import ATTRS_KEY, READABLE_MAJORS, SCHEMA_VERSION
 
@@ -90,7 +90,7 @@ def access_error(location: str | os.PathLike[str], exc: BaseException) -> Depthc
     """One line naming ``location`` and why it cannot be reached or read (connection refused, unknown host, timeout,
     access denied, a symlink loop), with what to check."""
     if not is_url(location):
-        return DepthcacheError(f"cannot read {location}: {getattr(exc, 'strerror', None) or one_line(exc)}")
+        return DepthcacheError(f"cannot use {location}: {getattr(exc, 'strerror', None) or one_line(exc)}")
     return DepthcacheError(f"cannot reach {location}: {one_line(exc)}; check the URL, the network, the credentials "
                            "(AWS_* variables) and --storage-option endpoint_url=...")
 
@@ -103,6 +103,21 @@ def one_line(exc: BaseException) -> str:
     inner = getattr(exc, "kwargs", {}).get("error") or exc.__cause__  # botocore keeps the socket's error in kwargs
     detail = " ".join(str(inner).split())[:200] if inner is not None else ""
     return f"{type(exc).__name__}: {text}" + (f" ({detail})" if detail and detail not in text else "")
+
+
+def read_block(array: zarr.Array, key: Any) -> np.ndarray:
+    """``array[key]``, one block of a store array as dask reads it; bytes that fail to decode or their checksum raise
+    CorruptData naming the store, the array and the token chunk, as the command line does."""
+    try:
+        return array[key]
+    except (ValueError, RuntimeError) as exc:
+        dims = list(array.metadata.dimension_names or ())
+        tokens = key[dims.index("token")] if "token" in dims and isinstance(key, tuple) else None
+        chunk = (f" token chunk {tokens.start // array.chunks[dims.index('token')]} (tokens {tokens.start}.."
+                 f"{tokens.stop - 1})" if isinstance(tokens, slice) and tokens.start is not None else "")
+        raise CorruptData(f"corrupt data: {str(array.store).removeprefix('file://')}: array {array.path!r}{chunk}: "
+                          f"{type(exc).__name__}: {str(exc)[:200]}. Re-extract or copy the store again (depthcache "
+                          "validate STORE lists every bad chunk)") from exc
 
 
 def check_metadata_file(location: str | os.PathLike[str], path: str | None,

@@ -28,6 +28,7 @@ bytes / 128 MiB + 1. Every inner chunk ends with its crc32c and so does every sh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -194,6 +195,24 @@ def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         layer = group.create_array("layer", shape=(len(layout.layers),), dtype="int32",
                                    dimension_names=("layer",), compressors=[Crc32cCodec()])  # 1.3: checksummed
         layer[:] = np.asarray(layout.layers, dtype=np.int32)
+
+
+def shard_index_bytes(meta: dict[str, Any]) -> int | None:
+    """Size of the index at the end of each shard of a sharded array (its zarr.json as a dict) whose inner chunks
+    and index both end with crc32c; None for any other array."""
+    codecs = meta.get("codecs")
+    if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
+            and codecs[0].get("name") == "sharding_indexed"):
+        return None
+    config = codecs[0].get("configuration") or {}
+    try:
+        grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        inner = [int(c) for c in config["chunk_shape"]]
+        per_shard = math.prod(int(g) // c for g, c in zip(grid, inner))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    checked = is_checksummed(config.get("codecs")) and is_checksummed(config.get("index_codecs"))
+    return 16 * per_shard + 4 if checked and config.get("index_location", "end") == "end" else None
 
 
 def is_checksummed(codecs: Sequence[Any] | None) -> bool:

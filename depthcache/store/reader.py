@@ -23,7 +23,7 @@ from depthcache.errors import DepthcacheError
 from depthcache.store.arrays import holds_bits, open_arrays
 from depthcache.store.head import read_head
 from depthcache.store.identity import identity
-from depthcache.store.io import open_group
+from depthcache.store.io import open_group, read_block
 from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS
 from depthcache.store.schema import check_store
 
@@ -113,7 +113,7 @@ class Committed:
         return len(self.shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return self.convert(self.array[key])
+        return self.convert(read_block(self.array, key))
 
 
 def view_bfloat16(bits: np.ndarray) -> np.ndarray:

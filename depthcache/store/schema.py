@@ -20,7 +20,7 @@ import zarr
 from zarr.codecs.sharding import MAX_UINT_64
 from zarr.core.sync import sync
 
-from depthcache.codecs import index_entries_problem
+from depthcache.codecs import entry_past, index_entries_problem
 from depthcache.dtypes import bf16_bits_to_float32
 from depthcache.errors import DepthcacheError
 from depthcache.limits import (
@@ -35,6 +35,7 @@ from depthcache.limits import (
 from depthcache.store.arrays import holds_bits, open_arrays
 from depthcache.store.complete import result_chunk_problems
 from depthcache.store.head import head_problems
+from depthcache.store.leftovers import leftover_problems
 from depthcache.store.io import (
     METADATA,
     NOT_A_FILE,
@@ -331,13 +332,14 @@ def read_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], toke
         array = arrays[name]
         axis = array.metadata.dimension_names.index("token")
         step = array.chunks[axis]
-        if array.shards:
-            shard_index_problems(array, name, tokens, problems)
+        bad = shard_index_problems(array, name, tokens, problems) if array.shards else set()
         for index, start in enumerate(range(0, tokens, step)):
             region = [slice(None)] * array.ndim
             region[axis] = slice(start, min(start + step, tokens))
             stored = start // object_shape(array)[axis]  # the object holding it: its chunk, or (2.0) its shard
             key = chunk_key(name, tuple(stored if i == axis else 0 for i in range(array.ndim)))
+            if key in bad:  # its index is reported: reading through it would only repeat that
+                continue
             try:
                 values = array[tuple(region)]
             except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt chunk to report
@@ -351,10 +353,11 @@ def read_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], toke
                 problems.add(f"array {name!r} token chunk {index}: non-finite values", key)
 
 
-def shard_index_problems(array: zarr.Array, name: str, tokens: int, problems: Problems) -> None:
+def shard_index_problems(array: zarr.Array, name: str, tokens: int, problems: Problems) -> set[str]:
     """2.0: read every committed shard's index and check it (its crc32c; entries inside the shard, no longer than an
     inner chunk of the array, not overlapping) and that every inner chunk holding committed tokens is in it (a
-    missing one would read as zeros)."""
+    missing one would read as zeros); returns the keys of the shards at fault."""
+    bad = set()
     axis = array.metadata.dimension_names.index("token")
     codec = array.metadata.codecs[0]
     per_shard = tuple(s // c for s, c in zip(array.shards, array.chunks))
@@ -367,10 +370,15 @@ def shard_index_problems(array: zarr.Array, name: str, tokens: int, problems: Pr
             found = sync(codec._load_shard_index_maybe(array.store_path / key.split("/", 1)[1], per_shard))
         except Exception as exc:  # noqa: BLE001 - any failure of untrusted index bytes is a problem to report
             problems.add(f"array {name!r} shard {key}: {type(exc).__name__}: {shorten(str(exc))}", key)
+            bad.add(key)
             continue
         problems.count_read("shard indexes (crc32c)")
         entries = found.offsets_and_lengths if found is not None else None
         problem = "missing" if entries is None else index_entries_problem(entries, limit)
+        if problem is None:
+            past = entry_past(entries, sync(array.store_path.store.getsize(f"{array.path}/{key.split('/', 1)[1]}"))
+                              - 16 * math.prod(per_shard) - 4)
+            problem = None if past is None else f"the index places inner chunk {past} past the end of the shard"
         if problem is None:
             committed = -(-(min(tokens, start + shard_tokens) - start) // inner_tokens)
             held = entries[..., 0] != MAX_UINT_64
@@ -379,6 +387,8 @@ def shard_index_problems(array: zarr.Array, name: str, tokens: int, problems: Pr
                        "index (it would read as zeros)") if absent.size else None
         if problem:
             problems.add(f"array {name!r} shard {key}: {problem}", key)
+            bad.add(key)
+    return bad
 
 
 def chunk_problems(group: zarr.Group, names: list[str], tokens: int) -> list[str]:
@@ -486,6 +496,7 @@ def validate(location: str, read_chunks: bool = True, storage_options: Mapping[s
     problems = Problems()
     with unreadable_metadata_as_error(group):
         objects = object_listing(group)
+        leftover_problems(objects, problems)
         group_problems(group, objects, problems, read_chunks)
         runs = sorted(group["runs"].group_keys()) if not problems and "runs" in group.group_keys() else []
         for name in runs:
