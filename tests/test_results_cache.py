@@ -238,7 +238,8 @@ def test_two_writers_of_one_result_never_fail(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(io, "replace_atomically", other_writer_first)
     write_dataset_atomically(xr.Dataset({"v": ("a", np.full(3, 2.0))}), folder)
-    assert xr.open_zarr(folder, consolidated=False).v.values.tolist() == [1.0, 1.0, 1.0]  # the first published stays, whole
+    # the result published first stays, whole
+    assert xr.open_zarr(folder, consolidated=False).v.values.tolist() == [1.0, 1.0, 1.0]
     assert [p.name for p in folder.parent.iterdir()] == ["key"]  # no private folder left behind
 
 

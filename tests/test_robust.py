@@ -418,9 +418,9 @@ def test_symlink_loops_are_one_error_line(store, tmp_path, tiny_models, text_fil
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(engine, "load_model", no_model)
-    for args in (("validate", loop), ("info", loop), ("analyze", "residual-norms", loop), ("plot", "contributions", loop),
-                 ("report", loop, "--out", tmp_path / "r.html"), ("pull", loop, tmp_path / "p.zarr"),
-                 ("pull", store, loop), ("analyze", "residual-norms", store, "--results", loop),
+    for args in (("validate", loop), ("info", loop), ("analyze", "residual-norms", loop),
+                 ("plot", "contributions", loop), ("report", loop, "--out", tmp_path / "r.html"),
+                 ("pull", loop, tmp_path / "p.zarr"), ("pull", store, loop), ("analyze", "residual-norms", store, "--results", loop),
                  ("extract", "--model", tiny_models["llama"], "--data", text_file, "--out", loop, "--device", "cpu")):
         code, out = cli(*map(str, args))
         one_error(code, out, str(loop))

@@ -1,5 +1,6 @@
 """SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH session) during an extraction: stop at the last committed
-chunk, never inside one, and say how to resume. (SIGKILL cannot be caught: the store is consistent after it too, since every commit is atomic.)"""
+chunk, never inside one, and say how to resume. (SIGKILL cannot be caught: the store is consistent after it too,
+since every commit is atomic.)"""
 
 from __future__ import annotations
 
