@@ -17,6 +17,9 @@ Summaries per hop count (mean, population std, count) use the included items: wi
 correctly; with ``only_correct`` only items the model itself answers correctly.
 Memory: the lens gathers (stored layers + 1) × items × d_model float32 and forms LENS_ROWS × vocab logits at a
 time; the skip part gathers runs × answer positions × d_model.
+The paper's depth score is another measure (docs/analyses.md, "Ours and the paper's"): its intervention skips only
+the prompt's positions, which no stored run does, so ``depthcache hop-depth`` (locate/hops.py) runs it from the model;
+its per-hop reduction is ``paper_depth`` here.
 """
 
 from __future__ import annotations

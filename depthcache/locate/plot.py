@@ -65,9 +65,8 @@ def plot_hop_depth(ds: xr.Dataset, folder: Path) -> Path:
         label = f"{hops} hop{'s' if hops != 1 else ''} (n={int(ds.n_items.sel(hops=hops))})"
         later.bar(x, ds.later_effect_max.sel(hops=hops).values, width, label=label)
         output.bar(x, ds.output_l2_max.sel(hops=hops).values, width, label=label)
-    later.set(xlabel="Layer skipped (prompt positions)", ylabel="max over items of the mean over later\nlayers of "
-              "max ‖Δd_l‖ / ‖d_l‖ at the answer")
-    output.set(xlabel="Layer skipped (prompt positions)", ylabel="max over items of max ‖Δp‖₂ at the answer")
+    later.set(xlabel="Layer skipped (prompt positions)", ylabel="later-layer effect ‖Δd_l‖ / ‖d_l‖\n(max over items)")
+    output.set(xlabel="Layer skipped (prompt positions)", ylabel="output change ‖Δp‖₂\n(max over items)")
     for ax in (later, output):
         layer_axis(ax)
     depth = ds.sizes["layer"]
