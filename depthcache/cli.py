@@ -142,6 +142,9 @@ def main() -> None:
 @click.option("--chunk-tokens", default=None, type=int,
               help="Tokens per shard (default: the largest power of two within --shard-mib, at most the store's "
                    "tokens); tests and experiments only.")
+@click.option("--token-shard-tokens", default=None, type=int,
+              help="Tokens per shard of resid_final and the per-token arrays, a multiple of --chunk-tokens (default: "
+                   "enough for 128 MiB of resid_final); several workers own whole such shards. Tests only.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction into --out (options must match).")
 @click.option("--num-workers", type=int, default=None,
               help="Processes writing disjoint shards of one store (default: $WORLD_SIZE / Slurm, else 1).")
@@ -507,9 +510,7 @@ def igrad(**kw: Any) -> None:
               help="Only the first N items of each hop count (the paper used 20). [default: all]")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from OUT.partial (each finished skip is saved there).")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@progress_option
+@model_options(batch_size=32, unit="Skipped layers of one item (one batch row each)")
 def hop_depth(**kw: Any) -> None:
     """The paper's multi-hop depth score, from the model: per item, skip each layer at the prompt's positions only,
     measure at the answer's; per hop count the max over items and the centre of mass over skipped layers (`analyze

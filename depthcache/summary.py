@@ -71,7 +71,8 @@ def summary(location: str, storage_options: Mapping[str, Any] | None = None, res
         f"sites      {', '.join(o['sites'])}   dtype {o['dtype']}   top-k {o['top_k']}",
         f"tokens     {p['tokens_committed']:,} of {lay['n_tokens']:,} committed"
         f"{' (complete)' if p['complete'] else ' (incomplete: resume with --resume)'}; "
-        f"{lay['n_windows']} windows of ≤{o['seq_len']} tokens; {lay['chunk_tokens']} tokens per chunk",
+        f"{lay['n_windows']} windows of ≤{o['seq_len']} tokens",
+        f"layout     {layout_line(a)}",
         f"dataset    {a['dataset']['spec']}  ({a['dataset']['n_documents']} documents, sha256 "
         f"{a['dataset']['sha256'][:12]}…)",
         f"size       {on_disk / 2**20:,.1f} MiB on disk; activations {raw / 2**20:,.1f} MiB raw "
@@ -82,6 +83,25 @@ def summary(location: str, storage_options: Mapping[str, Any] | None = None, res
     ]
     depth = effective_depth_line(store, results_dir) if cached else None
     return "\n".join(lines + ([f"depth use  {depth}"] if depth else []))
+
+
+def layout_line(attrs: dict) -> str:
+    """How the activations are cut into objects: 2.0 shards (all layers of a token range, one inner chunk per
+    layer, and the longer shards of the arrays without a layer) with their sizes, or 1.x chunks."""
+    lay, o, m = attrs["layout"], attrs["options"], attrs["model"]
+    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[o["dtype"]]
+    layer_chunk = lay["chunk_tokens"] * m["d_model"] * itemsize
+    objects = -(-lay["n_tokens"] // lay["chunk_tokens"])
+    if "token_shard_tokens" not in lay:
+        return (f"schema 1.x chunks of {lay['chunk_tokens']:,} tokens × all layers "
+                f"({layer_chunk * len(o['layers']) / 2**20:,.1f} MiB), {objects:,} per array; reading one layer "
+                "reads them all (depthcache upgrade rewrites it as 2.0)")
+    token_shard = lay["token_shard_tokens"]
+    return (f"shards of {lay['chunk_tokens']:,} tokens × {len(o['layers'])} layers "
+            f"({layer_chunk * len(o['layers']) / 2**20:,.1f} MiB, {objects:,} per array), one inner chunk per layer "
+            f"({layer_chunk / 2**20:,.2f} MiB); resid_final and token arrays in shards of {token_shard:,} tokens "
+            f"({token_shard * m['d_model'] * itemsize / 2**20:,.1f} MiB, {-(-lay['n_tokens'] // token_shard):,} "
+            "per array)")
 
 
 def entry_lines(entries: list[results.Entry], store: Store) -> list[str]:

@@ -52,8 +52,9 @@ def extract_args(model: Path, data: Path, out: Path) -> list[str]:
     """The command line (after ``depthcache``) of a small many-chunk extraction, resumable: the same command
     completes or continues the store."""
     return ["extract", "--model", str(model), "--data", str(data), "--out", str(out), "--seq-len", "32",
-            "--batch-size", "4", "--chunk-tokens", str(CHUNK), "--max-tokens", "0", "--device", "cpu",
-            "--no-progress", "--resume"]
+            "--batch-size", "4", "--chunk-tokens", str(CHUNK), "--token-shard-tokens", str(3 * CHUNK),
+            "--max-tokens", "0", "--device", "cpu", "--no-progress", "--resume"]  # 2.0: a kill may land inside the
+    # read-modify-write of a token shard (three chunks each)
 
 
 class Launched(Protocol):

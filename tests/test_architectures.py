@@ -14,6 +14,7 @@ import zarr
 from depthcache.coverage import CORPUS, cover, loaded_tiny, tiny_config, tiny_model, tiny_tokenizer
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
+from depthcache.store.layout import SCHEMA_VERSION
 from depthcache.model import Capture, Skip, check_model, checked, discover, structure_of
 from depthcache.model.structure import decoder_layers
 from depthcache.store.head import logits_from_residual, read_head
@@ -180,7 +181,7 @@ def test_structure_is_recorded_and_schema_1_2_stores_still_open(tmp_path: Path, 
     extract(ExtractOptions(out=str(out), model="tiny", data=str(data), dtype="float32", seq_len=16, max_tokens=32,
                            batch_size=2, chunk_tokens=16, progress=False, device="cpu"), loaded_tiny(model, tokenizer))
     attrs = read_attrs(zarr.open_group(str(out), mode="r"))
-    assert attrs["schema_version"] == "1.3" and validate_store(str(out)) == []
+    assert attrs["schema_version"] == SCHEMA_VERSION and validate_store(str(out)) == []
     recorded = attrs["model"]["structure"]
     assert recorded["attn"] == ["post_attention_layernorm"] * 4 and recorded["logit_softcap"] == 30.0
     assert recorded["norm_offset"] == 1.0 and attrs["model"]["load_check"]["identity_error"] <= 1e-5

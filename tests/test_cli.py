@@ -45,11 +45,11 @@ def test_full_disk_loses_nothing_and_resume_completes(tiny_models, text_file, tm
     real_write = writer_module.ChunkWriter._write
     calls = {"n": 0}
 
-    def fail_after_first_chunk(self, name, stop, chunk_index):  # noqa: ANN001, ANN202 - patched method
-        if chunk_index >= 2:
+    def fail_after_first_chunk(self, name, stop):  # noqa: ANN001, ANN202 - patched method
+        if self.chunk_start >= 2 * self.chunk_tokens:
             raise OSError(errno.ENOSPC, "No space left on device")
         calls["n"] += 1
-        return real_write(self, name, stop, chunk_index)
+        return real_write(self, name, stop)
 
     monkeypatch.setattr(writer_module.ChunkWriter, "_write", fail_after_first_chunk)
     with pytest.raises(DepthcacheError, match="disk full .* 128 tokens are committed"):

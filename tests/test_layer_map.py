@@ -199,6 +199,20 @@ def test_max_tokens_fits_on_the_first_tokens_only(stores: dict[str, Path]) -> No
     assert_matches(result, reference(stores["shallow"], stores["deep"], n=200), EXACT)
 
 
+def test_layer_subsets_map_only_those_boundaries(stores: dict[str, Path]) -> None:
+    """-p shallow_layers=... deep_layers=...: the same pairs as the full map (the split and penalties do not depend
+    on which pairs are fitted), the final residual named L."""
+    whole = run("layer-map", str(stores["shallow"]), str(stores["deep"]), dtype="float64")
+    part = run("layer-map", str(stores["shallow"]), str(stores["deep"]), dtype="float64", shallow_layers="1-2",
+               deep_layers="0,3-4")
+    assert part.shallow_layer.values.tolist() == [1, 2] and part.deep_layer.values.tolist() == [0, 3, 4]
+    for name in ("r2", "rel_error", "penalty"):
+        np.testing.assert_allclose(part[name].values, whole[name].sel(shallow_layer=[1, 2], deep_layer=[0, 3, 4]),
+                                   rtol=1e-10, err_msg=name)
+    with pytest.raises(DepthcacheError, match="out of range"):
+        run("layer-map", str(stores["shallow"]), str(stores["deep"]), shallow_layers="7")
+
+
 def copy_store(source: Path, dest: Path) -> zarr.Group:
     """A writable copy of a store."""
     shutil.copytree(source, dest)

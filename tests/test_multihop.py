@@ -83,7 +83,7 @@ def test_task_windows_one_per_item(arch: str, tiny_models, task_file: Path, tmp_
         np.testing.assert_allclose(res[layer] + ds.attn_out.values[layer] + ds.mlp_out.values[layer], res[layer + 1],
                                    rtol=1e-5, atol=1e-5)
     attrs = ds.attrs["depthcache"]
-    assert attrs["schema_version"] == SCHEMA_VERSION == "1.3"
+    assert attrs["schema_version"] == SCHEMA_VERSION == "2.0"
     assert attrs["dataset"]["task"] == {"name": str(task_file), "n": None, "seed": 0, "options": {}}
     assert [it["id"] for it in attrs["dataset"]["items"]] == [it["id"] for it in ITEMS]
     assert attrs["dataset"]["items"][2]["meta"] == {"hop_ids": ["a", "e"]}
@@ -267,7 +267,7 @@ def test_hop_depth_matches_plain_torch(tiny_models, task_file: Path, tmp_path: P
     profile Σ_l / max(L − 1 − s, 1), the output profile and their centres of mass equal numpy's; the plot draws."""
     out = tmp_path / "hops.zarr"
     result = CliRunner().invoke(main, ["hop-depth", "--model", str(tiny_models["llama"]), "--task", str(task_file),
-                                       "--out", str(out), "--device", "cpu", "--per-hops", "2"])
+                                       "--out", str(out), "--device", "cpu", "--per-hops", "2", "--batch-size", "3"])
     assert result.exit_code == 0, result.output
     from depthcache.locate import read_map
 

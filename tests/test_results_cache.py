@@ -164,7 +164,7 @@ def test_default_chunk_is_never_longer_than_the_store(tiny_models, text_file, tm
     assert choose_chunk_tokens(4, 64, 4) == 32768 and choose_chunk_tokens(4, 64, 4, n_tokens=128) == 128
     store = extract_store(tmp_path, tiny_models["llama"], text_file, max_tokens=128, chunk_tokens=None)
     info = invoke("info", str(store)).output
-    assert "128 tokens per chunk" in info
+    assert "shards of 128 tokens × 4 layers" in info
     assert sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) < 2**20  # not 100 MiB of fill values
 
 

@@ -16,9 +16,10 @@ from conftest import write_documents
 
 
 def extract_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """The CLI command line of a small but many-chunk extraction."""
+    """The CLI command line of a small but many-chunk (and many-shard) extraction."""
     return [sys.executable, "-m", "depthcache.cli", "extract", "--model", str(model), "--data", str(data),
             "--out", str(out), "--seq-len", "32", "--batch-size", "4", "--chunk-tokens", "32", "--max-tokens", "0",
+            "--token-shard-tokens", "64",  # 2.0: token arrays in shards of two chunks, each written in two parts
             "--device", "cpu", "--no-progress", *extra]
 
 

@@ -288,9 +288,9 @@ def test_claimed_chunk_counts_cost_what_exists(copy) -> None:
     claim_chunks(copy, 2**20)  # consistent metadata, 2**20 committed chunks per array that do not exist
     started = time.monotonic()
     code, out = cli("validate", str(copy))
-    assert code == 2 and len(out.splitlines()) <= 52 and "1,048,573 of 1,048,576 committed chunks are missing" in out
+    assert code == 2 and len(out.splitlines()) <= 52 and "1,048,573 of 1,048,576 committed shards are missing" in out
     code, out = cli("info", str(copy))
-    one_error(code, out, "is damaged", "committed chunks are missing")
+    one_error(code, out, "is damaged", "committed shards are missing")
     assert time.monotonic() - started < 30  # it took 42 s (and 5.2 GB) for validate alone
 
 
@@ -466,7 +466,7 @@ def test_pull_repairs_a_damaged_copy_and_ignores_stray_keys(store, tmp_path, mon
     assert code == 0 and "1 damaged at the destination fetched again" in out, out
     assert chunk.read_bytes() == (source / "resid_pre" / "c" / "0" / "1" / "0").read_bytes()
 
-    src_chunk = source / "token_id" / "c" / "1"
+    src_chunk = source / "token_id" / "c" / "0"  # schema 2.0: the token arrays of 192 tokens are one shard
     data = bytearray(src_chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
     src_chunk.write_bytes(bytes(data))  # damaged at the source: say so, not 'run the same command again' forever

@@ -42,6 +42,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
+from depthcache.analyze.layer_subset import as_index, layer_positions
 from depthcache.analyze.registry import Count, Positive, analysis
 from depthcache.errors import DepthcacheError
 from depthcache.progress import advance, stage
@@ -60,15 +61,24 @@ TINY = 1e-12
 
 # ----------------------------------------------------------------------------------------------- inputs and checks
 
-def boundaries(store: Store, site: str) -> tuple[da.Array, np.ndarray]:
-    """(layer, token, d) lazy activations of ``site`` at every stored boundary, and the layer index of each."""
+def boundaries(store: Store, site: str, layers: str = "all") -> tuple[da.Array, np.ndarray]:
+    """(layer, token, d) lazy activations of ``site`` at the stored boundaries of the layer spec ``layers`` (for
+    resid, L is the final residual), and the layer index of each; the other layers are never read."""
     store.require(*SITES[site])
     ds = store.ds
-    layers = ds.layer.values.astype(np.int64)
+    stored = ds.layer.values.astype(np.int64)
+    data = ds[SITES[site][0]].data
     if site == "resid":
-        return da.concatenate([ds.resid_pre.data, ds.resid_final.data[None]], axis=0), np.append(layers,
-                                                                                                store.n_layers)
-    return ds[SITES[site][0]].data, layers
+        stored = np.append(stored, store.n_layers)
+        data = da.concatenate([data, ds.resid_final.data[None]], axis=0)
+    if layers.strip() in ("", "all"):
+        return data, stored
+    positions = layer_positions(stored, layers, store.n_layers + (site == "resid"))
+    pre = [p for p in positions if p < ds.sizes["layer"]]
+    parts = [ds[SITES[site][0]].data[as_index(pre)]] if pre else []
+    if len(pre) < len(positions):  # the final residual
+        parts.append(ds.resid_final.data[None])
+    return da.concatenate(parts, axis=0), stored[positions]
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
@@ -472,14 +482,15 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 def layer_map(shallow: Store, deep: Store, site: str = "resid", select: str = "source",
               grid: list[float] | None = None, val_fraction: float = 0.15, test_fraction: float = 0.15,
               include_first: bool = False, dtype: str = "float32", memory_gib: Positive = 4.0,
-              max_tokens: Count | None = None) -> xr.Dataset:
-    """Fit, select and test an affine ridge map for every (shallow boundary, deep boundary) pair out of core, on the
-    first ``max_tokens`` tokens (all by default; the split stays by whole windows among them)."""
+              max_tokens: Count | None = None, shallow_layers: str = "all", deep_layers: str = "all") -> xr.Dataset:
+    """Fit, select and test an affine ridge map for every (shallow boundary, deep boundary) pair of the layer specs
+    ``shallow_layers`` and ``deep_layers`` (for resid, L names the final residual) out of core, on the first
+    ``max_tokens`` tokens (all by default; the split stays by whole windows among them)."""
     penalties = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
     check_params(site, select, dtype, penalties, memory_gib)
     check_same_tokens(shallow, deep)
-    x, xl = boundaries(shallow, site)
-    y, yl = boundaries(deep, site)
+    x, xl = boundaries(shallow, site, shallow_layers)
+    y, yl = boundaries(deep, site, deep_layers)
     n = x.shape[1] if max_tokens is None else min(int(max_tokens), x.shape[1])
     x, y = x[:, :n], y[:, :n]
     split = split_tokens(deep.ds.seq_id.values[:n], deep.ds.position.values[:n], val_fraction, test_fraction,

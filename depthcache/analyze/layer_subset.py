@@ -22,11 +22,14 @@ def layer_positions(stored: np.ndarray, spec: str, n_layers: int) -> list[int]:
     return [where[layer] for layer in wanted]
 
 
+def as_index(positions: list[int]) -> slice | list[int]:
+    """A slice where the positions are consecutive (dask then reads only their chunks), else the list."""
+    consecutive = positions == list(range(positions[0], positions[-1] + 1))
+    return slice(positions[0], positions[-1] + 1) if consecutive else positions
+
+
 def select_layers(ds: xr.Dataset, spec: str, n_layers: int) -> xr.Dataset:
-    """``ds`` cut to the layers of ``spec`` ('all': unchanged), by a slice where they are consecutive, so that dask
-    reads only their chunks."""
+    """``ds`` cut to the layers of ``spec`` ('all': unchanged)."""
     if spec.strip() in ("", "all"):
         return ds
-    positions = layer_positions(ds.layer.values, spec, n_layers)
-    consecutive = positions == list(range(positions[0], positions[-1] + 1))
-    return ds.isel(layer=slice(positions[0], positions[-1] + 1) if consecutive else positions)
+    return ds.isel(layer=as_index(layer_positions(ds.layer.values, spec, n_layers)))

@@ -17,6 +17,7 @@ import dask
 import dask.threaded
 import numpy as np
 import xarray as xr
+from dask.local import get_sync
 
 from depthcache.analyze.registry import Analysis, check_params, get, parameters
 from depthcache.errors import DepthcacheError
@@ -112,7 +113,7 @@ def first_used_token(store: Store, first: int) -> int | None:
     position = store.ds.position.data
     start = 0
     for index in range(position.numblocks[0]):
-        block = np.asarray(position.blocks[index])
+        block = position.blocks[index].compute(scheduler=get_sync)  # a function: a name would import distributed
         if len(hits := np.flatnonzero(block >= first)):
             return start + int(hits[0])
         start += len(block)

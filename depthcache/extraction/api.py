@@ -21,7 +21,7 @@ from depthcache.extraction.windows import Documents
 from depthcache.model import LoadedModel, wrap_model
 from depthcache.store.layout import SITES
 
-OPTION_NAMES = ("seq_len", "batch_size", "dtype", "top_k", "chunk_tokens", "device", "resume", "progress")
+OPTION_NAMES = ("seq_len", "batch_size", "dtype", "top_k", "chunk_tokens", "shard_mib", "device", "resume", "progress")
 
 
 def layer_spec(layers: str | int | Iterable[int]) -> str:
@@ -81,7 +81,7 @@ def extract(model: Any, data: Any = "pydoc-topics", *, out: str | os.PathLike[st
     ``model``: a transformers model with ``tokenizer=``, a ``(model, tokenizer)`` pair, or a spec as ``--model``
     takes. ``data``: an iterable of strings, a ``datasets.Dataset`` (its ``text_field``), dicts, task items, or a
     spec as ``--data`` takes. With ``prompt_field`` the records are task items (prompt, answer) and each becomes one
-    window. ``options``: seq_len, batch_size, dtype, top_k, chunk_tokens, resume, progress (as the CLI's)."""
+    window. ``options``: seq_len, batch_size, dtype, top_k, chunk_tokens, shard_mib, resume, progress (as the CLI's)."""
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise DepthcacheError(f"unknown option(s) {', '.join(unknown)}; extract takes {', '.join(OPTION_NAMES)}")

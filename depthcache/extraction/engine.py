@@ -106,6 +106,7 @@ class ExtractOptions:
     top_k: int = 20
     chunk_tokens: int | None = None  # None: the largest power of two keeping an all-layer shard ≤ shard_mib (≤ tokens)
     shard_mib: int = DEFAULT_SHARD_MIB  # schema 2.0: target size of one all-layer shard (one object per array)
+    token_shard_tokens: int | None = None  # None: enough whole chunks for 128 MiB of resid_final (or every token)
     device: str = "auto"
     resume: bool = False
     progress: bool | None = None  # None: a bar on a terminal, a line per minute elsewhere
@@ -145,7 +146,7 @@ def check_options(opts: ExtractOptions) -> None:
     """Refuse bad options before any model is loaded."""
     if opts.dtype not in ITEMSIZES:
         raise DepthcacheError(f"unknown --dtype {opts.dtype!r}; choose from {', '.join(ITEMSIZES)}")
-    for name in ("seq_len", "batch_size", "top_k", "chunk_tokens"):
+    for name in ("seq_len", "batch_size", "top_k", "chunk_tokens", "token_shard_tokens"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             raise DepthcacheError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.max_tokens is not None and opts.max_tokens < 1:
@@ -537,7 +538,11 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
     d_model = int(loaded.model.get_output_embeddings().weight.shape[1])
     chunk_tokens = opts.chunk_tokens or choose_chunk_tokens(len(plan.layers), d_model, ITEMSIZES[opts.dtype],
                                                             plan.n_tokens, opts.shard_mib * MIB)
-    token_shard = choose_token_shard_tokens(chunk_tokens, d_model, ITEMSIZES[opts.dtype], plan.n_tokens)
+    token_shard = opts.token_shard_tokens or choose_token_shard_tokens(chunk_tokens, d_model, ITEMSIZES[opts.dtype],
+                                                                       plan.n_tokens)
+    if token_shard is not None and token_shard % chunk_tokens:
+        raise DepthcacheError(f"--token-shard-tokens {token_shard} must be a multiple of the {chunk_tokens}-token "
+                              "chunks")
     attrs = provenance(opts, loaded, docs.name, docs.sha256, len(docs.texts), plan, device, chunk_tokens, docs.details)
     attrs["layout"]["num_workers"] = worker.count
     if token_shard is not None:  # None: a 1.x layout (unsharded), which only tests of old stores make

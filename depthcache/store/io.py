@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # only annotations: writing a store (extract) never imports x
 
 from depthcache.errors import CorruptData, DepthcacheError
 from depthcache.limits import MAX_JSON_DEPTH, MAX_METADATA_BYTES
-from depthcache.store.layout import ATTRS_KEY, READABLE_MAJORS, SCHEMA_VERSION
+from depthcache.store.layout import ATTRS_KEY, NEWEST_READABLE, SCHEMA_VERSION
 
 METADATA = "zarr.json"
 NOT_A_FILE = -1  # size given by object_listing to anything that is not a regular file (device, pipe, socket)
@@ -239,7 +239,8 @@ def read_attrs(group: zarr.Group) -> dict[str, Any]:
         raise DepthcacheError(f"{group.store} has no '{ATTRS_KEY}' attributes: not a depthcache store")
     check_json_depth(attrs, f"the '{ATTRS_KEY}' attributes of {group.store}")
     version = str(attrs.get("schema_version", ""))
-    if major(version) not in READABLE_MAJORS or version_tuple(version) > version_tuple(SCHEMA_VERSION):
+    newest = NEWEST_READABLE.get(major(version))
+    if newest is None or version_tuple(version) > version_tuple(newest):
         raise DepthcacheError(
             f"store schema version {version!r} is newer than this depthcache understands "
             f"({SCHEMA_VERSION}); upgrade depthcache to read it")
