@@ -5,14 +5,15 @@ answer's first token. Each layer s is skipped (it adds nothing to the residual) 
 prompt's, as the paper's reference code does; the run is compared with the clean one at positions ≥ t, the answer's:
 ``layer_effect[s, l]`` = max over those positions of ‖d_l^skip − d_l‖ / max(‖d_l‖, 1e-6) (d_l: what layer l adds),
 ``output_l2[s]`` = max over them of ‖p_skip − p‖₂ (next-token distributions). The per-hop reductions and depth
-scores are ``depthcache.analyze.multihop.paper_depth``. One forward per (item, skipped layer); each finished one is
-saved in OUT.partial, so ``--resume`` continues an interrupted run.
+scores are ``depthcache.analyze.multihop.paper_depth``. ``batch_size`` skipped layers of one item per forward (one
+batch row each) and one clean row, the baseline, in the same batch (float results depend on the batch's shape);
+each finished (item, skipped layer) is saved in OUT.partial, so ``--resume`` continues after a kill.
 """
 
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -43,6 +44,7 @@ class HopDepthOptions:
     n: int | None = None
     per_hops: int | None = None  # the first this many items of each hop count (the paper: 20)
     device: str = "auto"
+    batch_size: int = 32  # skipped layers per forward
     progress: bool | None = None
     resume: bool = False
 
@@ -53,29 +55,35 @@ def whole_input(prompt: Prompt) -> tuple[list[int], int]:
     return [*prompt.input_ids, prompt.answer_ids[-1]], prompt.n_prompt
 
 
-def contributions(model: torch.nn.Module, ids: torch.Tensor, skip: Skip | None = None
+def contributions(model: torch.nn.Module, ids: torch.Tensor, skipped: list[int], t: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer, T, d) float64 what each layer adds (attention + MLP) and (T, vocab) float64 next-token distributions
-    of one forward of ``ids`` (1, T), under ``skip`` when given (its hooks run before the capture's)."""
+    """At positions ≥ t: (batch, layer, T − t, d) float64 what each layer adds (attention + MLP) and (batch, T − t,
+    vocab) float64 next-token distributions, of one forward of ``ids`` (batch, T) in which row i < len(skipped)
+    skips layer ``skipped[i]`` at positions 1..t−1 (the skip hooks run before the capture's)."""
     structure = structure_of(model)
     layers = range(structure.n_layers)
-    with torch.inference_mode(), skip or nullcontext(), \
-            Capture(model, structure, layers, ("attn", "mlp"), final=False) as cap:
-        logits = model(input_ids=ids, use_cache=False).logits[0]
-    added = torch.stack([cap.records["attn_out"][layer][0] + cap.records["mlp_out"][layer][0] for layer in layers])
+    with torch.inference_mode(), ExitStack() as stack:
+        for row, layer in enumerate(skipped):
+            mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+            mask[row, 1:t] = True
+            stack.enter_context(Skip(model, structure, (layer,), "layer", mask))
+        cap = stack.enter_context(Capture(model, structure, layers, ("attn", "mlp"), final=False))
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=ids.shape[1] - t).logits
+    added = torch.stack([(cap.records["attn_out"][layer] + cap.records["mlp_out"][layer])[:, t:] for layer in layers],
+                        dim=1)
     return added.double(), torch.softmax(logits.double(), dim=-1)
 
 
-def skip_row(model: torch.nn.Module, ids: torch.Tensor, t: int, layer: int,
-             clean: tuple[torch.Tensor, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Effects of skipping ``layer`` at positions 1..t−1, measured at positions ≥ t (see the module doc)."""
-    mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-    mask[:, 1:t] = True
-    added, probs = contributions(model, ids, Skip(model, structure_of(model), (layer,), "layer", mask))
-    base_added, base_probs = clean
-    change = (added - base_added)[:, t:].norm(dim=-1) / base_added[:, t:].norm(dim=-1).clamp(min=CLAMP)
-    out = (probs - base_probs)[t:].norm(dim=-1)
-    return {"layer_effect": change.amax(-1).float().cpu().numpy(), "output_l2": np.float32(out.max().item())}
+def skip_rows(model: torch.nn.Module, ids: list[int], t: int, skipped: list[int]) -> list[dict[str, np.ndarray]]:
+    """Effects of skipping each layer of ``skipped`` (one batch row each) at positions 1..t−1, measured at positions
+    ≥ t against a last, clean row of the same batch (float results depend on the batch's shape; see the module
+    doc)."""
+    batch = torch.tensor([ids] * (len(skipped) + 1), device=next(model.parameters()).device)
+    added, probs = contributions(model, batch, skipped, t)
+    change = (added[:-1] - added[-1]).norm(dim=-1) / added[-1].norm(dim=-1).clamp(min=CLAMP)
+    out = (probs[:-1] - probs[-1]).norm(dim=-1).amax(-1)
+    return [{"layer_effect": change[i].amax(-1).float().cpu().numpy(), "output_l2": np.float32(out[i].item())}
+            for i in range(len(skipped))]
 
 
 def selected(items: list[TaskItem], per_hops: int | None) -> list[TaskItem]:
@@ -103,20 +111,19 @@ def encoded(items: list[TaskItem], loaded: LoadedModel) -> list[Prompt]:
     return prompts
 
 
-def item_effects(model: torch.nn.Module, prompt: Prompt, rows: Partial | None, item: int, bar: Progress
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(skipped layer, layer) layer effects and (skipped layer,) output effects of one item, each skipped layer's row
-    saved in ``rows`` (an interrupted run's rows are reused)."""
+def item_effects(model: torch.nn.Module, prompt: Prompt, partial: Partial, item: int, batch_size: int,
+                 bar: Progress) -> tuple[np.ndarray, np.ndarray]:
+    """(skipped layer, layer) layer effects and (skipped layer,) output effects of one item: the skipped layers not
+    saved in ``partial`` yet, ``batch_size`` per forward, each saved there as it finishes."""
     ids, t = whole_input(prompt)
-    tensor = torch.tensor([ids], device=next(model.parameters()).device)
-    clean = contributions(model, tensor)
-    found = []
-    for layer in range(n_layers(model)):
-        def compute(layer: int = layer) -> dict[str, np.ndarray]:
-            row = skip_row(model, tensor, t, layer, clean)
+    depth = n_layers(model)
+    missing = [layer for layer in range(depth) if partial.get(item, layer) is None]
+    for start in range(0, len(missing), batch_size):
+        skipped = missing[start:start + batch_size]
+        for layer, row in zip(skipped, skip_rows(model, ids, t, skipped)):
+            partial.put(item, layer, row)
             bar.update()
-            return row
-        found.append(compute() if rows is None else rows.through(item)(layer, compute))
+    found = [partial.get(item, layer) for layer in range(depth)]
     return np.stack([r["layer_effect"] for r in found]), np.array([float(r["output_l2"]) for r in found])
 
 
@@ -144,8 +151,9 @@ def hop_depth(opts: HopDepthOptions, loaded: LoadedModel | None = None) -> xr.Da
     """Compute the paper's multi-hop skip effects of every selected item, write them to ``opts.out`` (atomically)
     with the per-hop depth scores, and return the dataset."""
     check_out(opts.out)
-    if opts.per_hops is not None and opts.per_hops < 1:
-        raise DepthcacheError(f"--per-hops must be at least 1, got {opts.per_hops}")
+    for name, value in (("--per-hops", opts.per_hops), ("--batch-size", opts.batch_size)):
+        if value is not None and value < 1:
+            raise DepthcacheError(f"{name} must be at least 1, got {value}")
     if partial_path(opts.out).exists() and not opts.resume:
         Partial(opts.out, {}, resume=False)  # refuses before the model is loaded
     items = selected(load_task(opts.task, n=opts.n), opts.per_hops)
@@ -155,12 +163,14 @@ def hop_depth(opts: HopDepthOptions, loaded: LoadedModel | None = None) -> xr.Da
     model = loaded.provenance
     identity = {"kind": "hop-depth", "model": model.get("weights_sha256") or model["spec"],
                 "code_version": depthcache.__version__, "device": str(next(loaded.model.parameters()).device),
+                "batch_size": opts.batch_size,
                 "prompts": hashlib.sha256(repr([whole_input(p) for p in prompts]).encode()).hexdigest()}
     partial = Partial(opts.out, identity, opts.resume)
     total = len(items) * depth
     with Progress("hop-depth", total, "skips", opts.progress, done=partial.count(),
                   every=0 if total <= 60 else MINUTE) as bar:
-        effects = [item_effects(loaded.model, prompt, partial, i, bar) for i, prompt in enumerate(prompts)]
+        effects = [item_effects(loaded.model, prompt, partial, i, opts.batch_size, bar)
+                   for i, prompt in enumerate(prompts)]
     ds = hop_depth_dataset(items, prompts, effects, depth)
     ds.attrs[MAP_ATTR] = {"kind": "hop-depth", "schema": MAP_SCHEMA, "model": loaded.provenance, "task": opts.task,
                           "n": opts.n, "per_hops": opts.per_hops, "code_version": depthcache.__version__,
