@@ -501,6 +501,9 @@ def igrad(**kw: Any) -> None:
     if error > kw["tolerance"] and ds.attrs["depthcache_map"]["rule"] == "adaptive-trapezoid":
         click.echo(f"warning: completeness {error:.3g} is above --tolerance {kw['tolerance']} where --max-steps "
                    f"{kw['max_steps']} was reached; raise --max-steps before reading magnitudes there", err=True)
+    elif error > kw["tolerance"]:
+        click.echo(f"note: completeness {error:.3g} with the left Riemann sum, which does not refine; --rule "
+                   "adaptive-trapezoid refines until --tolerance holds", err=True)
 
 
 @main.command(name="hop-depth")
