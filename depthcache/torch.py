@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-
 from zarr.core.buffer.cpu import NDBuffer
 
 from depthcache.dtypes import BFLOAT16

@@ -1,5 +1,5 @@
-"""Hostile store contents for tests: zstd decompression bombs, deeply nested and oversized metadata, claimed chunk
-counts. Crafted by hand from the formats' specifications (zstd frames: RFC 8878; chunks end with a crc32c)."""
+"""Hostile store contents for tests: zstd decompression bombs (in chunks and inside shards), deeply nested and
+oversized metadata, claimed chunk counts. Crafted by hand from the formats' specifications (zstd frames: RFC 8878; chunks end with a crc32c)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,19 @@ def with_crc32c(data: bytes) -> bytes:
 def plant_bomb(chunk: Path, total: int, declared: int | None) -> None:
     """Replace a chunk object by a decompression bomb with a valid checksum."""
     chunk.write_bytes(with_crc32c(rle_frame(total, declared)))
+
+
+def plant_bomb_in_shard(shard: Path, inner: int, n_inner: int, total: int, declared: int | None) -> None:
+    """Replace inner chunk ``inner`` of a (schema 2.0) shard by a decompression bomb with a valid crc32c and rewrite
+    the index (offsets, lengths and its own crc32c) to point at it: only the readers' bounds stop it."""
+    data = shard.read_bytes()
+    index_bytes = 16 * n_inner + 4
+    entries = [struct.unpack_from("<QQ", data, len(data) - index_bytes + 16 * i) for i in range(n_inner)]
+    chunks = [data[offset:offset + length] for offset, length in entries]
+    chunks[inner] = with_crc32c(rle_frame(total, declared))
+    offsets = [sum(len(c) for c in chunks[:i]) for i in range(n_inner)]
+    index = b"".join(struct.pack("<QQ", o, len(c)) for o, c in zip(offsets, chunks))
+    shard.write_bytes(b"".join(chunks) + with_crc32c(index))
 
 
 def nested_json(depth: int) -> str:

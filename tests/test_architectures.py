@@ -14,11 +14,11 @@ import zarr
 from depthcache.coverage import CORPUS, cover, loaded_tiny, tiny_config, tiny_model, tiny_tokenizer
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
-from depthcache.store.layout import SCHEMA_VERSION
 from depthcache.model import Capture, Skip, check_model, checked, discover, structure_of
 from depthcache.model.structure import decoder_layers
 from depthcache.store.head import logits_from_residual, read_head
 from depthcache.store.io import read_attrs, write_attrs
+from depthcache.store.layout import SCHEMA_VERSION
 from depthcache.store.reader import open_dataset
 from depthcache.store.schema import validate_store
 

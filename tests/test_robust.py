@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from hostile import claim_chunks, edit_json, nested_json, plant_bomb, rle_frame
+from hostile import claim_chunks, edit_json, nested_json, plant_bomb, plant_bomb_in_shard, rle_frame
 from test_extract import run
 from test_resume import arrays
 
@@ -270,13 +270,15 @@ def test_zstd_bombs_are_refused_before_allocating(total, declared) -> None:
 
 @pytest.mark.parametrize("total, declared", BOMBS)
 def test_bombs_in_a_store_are_one_error_line(store, copy, tmp_path, total, declared) -> None:
-    chunk = copy / "resid_pre" / "c" / "0" / "1" / "0"
-    plant_bomb(chunk, total, declared)  # a valid crc32c: only the decoder's bound stops it
-    found = validate(str(copy))
-    assert found.count == 1 and "resid_pre" in found.lines[0] and "resid_pre/c/0/1/0" in found.keys, found.lines
-    code, out = cli("analyze", "residual-norms", str(copy), "--results", str(tmp_path / "r"))
-    one_error(code, out, "resid_pre")
-    shutil.copy(store / "resid_pre" / "c" / "0" / "1" / "0", chunk)
+    for name, shard, n_inner in (("resid_pre", ("c", "0", "1", "0"), 4), ("position", ("c", "0"), 3)):
+        path = copy.joinpath(name, *shard)  # schema 2.0: inner chunk 1 of a shard, its index pointing at the bomb
+        plant_bomb_in_shard(path, 1, n_inner, total, declared)  # valid crc32c: only the readers' bounds stop it
+        found = validate(str(copy))
+        key = "/".join((name, *shard))
+        assert found.count == 1 and name in found.lines[0] and key in found.keys, found.lines
+        code, out = cli("analyze", "residual-norms", str(copy), "--results", str(tmp_path / "r"))
+        one_error(code, out, name)
+        shutil.copy(store.joinpath(name, *shard), path)
     plant_bomb(copy / "model" / "tokenizer" / "file_0" / "c" / "0", total, declared)
     with pytest.raises(DepthcacheError, match="tokenizer|damaged"):
         load_tokenizer(str(copy))

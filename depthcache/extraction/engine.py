@@ -68,7 +68,6 @@ from depthcache.store.io import (
     require_writable,
     write_attrs,
 )
-from depthcache.store.leftovers import remove_leftovers
 from depthcache.store.layout import (
     DEFAULT_SHARD_MIB,
     MIB,
@@ -82,6 +81,7 @@ from depthcache.store.layout import (
     create_arrays,
     layout_units,
 )
+from depthcache.store.leftovers import remove_leftovers
 
 LAYERED = ("resid_pre", "attn_out", "mlp_out")
 SUMMARY_ROWS = 256  # logits rows per block of the output summary: temporaries of SUMMARY_ROWS x vocab floats

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # only annotations: writing a store (extract) never imports x
 from depthcache.errors import CorruptData, DepthcacheError
 from depthcache.limits import MAX_JSON_DEPTH, MAX_METADATA_BYTES
 from depthcache.store.layout import ATTRS_KEY, NEWEST_READABLE, SCHEMA_VERSION
+from depthcache.store.shard_read import layered_block
 
 METADATA = "zarr.json"
 NOT_A_FILE = -1  # size given by object_listing to anything that is not a regular file (device, pipe, socket)
@@ -109,7 +110,8 @@ def read_block(array: zarr.Array, key: Any) -> np.ndarray:
     """``array[key]``, one block of a store array as dask reads it; bytes that fail to decode or their checksum raise
     CorruptData naming the store, the array and the token chunk, as the command line does."""
     try:
-        return array[key]
+        block = layered_block(array, key)  # a 2.0 block: one ranged read per shard (see store.shard_read)
+        return array[key] if block is None else block
     except (ValueError, RuntimeError) as exc:
         dims = list(array.metadata.dimension_names or ())
         tokens = key[dims.index("token")] if "token" in dims and isinstance(key, tuple) else None

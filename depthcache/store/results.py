@@ -42,8 +42,7 @@ from depthcache.store.io import (
     resolved,
     write_dataset_atomically,
 )
-from depthcache.store.layout import ROOT_DIMS
-from depthcache.store.layout import is_checksummed
+from depthcache.store.layout import ROOT_DIMS, is_checksummed
 from depthcache.store.reader import Store
 
 RESULT_ATTR = "depthcache_analysis"

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 from importlib.resources import files
@@ -21,7 +22,6 @@ from zarr.codecs.sharding import MAX_UINT_64
 from zarr.core.sync import sync
 
 from depthcache.codecs import entry_past, index_entries_problem
-from depthcache.dtypes import bf16_bits_to_float32
 from depthcache.errors import DepthcacheError
 from depthcache.limits import (
     MAX_CHUNK_BYTES,
@@ -35,7 +35,6 @@ from depthcache.limits import (
 from depthcache.store.arrays import holds_bits, open_arrays
 from depthcache.store.complete import result_chunk_problems
 from depthcache.store.head import head_problems
-from depthcache.store.leftovers import leftover_problems
 from depthcache.store.io import (
     METADATA,
     NOT_A_FILE,
@@ -54,6 +53,7 @@ from depthcache.store.layout import (
     array_shape,
     is_checksummed,
 )
+from depthcache.store.leftovers import leftover_problems
 from depthcache.store.problems import (
     MAX_KEYS,
     Problems,
@@ -62,8 +62,10 @@ from depthcache.store.problems import (
     grid_coords,
     grid_problems,
 )
+from depthcache.store.shard_read import layered_block
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+READ_THREADS = 4  # validate decodes this many chunks at once
 ANALYSES = "analyses"
 UNCHECKSUMMED_RESULTS_NOTE = ("cached analyses written before schema 1.3 are not checksummed: recompute them with "
                               "depthcache analyze NAME STORE --force")
@@ -326,31 +328,48 @@ def check_store(group: zarr.Group) -> dict[str, Any]:
 
 
 def read_chunk_problems(arrays: Mapping[str, zarr.Array], names: list[str], tokens: int, problems: Problems) -> None:
-    """Decode every committed chunk of the named arrays (crc32c, bounded zstd); report those that fail or hold
-    non-finite values where none may be."""
-    for name in names:
-        array = arrays[name]
-        axis = array.metadata.dimension_names.index("token")
-        step = array.chunks[axis]
-        bad = shard_index_problems(array, name, tokens, problems) if array.shards else set()
-        for index, start in enumerate(range(0, tokens, step)):
-            region = [slice(None)] * array.ndim
-            region[axis] = slice(start, min(start + step, tokens))
-            stored = start // object_shape(array)[axis]  # the object holding it: its chunk, or (2.0) its shard
-            key = chunk_key(name, tuple(stored if i == axis else 0 for i in range(array.ndim)))
-            if key in bad:  # its index is reported: reading through it would only repeat that
-                continue
-            try:
-                values = array[tuple(region)]
-            except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt chunk to report
-                problems.add(f"array {name!r} token chunk {index} (tokens {start}..{start + step - 1}): "
-                             f"{type(exc).__name__}: {shorten(str(exc))}", key)
-                continue
-            problems.count_read("activation and token chunks (crc32c)")
-            if holds_bits(array):
-                values = bf16_bits_to_float32(values)
-            if values.dtype.kind == "f" and name != "next_logprob" and not np.isfinite(values.astype(np.float32)).all():
-                problems.add(f"array {name!r} token chunk {index}: non-finite values", key)
+    """Decode every committed chunk of the named arrays (crc32c, bounded zstd), READ_THREADS at a time (decoding
+    and the checks release the GIL); report those that fail or hold non-finite values where none may be."""
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        for name in names:
+            array = arrays[name]
+            axis = array.metadata.dimension_names.index("token")
+            step = array.chunks[axis]
+            bad = shard_index_problems(array, name, tokens, problems) if array.shards else set()
+            starts = list(range(0, tokens, step))
+            keys = [chunk_key(name, tuple(start // object_shape(array)[axis] if i == axis else 0
+                                          for i in range(array.ndim))) for start in starts]
+            todo = [(index, start, key) for index, (start, key) in enumerate(zip(starts, keys)) if key not in bad]
+            found = pool.map(lambda job: chunk_problem(array, name, axis, job[1], min(job[1] + step, tokens)), todo)
+            for (index, start, key), problem in zip(todo, found):  # a shard whose index is reported is not re-read
+                problems.count_read("activation and token chunks (crc32c)")
+                if problem:
+                    problems.add(f"array {name!r} token chunk {index} (tokens {start}..{start + step - 1}): "
+                                 f"{problem}", key)
+
+
+def chunk_problem(array: zarr.Array, name: str, axis: int, start: int, stop: int) -> str | None:
+    """What is wrong with tokens ``start:stop`` of ``array`` (decoded through its checksums), or None."""
+    region = [slice(None)] * array.ndim
+    region[axis] = slice(start, stop)
+    try:
+        block = layered_block(array, tuple(region))  # a 2.0 shard's layers in one read (see store.shard_read)
+        values = array[tuple(region)] if block is None else block
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a corrupt chunk to report
+        return f"{type(exc).__name__}: {shorten(str(exc))}"
+    if values.dtype.kind in "fu" and name != "next_logprob" and not all_finite(values, holds_bits(array)):
+        return "non-finite values"
+    return None
+
+
+def all_finite(values: np.ndarray, bits: bool) -> bool:
+    """Whether every value is finite: bf16 (as bit patterns) and float16 by their exponent bits (all ones: inf or
+    NaN), without widening; other floats by value; integers always."""
+    if bits:
+        return not ((values & 0x7F80) == 0x7F80).any()
+    if values.dtype == np.float16:
+        return not ((values.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return values.dtype.kind != "f" or bool(np.isfinite(values).all())
 
 
 def shard_index_problems(array: zarr.Array, name: str, tokens: int, problems: Problems) -> set[str]:

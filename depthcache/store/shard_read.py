@@ -1,0 +1,123 @@
+"""A block of a sharded (schema 2.0) layered array read in one ranged request: what every analysis reads.
+
+zarr reads a few layers of one shard by fetching each inner chunk with a request of its own, decoding it into a
+buffer of the shard's selection and copying that into the output. The inner chunks of consecutive layers lie end
+to end in the shard (one inner chunk per layer, in layer order), so here they are fetched with one ranged read
+through the array's store, each decoded by the array's own inner codecs (crc32c checked, bounded zstd) and copied
+once into the output. The shard index is read and checked by the registered CheckedShardingCodec and its entries
+for these layers checked again against an inner chunk of this array (lengths, overlaps, the end of the shard).
+Anything else (several shards, steps, integer keys) is left to zarr.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import RangeByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from depthcache.codecs import CorruptChunkError, index_entries_problem
+from depthcache.limits import max_object_bytes
+
+GAP_FACTOR = 1.25  # one read when the chunks' span is at most this much more than their bytes
+
+
+def layered_block(array: zarr.Array, key: Any) -> np.ndarray | None:
+    """``array[key]`` for a key of plain slices inside one shard of a sharded array whose inner chunks are one layer
+    each (``(1, shard tokens, …)``), or None when the key or the array is of another kind (zarr reads those)."""
+    if not _fits(array, key):
+        return None
+    dims = array.metadata.dimension_names
+    layer_axis, token_axis = dims.index("layer"), dims.index("token")
+    slices = [slice(*s.indices(n)) for s, n in zip(key, array.shape)]
+    layers = range(slices[layer_axis].start, slices[layer_axis].stop)
+    shard_tokens = array.shards[token_axis]
+    shard = slices[token_axis].start // shard_tokens
+    out_shape = [s.stop - s.start for s in slices]
+    out = np.empty(out_shape, dtype=array.dtype)
+    if not len(layers) or not math.prod(out_shape):
+        return out
+    inner = [s if axis not in (layer_axis, token_axis) else slice(None) for axis, s in enumerate(slices)]
+    first = shard * shard_tokens
+    inner[token_axis] = slice(slices[token_axis].start - first, slices[token_axis].stop - first)
+    inner[layer_axis] = 0
+    for i, values in enumerate(_decoded_layers(array, layers, shard, token_axis)):
+        target = [slice(None)] * len(out_shape)
+        target[layer_axis] = i
+        out[tuple(target)] = values[tuple(inner)]
+    return out
+
+
+def _fits(array: zarr.Array, key: Any) -> bool:
+    """Whether ``key`` is plain slices (step 1) within one shard of a layered array with one-layer inner chunks."""
+    dims = array.metadata.dimension_names or ()
+    if not array.shards or "layer" not in dims or "token" not in dims or array.chunks[dims.index("layer")] != 1:
+        return False
+    if not isinstance(key, tuple) or len(key) != array.ndim or not all(isinstance(k, slice) for k in key):
+        return False
+    if any(k.step not in (None, 1) for k in key):
+        return False
+    axis = dims.index("token")
+    tokens = slice(*key[axis].indices(array.shape[axis]))
+    shard = array.shards[axis]
+    return tokens.stop > tokens.start and tokens.start // shard == (tokens.stop - 1) // shard \
+        and array.chunks[axis] == shard
+
+
+def _decoded_layers(array: zarr.Array, layers: range, shard: int, token_axis: int) -> list[np.ndarray]:
+    """The inner chunks of ``layers`` in shard ``shard``, decoded (each through its crc32c), in layer order."""
+    codec = array.metadata.codecs[0]
+    per_shard = tuple(s // c for s, c in zip(array.shards, array.chunks))
+    coords = ["0"] * array.ndim
+    coords[token_axis] = str(shard)
+    path = array.store_path / "/".join(["c", *coords])
+    index = sync(codec._load_shard_index_maybe(path, per_shard))
+    if index is None:
+        raise CorruptChunkError(f"{path.path}: the shard is missing")
+    shard_spec = array.metadata.get_chunk_spec(tuple(0 for _ in per_shard), array._async_array.config,
+                                               default_buffer_prototype())
+    chunk_spec = codec._get_chunk_spec(shard_spec)
+    limit = max_object_bytes(math.prod(array.chunks) * array.dtype.itemsize)
+    problem = index_entries_problem(index.offsets_and_lengths, limit)
+    entries = index.offsets_and_lengths.reshape(per_shard[0], -1, 2)[layers.start:layers.stop, 0]
+    if problem is None and (entries[:, 0] == np.iinfo(np.uint64).max).any():
+        problem = f"inner chunk of layer {layers.start + int(np.argmax(entries[:, 0] == np.iinfo(np.uint64).max))} " \
+                  "is missing from its index"
+    if problem:
+        raise CorruptChunkError(f"{path.path}: the shard index is corrupt: {problem}")
+    pieces = _fetch(path, [(int(o), int(n)) for o, n in entries])
+    try:
+        decoded = sync(codec.codec_pipeline.decode([(piece, chunk_spec) for piece in pieces]))
+    except Exception:  # noqa: BLE001 - name the inner chunk that fails (its checksum, its zstd frame)
+        for layer, piece in zip(layers, pieces):
+            try:
+                sync(codec.codec_pipeline.decode([(piece, chunk_spec)]))
+            except Exception as exc:  # noqa: BLE001 - any decode failure of untrusted bytes
+                raise CorruptChunkError(f"{path.path}: the inner chunk of layer {layer} fails to decode "
+                                        f"({type(exc).__name__}: {str(exc)[:120]})") from exc
+        raise
+    return [d.as_numpy_array() for d in decoded]
+
+
+def _fetch(path: Any, ranges: list[tuple[int, int]]) -> list[Any]:
+    """The bytes of each (offset, length) of one shard: one read covering them all when they lie close together,
+    else one read each; a read past the end of the shard is refused."""
+    start = min(o for o, _ in ranges)
+    stop = max(o + n for o, n in ranges)
+    if stop - start <= GAP_FACTOR * sum(n for _, n in ranges):
+        whole = _get(path, start, stop)
+        return [whole[o - start:o - start + n] for o, n in ranges]
+    return [_get(path, o, o + n) for o, n in ranges]
+
+
+def _get(path: Any, start: int, stop: int) -> Any:
+    """Bytes ``start:stop`` of the object at ``path``, all of them or a CorruptChunkError."""
+    data = sync(path.get(prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, stop)))
+    if data is None or len(data) != stop - start:
+        raise CorruptChunkError(f"{path.path}: the shard index points to bytes {start:,}..{stop:,}, past the end "
+                                f"of the shard ({0 if data is None else len(data):,} read)")
+    return data
