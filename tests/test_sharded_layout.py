@@ -158,3 +158,48 @@ def test_one_read_per_shard_gives_zarrs_values(store: Path, key: tuple) -> None:
     np.testing.assert_array_equal(layered_block(array, key), array[key])
     assert layered_block(array, (slice(None), slice(CHUNK - 1, CHUNK + 1), slice(None))) is None
     assert layered_block(array, (slice(None, None, 2), slice(0, CHUNK), slice(None))) is None
+
+
+@pytest.mark.parametrize("spec, layers", [("1,3", [1, 3]), ("0-1,3", [0, 1, 3])])
+def test_scattered_layers_read_only_themselves(store: Path, spec: str, layers: list[int]) -> None:
+    """Layers that are not consecutive are read run by run (a list of layers would read whole blocks)."""
+    from depthcache.analyze.layer_map import layer_map
+    from depthcache.analyze.logit_lens import logit_lens
+    from depthcache.store.reader import Store
+
+    ds = depthcache.open(store)
+    wanted = sum(ds.resid_pre.isel(layer=layer).nbytes for layer in layers) + ds.resid_final.nbytes
+    part = logit_lens(Store(str(store)), layers=spec)
+    np.testing.assert_allclose(part.kl_mean.sel(layer=layers), logit_lens(Store(str(store))).kl_mean.sel(layer=layers),
+                               rtol=1e-12)
+    used, _ = bytes_read_by(lambda: logit_lens(Store(str(store)), layers=spec).kl_mean.values)
+    assert used <= 1.25 * wanted + 2 * MIB, used / wanted
+    pre = sum(ds.resid_pre.isel(layer=layer).nbytes for layer in layers)
+    used, _ = bytes_read_by(lambda: layer_map(Store(str(store)), Store(str(store)), shallow_layers=spec,
+                                              deep_layers=spec).r2.values)
+    assert used <= 2 * 1.25 * pre + 2 * MIB, used / pre  # both sides of the self pair, and the split's metadata
+
+
+def test_analyses_do_not_depend_on_how_layers_are_blocked(store: Path, tiny_models, monkeypatch) -> None:
+    """A 2.0 store is read in blocks of a few layers (all of them only when they fit 128 MiB): every analysis gives
+    the same numbers with one layer per block as with all layers in one."""
+    from depthcache.analyze import run
+    from depthcache.extraction.skip_runs import SkipOptions, extract_skips
+    from depthcache.store import reader
+
+    if not depthcache.open(store).attrs["runs"]:
+        extract_skips(ExtractOptions(out=str(store), model=str(tiny_models["llama"]),
+                                     data=str(store.parent / "docs.jsonl"), dtype="float32",
+                                     seq_len=64, batch_size=4, chunk_tokens=CHUNK, max_tokens=2048, progress=False,
+                                     device="cpu", resume=True), SkipOptions("1", tokens=2 * CHUNK))
+    names = {"contributions": {}, "logit-lens": {}, "residual-norms": {}, "skip-effects": {},
+             "layer-map": {"dtype": "float64"}}
+    whole = {name: run(name, *[str(store)] * (2 if name == "layer-map" else 1), force=True, **params)
+             for name, params in names.items()}
+    monkeypatch.setattr(reader, "BLOCK_BYTES", 1)  # one layer per dask block
+    assert depthcache.open(store).resid_pre.data.chunks[0] == (1,) * LAYERS
+    for name, params in names.items():
+        split = run(name, *[str(store)] * (2 if name == "layer-map" else 1), force=True, **params)
+        for var in whole[name].data_vars:
+            np.testing.assert_allclose(split[var].values, whole[name][var].values, rtol=1e-9, atol=1e-12,
+                                       err_msg=f"{name} {var}")

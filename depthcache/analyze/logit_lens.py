@@ -175,7 +175,8 @@ def logit_lens(store: Store, include_first: bool = False, max_tokens: Count | No
     ds = select_layers(store.ds, layers, store.n_layers)
     ds = ds if max_tokens is None else ds.isel(token=slice(0, int(max_tokens)))
     head = dask.delayed(store.head, pure=True)  # one graph key: shipped once to each distributed worker
-    sums = da.blockwise(chunk_sums, "tsl", ds.resid_pre.data, "ltd", ds.resid_final.data, "td", ds.position.data,
+    resid = ds.resid_pre.data.rechunk({0: -1})  # every lens row of a token block in one task (2.0 splits layers)
+    sums = da.blockwise(chunk_sums, "tsl", resid, "ltd", ds.resid_final.data, "td", ds.position.data,
                         "t", head, None, new_axes={"s": len(STATS), "l": ds.sizes["layer"] + 1},
                         adjust_chunks={"t": 1}, concatenate=True, dtype=np.float64, meta=np.empty((0, 0, 0)),
                         include_first=include_first).sum(axis=0)
