@@ -101,11 +101,12 @@ def raw_read(paths: list[Path], out: Path, label: str) -> None:
     print(json.dumps(record), file=sys.stderr)
 
 
-def measured(out: Path, label: str, *command: str, store: Path | None = None) -> None:
+def measured(out: Path, label: str, *command: str, store: Path | None = None, env: dict | None = None) -> None:
     """One step in its own process, the store dropped from the page cache first."""
     if store is not None:
         drop_cache([store])
-    subprocess.run([sys.executable, str(HERE / "measured.py"), str(out), label, *command], check=False)
+    subprocess.run([sys.executable, str(HERE / "measured.py"), str(out), label, *command], check=False,
+                   env={**os.environ, **(env or {})})
 
 
 def main() -> None:
@@ -131,6 +132,9 @@ def main() -> None:
         elif step in ("contributions", "residual-norms"):
             measured(out, f"analyze {step}", "depthcache", "analyze", step, str(store), "--force", "--results",
                      results, store=store)
+        elif step == "contributions-4-threads":  # dask's threaded scheduler with 4 threads on 2 cores
+            measured(out, "analyze contributions, 4 dask threads", "depthcache", "analyze", "contributions",
+                     str(store), "--force", "--results", results, store=store, env={"DASK_NUM_WORKERS": "4"})
         elif step == "one-layer":
             measured(out, "ActivationDataset one layer", "python", "-c", ONE_LAYER, str(store), store=store)
         elif step == "all-layers":

@@ -42,7 +42,7 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.layer_subset import layer_positions, take_layers
+from depthcache.analyze.layer_subset import layer_positions
 from depthcache.analyze.registry import Count, Positive, analysis
 from depthcache.errors import DepthcacheError
 from depthcache.progress import advance, stage
@@ -75,7 +75,7 @@ def boundaries(store: Store, site: str, layers: str = "all") -> tuple[da.Array, 
         return data, stored
     positions = layer_positions(stored, layers, store.n_layers + (site == "resid"))
     pre = [p for p in positions if p < ds.sizes["layer"]]
-    parts = [take_layers(ds[SITES[site][0]].data, pre)] if pre else []
+    parts = [store.layers(SITES[site][0], pre)] if pre else []
     if len(pre) < len(positions):  # the final residual
         parts.append(ds.resid_final.data[None])
     return da.concatenate(parts, axis=0), stored[positions]

@@ -3,12 +3,12 @@ store the others are never read, since each layer is an inner chunk of its own."
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 
 from depthcache.errors import DepthcacheError
 from depthcache.layerspec import parse_layers
+from depthcache.store.reader import consecutive_runs
 
 
 def layer_positions(stored: np.ndarray, spec: str, n_layers: int) -> list[int]:
@@ -23,29 +23,12 @@ def layer_positions(stored: np.ndarray, spec: str, n_layers: int) -> list[int]:
     return [where[layer] for layer in wanted]
 
 
-def runs_of(positions: list[int]) -> list[slice]:
-    """Sorted positions as slices of consecutive ones: [0, 1, 2, 10, 20, 21] → [0:3, 10:11, 20:22]. Dask reads only
-    the chunks of a slice of a block (the slice goes into the read); a list of positions reads whole blocks."""
-    runs: list[slice] = []
-    for p in positions:
-        if runs and runs[-1].stop == p:
-            runs[-1] = slice(runs[-1].start, p + 1)
-        else:
-            runs.append(slice(p, p + 1))
-    return runs
-
-
-def take_layers(data: da.Array, positions: list[int], axis: int = 0) -> da.Array:
-    """``data`` at ``positions`` along ``axis``, read run by run (see ``runs_of``)."""
-    parts = [data[(slice(None),) * axis + (run,)] for run in runs_of(positions)]
-    return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=axis)
-
-
 def select_layers(ds: xr.Dataset, spec: str, n_layers: int) -> xr.Dataset:
-    """``ds`` cut to the layers of ``spec`` ('all': unchanged), each run of consecutive layers read alone."""
+    """``ds`` cut to the layers of ``spec`` ('all': unchanged), each run of consecutive layers sliced alone (dask
+    pushes a slice into the read; a list of layers would read whole blocks)."""
     if spec.strip() in ("", "all"):
         return ds
-    runs = runs_of(layer_positions(ds.layer.values, spec, n_layers))
+    runs = consecutive_runs(layer_positions(ds.layer.values, spec, n_layers))
     if len(runs) == 1:
         return ds.isel(layer=runs[0])
     layered = [name for name in ds.variables if "layer" in ds[name].dims]

@@ -67,6 +67,10 @@ class Store:
         self.runs_read = True
         return natural_sorted(self.group["runs"].group_keys()) if "runs" in self.group else []
 
+    def layers(self, name: str, positions: list[int]) -> da.Array:
+        """Baseline array ``name`` (layer axis first) at layer ``positions`` (sorted) only; see ``layer_runs``."""
+        return layer_runs(self.group, self.attrs, name, consecutive_runs(positions), self.bfloat16_as)
+
     @cached_property
     def head(self) -> dict[str, Any]:
         """Final norm and unembedding (float32 numpy), for the logit lens."""
@@ -94,6 +98,17 @@ class Store:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def consecutive_runs(positions: list[int]) -> list[slice]:
+    """Sorted positions as slices of consecutive ones: [0, 1, 2, 10, 20, 21] → [0:3, 10:11, 20:22]."""
+    runs: list[slice] = []
+    for p in positions:
+        if runs and runs[-1].stop == p:
+            runs[-1] = slice(runs[-1].start, p + 1)
+        else:
+            runs.append(slice(p, p + 1))
+    return runs
+
+
 def natural_sorted(names: Iterable[str]) -> list[str]:
     """Names in human order: ``skip_2`` before ``skip_10``."""
     return sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
@@ -116,6 +131,32 @@ class Committed:
         return self.convert(read_block(self.array, key))
 
 
+@dataclass(frozen=True)
+class LayerRun:
+    """Layers ``start:stop`` of a committed layered array (layer axis first) as dask reads them: a block asks for its
+    own layers only, whatever dask's optimizer does with the slices taken of it."""
+
+    source: Committed
+    start: int
+    stop: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.source.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.source.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.source.ndim
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        first = slice(*key[0].indices(self.stop - self.start))
+        return self.source[(slice(first.start + self.start, first.stop + self.start), *key[1:])]
+
+
 def view_bfloat16(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns as ml_dtypes bfloat16 values (no copy)."""
     return bits.view(bfloat16())
@@ -126,17 +167,42 @@ def lazy_variable(array: zarr.Array, name: str, committed: int, chunk_tokens: in
     """(dims, dask array) of one checked store array, cut to its committed tokens before the graph is built, in
     blocks of ``chunk_tokens`` along tokens (see ``block_shape``)."""
     dims = tuple(array.metadata.dimension_names)
+    source = committed_source(array, committed, bfloat16_as)
+    if dims == (name,):  # an index coordinate (layer): read now, as xarray would to build its index
+        return dims, source.convert(array[:source.shape[0]])
+    chunks = block_shape(array, dims, source.shape, chunk_tokens, source.dtype.itemsize)
+    data = da.from_array(source, chunks=chunks, name=f"{name}-{key}", lock=False, asarray=True,
+                         meta=np.empty((0,) * len(source.shape), source.dtype))
+    return dims, data
+
+
+def committed_source(array: zarr.Array, committed: int, bfloat16_as: str) -> Committed:
+    """What dask reads of a checked store array: its committed tokens, bf16 converted as ``bfloat16_as`` says."""
+    dims = tuple(array.metadata.dimension_names)
     shape = tuple(min(committed, n) if d == "token" else n for d, n in zip(dims, array.shape))
     dtype, convert = array.dtype, np.asarray
     if holds_bits(array):
         dtype, convert = ((np.dtype(np.float32), bf16_bits_to_float32) if bfloat16_as == "float32"
                           else (bfloat16(), view_bfloat16))
-    if dims == (name,):  # an index coordinate (layer): read now, as xarray would to build its index
-        return dims, convert(array[:shape[0]])
-    chunks = block_shape(array, dims, shape, chunk_tokens, np.dtype(dtype).itemsize)
-    data = da.from_array(Committed(array, shape, dtype, convert), chunks=chunks, name=f"{name}-{key}", lock=False,
-                         asarray=True, meta=np.empty((0,) * len(shape), dtype))
-    return dims, data
+    return Committed(array, shape, np.dtype(dtype), convert)
+
+
+def layer_runs(group: zarr.Group, attrs: dict[str, Any], name: str, runs: list[slice],
+               bfloat16_as: str = "float32") -> da.Array:
+    """Layered array ``name`` at the layers of ``runs`` (positions along its layer axis) only, each run a dask array
+    of its own over ``LayerRun``: no block reads a layer it does not return (a slice of the whole array's blocks
+    reads their other layers unless dask's optimizer pushes the slice into the read)."""
+    array = open_arrays(group)[name]
+    source = committed_source(array, int(attrs["progress"]["tokens_committed"]), bfloat16_as)
+    dims, chunk_tokens = tuple(array.metadata.dimension_names), int(attrs["layout"]["chunk_tokens"])
+    key = tokenize(str(group.store), group.path, name, attrs.get("created"), bfloat16_as)
+    parts = []
+    for run in runs:
+        view = LayerRun(source, run.start, run.stop)
+        chunks = block_shape(array, dims, view.shape, chunk_tokens, source.dtype.itemsize)
+        parts.append(da.from_array(view, chunks=chunks, name=f"{name}-{run.start}-{run.stop}-{key}", lock=False,
+                                   asarray=True, meta=np.empty((0,) * view.ndim, source.dtype)))
+    return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=0)
 
 
 def block_shape(array: zarr.Array, dims: tuple[str, ...], shape: tuple[int, ...], chunk_tokens: int,
