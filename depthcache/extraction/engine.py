@@ -63,6 +63,7 @@ from depthcache.store.identity import differences
 from depthcache.store.io import (
     can_write,
     open_group,
+    process_alive,
     read_attrs,
     replace_atomically,
     require_writable,
@@ -190,17 +191,6 @@ def remove_stale_creations(out: Path) -> None:
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    """True if a process with this id runs on this machine (ours or another user's)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def library_versions() -> dict[str, str]:
