@@ -153,7 +153,7 @@ def main() -> None:
             measured(out, "push to local S3", "depthcache", "push", str(store), "s3://bench/big.zarr",
                      "--storage-option", option, "--no-progress", store=store)
         elif step == "pull" and args.s3:
-            measured(out, "pull from local S3", "depthcache", "pull", "s3://bench/big.zarr", str(work / "pulled.zarr"),
+            measured(out, "pull from local S3", "depthcache", "pull", "s3://bench/big.zarr", str(store),
                      "--storage-option", f"endpoint_url={args.s3}", "--no-progress")
         else:
             raise SystemExit(f"unknown step {step!r}")

@@ -433,13 +433,14 @@ def locate_options(command: Any) -> Any:
 
 
 def run_locate(kind: str, kw: dict[str, Any]) -> Any:
-    """Print the plan (the measure's choices), then compute and write the ``kind`` map."""
+    """Print the plan (the measure's choices; not with --no-progress), then compute and write the ``kind`` map."""
     from depthcache.locate import LocateOptions, locate
     from depthcache.locate.run import check_options, plan
 
     opts = LocateOptions(**kw)
     check_options(kind, opts)
-    click.echo(plan(kind, opts), err=True)
+    if opts.progress is not False:  # --no-progress silences the plan line as well as the progress
+        click.echo(plan(kind, opts), err=True)
     return locate(kind, opts)
 
 

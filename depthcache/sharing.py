@@ -32,7 +32,7 @@ from depthcache.store.problems import CHUNK_KEY
 
 ROOT_METADATA = "zarr.json"
 CRC_BYTES = 4  # crc32c is the last codec of every store array: a chunk's last 4 bytes are its checksum
-COPY_PIECE = 64 * 2**20  # objects larger than this (2.0 shards) are copied piece by piece
+COPY_PIECE = 16 * 2**20  # objects larger than this (2.0 shards) are copied piece by piece (S3 parts of 16 MiB)
 
 
 @dataclass(frozen=True)

@@ -203,3 +203,17 @@ def test_analyses_do_not_depend_on_how_layers_are_blocked(store: Path, tiny_mode
         for var in whole[name].data_vars:
             np.testing.assert_allclose(split[var].values, whole[name][var].values, rtol=1e-9, atol=1e-12,
                                        err_msg=f"{name} {var}")
+
+
+def test_resume_refuses_other_chunks(store: Path, tiny_models) -> None:
+    """A store's chunks are fixed when it is created: --chunk-tokens or --shard-mib giving others is refused."""
+    from depthcache.errors import DepthcacheError
+
+    options = dict(out=str(store), model=str(tiny_models["llama"]), data=str(store.parent / "docs.jsonl"),
+                   dtype="float32", seq_len=64, batch_size=4, max_tokens=2048, progress=False, device="cpu",
+                   resume=True)
+    with pytest.raises(DepthcacheError, match="--chunk-tokens gives 128-token chunks, the store has 256"):
+        extract(ExtractOptions(chunk_tokens=CHUNK // 2, **options))
+    with pytest.raises(DepthcacheError, match="--shard-mib gives"):
+        extract(ExtractOptions(shard_mib=1, **options))
+    assert extract(ExtractOptions(chunk_tokens=CHUNK, **options))["progress"]["complete"]
