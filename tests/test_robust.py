@@ -150,11 +150,15 @@ def test_interrupt_from_the_command_line_is_one_error_line(tiny_models, text_fil
 def test_sighup_stops_an_extraction_like_sigterm() -> None:
     from depthcache.extraction.interrupts import raise_interrupted, stop_on_signals
 
-    with stop_on_signals():
-        assert signal.getsignal(signal.SIGHUP) is raise_interrupted  # before: the default, which ends the process
-        with pytest.raises(Interrupted) as caught:
-            os.kill(os.getpid(), signal.SIGHUP)
-            time.sleep(5)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (nohup or a CI runner may ignore it,
+    try:  # and an ignored signal stays ignored, by design)
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is raise_interrupted  # before: the default, which ends the process
+            with pytest.raises(Interrupted) as caught:
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(5)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
     assert caught.value.signum == signal.SIGHUP and str(caught.value) == "interrupted by SIGHUP"
 
 
