@@ -44,13 +44,41 @@ progress_option = click.option(
 
 
 def model_options(batch_size: int, unit: str, progress: bool = True, model_help: str = MODEL_HELP) -> Any:
-    """The options of every command that runs a model: --model, --device, --batch-size and --progress."""
+    """The options of every command that runs a model: --model, --device, the placement options (read by
+    ``placement_from``), --batch-size and --progress."""
     return options(
         click.option("--model", default=DEFAULT_MODEL, show_default=True, help=model_help),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda or cuda:N (with --device-map: cpu keeps the weights off GPUs)."),
+        placement_options,
         click.option("--batch-size", default=batch_size, show_default=True, type=int,
                      help=f"{unit} per forward pass."),
         *([progress_option] if progress else []))
+
+
+placement_options = options(
+    click.option("--device-map", default=None,
+                 help="Spread the model over devices as accelerate does: auto, balanced, balanced_low_0, sequential, "
+                      "or a JSON file {module: GPU index | cpu | disk} (default: the whole model on --device; auto when "
+                      "--max-memory or --offload-folder is given)."),
+    click.option("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                 help="Most weight memory per device for --device-map, e.g. cuda:0=70GiB,cuda:1=70GiB,cpu=100GiB "
+                      "(default: each GPU's free memory, 90% of the host's)."),
+    click.option("--offload-folder", default=None,
+                 help="Folder for the weights beyond --max-memory, read from disk on each forward pass (slow, "
+                      "bit-identical)."),
+    click.option("--model-dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+                 help="Precision the model computes in (not the stored --dtype). [default: float32 on CPU, bfloat16 "
+                      "on CUDA]"))
+
+
+def placement_from(kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with the placement options replaced by one ``placement`` (model.placement.Placement)."""
+    from depthcache.model.placement import Placement
+
+    kw["placement"] = Placement(*(kw.pop(name) for name in ("device_map", "max_memory", "offload_folder",
+                                                             "model_dtype")))
+    return kw
 
 
 def task_options(required: bool, seed: bool) -> Any:
@@ -168,12 +196,21 @@ def main() -> None:
                    "the layers before it.")
 def extract(finalize: bool, skip: str | None, skip_sublayer: str, skip_tokens: int, skip_variant: str,
             skip_prefix: str, **kw: Any) -> None:
-    """Run a model over a dataset and store every layer's residual stream and sublayer outputs."""
+    """Run a model over a dataset and store every layer's residual stream and sublayer outputs.
+
+    \b
+    A model larger than one GPU (Llama 3.1 70B in bfloat16 is ~140 GB) is spread over several, the host and disk:
+      depthcache extract --model /models/Llama-3.1-70B --device-map auto \\
+          --max-memory cuda:0=70GiB,cuda:1=70GiB,cpu=100GiB --offload-folder /scratch/offload \\
+          --model-dtype bfloat16 --out runs/llama70b.zarr
+    erase, igrad, hop-depth and evaluate prune take the same options.
+    """
     from depthcache.extraction.data import DataFields
     from depthcache.extraction.engine import ExtractOptions, finalize_store
     from depthcache.extraction.engine import extract as run_extract
     from depthcache.extraction.workers import worker_from_env
 
+    placement_from(kw)
     kw["fields"] = DataFields(*(kw.pop(name) for name in ("text_field", "prompt_field", "answer_field", "answer_after",
                                                           "answer_regex", "split")))
 
@@ -437,7 +474,7 @@ def run_locate(kind: str, kw: dict[str, Any]) -> Any:
     from depthcache.locate import LocateOptions, locate
     from depthcache.locate.run import check_options, plan
 
-    opts = LocateOptions(**kw)
+    opts = LocateOptions(**placement_from(kw))
     check_options(kind, opts)
     if opts.progress is not False:  # --no-progress silences the plan line as well as the progress
         click.echo(plan(kind, opts), err=True)
@@ -521,7 +558,7 @@ def hop_depth(**kw: Any) -> None:
     multihop` is depthcache's own score, from a store's skip runs)."""
     from depthcache.locate.hops import HopDepthOptions, hop_depth
 
-    ds = hop_depth(HopDepthOptions(**kw))
+    ds = hop_depth(HopDepthOptions(**placement_from(kw)))
     scores = ", ".join(f"{h} hops: {later * ds.sizes['layer']:.2f} / {out * ds.sizes['layer']:.2f}"
                        for h, later, out in zip(ds.hops.values, ds.depth_score_later_max.values,
                                                 ds.depth_score_output_max.values))
@@ -664,7 +701,7 @@ def prune(**kw: Any) -> None:
     from depthcache.evaluate import PruneOptions, evaluate_prune
 
     kw["out"] = kw["out"] or f"runs/prune-{Path(kw['task'] or (kw['harness'] or 'task').split(',')[0]).stem}"
-    ds = evaluate_prune(PruneOptions(**kw))
+    ds = evaluate_prune(PruneOptions(**placement_from(kw)))
     if kw["harness"]:
         click.echo(ds.to_dataframe().to_string())
         click.echo(f"written to {kw['out']}/ (prune-harness.zarr, prune-harness.csv)")

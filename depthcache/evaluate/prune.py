@@ -28,8 +28,10 @@ from depthcache.layerspec import parse_layers
 from depthcache.model import (
     DEFAULT_MODEL,
     LoadedModel,
+    Placement,
     Structure,
     load_model,
+    main_device,
     only_layers,
     resolve_device,
     structure_of,
@@ -56,6 +58,7 @@ class PruneOptions:
     max_new_tokens: int = 16
     batch_size: int = 16
     device: str = "auto"
+    placement: Placement = Placement()  # --device-map, --max-memory, --offload-folder, --model-dtype
     out: str | None = None  # folder for the outputs (None: return the dataset only)
     progress: bool | None = None  # None: a bar on a terminal, a line per step elsewhere
     resume: bool = False  # continue from OUT/prune.partial
@@ -186,7 +189,8 @@ def evaluate_prune(opts: PruneOptions, loaded: LoadedModel | None = None) -> xr.
     if journal is not None and journal.exists() and not opts.resume:
         raise DepthcacheError(f"{journal.folder} holds an interrupted run: continue it with --resume, or delete it "
                               "to start over")
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress)
+    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, placement=opts.placement)
+    device = main_device(loaded.model)  # a device map's first GPU, else the host
     structure = structure_of(loaded.model)
     depth = structure.n_layers
     candidates = parse_layers(opts.layers, depth)

@@ -18,10 +18,11 @@ from depthcache.extraction.data import BUILTIN_DATASETS, DataFields, python_docu
 from depthcache.extraction.engine import ExtractOptions, parse_sites
 from depthcache.extraction.engine import extract as run_extract
 from depthcache.extraction.windows import Documents
-from depthcache.model import LoadedModel, wrap_model
+from depthcache.model import LoadedModel, Placement, main_device, wrap_model
 from depthcache.store.layout import SITES
 
 OPTION_NAMES = ("seq_len", "batch_size", "dtype", "top_k", "chunk_tokens", "shard_mib", "device", "resume", "progress")
+PLACEMENT_NAMES = ("device_map", "max_memory", "offload_folder", "model_dtype")  # Placement's fields
 
 
 def layer_spec(layers: str | int | Iterable[int]) -> str:
@@ -36,21 +37,16 @@ def layer_spec(layers: str | int | Iterable[int]) -> str:
     return ",".join(map(str, values))
 
 
-def model_device(model: Any) -> str:
-    """The device a model object's weights are on (depthcache never moves a caller's model)."""
-    parameter = next(iter(model.parameters()), None)
-    return "cpu" if parameter is None else str(parameter.device)
-
-
 def resolve_model(model: Any, tokenizer: Any, device: str | None) -> tuple[LoadedModel | None, str, str]:
     """(loaded model or None to load by spec, the spec recorded, the device) for what the caller passed."""
     if isinstance(model, (str, os.PathLike)):
         return None, str(model), device or "auto"
     if isinstance(model, LoadedModel):
-        return model, str(model.provenance["spec"]), device or model_device(model.model)
+        return model, str(model.provenance["spec"]), device or main_device(model.model)
     if isinstance(model, tuple) and len(model) == 2:
         model, tokenizer = model
-    where = model_device(model) if hasattr(model, "parameters") else "cpu"
+    where = main_device(model) if hasattr(model, "parameters") else "cpu"  # never moved: a dispatched model
+    # (from_pretrained(device_map=...)) runs where its device map put it
     if device is not None and device not in (where, "auto"):
         raise DepthcacheError(f"the model is on {where}, not {device}: move it first (model.to({device!r})) or drop "
                               "device=")
@@ -81,17 +77,25 @@ def extract(model: Any, data: Any = "pydoc-topics", *, out: str | os.PathLike[st
     ``model``: a transformers model with ``tokenizer=``, a ``(model, tokenizer)`` pair, or a spec as ``--model``
     takes. ``data``: an iterable of strings, a ``datasets.Dataset`` (its ``text_field``), dicts, task items, or a
     spec as ``--data`` takes. With ``prompt_field`` the records are task items (prompt, answer) and each becomes one
-    window. ``options``: seq_len, batch_size, dtype, top_k, chunk_tokens, shard_mib, resume, progress (as the CLI's)."""
-    unknown = sorted(set(options) - set(OPTION_NAMES))
+    window. ``options``: seq_len, batch_size, dtype, top_k, chunk_tokens, shard_mib, resume, progress, and for a
+    model named by spec device_map, max_memory, offload_folder, model_dtype (as the CLI's; a model object, dispatched
+    or not, runs where it is, in its own dtype)."""
+    unknown = sorted(set(options) - set(OPTION_NAMES) - set(PLACEMENT_NAMES))
     if unknown:
-        raise DepthcacheError(f"unknown option(s) {', '.join(unknown)}; extract takes {', '.join(OPTION_NAMES)}")
+        raise DepthcacheError(f"unknown option(s) {', '.join(unknown)}; extract takes "
+                              f"{', '.join(OPTION_NAMES + PLACEMENT_NAMES)}")
+    placement = Placement(**{name: options.pop(name) for name in PLACEMENT_NAMES if name in options})
     fields = DataFields(text_field, prompt_field, answer_field, answer_after, answer_regex, split)
     docs, data_spec = resolve_data(data, fields)
     loaded, model_spec, where = resolve_model(model, tokenizer, device)
+    if loaded is not None and placement != Placement():
+        raise DepthcacheError(f"{', '.join(n for n in PLACEMENT_NAMES if getattr(placement, n) is not None)} place a "
+                              "model named by spec; a model object runs where it is: dispatch it yourself "
+                              "(from_pretrained(..., device_map='auto', max_memory=..., offload_folder=...))")
     options.setdefault("progress", False)
     opts = ExtractOptions(out=str(out), model=model_spec, data=data_spec, sites=parse_sites(
         sites if isinstance(sites, str) else tuple(sites)), layers=layer_spec(layers), max_tokens=max_tokens or None,
-        device=where, fields=fields, **options)
+        device=where, fields=fields, placement=placement, **options)
     run_extract(opts, loaded, docs)
     from depthcache.store.backend import open_store
 

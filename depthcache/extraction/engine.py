@@ -28,7 +28,7 @@ from depthcache.errors import DepthcacheError, Interrupted
 from depthcache.extraction.data import DEFAULT_DATASET, DataFields, load_documents
 from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
 from depthcache.extraction.model_group import write_model_group
-from depthcache.extraction.preflight import Sizes, preflight
+from depthcache.extraction.preflight import Sizes, load_fitted, preflight
 from depthcache.extraction.task_data import (
     TaskDocuments,
     task_attrs,
@@ -51,10 +51,10 @@ from depthcache.model import (
     DEFAULT_MODEL,
     CaptureInto,
     LoadedModel,
+    Placement,
     Structure,
     checked,
-    load_model,
-    resolve_device,
+    main_device,
     token_runs,
 )
 from depthcache.progress import MINUTE, Progress
@@ -117,6 +117,7 @@ class ExtractOptions:
     check: bool = True  # the load check before anything is written (--no-check: only for users who know why)
     zstd_level: int | None = None  # activations: checksummed only (None) or zstd-compressed at this level
     fields: DataFields = DataFields()  # which record fields are the text, or a task's prompt and answer
+    placement: Placement = Placement()  # --device-map, --max-memory, --offload-folder, --model-dtype
 
 
 @dataclass
@@ -231,7 +232,7 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
                     **details},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
                     "seq_len": opts.seq_len, "batch_size": opts.batch_size, "dtype": opts.dtype, "top_k": opts.top_k,
-                    "device": device},
+                    "device": device, **opts.placement.attrs(model)},
         "layout": {"n_tokens": plan.n_tokens, "n_windows": len(plan.windows), "chunk_tokens": chunk_tokens},
         "progress": {"tokens_committed": 0, "complete": False},
     }
@@ -240,6 +241,9 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
 def compare_identity(existing: dict[str, Any], new: dict[str, Any], out: str) -> None:
     """Refuse to resume a store made from another model, dataset or options."""
     diffs = differences(existing, new)
+    old, now = existing["options"].get("model_dtype"), new["options"].get("model_dtype")
+    if old and now and old != now:  # recorded since --model-dtype exists; older stores computed in float32
+        diffs.append(f"  options.model_dtype: store has {old!r}, this run has {now!r}")
     if diffs:
         raise DepthcacheError(f"{out} was extracted with other settings; refusing to mix them:\n" + "\n".join(diffs))
 
@@ -518,9 +522,9 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
     resuming = check_destination(opts.out, opts.resume or worker.count > 1)
     remove_leftovers(opts.out, worker.count)  # temporary files of a write killed midway (none in a new store)
     existing = read_attrs(open_group(opts.out, "r")) if resuming else None
-    device = str(resolve_device(opts.device))
     docs = docs if docs is not None else load_documents(opts.data, opts.fields)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    loaded = loaded or load_fitted(opts.model, opts.device, opts.placement, opts.progress, opts.check)
+    device = main_device(loaded.model)  # where inputs go: the device, or a device map's first GPU (else the host)
     structure, _ = checked(loaded.model, opts.check)  # a model passed in is checked here, before any store exists
     plan = make_plan(opts, loaded, docs, structure.n_layers)
     if plan.n_tokens == 0:

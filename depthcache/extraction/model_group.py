@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from depthcache.model import model_head, structure_of
+from depthcache.model import model_head, onloaded, outer_modules, structure_of
 from depthcache.store.head import MODEL_GROUP, TOKENIZER_GROUP
 from depthcache.store.layout import TARGET_CHUNK_BYTES, compressors
 
@@ -33,7 +33,8 @@ def _array(group: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ..
 def write_model_group(root: zarr.Group, loaded: Any) -> None:
     """Write the head into ``root/model``: final-norm parameters (the factor it multiplies by, Gemma's 1 + w folded
     in), the unembedding (float32), the logits' scale and soft-cap, and the tokenizer files."""
-    head = model_head(loaded.model, structure_of(loaded.model))
+    with onloaded(outer_modules(loaded.model)):  # a dispatched model's head may be offloaded
+        head = model_head(loaded.model, structure_of(loaded.model))
     group = root.create_group(MODEL_GROUP)
     group.attrs["final_norm"] = {"kind": head["norm_kind"], "eps": head["eps"],
                                  "has_bias": head["norm_bias"] is not None}

@@ -14,6 +14,8 @@ import torch
 
 from depthcache.errors import DepthcacheError
 from depthcache.limits import MAX_METADATA_BYTES
+from depthcache.model import LoadedModel, Placement, load_model, resolve_device, weight_bytes, weights_folder
+from depthcache.model.placement import HOST_SHARE, parse_max_memory
 from depthcache.store.schema import check_attrs, chunking_problems
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
@@ -165,3 +167,69 @@ def preflight(attrs: dict[str, Any], sizes: Sizes, config: Any, out: str, device
         check_store_attrs(attrs)
     check_memory(sizes, device)
     check_disk(out, sizes, attrs["options"]["dtype"])
+
+
+def weights_room(device: str) -> int:
+    """Bytes the weights may take on ``device`` (its free memory; a seam tests narrow to force offloading)."""
+    return available_memory(device)
+
+
+def gib(n: float) -> str:
+    """Bytes as GiB with one decimal, for messages and suggested --max-memory values."""
+    return f"{n / GIB:,.1f}GiB"
+
+
+def placement_budget(placement: Placement, device: str, host_free: int) -> tuple[int, str]:
+    """(bytes the weights may take under ``placement``, where that is): --max-memory's devices (the host's free
+    share when it names none), plus the free disk of --offload-folder."""
+    memory = parse_max_memory(placement.max_memory)
+    if not memory:
+        memory = {"cpu": int(HOST_SHARE * host_free)} if not device.startswith("cuda") else \
+            {i: weights_room(f"cuda:{i}") for i in range(torch.cuda.device_count())} | {"cpu": host_free}
+    where = ", ".join(f"{'cpu' if k == 'cpu' else f'cuda:{k}'} {gib(v)}" for k, v in memory.items())
+    total = sum(memory.values())
+    if placement.offload_folder is not None:
+        folder = Path(placement.offload_folder).expanduser().resolve()
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        disk = shutil.disk_usage(existing).free
+        total, where = total + disk, f"{where} and {gib(disk)} of disk at {folder}"
+    return total, where
+
+
+def check_model_fits(need: int, placement: Placement, device: str, dtype: torch.dtype, host_free: int) -> None:
+    """Refuse, before loading, weights that cannot fit where they would go, naming the options that make them fit:
+    --offload-folder (weights beyond memory read from disk on each forward), a device map over several GPUs, or a
+    smaller --model-dtype."""
+    name = str(dtype).removeprefix("torch.")
+    smaller = "" if dtype != torch.float32 else f"; or --model-dtype bfloat16 (about {gib(need / 2)} of weights)"
+    if not placement.dispatched:
+        free = weights_room(device)
+        if need <= free:
+            return
+        spread = "--device-map auto (spreads the layers over every GPU and the host), " if device.startswith(
+            "cuda") else ""
+        raise DepthcacheError(
+            f"the model's weights take {gib(need)} in {name} and {device} has {gib(free)} free: run with "
+            f"{spread}--max-memory {'cuda:0' if device.startswith('cuda') else 'cpu'}={gib(0.8 * free)} "
+            f"--offload-folder DIR (the layers beyond it are read from DIR on each forward pass){smaller}; "
+            "nothing was written")
+    budget, where = placement_budget(placement, device, host_free)
+    if need > budget:
+        advice = "a larger --max-memory or another --offload-folder" if placement.offload_folder else \
+            "--offload-folder DIR (the layers beyond --max-memory are read from DIR on each forward pass)"
+        raise DepthcacheError(f"the model's weights take {gib(need)} in {name} and the placement gives them "
+                              f"{gib(budget)} ({where}): add {advice}{smaller}; nothing was written")
+
+
+def load_fitted(spec: str, device: str, placement: Placement = Placement(), progress: bool | None = None,
+                check: bool = True) -> LoadedModel:
+    """``load_model`` as every depthcache command loads by spec: the weights' size (from the config, on the meta
+    device) checked against where ``placement`` puts them first, so a model that cannot fit is refused with the
+    options that make it fit, before anything is loaded or written."""
+    target = str(resolve_device(device))
+    host_free = weights_room("cpu")
+    folder = weights_folder(spec)
+    if folder is not None:
+        dtype = placement.dtype(device)
+        check_model_fits(weight_bytes(folder, dtype), placement, target, dtype, host_free)
+    return load_model(spec, device=device, progress=progress, check=check, placement=placement, host_free=host_free)

@@ -51,6 +51,7 @@ from depthcache.extraction.engine import (
     write_batches,
 )
 from depthcache.extraction.interrupts import interrupted_message, stop_on_signals
+from depthcache.extraction.preflight import load_fitted
 from depthcache.extraction.writer import ChunkWriter, resume_point
 from depthcache.model import (
     Capture,
@@ -58,9 +59,8 @@ from depthcache.model import (
     Skip,
     Structure,
     checked,
-    load_model,
+    main_device,
     only_layers,
-    resolve_device,
 )
 from depthcache.progress import Progress
 from depthcache.store.head import tokenizer_sha256
@@ -420,9 +420,9 @@ def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedMod
         raise DepthcacheError(f"{opts.out} exists and is not a depthcache store; refusing to write into it")
     if not exists:
         check_destination(opts.out, resume=False)
-    device = str(resolve_device(opts.device))
     docs = load_documents(opts.data, opts.fields)
-    loaded = loaded or load_model(opts.model, device=device, progress=opts.progress, check=opts.check)
+    loaded = loaded or load_fitted(opts.model, opts.device, opts.placement, opts.progress, opts.check)
+    device = main_device(loaded.model)
     structure, _ = checked(loaded.model, opts.check)
     depth = structure.n_layers
     runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]

@@ -27,7 +27,16 @@ from depthcache.analyze.multihop import paper_depth
 from depthcache.errors import DepthcacheError
 from depthcache.locate.maps import MAP_ATTR, MAP_SCHEMA, Prompt, check_out, context_length, encode, write_map
 from depthcache.locate.partial import Partial, partial_path
-from depthcache.model import DEFAULT_MODEL, Capture, LoadedModel, Skip, load_model, n_layers, structure_of
+from depthcache.model import (
+    DEFAULT_MODEL,
+    Capture,
+    LoadedModel,
+    Placement,
+    Skip,
+    load_model,
+    n_layers,
+    structure_of,
+)
 from depthcache.progress import MINUTE, Progress
 from depthcache.tasks import TaskItem, load_task
 
@@ -44,6 +53,7 @@ class HopDepthOptions:
     n: int | None = None
     per_hops: int | None = None  # the first this many items of each hop count (the paper: 20)
     device: str = "auto"
+    placement: Placement = Placement()  # --device-map, --max-memory, --offload-folder, --model-dtype
     batch_size: int = 32  # skipped layers per forward
     progress: bool | None = None
     resume: bool = False
@@ -157,7 +167,7 @@ def hop_depth(opts: HopDepthOptions, loaded: LoadedModel | None = None) -> xr.Da
     if partial_path(opts.out).exists() and not opts.resume:
         Partial(opts.out, {}, resume=False)  # refuses before the model is loaded
     items = selected(load_task(opts.task, n=opts.n), opts.per_hops)
-    loaded = loaded or load_model(opts.model, device=opts.device, progress=opts.progress)
+    loaded = loaded or load_model(opts.model, device=opts.device, progress=opts.progress, placement=opts.placement)
     prompts = encoded(items, loaded)
     depth = n_layers(loaded.model)
     model = loaded.provenance

@@ -32,7 +32,7 @@ from depthcache.locate.maps import (
 )
 from depthcache.locate.partial import Partial, partial_path
 from depthcache.locate.reference import Reference, sequence_mean, store_mean
-from depthcache.model import DEFAULT_MODEL, LoadedModel, load_model, n_layers
+from depthcache.model import DEFAULT_MODEL, LoadedModel, Placement, load_model, n_layers
 from depthcache.progress import MINUTE, Progress
 from depthcache.tasks import load_task
 
@@ -48,6 +48,7 @@ class LocateOptions:
     task: str | None = None
     n: int | None = None
     device: str = "auto"
+    placement: Placement = Placement()  # --device-map, --max-memory, --offload-folder, --model-dtype
     reference: str | None = None  # erasure: activation store giving the mean residual
     reference_windows: int = 8  # erasure without a reference store: pydoc-topics windows
     layers: str = "all"  # which layers get a row of the map
@@ -191,7 +192,7 @@ def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) ->
     opts = resolved(kind, opts)
     if partial_path(opts.out).exists() and not opts.resume:
         Partial(opts.out, {}, resume=False)  # refuses before the model is loaded
-    loaded = loaded or load_model(opts.model, device=opts.device, progress=opts.progress)
+    loaded = loaded or load_model(opts.model, device=opts.device, progress=opts.progress, placement=opts.placement)
     ids, encoded = prompts(opts, loaded)
     depth = n_layers(loaded.model)
     layers = parse_layers(opts.layers, depth) + ((depth,) if opts.final_residual else ())

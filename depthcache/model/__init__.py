@@ -16,7 +16,16 @@ from depthcache.model.loading import (
                                             load_model,
                                             resolve_device,
                                             tokenizer_files,
+                                            weights_folder,
                                             wrap_model,
+)
+from depthcache.model.placement import (
+                                            MODEL_DTYPES,
+                                            Placement,
+                                            main_device,
+                                            onloaded,
+                                            outer_modules,
+                                            weight_bytes,
 )
 from depthcache.model.pruned import prune_copy, prune_model, removed_layers
 from depthcache.model.restart import (
@@ -41,7 +50,8 @@ from depthcache.model.structure import (
                                             submodule,
 )
 
-__all__ = ["ALIASES", "TOLERANCES", "Capture", "CaptureInto", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel",
+__all__ = ["ALIASES", "MODEL_DTYPES", "TOLERANCES", "Placement", "main_device", "onloaded", "outer_modules",
+           "weight_bytes", "weights_folder", "Capture", "CaptureInto", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel",
            "Replace", "Skip", "Structure", "answer_probs", "cache_dir", "check_model", "checked", "clean_run",
            "decoder_layers", "discover", "file_sha256", "first_tensor", "frozen", "load_model", "logits_from",
            "model_head", "n_layers", "only_layers", "output_probs", "prune_copy", "prune_model", "relative_errors",

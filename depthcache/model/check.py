@@ -17,6 +17,7 @@ import torch
 
 from depthcache.errors import DepthcacheError
 from depthcache.model.capture import Capture
+from depthcache.model.placement import onloaded, outer_modules
 from depthcache.model.structure import Structure, model_head, probe_ids, structure_of
 from depthcache.store.head import logits_from_residual
 
@@ -94,10 +95,12 @@ _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, CheckResult] = weakref.Weak
 
 def checked(model: torch.nn.Module, check: bool = True) -> tuple[Structure, CheckResult | None]:
     """The model's structure and its load-check result (the check runs once per model object; ``check=False``
-    skips it for users who know why, and returns None)."""
-    structure = structure_of(model)
-    if not check:
-        return structure, _CHECKED.get(model)
-    if model not in _CHECKED:
-        _CHECKED[model] = check_model(model, structure)
+    skips it for users who know why, and returns None); the weights of a dispatched model's embeddings, final norm
+    and unembedding are read in for it if offloaded."""
+    with onloaded(outer_modules(model)):  # a dispatched model's offloaded head is read directly
+        structure = structure_of(model)
+        if not check:
+            return structure, _CHECKED.get(model)
+        if model not in _CHECKED:
+            _CHECKED[model] = check_model(model, structure)
     return structure, _CHECKED[model]

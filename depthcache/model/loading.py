@@ -28,7 +28,6 @@ import torch
 from gguf import GGMLQuantizationType, LlamaFileType
 from huggingface_hub import try_to_load_from_cache
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -38,6 +37,8 @@ from transformers.utils import logging as hf_logging
 from depthcache.defaults import DEFAULT_MODEL  # noqa: F401 - re-exported; defined torch-free for the CLI
 from depthcache.errors import DepthcacheError
 from depthcache.model.check import checked
+from depthcache.model.multimodal import AutoTextLM as AutoModelForCausalLM  # and multimodal wrappers' LMs
+from depthcache.model.placement import Placement, make_resident, outer_modules, state_tensors
 
 
 @dataclass(frozen=True)
@@ -251,23 +252,26 @@ def _dequantize_to_cache(gguf: Path, dest: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer from a local Hugging Face folder, never running remote code."""
+def _load_folder(folder: Path, dtype: torch.dtype, place: dict[str, Any] | None = None
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer from a local Hugging Face folder, never running remote code; ``place``: the
+    placement keywords of ``from_pretrained`` (device_map, max_memory, offload_folder)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False, dtype=dtype
+            folder, local_files_only=True, trust_remote_code=False, dtype=dtype, **(place or {})
         )
     except (OSError, ValueError, KeyError) as error:
         raise DepthcacheError(f"could not load a causal LM from folder {folder}: {error}") from error
     return model, tokenizer
 
 
-def _load_hub(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_hub(spec: str, dtype: torch.dtype, place: dict[str, Any] | None = None
+              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer by hub id; any failure becomes a DepthcacheError naming the alternatives."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=False, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=False, dtype=dtype, **(place or {}))
     except Exception as error:
         raise DepthcacheError(
             f"model {spec!r} could not be found locally or downloaded from the Hugging Face hub "
@@ -496,45 +500,66 @@ def gguf_provenance(path: Path, sha256: str, dtype: torch.dtype, alias: str | No
     }
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, alias: str | None = None) -> _Loaded:
-    """Load a GGUF via its dequantized cache under cache_dir(), creating the cache on first use."""
-    sha256 = _remembered_sha256(path)
+def _load_gguf(path: Path, dtype: torch.dtype, alias: str | None = None, place: dict[str, Any] | None = None
+               ) -> _Loaded:
+    """Load a GGUF via its dequantized cache under cache_dir(), creating the cache on first use (dequantized in
+    memory, once); the cached folder is placed like any other."""
+    cached = _gguf_cache(path)
+    sha256 = cached.name
     described = gguf_provenance(path, sha256, dtype, alias)
-    cached = cache_dir() / "gguf" / sha256
-    if not (cached / "config.json").is_file():
-        _dequantize_to_cache(path, cached)
-    model, tokenizer = _load_folder(cached, dtype)
+    model, tokenizer = _load_folder(cached, dtype, place)
     return model, tokenizer, _provenance("gguf", alias=alias, path=path, weights_sha256=sha256) | described
 
 
-def _load_local(folder: Path, dtype: torch.dtype) -> _Loaded:
+def _gguf_cache(path: Path) -> Path:
+    """The dequantized float32 folder of a GGUF (named by the GGUF's sha256), made on first use."""
+    cached = cache_dir() / "gguf" / _remembered_sha256(path)
+    if not (cached / "config.json").is_file():
+        _dequantize_to_cache(path, cached)
+    return cached
+
+
+def weights_folder(spec: str) -> Path | None:
+    """The Hugging Face folder ``load_model(spec)`` loads from (a GGUF's dequantized cache, made now if missing),
+    or None for a hub model not in the local cache: what the preflight sizes the weights from."""
+    path = Path(spec).expanduser()
+    if spec in ALIASES:
+        return _gguf_cache(_alias_gguf(spec))
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_cache(path.resolve())
+    if path.is_dir():
+        return path.resolve() if (path / "config.json").is_file() else None
+    return None if _looks_like_path(spec) else _hub_snapshot(spec)
+
+
+def _load_local(folder: Path, dtype: torch.dtype, place: dict[str, Any] | None = None) -> _Loaded:
     """Load a local Hugging Face folder, fingerprinting its weight files."""
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
         hint = f"; to load a GGUF pass the file itself, e.g. {ggufs[0]}" if ggufs else ""
         raise DepthcacheError(f"{folder} has no config.json, so it is not a Hugging Face model folder{hint}")
-    model, tokenizer = _load_folder(folder, dtype)
+    model, tokenizer = _load_folder(folder, dtype, place)
     revision, sha256 = _snapshot_revision(folder), _weights_sha256(folder)
     return model, tokenizer, _provenance("local", path=folder, revision=revision, weights_sha256=sha256)
 
 
-def _load_existing_path(path: Path, dtype: torch.dtype) -> _Loaded:
+def _load_existing_path(path: Path, dtype: torch.dtype, place: dict[str, Any] | None = None) -> _Loaded:
     """Load from a path that exists: a .gguf file or a Hugging Face folder."""
     path = path.resolve()
     if path.is_dir():
-        return _load_local(path, dtype)
+        return _load_local(path, dtype, place)
     if path.suffix != ".gguf":
         raise DepthcacheError(f"{path} is a file but not a .gguf: pass a .gguf file or a Hugging Face model folder")
-    return _load_gguf(path, dtype)
+    return _load_gguf(path, dtype, place=place)
 
 
-def _load_spec(spec: str, dtype: torch.dtype) -> _Loaded:
-    """Dispatch a spec to the alias, path or hub loader."""
+def _load_spec(spec: str, dtype: torch.dtype, place: dict[str, Any] | None = None) -> _Loaded:
+    """Dispatch a spec to the alias, path or hub loader, with ``from_pretrained``'s placement keywords."""
     if spec in ALIASES:
-        return _load_gguf(_alias_gguf(spec), dtype, alias=spec)
+        return _load_gguf(_alias_gguf(spec), dtype, alias=spec, place=place)
     path = Path(spec).expanduser()
     if path.exists():
-        return _load_existing_path(path, dtype)
+        return _load_existing_path(path, dtype, place)
     if _looks_like_path(spec):
         raise DepthcacheError(
             f"no such model path: {spec} ({path.absolute()} does not exist); check the spelling, "
@@ -542,7 +567,7 @@ def _load_spec(spec: str, dtype: torch.dtype) -> _Loaded:
         )
     if close := difflib.get_close_matches(spec, ALIASES, n=1, cutoff=0.6):
         raise DepthcacheError(f"unknown model {spec!r}: did you mean the alias {close[0]!r}?")
-    model, tokenizer = _load_hub(spec, dtype)
+    model, tokenizer = _load_hub(spec, dtype, place)
     return model, tokenizer, _hub_provenance(spec)
 
 
@@ -570,10 +595,11 @@ def _transformers_bars(show: bool | None) -> Iterator[None]:
 
 
 def parameters_sha256(model: torch.nn.Module) -> str:
-    """One sha256 over a model's state (names, dtypes, shapes and bytes, by name): the weights' fingerprint."""
+    """One sha256 over a model's state (names, dtypes, shapes and bytes, by name): the weights' fingerprint (a
+    dispatched model's offloaded weights read in one module at a time)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
+    for name, tensor in state_tensors(model):
+        data = tensor.contiguous()
         digest.update(f"{name}\0{data.dtype}\0{tuple(data.shape)}\0".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
@@ -597,16 +623,23 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec:
     return LoadedModel(model, tokenizer, provenance, tokenizer_files(tokenizer))
 
 
-def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool | None = None, check: bool = True) -> LoadedModel:
-    """Load a causal LM named by alias, .gguf path, local folder or hub id, in eval mode on device, with provenance;
-    ``progress`` as in ExtractOptions (None: loading bars on a terminal only). Its structure is discovered and,
-    unless ``check`` is False, proven by the load check (``model.check``) before it is returned."""
+def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
+               progress: bool | None = None, check: bool = True, placement: Placement | None = None,
+               host_free: int | None = None) -> LoadedModel:
+    """Load a causal LM named by alias, .gguf path, local folder or hub id, in eval mode on device (or dispatched
+    over devices, the host and disk as ``placement`` says), with provenance; ``dtype``: the compute precision
+    (default ``placement.dtype(device)``: float32 on CPU, bfloat16 on CUDA); ``progress`` as in ExtractOptions
+    (None: loading bars on a terminal only); ``host_free``: the host memory a default --max-memory shares out. Its
+    structure is discovered and, unless ``check`` is False, proven by the load check before it is returned."""
+    placement = placement or Placement()
+    dtype = placement.dtype(device) if dtype is None else dtype
     _check_dtype(dtype)
     target = resolve_device(device)
     with _transformers_bars(progress):
-        model, tokenizer, provenance = _load_spec(spec, dtype)
-    model = model.to(target).eval()
+        model, tokenizer, provenance = _load_spec(spec, dtype, placement.load_kwargs(str(target), host_free))
+    if placement.dispatched:
+        make_resident(outer_modules(model))
+    model = (model if placement.dispatched else model.to(target)).eval()
     checked(model, check)
     provenance = {
         "spec": spec,
