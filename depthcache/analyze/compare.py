@@ -20,6 +20,7 @@ import pandas as pd
 import xarray as xr
 
 from depthcache.analyze import plotting
+from depthcache.analyze.bootstrap import LEVEL, N_RESAMPLES, SEED, max_replicates, percentile_interval, replicates
 from depthcache.analyze.effective_depth import CUTOFFS
 from depthcache.analyze.layer_map import SITES as LAYER_MAP_SITES
 from depthcache.analyze.layer_map import check_same_tokens
@@ -40,6 +41,9 @@ COLUMNS = ("model", "store", "layers", "d_model", "dataset", "dataset_sha256", "
            *(f"{key}_{part}" for key in CUTOFFS for part in ("layer", "depth")), "rel_first_half",
            "rel_first_half_from_1", "rel_second_half", "skip_later_first_half", "skip_later_second_half",
            *(f"lens_kl_{round(100 * f)}" for f in LENS_DEPTHS), "lens_kl_last")
+WITH_CI = (*(f"{key}_depth" for key in CUTOFFS), "rel_first_half", "rel_first_half_from_1", "rel_second_half",
+           "skip_later_first_half", "skip_later_second_half", *(f"lens_kl_{round(100 * f)}" for f in LENS_DEPTHS),
+           "lens_kl_last")  # the columns with <column>_lo / <column>_hi
 
 
 @dataclass
@@ -58,6 +62,8 @@ class Line:
     label: str
     x: np.ndarray
     y: np.ndarray
+    lo: np.ndarray | None = None  # the interval's ends (of y; of x on a categorical panel), where known
+    hi: np.ndarray | None = None
 
 
 @dataclass
@@ -222,40 +228,56 @@ def gather(names: Sequence[str], models: Sequence[Model], pairs: Sequence[tuple[
 # ------------------------------------------------------------------------------------------------------ figures
 
 def curves(results: Sequence[xr.Dataset], names: Sequence[str], values: Any,
-           depth: str = "relative_depth") -> list[Line]:
-    """One line per result: ``values(result)`` over the result's relative-depth coordinate ``depth``."""
-    return [Line(name, np.asarray(r[depth].values, dtype=np.float64), np.asarray(values(r), dtype=np.float64))
-            for r, name in zip(results, names)]
+           depth: str = "relative_depth", band: Any = None) -> list[Line]:
+    """One line per result: ``values(result)`` over the result's relative-depth coordinate ``depth``, with the
+    interval ``band(result, 'lo' | 'hi')`` where the result has it."""
+    def ends(r: xr.Dataset) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if band is None:
+            return None, None
+        try:
+            return tuple(np.asarray(band(r, end), dtype=np.float64) for end in ("lo", "hi"))  # type: ignore[return-value]
+        except KeyError:  # a result without intervals
+            return None, None
+    return [Line(name, np.asarray(r[depth].values, dtype=np.float64), np.asarray(values(r), dtype=np.float64),
+                 *ends(r)) for r, name in zip(results, names)]
+
+
+def bounds(name: str, sublayer: bool = False) -> Any:
+    """A ``band`` for ``curves``: the result's ``<name>_lo`` / ``<name>_hi`` (the whole layer's, ``sublayer``)."""
+    return lambda r, end: r[f"{name}_{end}"].sel(sublayer="layer") if sublayer else r[f"{name}_{end}"]
 
 
 def panels(name: str, results: Sequence[xr.Dataset], names: Sequence[str]) -> list[Panel]:
     """The panels of analysis ``name``'s comparison figure, one line per model (or per layer-map pair)."""
     if name == "contributions":
         return [Panel("Whole-layer relative contribution", "mean ‖d_l‖ / ‖h_l‖",
-                      curves(results, names, lambda r: r.rel_mean.sel(sublayer="layer")), yscale="log"),
+                      curves(results, names, lambda r: r.rel_mean.sel(sublayer="layer"),
+                             band=bounds("rel_mean", True)), yscale="log"),
                 Panel("Cosine of the layer's contribution with the residual", "mean cos(d_l, h_l)",
-                      curves(results, names, lambda r: r.cos_mean.sel(sublayer="layer")), zero_line=True)]
+                      curves(results, names, lambda r: r.cos_mean.sel(sublayer="layer"),
+                             band=bounds("cos_mean", True)), zero_line=True)]
     if name == "residual-norms":
         return [Panel("Residual stream norm entering each layer (1 = final residual)", "mean ‖h_l‖",
-                      curves(results, names, lambda r: r.mean_norm), yscale="log")]
+                      curves(results, names, lambda r: r.mean_norm, band=bounds("mean_norm")), yscale="log")]
     if name == "logit-lens":
         return [Panel("Logit lens: divergence from the output", "mean KL(lens ‖ output) [nats]",
-                      curves(results, names, lambda r: r.kl_mean)),
+                      curves(results, names, lambda r: r.kl_mean, band=bounds("kl_mean"))),
                 Panel("Logit lens: top-5 overlap with the output", "mean |top5_l ∩ top5_out| / 5",
-                      curves(results, names, lambda r: r.top5_overlap))]
+                      curves(results, names, lambda r: r.top5_overlap, band=bounds("top5_overlap")))]
     if name == "skip-effects":
         x = "skipped_relative_depth"
         return [Panel("Skipping layer s: change of later layers' contributions",
                       "mean over l > s of max ‖Δd_l‖ / ‖d_l‖",
-                      curves(results, names, lambda r: r.later_effect, x),
+                      curves(results, names, lambda r: r.later_effect, x, bounds("later_effect")),
                       xlabel="relative depth of the skipped layer s / L"),
                 Panel("Skipping layer s: change of the output", "mean KL(base ‖ skip) [nats]",
-                      curves(results, names, lambda r: r.output_kl_mean, x), yscale="log",
+                      curves(results, names, lambda r: r.output_kl_mean, x, bounds("output_kl_mean")), yscale="log",
                       xlabel="relative depth of the skipped layer s / L")]
     if name == "effective-depth":
         offsets = np.linspace(-0.15, 0.15, len(CUTOFFS))  # equal cutoffs of one model stay visible side by side
         return [Panel("Effective-depth cutoffs (no mark: never reached)", "", [
-            Line(what, np.array([float(r[f"{key}_depth"]) for r in results]), np.arange(len(results)) + offset)
+            Line(what, np.array([float(r[f"{key}_depth"]) for r in results]), np.arange(len(results)) + offset,
+                 *cutoff_ends(results, key))
             for (key, what), offset in zip(CUTOFFS.items(), offsets)], categories=list(names))]
     if name == "layer-map":
         best = [r.shallow_relative_depth.sel(shallow_layer=r.best_shallow_layer) for r in results]
@@ -268,14 +290,35 @@ def panels(name: str, results: Sequence[xr.Dataset], names: Sequence[str]) -> li
     raise ValueError(name)
 
 
+def cutoff_ends(results: Sequence[xr.Dataset], key: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A cutoff's interval ends (fractions of depth, inf: never) per model, or None when a result has none."""
+    if not all(f"{key}_depth_lo" in r for r in results):
+        return None, None
+    return tuple(np.array([float(r[f"{key}_depth_{end}"]) for r in results]) for end in ("lo", "hi"))  # type: ignore[return-value]
+
+
+def draw_interval(ax: Any, line: Line, color: str, categorical: bool) -> None:
+    """A line's interval: a band around a curve; on a categorical panel a horizontal bar (an end never reached
+    runs to depth 1 and is drawn dashed)."""
+    if line.lo is None or line.hi is None:
+        return
+    if not categorical:
+        ax.fill_between(line.x, line.lo, line.hi, alpha=0.15, color=color, lw=0)
+        return
+    for x, y, lo, hi in zip(line.x, line.y, line.lo, line.hi):
+        if np.isfinite(lo):
+            ax.plot([lo, min(hi, 1.0)], [y, y], color=color, lw=1.5, alpha=0.6, ls="-" if np.isfinite(hi) else "--")
+
+
 def draw(figure_name: str, figure_panels: Sequence[Panel], title: str, folder: Path) -> Path:
     """A comparison figure in the house style: side-by-side panels, one marked line per model."""
     categorical = any(panel.categories is not None for panel in figure_panels)
     fig, axes = plotting.figure(len(figure_panels), width=12.0 if categorical else 5.5)  # room for long model names
     for ax, panel in zip(axes, figure_panels):
         for line, marker in zip(panel.lines, "osD^v<>p*hX" * 4):
-            ax.plot(line.x, line.y, marker=marker, ms=4 if categorical else 3, ls="none" if categorical else "-",
-                    label=line.label)
+            drawn, = ax.plot(line.x, line.y, marker=marker, ms=4 if categorical else 3,
+                             ls="none" if categorical else "-", label=line.label)
+            draw_interval(ax, line, drawn.get_color(), categorical)
         if panel.zero_line:
             ax.axhline(0, color="grey", lw=0.8)
         if panel.diagonal:
@@ -300,7 +343,10 @@ def figure_title(name: str, results: Sequence[xr.Dataset], params: dict[str, Any
             "logit-lens": "Logit lens", "skip-effects": "Skipping one layer", "effective-depth": "Effective depth",
             "layer-map": "Linear maps shallow → deep"}[name]
     count = f"{len(results)} pair{'s' * (len(results) > 1)}" if name == "layer-map" else f"{len(results)} models"
-    return f"{what} — {count}, position 0 {first}"
+    ci = ci_options(params)
+    bands = "" if name == "layer-map" else \
+        f"; bands: {ci.level * 100:g} % percentile-bootstrap intervals over windows ({ci.n_resamples} resamples)"
+    return f"{what} — {count}, position 0 {first}{bands}"
 
 
 # -------------------------------------------------------------------------------------------------------- table
@@ -322,8 +368,81 @@ def lens_columns(lens: xr.Dataset, n_layers: int) -> dict[str, float]:
         "lens_kl_last": float(kl[inputs][-1])}
 
 
-def row(model: Model, results: dict[str, xr.Dataset]) -> dict[str, Any]:
-    """The table row of one model: its size, its tokens, and each compared analysis's summary numbers."""
+@dataclass(frozen=True)
+class CI:
+    """The bootstrap's options, as the compared analyses used them (``-p ci_resamples/ci_seed/ci_level``)."""
+
+    n_resamples: int = N_RESAMPLES
+    seed: int = SEED
+    level: float = LEVEL
+
+    def ends(self, samples: np.ndarray) -> tuple[float, float]:
+        """(lo, hi) of a statistic's resampled values."""
+        lo, hi = percentile_interval(samples, self.level)
+        return float(lo), float(hi)
+
+
+def ci_options(params: dict[str, Any]) -> CI:
+    """The interval options among the comparison's parameters (the analyses' defaults otherwise)."""
+    return CI(int(params.get("ci_resamples", N_RESAMPLES)), int(params.get("ci_seed", SEED)),
+              float(params.get("ci_level", LEVEL)))
+
+
+def half_samples(depth: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``half_means`` of every resampled curve (resample, layer): (resample,) first-half and second-half means."""
+    import warnings
+
+    with warnings.catch_warnings():  # an empty half is NaN, as half_means says
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(samples[:, depth < 0.5], axis=1), np.nanmean(samples[:, depth >= 0.5], axis=1)
+
+
+def interval_columns(model: Model, results: dict[str, xr.Dataset], ci: CI) -> dict[str, float]:
+    """``<column>_lo`` / ``<column>_hi`` of the table's statistics: each recomputed from every bootstrap resample
+    of the results' per-window sums (the draws the analyses' own intervals used)."""
+    out: dict[str, float] = {}
+
+    def put(column: str, samples: np.ndarray) -> None:
+        out[f"{column}_lo"], out[f"{column}_hi"] = ci.ends(samples)
+
+    if "effective-depth" in results:
+        ed = results["effective-depth"]
+        for key in CUTOFFS:
+            if f"{key}_depth_lo" in ed:
+                out[f"{key}_depth_lo"], out[f"{key}_depth_hi"] = (float(ed[f"{key}_depth_{e}"]) for e in ("lo", "hi"))
+    if "contributions" in results and "sum_by_window" in results["contributions"]:
+        c = results["contributions"]
+        q = list(c.quantity.values).index("rel_layer")
+        rel = replicates(c.sum_by_window.values[:, q], c.tokens_by_window.values, n_resamples=ci.n_resamples,
+                         seed=ci.seed)
+        depth, later = c.relative_depth.values, c.layer.values > 0
+        first, second = half_samples(depth, rel)
+        put("rel_first_half", first)
+        put("rel_second_half", second)
+        put("rel_first_half_from_1", half_samples(depth[later], rel[:, later])[0])
+    if "skip-effects" in results and "max_effect_by_window" in results["skip-effects"]:
+        sk = results["skip-effects"]
+        maxima = max_replicates(sk.max_effect_by_window.values, ci.n_resamples, ci.seed)  # (resample, skipped, layer)
+        later = sk.layer.values[None, :] > sk.skipped_layer.values[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            effect = np.where(later, maxima, 0).sum(-1) / np.where(later.any(1), later.sum(1), np.nan)
+        first, second = half_samples(sk.skipped_relative_depth.values, effect)
+        put("skip_later_first_half", first)
+        put("skip_later_second_half", second)
+    if "logit-lens" in results and "sum_by_window" in results["logit-lens"]:
+        lens = results["logit-lens"]
+        kl = replicates(lens.sum_by_window.sel(stat="kl").values, lens.tokens_by_window.values,
+                        n_resamples=ci.n_resamples, seed=ci.seed)  # (resample, boundary)
+        depth, inputs = lens.relative_depth.values, lens.layer.values < model.store.n_layers
+        for f in LENS_DEPTHS:
+            put(f"lens_kl_{round(100 * f)}", np.array([np.interp(f, depth, k) for k in kl]))
+        put("lens_kl_last", kl[:, inputs][:, -1])
+    return out
+
+
+def row(model: Model, results: dict[str, xr.Dataset], ci: CI = CI()) -> dict[str, Any]:
+    """The table row of one model: its size, its tokens, and each compared analysis's summary numbers with their
+    intervals."""
     a = model.store.attrs
     out: dict[str, Any] = {"model": model.label, "store": model.store.location, "layers": model.store.n_layers,
                            "d_model": int(a["model"]["d_model"]), "dataset": Path(str(a["dataset"]["name"])).name,
@@ -347,32 +466,48 @@ def row(model: Model, results: dict[str, xr.Dataset]) -> dict[str, Any]:
     if "logit-lens" in results:
         lens = results["logit-lens"]
         out |= lens_columns(lens, model.store.n_layers) | {"lens_tokens": int(lens.attrs["tokens"])}
-    return out
+    return out | interval_columns(model, results, ci)
 
 
-def table(models: Sequence[Model], results: dict[str, list[xr.Dataset]]) -> pd.DataFrame:
-    """One row per model (layer-map, a per-pair result, has no column)."""
+def table(models: Sequence[Model], results: dict[str, list[xr.Dataset]], ci: CI = CI()) -> pd.DataFrame:
+    """One row per model (layer-map, a per-pair result, has no column); each statistic followed by its interval's
+    ``_lo`` and ``_hi`` columns where the results carry per-window sums."""
     per_model = {n: r for n, r in results.items() if n != "layer-map"}
-    frame = pd.DataFrame([row(m, {n: r[i] for n, r in per_model.items()}) for i, m in enumerate(models)])
-    return frame[[c for c in COLUMNS if c in frame]]
+    frame = pd.DataFrame([row(m, {n: r[i] for n, r in per_model.items()}, ci) for i, m in enumerate(models)])
+    order = [x for c in COLUMNS for x in ((c, f"{c}_lo", f"{c}_hi") if c in WITH_CI else (c,))]
+    return frame[[c for c in order if c in frame]]
 
 
 def cell(value: Any) -> str:
-    """A markdown cell: integers as is, floats to 4 significant digits, NaN as '–'."""
+    """A markdown cell: integers as is, floats to 4 significant digits, NaN as '–', inf (an interval end never
+    reached) as 'never'."""
     if isinstance(value, (float, np.floating)):
-        return "–" if np.isnan(value) else f"{value:.4g}"
+        return "–" if np.isnan(value) else "never" if np.isinf(value) else f"{value:.4g}"
     return str(value)
 
 
+def with_interval(value: str, lo: Any, hi: Any) -> str:
+    """'value [lo, hi]' (the interval's ends as ``cell`` writes them)."""
+    return f"{value} [{cell(lo)}, {cell(hi)}]"
+
+
 def markdown(frame: pd.DataFrame) -> str:
-    """The table in markdown, each cutoff as 'layer (fraction)' ('never' when not reached)."""
+    """The table in markdown, each cutoff as 'layer (fraction)' ('never' when not reached), each statistic with its
+    interval as 'value [lo, hi]'."""
     shown = frame.drop(columns=["store"])
     for key in CUTOFFS:
         if f"{key}_layer" in shown:
+            lo, hi = (shown.pop(f"{key}_depth_{e}") if f"{key}_depth_{e}" in shown else None for e in ("lo", "hi"))
             cells = [f"{layer} ({depth:.2f})" if layer >= 0 else "never"
                      for layer, depth in zip(shown[f"{key}_layer"], shown.pop(f"{key}_depth"))]
+            if lo is not None and hi is not None:
+                cells = [with_interval(c, a, b) for c, a, b in zip(cells, lo, hi)]
             shown.insert(shown.columns.get_loc(f"{key}_layer"), key, cells)
             shown = shown.drop(columns=f"{key}_layer")
+    for column in WITH_CI:
+        if f"{column}_lo" in shown:
+            lo, hi = shown.pop(f"{column}_lo"), shown.pop(f"{column}_hi")
+            shown[column] = [with_interval(cell(v), a, b) for v, a, b in zip(shown[column], lo, hi)]
     header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
     return header + "".join("| " + " | ".join(cell(v) for v in r) + " |\n" for r in shown.itertuples(index=False))
 
@@ -393,7 +528,13 @@ def describe_columns(frame: pd.DataFrame) -> list[str]:
                       "between layer boundaries); lens_kl_last: at the last layer's input ((L−1) / L; at L the lens "
                       "is the output, KL 0)",
     }
-    return [text for column, text in meaning.items() if column in frame]
+    lines = [text for column, text in meaning.items() if column in frame]
+    if any(f"{c}_lo" in frame for c in WITH_CI):
+        lines.append("[lo, hi] (CSV: <column>_lo, <column>_hi): percentile-bootstrap interval over windows, each "
+                     "statistic recomputed in every resample of the analyses' per-window sums (docs/analyses.md); "
+                     "a cutoff's end 'never': not reached in that tail of the resamples; skip_later_*'s upper ends "
+                     "are at most the observed value (a resampled max cannot exceed it)")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -415,7 +556,7 @@ def compare(locations: Sequence[str], out_dir: str | Path, analyses: Sequence[st
     pair_labels = [f"{a.label} → {b.label}" for a, b in pairs]
     drawn = {n: panels(n, results[n], pair_labels if n == "layer-map" else model_labels) for n in names}
     figures = [draw(n, drawn[n], figure_title(n, results[n], params), folder) for n in names]
-    frame = table(models, results)
+    frame = table(models, results, ci_options(params))
     text = summary(frame, names, notes, params)
     frame.to_csv(folder / "compare.csv", index=False)
     images = "".join(f"![{p.stem}]({p.name})\n" for p in figures)

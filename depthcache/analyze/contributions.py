@@ -20,10 +20,14 @@ from depthcache.analyze.reduce import (
     as_float32,
     bucket_partials,
     combine_partials,
+    lazy_interval,
     position_buckets,
+    run_starts,
     scratch,
+    window_pieces,
+    windows_of,
 )
-from depthcache.analyze.registry import analysis
+from depthcache.analyze.registry import Level, Resamples, analysis
 from depthcache.store.reader import Store
 
 SUBLAYERS = ("attn", "mlp", "layer")
@@ -53,12 +57,15 @@ def layer_quantities(h: np.ndarray, a: np.ndarray, m: np.ndarray, parallel: bool
                          na, nm, nd, nh, (hh + dh) / (n_next * nh)])
 
 
-def chunk_partials(h: np.ndarray, a: np.ndarray, m: np.ndarray, position: np.ndarray, *, parallel: bool,
-                   include_first: bool, edges: np.ndarray) -> np.ndarray:
-    """(1, 4, quantity, layer, bucket) count/sum/sum of squares/max of every quantity over one token chunk."""
+def chunk_partials(h: np.ndarray, a: np.ndarray, m: np.ndarray, position: np.ndarray, seq: np.ndarray, *,
+                   parallel: bool, include_first: bool, edges: np.ndarray) -> np.ndarray:
+    """(pieces, 4, quantity, layer, bucket) count/sum/sum of squares/max of every quantity over each window piece
+    (a run of one seq_id) of one token chunk: the per-window partial sums the intervals resample."""
     values = np.stack([layer_quantities(as_float32(h[i], "h"), as_float32(a[i], "a"), as_float32(m[i], "m"),
                                         parallel) for i in range(h.shape[0])], axis=1)
-    return bucket_partials(values, position, include_first, edges)[None]
+    bounds = [*run_starts(seq), len(seq)]
+    return np.stack([bucket_partials(values[..., lo:hi], position[lo:hi], include_first, edges)
+                     for lo, hi in zip(bounds[:-1], bounds[1:])])
 
 
 def plot(result: xr.Dataset, folder: Path) -> list[Path]:
@@ -105,18 +112,26 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 
 @analysis("contributions", "Relative norm contribution and cosine of attention, MLP and whole layer to the "
           "residual, per layer (and per position bucket).", plot=plot)
-def contributions(store: Store, include_first: bool = False) -> xr.Dataset:
-    """Per sublayer and layer: mean/std/max of the relative contribution, mean/std cosine, norms, turning."""
+def contributions(store: Store, include_first: bool = False, ci_resamples: Resamples = 1000, ci_seed: int = 0,
+                  ci_level: Level = 0.95) -> xr.Dataset:
+    """Per sublayer and layer: mean/std/max of the relative contribution, mean/std cosine, norms, turning; the
+    means with percentile-bootstrap intervals over windows (``ci_*``)."""
     store.require("resid_pre", "attn_out", "mlp_out")
     ds = store.ds
     parallel = bool(store.attrs["model"].get("parallel_residual", False))
     edges = position_buckets(int(store.attrs["options"]["seq_len"]))
+    tokens = ds.resid_pre.data.chunks[1]
+    sizes, piece_ids = window_pieces(ds.seq_id.values, tokens)
+    seq = ds.seq_id.data.rechunk((tokens,))
     partials = da.blockwise(chunk_partials, "tsqlb", ds.resid_pre.data, "ltd", ds.attn_out.data, "ltd",
-                            ds.mlp_out.data, "ltd", ds.position.data, "t",
-                            new_axes={"s": 4, "q": len(QUANTITIES), "b": len(edges) - 1}, adjust_chunks={"t": 1},
+                            ds.mlp_out.data, "ltd", ds.position.data.rechunk((tokens,)), "t", seq, "t",
+                            new_axes={"s": 4, "q": len(QUANTITIES), "b": len(edges) - 1}, adjust_chunks={"t": sizes},
                             concatenate=True, dtype=np.float64, meta=np.empty((0,) * 5),
                             parallel=parallel, include_first=include_first, edges=edges)
     stats = combine_partials(partials)  # mean/std/max (quantity, layer, bucket) and overall (quantity, layer)
+    sums_w = windows_of(partials[:, 1].sum(axis=-1), piece_ids)  # (window, quantity, layer)
+    counts_w = windows_of(partials[:, 0, 0, 0].sum(axis=-1), piece_ids)  # (window,)
+    lo, hi = lazy_interval(sums_w, counts_w, ci_resamples, ci_seed, ci_level)
     q = {name: i for i, name in enumerate(QUANTITIES)}
     sub = [q[f"rel_{s}"] for s in SUBLAYERS], [q[f"cos_{s}"] for s in SUBLAYERS], [q[f"norm_{s}"] for s in SUBLAYERS]
     rel, cos, nrm = sub
@@ -131,18 +146,29 @@ def contributions(store: Store, include_first: bool = False) -> xr.Dataset:
          "resid_norm_max": ("layer", stats["max"][q["norm_resid"]]),
          "turn_cos_mean": ("layer", stats["mean"][q["turn_cos"]]),
          "turn_cos_std": ("layer", stats["std"][q["turn_cos"]]),
+         "rel_mean_lo": (sl, lo[rel]), "rel_mean_hi": (sl, hi[rel]),
+         "cos_mean_lo": (sl, lo[cos]), "cos_mean_hi": (sl, hi[cos]),
+         "norm_mean_lo": (sl, lo[nrm]), "norm_mean_hi": (sl, hi[nrm]),
+         "resid_norm_mean_lo": ("layer", lo[q["norm_resid"]]), "resid_norm_mean_hi": ("layer", hi[q["norm_resid"]]),
+         "turn_cos_mean_lo": ("layer", lo[q["turn_cos"]]), "turn_cos_mean_hi": ("layer", hi[q["turn_cos"]]),
+         "sum_by_window": (("window", "quantity", "layer"), sums_w), "tokens_by_window": ("window", counts_w),
          "rel_mean_by_position": (slb, stats["mean_by_bucket"][rel]),
          "cos_mean_by_position": (slb, stats["mean_by_bucket"][cos]),
          "tokens_by_position": ("position_bucket", stats["count_by_bucket"]),
          "tokens_used": ((), stats["count"])},
-        coords={"sublayer": np.array(SUBLAYERS, dtype=object), "layer": layers, "relative_depth": ("layer", layers / store.n_layers),
+        coords={"sublayer": np.array(SUBLAYERS, dtype=object), "layer": layers, "window": np.unique(piece_ids),
+                "quantity": np.array(QUANTITIES, dtype=object), "relative_depth": ("layer", layers / store.n_layers),
                 "position_bucket": np.array(labels, dtype=object), "bucket_start": ("position_bucket", edges[:-1]),
                 "bucket_end": ("position_bucket", edges[1:] - 1)},
         attrs={"include_first": int(include_first), "parallel_residual": int(parallel), "n_layers": store.n_layers,
+               "ci": f"{ci_level:g} percentile bootstrap over {len(np.unique(piece_ids))} windows, {ci_resamples} "
+                     f"resamples, seed {ci_seed}",
                "tokens": int(ds.sizes["token"]),
                "description": "per token: rel = ‖a‖/‖h‖ (attn), ‖m‖/‖h+a‖ (mlp; ‖m‖/‖h‖ if parallel_residual), "
                               "‖d‖/‖h‖ (layer, d = a+m); cos = cos(a,h), cos(m,h+a) (cos(m,h) if parallel), "
                               "cos(d,h); norm = ‖a‖, ‖m‖, ‖d‖; resid_norm = ‖h‖; turn_cos = cos(h+d, h). "
                               "mean/std/max over tokens (float64); position 0 of each window "
                               f"{'included' if include_first else 'excluded'} (parameter include_first); "
-                              "*_by_position: the mean per position bucket [bucket_start, bucket_end]"})
+                              "*_by_position: the mean per position bucket [bucket_start, bucket_end]; *_lo/*_hi: the "
+                              "means' percentile-bootstrap interval over windows (attr ci); sum_by_window / "
+                              "tokens_by_window: each window's sums of every quantity and its tokens"})

@@ -23,7 +23,8 @@ import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.registry import Count, analysis
+from depthcache.analyze.bootstrap import LEVEL, N_RESAMPLES, SEED, percentile_interval, replicates
+from depthcache.analyze.registry import Count, Level, Resamples, analysis
 from depthcache.analyze.runner import cached, run
 from depthcache.store.reader import Store
 
@@ -55,8 +56,27 @@ def cutoff_indices(cos: np.ndarray, cos_layers: np.ndarray, kl: np.ndarray, top5
             "top5_rise": first(top5 > TOP5_THRESHOLD)}
 
 
-def summarise(contrib: xr.Dataset, lens: xr.Dataset, n_layers: int) -> xr.Dataset:
-    """The cutoffs (layer, fraction of depth) plus the per-layer curves they come from, on the logit lens's layers."""
+def cutoff_replicates(contrib: xr.Dataset, lens: xr.Dataset, n_layers: int, n_resamples: int,
+                      seed: int) -> dict[str, np.ndarray]:
+    """Per cutoff, its depth (layer / L; inf when never reached) in each bootstrap resample of windows: the curves
+    recomputed from the results' per-window sums with ``replicates`` (the same draws as their own intervals)."""
+    q = list(contrib.quantity.values).index("cos_layer")
+    cos = replicates(contrib.sum_by_window.values[:, q], contrib.tokens_by_window.values, n_resamples=n_resamples,
+                     seed=seed)  # (resample, layer)
+    lens_curves = replicates(lens.sum_by_window.values, lens.tokens_by_window.values, n_resamples=n_resamples,
+                             seed=seed)  # (resample, stat: kl, top1, top5, boundary)
+    layers = {"cos_zero": contrib.layer.values, "kl_drop": lens.layer.values, "top5_rise": lens.layer.values}
+    out: dict[str, list[float]] = {key: [] for key in CUTOFFS}
+    for c, curves in zip(cos, lens_curves):
+        for key, index in cutoff_indices(c, contrib.layer.values, curves[0], curves[2]).items():
+            out[key].append(layers[key][index] / n_layers if index >= 0 else np.inf)
+    return {key: np.array(values) for key, values in out.items()}
+
+
+def summarise(contrib: xr.Dataset, lens: xr.Dataset, n_layers: int, n_resamples: int = N_RESAMPLES,
+              seed: int = SEED, level: float = LEVEL) -> xr.Dataset:
+    """The cutoffs (layer, fraction of depth) with percentile-bootstrap intervals over windows (when both results
+    carry per-window sums), plus the per-layer curves they come from, on the logit lens's layers."""
     cos = contrib.cos_mean.sel(sublayer="layer")
     found = cutoff_indices(cos.values, cos.layer.values, lens.kl_mean.values, lens.top5_overlap.values)
     layers = {"cos_zero": cos.layer.values, "kl_drop": lens.layer.values, "top5_rise": lens.layer.values}
@@ -69,19 +89,32 @@ def summarise(contrib: xr.Dataset, lens: xr.Dataset, n_layers: int) -> xr.Datase
         if index < 0:
             notes.append(f"{key}: never reached ({CUTOFFS[key]} nowhere)")
     lens_layers = lens.layer.values
+    curves = {"cos_mean": contrib.cos_mean.reindex(layer=lens_layers).drop_vars("relative_depth"),
+              "kl_mean": ("layer", lens.kl_mean.values), "top5_overlap": ("layer", lens.top5_overlap.values)}
+    with_ci = "sum_by_window" in contrib and "sum_by_window" in lens
+    if with_ci:
+        for key, samples in cutoff_replicates(contrib, lens, n_layers, n_resamples, seed).items():
+            lo, hi = percentile_interval(samples, level, method="inverted_cdf")
+            scalars[f"{key}_depth_lo"], scalars[f"{key}_depth_hi"] = ((), float(lo)), ((), float(hi))
+        for name in ("kl_mean", "top5_overlap"):
+            curves |= {f"{name}_{end}": ("layer", lens[f"{name}_{end}"].values) for end in ("lo", "hi")}
+        curves |= {f"cos_mean_{end}": contrib[f"cos_mean_{end}"].reindex(layer=lens_layers).drop_vars("relative_depth")
+                   for end in ("lo", "hi")}
     return xr.Dataset(
-        scalars | {"cos_mean": contrib.cos_mean.reindex(layer=lens_layers).drop_vars("relative_depth"),
-                   "kl_mean": ("layer", lens.kl_mean.values), "top5_overlap": ("layer", lens.top5_overlap.values)},
+        scalars | curves,
         coords={"layer": lens_layers, "relative_depth": ("layer", lens_layers / n_layers)},
         attrs={"n_layers": n_layers, "notes": "; ".join(notes) or "every cutoff reached",
                "inputs": f"contributions {json_params(contrib)}, logit-lens {json_params(lens)}",
+               "ci": f"{level:g} percentile bootstrap over windows, {n_resamples} resamples, seed {seed} (each "
+                     "cutoff recomputed per resample; inf: never reached in that share of resamples)"
+                     if with_ci else "none (inputs without per-window sums)",
                "description": "cos_zero: the reference sign is the mean cos(d_l, h_l) of the first stored layer "
                               "l > 0 (layer 0 reads the embedding); the cutoff is the first later stored layer from "
                               "which every stored layer to the last has the other sign; kl_drop: first boundary (layer inputs, "
                               f"then the output, layer L) whose mean logit-lens KL is at most {KL_FRACTION} × its "
                               "max over all boundaries; top5_rise: first boundary whose mean top-5 overlap exceeds "
                               f"{TOP5_THRESHOLD}; *_layer = -1 and *_depth = NaN when never reached; "
-                              "*_depth = layer / L"})
+                              "*_depth = layer / L; *_depth_lo/hi: its interval (attr ci)"})
 
 
 def json_params(result: xr.Dataset) -> str:
@@ -92,13 +125,28 @@ def json_params(result: xr.Dataset) -> str:
 
 
 def describe_cutoffs(result: xr.Dataset) -> str:
-    """One line: each cutoff as 'layer l (fraction of depth)' or 'never'."""
+    """One line: each cutoff as 'layer l (fraction of depth, interval)' or 'never'."""
     parts = []
     for key, what in CUTOFFS.items():
         layer = int(result[f"{key}_layer"])
-        parts.append(f"{what}: " + (f"layer {layer} ({float(result[f'{key}_depth']):.2f} of depth)"
-                                    if layer >= 0 else "never"))
+        ci = f"{level_name(result)} {span(result, key)}" if f"{key}_depth_lo" in result else ""
+        if layer >= 0:
+            text = f"layer {layer} ({float(result[f'{key}_depth']):.2f} of depth" + (f", {ci})" if ci else ")")
+        else:
+            text = "never" + (f" ({ci})" if ci else "")
+        parts.append(f"{what}: {text}")
     return "; ".join(parts)
+
+
+def level_name(result: xr.Dataset) -> str:
+    """'95 % CI' from the result's ci attribute."""
+    return f"{float(result.attrs['ci'].split()[0]) * 100:g} % CI"
+
+
+def span(result: xr.Dataset, key: str) -> str:
+    """A cutoff's interval as 'lo–hi' in fractions of depth, 'never' for an end never reached."""
+    ends = [float(result[f"{key}_depth_{end}"]) for end in ("lo", "hi")]
+    return "–".join("never" if np.isinf(e) else f"{e:.2f}" for e in ends)
 
 
 def info_line(store: Store, results_dir: str | None = None) -> str | None:
@@ -120,11 +168,20 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
               ("kl_drop", result.kl_mean, "logit-lens mean KL [nats]", KL_FRACTION * float(result.kl_mean.max())),
               ("top5_rise", result.top5_overlap, "logit-lens top-5 overlap", TOP5_THRESHOLD))
     for ax, (key, values, label, level) in zip(axes, curves):
-        ax.plot(result.layer.values, values, marker="o", ms=3)
+        line, = ax.plot(result.layer.values, values, marker="o", ms=3)
+        name = {"cos_zero": "cos_mean", "kl_drop": "kl_mean", "top5_rise": "top5_overlap"}[key]
+        if f"{name}_lo" in result:
+            band = [result[f"{name}_{end}"] for end in ("lo", "hi")]
+            band = [b.sel(sublayer="layer") if "sublayer" in b.dims else b for b in band]
+            ax.fill_between(result.layer.values, *band, alpha=0.2, color=line.get_color(), label=level_name(result))
         ax.axhline(level, color="grey", lw=0.8, ls="--")
         layer = int(result[f"{key}_layer"])
         if layer >= 0:
             ax.axvline(layer, color="tab:red", lw=1)
+        if f"{key}_depth_lo" in result:
+            lo, hi = (float(result[f"{key}_depth_{end}"]) * int(result.attrs["n_layers"]) for end in ("lo", "hi"))
+            if np.isfinite(lo):
+                ax.axvspan(lo, min(hi, result.layer.values.max()), color="tab:red", alpha=0.12)
         ax.set(xlabel="layer", ylabel=label, title=f"{CUTOFFS[key]}: " + (f"layer {layer}" if layer >= 0 else "never"))
         plotting.layer_axis(ax)
     fig.suptitle(plotting.model_title(result.attrs, "Effective depth"), fontsize=9)
@@ -134,9 +191,11 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 @analysis("effective-depth", "Scalar cutoffs: where cos(d_l, h_l) changes sign for good, where the logit-lens KL "
           f"drops to {KL_FRACTION}×max, where top-5 overlap exceeds {TOP5_THRESHOLD} (from contributions and "
           "logit-lens).", plot=plot, describe=describe_cutoffs)
-def effective_depth(store: Store, include_first: bool = False, max_tokens: Count | None = None) -> xr.Dataset:
-    """The three cutoffs, from the contributions and logit-lens results with these parameters (cached or computed
-    in the caller's results folder and scheduler)."""
-    contrib = run("contributions", store, include_first=include_first)
-    lens = run("logit-lens", store, include_first=include_first, max_tokens=max_tokens)
-    return summarise(contrib, lens, store.n_layers)
+def effective_depth(store: Store, include_first: bool = False, max_tokens: Count | None = None,
+                    ci_resamples: Resamples = 1000, ci_seed: int = 0, ci_level: Level = 0.95) -> xr.Dataset:
+    """The three cutoffs with percentile-bootstrap intervals over windows, from the contributions and logit-lens
+    results with these parameters (cached or computed in the caller's results folder and scheduler)."""
+    ci = {"ci_resamples": ci_resamples, "ci_seed": ci_seed, "ci_level": ci_level}
+    contrib = run("contributions", store, include_first=include_first, **ci)
+    lens = run("logit-lens", store, include_first=include_first, max_tokens=max_tokens, **ci)
+    return summarise(contrib, lens, store.n_layers, ci_resamples, ci_seed, ci_level)

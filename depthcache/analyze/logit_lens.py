@@ -19,8 +19,8 @@ import xarray as xr
 
 from depthcache.analyze import plotting
 from depthcache.analyze.layer_subset import select_layers
-from depthcache.analyze.reduce import scratch
-from depthcache.analyze.registry import Count, analysis
+from depthcache.analyze.reduce import lazy_interval, run_starts, scratch, window_pieces, windows_of
+from depthcache.analyze.registry import Count, Level, Resamples, analysis
 from depthcache.store.head import apply_final_norm, output_transform
 from depthcache.store.reader import Store
 
@@ -118,14 +118,16 @@ def compare(z: np.ndarray, z_final: np.ndarray, lse_final: np.ndarray, top1_fina
     return np.stack([kl, argmax == top1_final, np.minimum(overlap, 1.0)]).astype(np.float64)
 
 
-def chunk_sums(h: np.ndarray, final: np.ndarray, position: np.ndarray, head: dict[str, Any], *,
+def chunk_sums(h: np.ndarray, final: np.ndarray, position: np.ndarray, seq: np.ndarray, head: dict[str, Any], *,
                include_first: bool) -> np.ndarray:
-    """(1, len(STATS), layer + 1) token count and sums of KL, top-1 and top-5 agreement over one token chunk.
+    """(pieces, len(STATS), layer + 1) token count and sums of KL, top-1 and top-5 agreement over each window piece
+    (a run of one seq_id) of one token chunk: the per-window partial sums the intervals resample.
 
     The output compared with itself (layer L) is KL 0, top-1 1 and top-5 1 exactly, so it is counted, not
     computed."""
     keep = position >= (0 if include_first else 1)
-    out = np.zeros((1, len(STATS), h.shape[0] + 1))
+    piece = np.cumsum(np.isin(np.arange(len(seq)), run_starts(seq))) - 1
+    out = np.zeros((int(piece[-1]) + 1 if len(piece) else 0, len(STATS), h.shape[0] + 1))
     for a in np.arange(0, len(position), LENS_TOKENS):
         rows = np.flatnonzero(keep[a:a + LENS_TOKENS]) + a
         if not len(rows):
@@ -136,11 +138,15 @@ def chunk_sums(h: np.ndarray, final: np.ndarray, position: np.ndarray, head: dic
         lse_final = m.astype(np.float64) + np.log(total.astype(np.float64))
         top1 = top_of_rows(z_final, 1, maxima)[0]
         top5 = np.argpartition(z_final, -TOP, axis=-1)[:, -TOP:]
-        out[0, 0] += len(rows)
+        where, n = piece[rows], len(out)
+        counted = np.bincount(where, minlength=n).astype(np.float64)
+        out[:, 0] += counted[:, None]
         for layer in range(h.shape[0]):
             z = lens_logits(h[layer, rows], head, "lens_z")
-            out[0, 1:, layer] += compare(z, z_final, lse_final, top1, top5).sum(1)
-        out[0, 2:, -1] += len(rows)  # top-1 and top-5 of the output against itself; its KL stays 0
+            values = compare(z, z_final, lse_final, top1, top5)
+            for k in range(len(values)):
+                out[:, 1 + k, layer] += np.bincount(where, weights=values[k], minlength=n)
+        out[:, 2:, -1] += counted[:, None]  # top-1 and top-5 of the output against itself; its KL stays 0
     return out
 
 
@@ -168,27 +174,45 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 @analysis("logit-lens", "Final norm + unembedding applied to every layer's residual: KL to the output, top-1 "
           "agreement and top-5 overlap per layer.", plot=plot)
 def logit_lens(store: Store, include_first: bool = False, max_tokens: Count | None = None,
-               layers: str = "all") -> xr.Dataset:
+               layers: str = "all", ci_resamples: Resamples = 1000, ci_seed: int = 0,
+               ci_level: Level = 0.95) -> xr.Dataset:
     """Per layer of ``layers`` (a layer spec; the final residual, layer L, always): mean KL(lens ‖ final), top-1
-    agreement, top-5 overlap, over the first ``max_tokens`` tokens (all by default)."""
+    agreement, top-5 overlap, over the first ``max_tokens`` tokens (all by default), with percentile-bootstrap
+    intervals over windows (``ci_*``)."""
     store.require("resid_pre", "resid_final")
     ds = select_layers(store.ds, layers, store.n_layers)
     ds = ds if max_tokens is None else ds.isel(token=slice(0, int(max_tokens)))
     head = dask.delayed(store.head, pure=True)  # one graph key: shipped once to each distributed worker
     resid = ds.resid_pre.data.rechunk({0: -1})  # every lens row of a token block in one task (2.0 splits layers)
-    sums = da.blockwise(chunk_sums, "tsl", resid, "ltd", ds.resid_final.data, "td", ds.position.data,
-                        "t", head, None, new_axes={"s": len(STATS), "l": ds.sizes["layer"] + 1},
-                        adjust_chunks={"t": 1}, concatenate=True, dtype=np.float64, meta=np.empty((0, 0, 0)),
-                        include_first=include_first).sum(axis=0)
+    tokens = resid.chunks[1]
+    sizes, piece_ids = window_pieces(ds.seq_id.values, tokens)
+    pieces = da.blockwise(chunk_sums, "tsl", resid, "ltd", ds.resid_final.data.rechunk({0: tokens}), "td",
+                          ds.position.data.rechunk((tokens,)), "t", ds.seq_id.data.rechunk((tokens,)), "t", head, None,
+                          new_axes={"s": len(STATS), "l": ds.sizes["layer"] + 1}, adjust_chunks={"t": sizes},
+                          concatenate=True, dtype=np.float64, meta=np.empty((0, 0, 0)), include_first=include_first)
+    sums = pieces.sum(axis=0)
     means = sums[1:] / sums[0]
+    by_window = windows_of(pieces, piece_ids)  # (window, stat, layer)
+    lo, hi = lazy_interval(by_window[:, 1:], by_window[:, 0, 0], ci_resamples, ci_seed, ci_level)
     layers = np.append(ds.layer.values, store.n_layers)
     return xr.Dataset(
         {"kl_mean": ("layer", means[0]), "top1_agreement": ("layer", means[1]), "top5_overlap": ("layer", means[2]),
+         "kl_mean_lo": ("layer", lo[0]), "kl_mean_hi": ("layer", hi[0]),
+         "top1_agreement_lo": ("layer", lo[1]), "top1_agreement_hi": ("layer", hi[1]),
+         "top5_overlap_lo": ("layer", lo[2]), "top5_overlap_hi": ("layer", hi[2]),
+         "sum_by_window": (("window", "stat", "layer"), by_window[:, 1:]),
+         "tokens_by_window": ("window", by_window[:, 0, 0]),
          "tokens_used": ((), sums[0, 0])},
-        coords={"layer": layers, "relative_depth": ("layer", layers / store.n_layers)},
+        coords={"layer": layers, "relative_depth": ("layer", layers / store.n_layers),
+                "window": np.unique(piece_ids), "stat": np.array(STATS[1:], dtype=object)},
         attrs={"include_first": int(include_first), "n_layers": store.n_layers, "tokens": int(ds.sizes["token"]),
+               "ci": f"{ci_level:g} percentile bootstrap over {len(np.unique(piece_ids))} windows, {ci_resamples} "
+                     f"resamples, seed {ci_seed}",
                "description": "lens_l = softmax(head(h_l)), head = the model's final norm, unembedding, logit "
                               "scale and soft-cap; layer L = the final residual (the "
                               "output). Per token: KL(lens_l ‖ output) in nats, top-1 agreement, |top5_l ∩ "
                               "top5_output| / 5; means over tokens (float64); position 0 of each window "
-                              f"{'included' if include_first else 'excluded'} (parameter include_first)"})
+                              f"{'included' if include_first else 'excluded'} (parameter include_first); "
+                              "*_lo/*_hi: percentile-bootstrap interval of each mean over windows (attr ci); "
+                              "sum_by_window / tokens_by_window: each window's sums of kl, top1, top5 and its "
+                              "tokens"})

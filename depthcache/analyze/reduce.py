@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 
+from depthcache.analyze.bootstrap import bootstrap_ci, ratio
 from depthcache.dtypes import is_bfloat16
 
 _SCRATCH = threading.local()
@@ -112,3 +115,79 @@ def combine_partials(partials: da.Array) -> dict[str, da.Array]:
             "mean_by_bucket": da.where(count_b > 0, sums_b / da.maximum(count_b, 1), np.nan),
             "mean": mean, "std": da.sqrt(da.maximum(sq / count - mean**2, 0)),
             "max": da.where(count > 0, max_b.max(axis=-1), np.nan)}
+
+
+def run_starts(seq: np.ndarray) -> np.ndarray:
+    """Indices where a new window (a run of one ``seq_id``) begins in a block of token window ids (0 first)."""
+    return np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]]) if len(seq) else np.zeros(0, np.int64)
+
+
+def window_pieces(seq: np.ndarray, chunks: tuple[int, ...]) -> tuple[tuple[int, ...], np.ndarray]:
+    """Per token chunk the number of window pieces it holds (a window split by a chunk edge is two pieces), and
+    the window id of every piece in order: the chunk sizes of per-piece partial sums."""
+    sizes, ids, a = [], [], 0
+    for n in chunks:
+        block = seq[a:a + n]
+        starts = run_starts(block)
+        sizes.append(len(starts))
+        ids.append(block[starts])
+        a += n
+    return tuple(sizes), np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
+def piece_reduce(values: np.ndarray, seq: np.ndarray, how: str = "sum") -> np.ndarray:
+    """(pieces, ...) sums (or maxima) over the last (token) axis of ``values`` per run of one window id in ``seq``."""
+    starts = run_starts(seq)
+    ufunc = np.add if how == "sum" else np.maximum
+    return np.moveaxis(ufunc.reduceat(values, starts, axis=-1), -1, 0)
+
+
+def merge_pieces(pieces: np.ndarray, piece_ids: np.ndarray, how: str = "sum") -> np.ndarray:
+    """(windows, ...) per-piece partials of the same window combined (sum or max), windows in id order."""
+    _, index = np.unique(piece_ids, return_inverse=True)
+    n = int(index.max()) + 1 if len(index) else 0
+    if how == "sum":
+        out = np.zeros((n, *pieces.shape[1:]))
+        np.add.at(out, index, pieces)
+    else:
+        out = np.full((n, *pieces.shape[1:]), -np.inf)
+        np.maximum.at(out, index, pieces)
+    return out
+
+
+def windows_of(pieces: da.Array, piece_ids: np.ndarray, how: str = "sum") -> da.Array:
+    """Lazy ``merge_pieces`` of a (pieces, ...) dask array: (windows, ...) float64 in one block."""
+    n = len(np.unique(piece_ids))
+    one = pieces.rechunk({i: -1 for i in range(pieces.ndim)})
+    return da.map_blocks(merge_pieces, one, piece_ids=piece_ids, how=how, dtype=np.float64,
+                         chunks=((n,), *[(s,) for s in one.shape[1:]]))
+
+
+def token_pieces(x: da.Array, w: da.Array, seq: np.ndarray, how: str = "sum") -> tuple[da.Array, np.ndarray]:
+    """(pieces, ...) weighted sums (or maxima among weighted tokens) of ``x`` (..., token) per window piece, and
+    the pieces' window ids: per-window partials of a dask reduction over tokens, in the same pass."""
+    x = x.rechunk({x.ndim - 1: w.chunks[0]})
+    sizes, ids = window_pieces(seq, w.chunks[0])
+    seq_d = da.from_array(seq, chunks=(w.chunks[0],))
+
+    def block(v: np.ndarray, weight: np.ndarray, s: np.ndarray) -> np.ndarray:
+        v = v.astype(np.float64)
+        used = np.where(weight > 0, v * weight, 0.0) if how == "sum" else np.where(weight > 0, v, -np.inf)
+        return piece_reduce(used, s, how)
+
+    lead = "abcdefgh"[:x.ndim - 1]
+    out = da.blockwise(block, "t" + lead, x, lead + "t", w, "t", seq_d, "t", adjust_chunks={"t": sizes},
+                       dtype=np.float64, concatenate=True, meta=np.empty((0,) * x.ndim))
+    return out, ids
+
+
+def lazy_interval(sums: da.Array, counts: da.Array, n_resamples: int, seed: int, level: float,
+                  statistic: Callable[[np.ndarray, np.ndarray], np.ndarray] = ratio) -> da.Array:
+    """(2, ...) lazy ``bootstrap_ci`` (lo, hi) of per-window ``sums`` (windows, ...) and ``counts``: computed in
+    the same graph, so in the same pass, as the sums themselves."""
+    def bounds(s: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return np.stack(bootstrap_ci(s, c, statistic, n_resamples, seed, level))
+
+    shape = statistic(np.zeros((1, *sums.shape[1:])), np.ones((1, *counts.shape[1:]))).shape[1:] \
+        if statistic is not ratio else sums.shape[1:]
+    return da.from_delayed(dask.delayed(bounds, pure=True)(sums, counts), shape=(2, *shape), dtype=np.float64)

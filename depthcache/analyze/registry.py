@@ -116,6 +116,8 @@ class Bounds:
 
 Count = Annotated[int, Bounds(low=1)]  # a number of things (tokens, items): at least 1
 Positive = Annotated[float, Bounds(low=0, low_open=True)]
+Resamples = Annotated[int, Bounds(low=2)]  # bootstrap resamples (ci_resamples)
+Level = Annotated[float, Bounds(low=0, high=1, low_open=True, high_open=True)]  # interval level (ci_level)
 
 
 def accepts(hint: Any, value: Any) -> bool:

@@ -13,13 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 
 from depthcache.analyze import plotting
-from depthcache.analyze.reduce import f32, masked_max, norm, token_weights
-from depthcache.analyze.registry import Count, analysis
+from depthcache.analyze.bootstrap import max_replicates, percentile_interval
+from depthcache.analyze.reduce import f32, lazy_interval, masked_max, norm, token_pieces, token_weights, windows_of
+from depthcache.analyze.registry import Count, Level, Resamples, analysis
 from depthcache.errors import DepthcacheError
 from depthcache.store.head import logits_from_residual
 from depthcache.store.reader import Store
@@ -124,10 +126,13 @@ def weighted_sum(x: da.Array, w: da.Array) -> da.Array:
 
 def run_effects(base: xr.Dataset, base_d: da.Array, base_norm: da.Array, logp_base: da.Array, head: dict[str, Any],
                 run: xr.Dataset, n: int, draws: int, variant: str, include_first: bool) -> dict[str, da.Array]:
-    """Per-layer max/sum/count of the relative change and per-token output sums of one run, over its draws."""
+    """Per-layer max/sum/count of the relative change and per-token output sums of one run, over its draws; and
+    the same per window (``w_*``: (window, ...)) for the intervals."""
     index = [int(np.flatnonzero(base.layer.values == layer)[0]) for layer in run.layer.values]
-    parts: dict[str, list[da.Array]] = {k: [] for k in ("max", "sum", "count", "out_max", "out_sum", "lp_sum",
-                                                         "lp_count")}
+    keys = ("max", "sum", "count", "out_max", "out_sum", "lp_sum", "lp_count", "w_max", "w_sum", "w_count", "w_out",
+            "w_lp_sum", "w_lp_count")
+    parts: dict[str, list[da.Array]] = {k: [] for k in keys}
+    seq = base.seq_id.values[:n]
     for draw in range(draws):
         tokens = slice(draw * n, draw * n + n)
         w = measured(base, run, tokens, n, variant, include_first)
@@ -145,7 +150,21 @@ def run_effects(base: xr.Dataset, base_d: da.Array, base_norm: da.Array, logp_ba
         has = w * da.isfinite(delta)
         parts["lp_sum"].append(weighted_sum(delta, has))
         parts["lp_count"].append(has.sum())
+        for key, (x, weight, how) in {"w_max": (rel, w, "max"), "w_sum": (rel, w, "sum"), "w_count": (w[None], w, "sum"),
+                                      "w_out": (out.T, w, "sum"), "w_lp_sum": (delta[None], has, "sum"),
+                                      "w_lp_count": (has[None], has, "sum")}.items():
+            pieces, ids = token_pieces(x, weight, seq, how)
+            parts[key].append(windows_of(pieces, ids, how))
     return {k: (da.stack(v).max(axis=0) if k.endswith("max") else da.stack(v).sum(axis=0)) for k, v in parts.items()}
+
+
+def later_interval(maxima: np.ndarray, later: np.ndarray, n_resamples: int, seed: int, level: float) -> np.ndarray:
+    """(2, skipped) interval of later_effect (the mean over later layers of the max over tokens) from per-window
+    maxima (window, skipped, layer): the max over each resample's drawn windows, then the mean over l > s."""
+    samples = max_replicates(maxima, n_resamples, seed)  # (resample, skipped, layer)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        later_mean = np.where(later, samples, 0).sum(axis=-1) / np.where(later.any(axis=1), later.sum(axis=1), np.nan)
+    return np.stack(percentile_interval(later_mean, level))
 
 
 def padded_row(values: da.Array, before: int) -> da.Array:
@@ -156,9 +175,11 @@ def padded_row(values: da.Array, before: int) -> da.Array:
 @analysis("skip-effects", "Effect of skipping each layer on every later layer's contribution and on the output "
           "(needs skip runs: extract --skip each).", plot=plot)
 def skip_effects(store: Store, variant: str = "current", sublayer: str = "layer", include_first: bool = False,
-                 max_tokens: Count | None = None) -> xr.Dataset:
+                 max_tokens: Count | None = None, ci_resamples: Resamples = 1000, ci_seed: int = 0,
+                 ci_level: Level = 0.95) -> xr.Dataset:
     """Skipped layer × layer relative change (max and mean over measured tokens) and per-skip output effects, over
-    the first ``max_tokens`` baseline tokens the runs share (all by default)."""
+    the first ``max_tokens`` baseline tokens the runs share (all by default); means and later_effect with
+    percentile-bootstrap intervals over windows (``ci_*``)."""
     store.require("attn_out", "mlp_out", "resid_final")
     runs = skip_runs(store, variant, sublayer)
     n = min(min(spec["baseline_tokens"] for _, _, spec in runs), store.ds.sizes["token"], max_tokens or np.inf)
@@ -170,7 +191,8 @@ def skip_effects(store: Store, variant: str = "current", sublayer: str = "layer"
                               chunks=(base.resid_final.data[:n].chunks[0], (head["unembed"].shape[0],)))
     layers = base.layer.values
     rows: dict[str, list[da.Array]] = {"max_effect": [], "mean_effect": [], "output": [], "output_mean": [],
-                                       "logprob": []}
+                                       "logprob": [], "w_max": [], "w_sum": [], "w_count": [], "w_out": [],
+                                       "w_lp_sum": [], "w_lp_count": []}
     for skipped, run, spec in runs:
         eff = run_effects(base, base_d, base_norm, logp_base, head, run, n, spec["draws"], variant, include_first)
         before = int((layers < skipped).sum())
@@ -179,12 +201,26 @@ def skip_effects(store: Store, variant: str = "current", sublayer: str = "layer"
         rows["output"].append(eff["out_max"])
         rows["output_mean"].append(eff["out_sum"] / eff["count"])
         rows["logprob"].append(eff["lp_sum"] / eff["lp_count"])
+        pad = da.zeros((eff["w_sum"].shape[0], before), dtype=np.float64)
+        rows["w_max"].append(da.concatenate([pad, eff["w_max"]], axis=1).rechunk(-1))
+        rows["w_sum"].append(da.concatenate([pad, eff["w_sum"]], axis=1).rechunk(-1))
+        for key in ("w_count", "w_lp_sum", "w_lp_count"):
+            rows[key].append(eff[key][:, 0])
+        rows["w_out"].append(eff["w_out"])
     skipped_layers = np.array([s for s, _, _ in runs])
     max_effect = da.stack(rows["max_effect"])
     later = np.array([[layer > s for layer in layers] for s in skipped_layers])
     n_later = np.where(later.any(axis=1), later.sum(axis=1), np.nan)  # the last layer has no later layer: NaN
     output, output_mean = da.stack(rows["output"]), da.stack(rows["output_mean"])
     depth = store.n_layers
+    w_max, w_sum, w_out = (da.stack(rows[k], axis=1) for k in ("w_max", "w_sum", "w_out"))  # (window, skipped, ...)
+    w_count, w_lp_sum, w_lp_count = (da.stack(rows[k], axis=1) for k in ("w_count", "w_lp_sum", "w_lp_count"))
+    ci = (ci_resamples, ci_seed, ci_level)
+    effect_ci, out_ci, lp_ci = (lazy_interval(w_sum, w_count, *ci), lazy_interval(w_out, w_count, *ci),
+                                lazy_interval(w_lp_sum, w_lp_count, *ci))
+    later_ci = da.from_delayed(dask.delayed(later_interval, pure=True)(w_max, later, *ci),
+                               shape=(2, len(skipped_layers)), dtype=np.float64)
+    windows = np.unique(base.seq_id.values[:n])
     return xr.Dataset(
         {"max_effect": (("skipped_layer", "layer"), max_effect),
          "mean_effect": (("skipped_layer", "layer"), da.stack(rows["mean_effect"])),
@@ -192,15 +228,30 @@ def skip_effects(store: Store, variant: str = "current", sublayer: str = "layer"
          "output_l2_max": ("skipped_layer", output[:, 0]), "output_l2_mean": ("skipped_layer", output_mean[:, 0]),
          "output_kl_max": ("skipped_layer", output[:, 1]), "output_kl_mean": ("skipped_layer", output_mean[:, 1]),
          "top1_change": ("skipped_layer", output_mean[:, 2]),
-         "logprob_change_mean": ("skipped_layer", da.stack(rows["logprob"]))},
+         "logprob_change_mean": ("skipped_layer", da.stack(rows["logprob"])),
+         "mean_effect_lo": (("skipped_layer", "layer"), effect_ci[0]),
+         "mean_effect_hi": (("skipped_layer", "layer"), effect_ci[1]),
+         "later_effect_lo": ("skipped_layer", later_ci[0]), "later_effect_hi": ("skipped_layer", later_ci[1]),
+         "output_l2_mean_lo": ("skipped_layer", out_ci[0, :, 0]), "output_l2_mean_hi": ("skipped_layer", out_ci[1, :, 0]),
+         "output_kl_mean_lo": ("skipped_layer", out_ci[0, :, 1]), "output_kl_mean_hi": ("skipped_layer", out_ci[1, :, 1]),
+         "top1_change_lo": ("skipped_layer", out_ci[0, :, 2]), "top1_change_hi": ("skipped_layer", out_ci[1, :, 2]),
+         "logprob_change_mean_lo": ("skipped_layer", lp_ci[0]), "logprob_change_mean_hi": ("skipped_layer", lp_ci[1]),
+         "max_effect_by_window": (("window", "skipped_layer", "layer"), w_max),
+         "effect_sum_by_window": (("window", "skipped_layer", "layer"), w_sum),
+         "tokens_by_window": (("window", "skipped_layer"), w_count)},
         coords={"skipped_layer": skipped_layers, "layer": layers,
                 "skipped_relative_depth": ("skipped_layer", skipped_layers / depth),
-                "relative_depth": ("layer", layers / depth)},
+                "relative_depth": ("layer", layers / depth), "window": windows},
         attrs={"variant": variant, "sublayer": sublayer, "include_first": int(include_first), "tokens": n,
+               "ci": f"{ci_level:g} percentile bootstrap over {len(windows)} windows, {ci_resamples} resamples, "
+                     f"seed {ci_seed}",
                "draws": int(runs[0][2]["draws"]),
                "description": "max_effect/mean_effect[s, l]: max/mean over measured tokens of ‖d_l^skip − d_l^base‖ / "
                               "max(‖d_l^base‖, 1e-6), d_l = attn_out + mlp_out (0 for l < s by construction); "
                               "later_effect[s]: mean of max_effect over l > s; output_*: over measured tokens, "
                               "probabilities from resid_final and the store's head (L2 distance, KL(base ‖ skip)); "
                               "top1_change: fraction of measured tokens whose top-1 prediction changes; "
-                              "logprob_change_mean: mean (skip − base) log-prob of the actual next token"})
+                              "logprob_change_mean: mean (skip − base) log-prob of the actual next token; *_lo/*_hi: "
+                              "percentile-bootstrap interval over windows (attr ci; later_effect's from each "
+                              "resample's max over its windows); *_by_window: each window's max and sum of the "
+                              "relative change and its measured tokens"})
