@@ -334,10 +334,11 @@ def analysis_command(spec: Any) -> click.Command:
     from depthcache.analyze.registry import describe_parameters
 
     stores = "SHALLOW DEEP" if spec.n_stores == 2 else "STORE"
+    stores += " | STATS" if spec.name == "layer-map" else ""  # or one folder of depthcache map-stats
 
     @click.command(name=spec.name, help=f"{spec.summary}\n\nArguments: {stores}.\n\nParameters (-p KEY=VALUE, "
                                         f"values as JSON): {describe_parameters(spec)}.")
-    @click.argument("stores", nargs=spec.n_stores, metavar=stores)
+    @click.argument("stores", nargs=-1 if spec.name == "layer-map" else spec.n_stores, metavar=stores, required=True)
     @click.option("-p", "--param", "params", multiple=True, help="Analysis parameter key=value (repeatable).")
     @click.option("--force", is_flag=True, help="Recompute even if a cached result exists.")
     @click.option("--full", is_flag=True, help="Print every value of the result, not a short summary.")
@@ -722,6 +723,12 @@ def compare_pruning(runs: tuple[str, ...], out: str) -> None:
     text, paths = run_comparison(list(runs), out)
     click.echo(text)
     click.echo(f"written: {', '.join(str(p) for p in paths)}")
+
+
+from depthcache.cli_map_stats import map_stats, merge_stats  # noqa: E402 - commands in their own module
+
+main.add_command(map_stats)
+main.add_command(merge_stats)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,12 @@ def synthetic(seed: int = 0, n: int = 900) -> tuple[np.ndarray, np.ndarray, np.n
 
 def solved(x: np.ndarray, y: np.ndarray, split: np.ndarray, select: str,
            grid: tuple[float, ...] = lm.DEFAULT_GRID) -> tuple[list[lm.SourceFit], lm.Shift]:
-    """Accumulate from dask arrays (float64 products, small blocks so row buffers flush often) and solve."""
+    """Statistics from dask arrays (float64 products, small product groups so many are formed) and solve."""
     xd, yd = da.from_array(x, chunks=(x.shape[0], 100, x.shape[2])), da.from_array(y, chunks=(y.shape[0], 100, 4))
-    train, val, shift, _ = lm.accumulate(xd, yd, split, 64, np.dtype("float64"))
+    stats, _ = lm.store_statistics(xd, yd, split, np.arange(x.shape[1]) // 30, False, np.dtype("float64"), 64)
+    val = lm.validation_sums(stats, 64, np.dtype("float64"))
     grid = np.asarray(grid)
-    return [lm.solve_source(train, val, i, grid, select) for i in range(x.shape[0])], shift
+    return [lm.solve_source(stats.train, val, i, grid, select) for i in range(x.shape[0])], stats.shift
 
 
 def r2(y: np.ndarray, pred: np.ndarray) -> float:

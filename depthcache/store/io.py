@@ -383,18 +383,22 @@ def open_result(location: Any, group: str | None = None, **kwargs: Any) -> xr.Da
     return ds.rename(names)
 
 
-def write_dataset_atomically(ds: xr.Dataset, folder: Path, avoid_dims: Iterable[str] = ()) -> None:
+def write_dataset_atomically(ds: xr.Dataset, folder: Path, avoid_dims: Iterable[str] = (),
+                             chunks: dict[str, tuple[int, ...]] | None = None) -> None:
     """Write ``ds`` as a checksummed Zarr v3 group at ``folder`` via a hidden sibling renamed into place: never
     partial, and every chunk written, fill values only or not (so an absent chunk always means damage); dimensions
-    named in ``avoid_dims`` are stored under private names (read back by ``open_result``)."""
+    named in ``avoid_dims`` are stored under private names (read back by ``open_result``); ``chunks`` gives some
+    variables their chunk shape (others: one chunk)."""
     ds = with_private_dims(ds, avoid_dims)
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers(folder)
     tmp = hidden_sibling(folder, "writing")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False, encoding=checksummed_encoding(ds),
-                   write_empty_chunks=True)
+        encoding = checksummed_encoding(ds)
+        for name, shape in (chunks or {}).items():
+            encoding[name]["chunks"] = shape
+        ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False, encoding=encoding, write_empty_chunks=True)
         publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
