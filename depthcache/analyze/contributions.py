@@ -80,11 +80,14 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
         r = result.sel(sublayer=sub)
         line, = rel.plot(layers, r.rel_mean, marker="o", ms=3, label=sub)
         lower, upper, cut = plotting.band_edges(r.rel_mean.values, r.rel_std.values, floor)
-        rel.fill_between(layers, lower, upper, alpha=0.15, color=line.get_color())
+        rel.plot(layers, lower, lw=0.6, ls=":", color=line.get_color())
+        rel.plot(layers, upper, lw=0.6, ls=":", color=line.get_color())
         clipped |= cut
-        cos.plot(layers, r.cos_mean, marker="o", ms=3, label=sub)
+        plotting.interval_band(rel, result, "rel_mean", line.get_color(), layers, sublayer=sub)
+        line, = cos.plot(layers, r.cos_mean, marker="o", ms=3, label=sub)
+        plotting.interval_band(cos, result, "cos_mean", line.get_color(), layers, sublayer=sub)
     rel.set(ylabel="‖contribution‖ / ‖residual‖ (mean)", yscale="log", ylim=(floor, None),
-            title="Relative contribution (± std over tokens" + (", cut at the axis)" if clipped else ")"))
+            title="Relative contribution (dotted: ± std over tokens" + (", cut at the axis" if clipped else "") + ")")
     cos.axhline(0, color="grey", lw=0.8)
     cos.set(ylabel="mean cos(contribution, residual)", title="Cosine with the residual")
     for ax in (rel, cos):
@@ -94,7 +97,8 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
             "relative depth l / L")
     plotting.legend_outside(cos, title="sublayer")
     fig.suptitle(plotting.model_title(result.attrs, f"Contributions to the residual ({int(result.tokens_used)} "
-                                                    f"tokens, position 0 {first})"), fontsize=9)
+                                                    f"tokens, position 0 {first}{plotting.band_note(result)})"),
+                 fontsize=9)
     paths = [plotting.save(fig, folder, "contributions")]
     fig, (ax,) = plotting.figure(width=6.5)
     by_pos = result.rel_mean_by_position.sel(sublayer="layer")

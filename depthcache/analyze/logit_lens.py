@@ -155,9 +155,11 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     layers, depth = result.layer.values, int(result.attrs["n_layers"])
     fig, (kl, agree) = plotting.figure(2)
     kl.plot(layers, result.kl_mean, marker="o", ms=3, color="tab:purple")
+    plotting.interval_band(kl, result, "kl_mean", "tab:purple")
     kl.set(ylabel="mean KL(lens ‖ output) [nats]", title="Logit lens: divergence from the output")
-    agree.plot(layers, result.top1_agreement, marker="o", ms=3, label="top-1 agreement")
-    agree.plot(layers, result.top5_overlap, marker="s", ms=3, label="top-5 overlap")
+    for name, marker, label in (("top1_agreement", "o", "top-1 agreement"), ("top5_overlap", "s", "top-5 overlap")):
+        line, = agree.plot(layers, result[name], marker=marker, ms=3, label=label)
+        plotting.interval_band(agree, result, name, line.get_color())
     agree.set(ylabel="fraction (mean over tokens)", ylim=(-0.02, 1.02), title="Logit lens: agreement with the output")
     plotting.legend_outside(agree)
     for ax in (kl, agree):
@@ -167,7 +169,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
             "relative depth l / L")
     first = "included" if result.attrs["include_first"] else "excluded"
     fig.suptitle(plotting.model_title(result.attrs, f"Logit lens ({int(result.tokens_used)} tokens, position 0 "
-                                                    f"{first})"), fontsize=9)
+                                                    f"{first}{plotting.band_note(result)})"), fontsize=9)
     return [plotting.save(fig, folder, "logit-lens")]
 
 

@@ -75,3 +75,21 @@ def band_edges(mean: np.ndarray, std: np.ndarray, floor: float) -> tuple[np.ndar
     mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
     lower = mean - std
     return np.maximum(lower, floor), mean + std, bool((lower[np.isfinite(lower)] < floor).any())
+
+
+def interval_band(ax: Axes, result: Any, name: str, color: str, x: np.ndarray | None = None, **sel: Any) -> None:
+    """Shade ``result[name + '_lo']`` to ``result[name + '_hi']`` (a bootstrap interval) where the result has it."""
+    if f"{name}_lo" not in result:
+        return
+    lo, hi = (result[f"{name}_{end}"].sel(**sel) if sel else result[f"{name}_{end}"] for end in ("lo", "hi"))
+    x = lo[lo.dims[0]].values if x is None else x
+    ax.fill_between(x, lo.values, hi.values, alpha=0.2, color=color, lw=0)
+
+
+def band_note(result: Any) -> str:
+    """', bands: 95 % CI over N windows' from a result's ``ci`` attribute ('' without one)."""
+    ci = str(result.attrs.get("ci", ""))
+    if not ci or ci.startswith("none"):
+        return ""
+    level, windows = float(ci.split()[0]), ci.split(" over ")[1].split(",")[0]
+    return f", bands: {level * 100:g} % CI over {windows}"

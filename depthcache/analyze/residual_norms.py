@@ -32,6 +32,9 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     line, = ax.plot(x, result.mean_norm, marker="o", label="mean ‖h‖")
     ax.fill_between(x, lower, upper, alpha=0.2, color=line.get_color(),
                     label="± std" + (" (cut at the axis)" if clipped else ""))
+    if "mean_norm_lo" in result:
+        ax.fill_between(x, result.mean_norm_lo.values, result.mean_norm_hi.values, alpha=0.5, color="tab:orange",
+                        lw=0, label="mean: " + plotting.band_note(result).removeprefix(", bands: "))
     ax.plot(x, result.max_norm, ls="--", label="max ‖h‖")
     ax.set(xlabel="relative depth (layer / L; 1 = after the last layer)", ylabel="residual norm", yscale="log",
            ylim=(floor, None), title=plotting.model_title(result.attrs, "Residual stream norm"))

@@ -47,11 +47,17 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
         bar.set_label(f"colours stop at 1: {above} of {values.size} cells are above (max {np.nanmax(values):.3g})"
                       if above else "‖Δd_l‖ / ‖d_l‖ (every cell ≤ 1)", fontsize=7)
         output = result.output_l2_max if stat == "max" else result.output_l2_mean
-        bars.bar(result.skipped_layer.values, output.values, color="tab:red")
+        spread = None
+        if stat == "mean" and "output_l2_mean_lo" in result:
+            spread = np.abs(np.stack([output.values - result.output_l2_mean_lo.values,
+                                      result.output_l2_mean_hi.values - output.values]))
+        bars.bar(result.skipped_layer.values, output.values, color="tab:red", yerr=spread, ecolor="black",
+                 capsize=1.5)
         bars.set(xlabel="Layer skipped", ylabel=f"{label} ‖p_skip − p_base‖₂",
                  title="Effect on the output distribution")
         plotting.layer_axis(bars)
-        fig.suptitle(plotting.model_title(result.attrs, f"Skipping one layer ({what})"), fontsize=9)
+        note = plotting.band_note(result).replace("bands", "error bars") if stat == "mean" else ""
+        fig.suptitle(plotting.model_title(result.attrs, f"Skipping one layer ({what}{note})"), fontsize=9)
         paths.append(plotting.save(fig, folder, "skip-effects" if stat == "max" else "skip-effects-mean"))
     return paths
 
