@@ -148,6 +148,52 @@ def test_table_values(compared, built, tmp_path) -> None:
     assert md.count("\n| llama") == 2 and "| qwen4 (4 layers) | 4 | 64 | docs.jsonl |" in md
 
 
+def window_draws(store: Path, values: np.ndarray, n: int | None = None) -> list[np.ndarray]:
+    """Per window (seq_id) of the first ``n`` tokens, the columns (..., token) of ``values`` at positions ≥ 1."""
+    ds = open_dataset(store).load()
+    keep, seq = ds.position.values[:n] >= 1, ds.seq_id.values[:n]
+    return [values[..., keep & (seq == s)] for s in np.unique(seq)]
+
+
+def test_table_intervals(compared, built) -> None:
+    """Every statistic lies in its interval, and two of them equal a direct numpy bootstrap of the same windows
+    (index draws of numpy's default_rng(0), 1,000 resamples, the statistic recomputed per resample)."""
+    table = compared.table
+    for column in ("cos_zero_depth", "kl_drop_depth", "top5_rise_depth", "rel_first_half", "rel_second_half",
+                   "skip_later_first_half", "skip_later_second_half", "lens_kl_50", "lens_kl_75", "lens_kl_last"):
+        lo, value, hi = (table[f"{column}{end}"].to_numpy(float) for end in ("_lo", "", "_hi"))
+        known = np.isfinite(value)
+        assert np.all(lo[known] <= value[known] + 1e-12) and np.all(value[known] <= hi[known] + 1e-12), column
+    for i, (name, _, depth, _, _) in enumerate(MODELS):
+        store, row = built[name], table.iloc[i]
+        ds = open_dataset(store).load()
+        h = ds.resid_pre.values.astype(np.float64)
+        d = ds.attn_out.values.astype(np.float64) + ds.mlp_out.values.astype(np.float64)
+        windows = window_draws(store, np.linalg.norm(d, axis=-1) / np.linalg.norm(h, axis=-1))
+        draws = np.random.default_rng(0).integers(0, len(windows), size=(1000, len(windows)))
+        first = 2 * np.arange(depth) < depth
+        samples = [np.concatenate([windows[j] for j in row_], axis=-1).mean(-1)[first].mean() for row_ in draws]
+        np.testing.assert_allclose([row.rel_first_half_lo, row.rel_first_half_hi],
+                                   np.quantile(samples, [0.025, 0.975]), rtol=1e-5)
+        base_d, n = d, SKIP_TOKENS
+        maxima = []  # per skipped layer s < L - 1: (later layer, token) relative change
+        for s in range(depth - 1):
+            r = open_dataset(store, group=f"runs/skip_{s}").load()
+            d_run = r.attn_out.values.astype(np.float64) + r.mlp_out.values.astype(np.float64)
+            delta = np.linalg.norm(d_run - base_d[s:, :n], axis=-1) / np.maximum(
+                np.linalg.norm(base_d[s:, :n], axis=-1), 1e-6)
+            maxima.append(window_draws(store, delta[1:], n))
+        skip_draws = np.random.default_rng(0).integers(0, len(maxima[0]), size=(1000, len(maxima[0])))
+        later = np.array([[np.concatenate([per_s[j] for j in row_], axis=-1).max(-1).mean() for per_s in maxima]
+                          for row_ in skip_draws])  # (resample, skipped layer)
+        skipped = np.arange(depth - 1)
+        first_half = later[:, 2 * skipped < depth].mean(1)
+        np.testing.assert_allclose([row.skip_later_first_half_lo, row.skip_later_first_half_hi],
+                                   np.quantile(first_half, [0.025, 0.975]), rtol=1e-4)
+    md = (compared.figures[0].parent / "compare.md").read_text()
+    assert f"{table.rel_second_half[0]:.4g} [{table.rel_second_half_lo[0]:.4g}, " in md
+
+
 def test_cli_results_folder_and_parameters(built, tmp_path) -> None:
     stores = [str(built["llama2"]), str(built["qwen4"])]
     result = CliRunner().invoke(main, ["compare", *stores, "--out", str(tmp_path / "out"), "--analyses",
