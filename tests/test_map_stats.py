@@ -92,6 +92,10 @@ def test_stream_equals_stores_and_direct_sums(setup: dict[str, Path], tmp_path: 
         np.testing.assert_allclose(fitted[name].values, result[name].values, rtol=1e-9, err_msg=name)
     np.testing.assert_array_equal(fitted.curve_tokens.values, result.curve_tokens.values)
     np.testing.assert_allclose(fitted.curve_r2.values, result.curve_r2.values, rtol=1e-9)
+    one_source_at_a_time = run("layer-map", str(tmp_path / "s"), dtype="float64", memory_gib=1e-9)
+    assert one_source_at_a_time.attrs["passes"] == 3
+    for name in ("r2", "rel_error", "penalty", "r2_lo", "curve_r2"):
+        np.testing.assert_allclose(one_source_at_a_time[name].values, fitted[name].values, rtol=1e-12, err_msg=name)
 
 
 def test_curve_points_are_the_sums_of_the_first_training_windows(setup: dict[str, Path], tmp_path: Path) -> None:

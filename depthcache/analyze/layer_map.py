@@ -64,6 +64,7 @@ from depthcache.store.map_stats import (
     curve_points,
     load_stats,
     product_groups,
+    read_stats_attrs,
     save_checkpoint,
     save_curve_point,
     shift_of,
@@ -693,22 +694,30 @@ def write_statistics(path: Path, stats: MapStats, points: list[Moments]) -> None
 
 
 def layer_map_from_statistics(path: str | Path, select: str = "source", grid: list[float] | None = None,
-                              dtype: str = "float32", jackknife_groups: int = JACKKNIFE_GROUPS) -> xr.Dataset:
+                              dtype: str = "float32", jackknife_groups: int = JACKKNIFE_GROUPS,
+                              memory_gib: float = 4.0) -> xr.Dataset:
     """Fit every pair of a statistics folder (``depthcache map-stats``) from it alone: penalties chosen on its
     validation rows, R², the paper's metric and jackknife intervals on its test rows, a learning curve from its
-    curve points."""
+    curve points; source layers in groups whose sums fit ``memory_gib``, each group's sums read alone."""
     penalties = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
-    check_params("resid", select, dtype, penalties, 1.0)
-    stats = load_stats(Path(path))
+    check_params("resid", select, dtype, penalties, memory_gib)
+    path = Path(path)
+    stats = load_stats(path, sources=slice(0, 1))
     if not stats.progress.get("complete"):
         raise DepthcacheError(f"{path} is unfinished (its run stopped); finish it with --resume, or merge workers")
-    points = curve_points(Path(path))
-    g, d, t, e = stats.shape
-    rows = block_rows(g, d, t, e)
-    out = Results.empty(g, t, penalties.size, len(points), g, rows)
-    with stage("layer-map", 1, "fits"):
-        fit_statistics(stats, points, penalties, select, np.dtype(dtype), rows, jackknife_groups, out, slice(0, g))
-    a = stats.attrs
+    a = read_stats_attrs(path)
+    g, (d, t, e) = len(a["shallow_layers"]), stats.shape[1:]
+    per = group_size(g, d, t, e, memory_gib)
+    rows = block_rows(per, d, t, e)
+    n_points = len(curve_points(path, slice(0, 0)))
+    out = Results.empty(g, t, penalties.size, n_points, per, rows)
+    with stage("layer-map", -(-g // per), "source groups"):
+        for first in range(0, g, per):
+            group = slice(first, min(first + per, g))
+            stats = load_stats(path, sources=group)
+            fit_statistics(stats, curve_points(path, group), penalties, select, np.dtype(dtype), rows,
+                           jackknife_groups, out, group)
+            advance()
     attrs = result_attrs(a.get("site", "resid"), select, dtype, penalties, out, {
         "include_first": int(a.get("include_first", False)), "statistics": str(path),
         "depthcache_analysis": json.dumps({"models": [a["shallow"]["name"], a["deep"]["name"]],

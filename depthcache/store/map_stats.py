@@ -210,11 +210,13 @@ def moments_dataset(m: Moments, g: int, d: int, t: int, e: int) -> Any:
                       attrs={"train_n": int(m.n)})
 
 
-def moments_from(ds: Any) -> Moments:
-    """Training sums read from a dataset (every chunk's checksum verified on the way)."""
-    g, d, t, e = ds.train_gxy.shape
-    return Moments(int(ds.attrs["train_n"]), ds.train_sx.values, ds.train_gxx.values, ds.train_sy.values,
-                   ds.train_syy.values, ds.train_gxy.values.reshape(g * d, t * e))
+def moments_from(ds: Any, sources: slice = slice(None)) -> Moments:
+    """Training sums of the source layers ``sources`` read from a dataset (only those chunks, every chunk's
+    checksum verified on the way)."""
+    gxy = ds.train_gxy[sources].values
+    g, d, t, e = gxy.shape
+    return Moments(int(ds.attrs["train_n"]), ds.train_sx[sources].values, ds.train_gxx[sources].values,
+                   ds.train_sy.values, ds.train_syy.values, gxy.reshape(g * d, t * e))
 
 
 def is_stats(location: str | Path) -> bool:
@@ -263,16 +265,18 @@ def chunk_shapes(ds: Any) -> dict[str, tuple[int, ...]]:
             for name, var in ds.data_vars.items() if {"source", "target"} & set(var.dims)}
 
 
-def load_stats(path: Path, lazy_rows: bool = True) -> MapStats:
-    """The latest checkpoint of a statistics folder (held-out rows lazily unless ``lazy_rows`` is False)."""
+def load_stats(path: Path, lazy_rows: bool = True, sources: slice = slice(None)) -> MapStats:
+    """The latest checkpoint of a statistics folder (held-out rows lazily unless ``lazy_rows`` is False), only the
+    source layers ``sources`` (a fit in groups of sources reads each group's sums alone)."""
     attrs = read_stats_attrs(path)
     if not (Path(path) / "sums").is_dir():
         raise DepthcacheError(f"{path} holds no sums yet: its run stopped before the first checkpoint; run it again "
                               "with --resume")
     try:
         ds = open_result(str(Path(path) / "sums"))
-        stats = MapStats(attrs, Shift(ds.shift_x.values, ds.shift_y.values), moments_from(ds),
-                         ds.heldout_x.data if lazy_rows else ds.heldout_x.values,
+        attrs = attrs | {"shallow_layers": attrs.get("shallow_layers", [])[sources]}
+        stats = MapStats(attrs, Shift(ds.shift_x[sources].values, ds.shift_y.values), moments_from(ds, sources),
+                         ds.heldout_x[sources].data if lazy_rows else ds.heldout_x[sources].values,
                          ds.heldout_y.data if lazy_rows else ds.heldout_y.values,
                          ds.heldout_window.values, ds.heldout_split.values, json.loads(ds.attrs["progress"]))
     except DepthcacheError:
@@ -299,14 +303,15 @@ def check_consistent(stats: MapStats, path: Path) -> None:
         raise DepthcacheError(f"{path}: the training sums hold a negative count or non-finite values")
 
 
-def curve_points(path: Path) -> list[Moments]:
-    """The training sums at every learning-curve point of a statistics folder, by token count."""
+def curve_points(path: Path, sources: slice = slice(None)) -> list[Moments]:
+    """The training sums of the source layers ``sources`` at every learning-curve point of a statistics folder, by
+    token count."""
     folder = Path(path) / "curve"
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
     points = []
     for name in names:
         try:
-            points.append(moments_from(open_result(str(folder / name))))
+            points.append(moments_from(open_result(str(folder / name)), sources))
         except Exception as exc:  # noqa: BLE001 - as in load_stats
             raise DepthcacheError(f"{folder / name}: a learning-curve point cannot be read ({exc})") from exc
     return points
