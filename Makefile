@@ -69,28 +69,28 @@ architectures: install
 clean:
 	rm -rf $(VENV) runs
 
-# `make compare`: four real models on the same 8,192 pydoc-topics tokens, compared on relative depth (docs/compare.md).
+# `make compare`: four real models on the same 4,096 pydoc-topics tokens, compared on relative depth (docs/compare.md).
 # The stores (and their skip runs) resume where they stopped; the figures and table go to docs/figures/compare/.
-# The committed figures used skip runs of 512 tokens (rounded up to whole chunks: 1,024 on Gemma) at every layer of
-# SmolLM2, every other layer of Gemma, every fourth of the 0.5B, and 256 tokens at six layers of the 1.5B (time on a
-# shared 2-core machine); the logit lens, skip effects and effective depth read the first 512 tokens of each store.
+# Chunks of 1,024 tokens so that skip runs of 1,024 tokens are not rounded up to the whole store; skip runs at every
+# layer of SmolLM2, Gemma-3-270M and Qwen2.5-Coder-0.5B and at 10 layers of Qwen2.5-Coder-1.5B; the logit lens, skip
+# effects and effective depth read every token (-p max_tokens=4096), with 95 % bootstrap intervals over windows.
 COMPARE_MODELS ?= smollm2-135m qwen2.5-coder-0.5b gemma-3-270m qwen2.5-coder-1.5b
-COMPARE_TOKENS ?= 8192
-SKIP_TOKENS    ?= 512
+COMPARE_TOKENS ?= 4096
+COMPARE_CHUNK  ?= 1024
+SKIP_TOKENS    ?= 1024
 SKIP_LAYERS    ?= each
-SKIP_LAYERS_qwen2.5-coder-0.5b ?= 0,4,8,12,16,20,23
-SKIP_LAYERS_gemma-3-270m ?= 0,1,2,4,6,8,10,12,14,16,17
-SKIP_TOKENS_qwen2.5-coder-1.5b ?= 256
-SKIP_LAYERS_qwen2.5-coder-1.5b ?= 0,1,8,16,24,27
+SKIP_LAYERS_qwen2.5-coder-1.5b ?= 0,3,6,9,12,15,18,21,24,27
 COMPARE_OUT    ?= docs/figures/compare
-COMPARE_FLAGS  ?= -p max_tokens=512
+COMPARE_FLAGS  ?= -p max_tokens=4096
 
 .PHONY: compare
 
 runs/compare/%.done: $(BIN)/depthcache
-	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) --resume
 	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) \
-		--skip $(or $(SKIP_LAYERS_$*),$(SKIP_LAYERS)) --skip-tokens $(or $(SKIP_TOKENS_$*),$(SKIP_TOKENS)) --resume
+		--chunk-tokens $(COMPARE_CHUNK) --resume
+	$(BIN)/depthcache extract --model $* --out runs/compare/$*.zarr --max-tokens $(COMPARE_TOKENS) \
+		--chunk-tokens $(COMPARE_CHUNK) --skip $(or $(SKIP_LAYERS_$*),$(SKIP_LAYERS)) \
+		--skip-tokens $(or $(SKIP_TOKENS_$*),$(SKIP_TOKENS)) --resume
 	touch $@
 
 compare: $(COMPARE_MODELS:%=runs/compare/%.done)
