@@ -6,7 +6,9 @@ Each pair runs ``depthcache extract`` twice in fresh processes under /usr/bin/ti
 --device cpu), then with ``--max-memory`` and ``--offload-folder`` (the layers beyond it are read from disk on each
 forward pass). Every pair's two stores are compared array by array, bytes for bytes (activations, token columns,
 the output summary, the model group's head), and the offloaded store is validated. Prints wall seconds, tokens/s
-(of the whole process, model load included), peak RSS and the offloaded/in-memory ratios pair by pair (medians and
+(of the whole process, model load included), peak RSS (the kernel's, which counts the pages of weight files
+read through a memory map) and peak anonymous RSS (sampled every 50 ms: the memory only the process holds), and the
+offloaded/in-memory ratios pair by pair (medians and
 ranges), with the device map the offloaded run recorded and the 1-minute load average before and after.
 """
 
@@ -19,23 +21,49 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import zarr
 
 BIN = Path(sys.executable).parent
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """Run a command under /usr/bin/time -v: (wall seconds, peak RSS in MiB); its output is shown on failure."""
-    done = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(argv)} failed:\n{done.stdout}\n{done.stderr}")
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", done.stderr)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+def anonymous_mib(pid: int) -> float:
+    """RssAnon of a process and its children in MiB: memory only it holds (file-backed pages of weights read from
+    a mapped file are not counted; the kernel can drop those under pressure)."""
+    total = 0
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            continue
+        found = re.search(r"RssAnon:\s+(\d+) kB", status)
+        total += int(found.group(1)) if found else 0
+    return total / 1024
+
+
+def timed(argv: list[str]) -> tuple[float, float, float]:
+    """Run a command under /usr/bin/time -v: (wall seconds, peak RSS in MiB, peak anonymous RSS in MiB, sampled
+    every 50 ms); its output is shown on failure."""
+    with subprocess.Popen(["/usr/bin/time", "-v", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as child:
+        peak = 0.0
+        while child.poll() is None:
+            try:
+                peak = max(peak, anonymous_mib(child.pid))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        out, err = child.communicate()
+    if child.returncode:
+        sys.exit(f"{' '.join(argv)} failed:\n{out}\n{err}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", err)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     hours, minutes, seconds = (float(g or 0) for g in wall.groups())
-    return hours * 3600 + minutes * 60 + seconds, int(rss.group(1)) / 1024
+    return hours * 3600 + minutes * 60 + seconds, int(rss.group(1)) / 1024, peak
 
 
 def arrays(store: Path) -> dict[str, np.ndarray]:
@@ -71,7 +99,7 @@ def main() -> None:
     work.mkdir(parents=True)
     common = ["extract", "--model", args.model, "--max-tokens", str(args.tokens), "--batch-size", str(args.batch_size),
               "--dtype", "float32", "--device", "cpu", "--model-dtype", "float32", "--no-progress"]
-    runs: dict[str, list[tuple[float, float]]] = {"memory": [], "offload": []}
+    runs: dict[str, list[tuple[float, float, float]]] = {"memory": [], "offload": []}
     load = [os.getloadavg()[0]]
     for pair in range(args.pairs):
         stores = {kind: work / f"{kind}-{pair}.zarr" for kind in runs}
@@ -90,12 +118,11 @@ def main() -> None:
           f"offloaded: --max-memory {args.max_memory}, device map {placed.get('device_map')}; load average "
           f"{load[0]:.1f} -> {load[1]:.1f}")
     for kind, results in runs.items():
-        walls, rss = [w for w, _ in results], [r for _, r in results]
+        walls, rss, anon = ([r[i] for r in results] for i in range(3))
         print(f"{kind:8} wall s {spread(walls)}  tokens/s {spread([args.tokens / w for w in walls])}  "
-              f"peak RSS MiB {spread(rss)}")
-    ratios = [o[0] / m[0] for m, o in zip(runs["memory"], runs["offload"])]
-    rss_ratios = [o[1] / m[1] for m, o in zip(runs["memory"], runs["offload"])]
-    print(f"offload / memory: wall {spread(ratios)}, peak RSS {spread(rss_ratios)}")
+              f"peak RSS MiB {spread(rss)}  peak anonymous RSS MiB {spread(anon)}")
+    for i, name in enumerate(("wall", "peak RSS", "peak anonymous RSS")):
+        print(f"offload / memory, {name}: {spread([o[i] / m[i] for m, o in zip(runs['memory'], runs['offload'])])}")
 
 
 if __name__ == "__main__":

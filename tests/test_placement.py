@@ -149,7 +149,7 @@ def test_a_model_too_large_for_memory_is_refused_then_runs_with_an_offload_folde
                                               r"--offload-folder DIR .*or --model-dtype bfloat16.*nothing was written"):
         extract(options(out, model_dir, docs))
     assert not out.exists()
-    with pytest.raises(DepthcacheError, match="add --offload-folder DIR"):
+    with pytest.raises(DepthcacheError, match=r"add --offload-folder DIR \(the .*GiB beyond --max-memory"):
         extract(options(out, model_dir, docs, placement=Placement(device_map="auto")))
     assert not out.exists()
     attrs = extract(options(out, model_dir, docs, placement=Placement(offload_folder=str(tmp_path / "off"))))
@@ -205,3 +205,12 @@ def test_documented_load_check_tolerances_are_the_checks_own() -> None:
     rows = {name: (float(identity), float(logits)) for name, identity, logits in found}
     assert rows == {name: TOLERANCES[dtype] for name, dtype in
                     (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16))}
+
+
+def test_every_command_running_a_model_takes_the_placement_options() -> None:
+    from test_cli_options import MODEL_COMMANDS, command, option
+
+    for path in MODEL_COMMANDS:
+        for name in ("device-map", "max-memory", "offload-folder", "model-dtype"):
+            assert option(command(*path), name).help == option(command("extract"), name).help, (path, name)
+    assert "Llama-3.1-70B --device-map auto" in CliRunner().invoke(main, ["extract", "--help"]).output

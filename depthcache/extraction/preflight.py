@@ -179,9 +179,9 @@ def gib(n: float) -> str:
     return f"{n / GIB:,.1f}GiB"
 
 
-def placement_budget(placement: Placement, device: str, host_free: int) -> tuple[int, str]:
-    """(bytes the weights may take under ``placement``, where that is): --max-memory's devices (the host's free
-    share when it names none), plus the free disk of --offload-folder."""
+def placement_budget(placement: Placement, device: str, host_free: int) -> tuple[int, int, str]:
+    """(bytes the weights may take in memory under ``placement``, free disk bytes of --offload-folder (0 without
+    one), where that is): --max-memory's devices (the host's free share when it names none)."""
     memory = parse_max_memory(placement.max_memory)
     if not memory:
         memory = {"cpu": int(HOST_SHARE * host_free)} if not device.startswith("cuda") else \
@@ -192,8 +192,8 @@ def placement_budget(placement: Placement, device: str, host_free: int) -> tuple
         folder = Path(placement.offload_folder).expanduser().resolve()
         existing = next(p for p in (folder, *folder.parents) if p.exists())
         disk = shutil.disk_usage(existing).free
-        total, where = total + disk, f"{where} and {gib(disk)} of disk at {folder}"
-    return total, where
+        return total, disk, f"{where} and {gib(disk)} of disk at {folder}"
+    return total, 0, where
 
 
 def check_model_fits(need: int, placement: Placement, device: str, dtype: torch.dtype, host_free: int) -> None:
@@ -211,14 +211,15 @@ def check_model_fits(need: int, placement: Placement, device: str, dtype: torch.
         raise DepthcacheError(
             f"the model's weights take {gib(need)} in {name} and {device} has {gib(free)} free: run with "
             f"{spread}--max-memory {'cuda:0' if device.startswith('cuda') else 'cpu'}={gib(0.8 * free)} "
-            f"--offload-folder DIR (the layers beyond it are read from DIR on each forward pass){smaller}; "
-            "nothing was written")
-    budget, where = placement_budget(placement, device, host_free)
-    if need > budget:
-        advice = "a larger --max-memory or another --offload-folder" if placement.offload_folder else \
-            "--offload-folder DIR (the layers beyond --max-memory are read from DIR on each forward pass)"
+            f"--offload-folder DIR (the layers beyond it, about {gib(need - 0.8 * free)}, are read from DIR on each "
+            f"forward pass){smaller}; nothing was written")
+    memory, disk, where = placement_budget(placement, device, host_free)
+    if need > memory + disk:
+        advice = f"put --offload-folder on a disk with at least {gib(need - memory)} free" \
+            if placement.offload_folder else f"add --offload-folder DIR (the {gib(need - memory)} beyond --max-memory " \
+            "are read from DIR on each forward pass)"
         raise DepthcacheError(f"the model's weights take {gib(need)} in {name} and the placement gives them "
-                              f"{gib(budget)} ({where}): add {advice}{smaller}; nothing was written")
+                              f"{gib(memory + disk)} ({where}): {advice}{smaller}; nothing was written")
 
 
 def load_fitted(spec: str, device: str, placement: Placement = Placement(), progress: bool | None = None,
@@ -229,7 +230,8 @@ def load_fitted(spec: str, device: str, placement: Placement = Placement(), prog
     target = str(resolve_device(device))
     host_free = weights_room("cpu")
     folder = weights_folder(spec)
-    if folder is not None:
-        dtype = placement.dtype(device)
-        check_model_fits(weight_bytes(folder, dtype), placement, target, dtype, host_free)
+    dtype = placement.dtype(device)
+    need = None if folder is None else weight_bytes(folder, dtype)
+    if need is not None:
+        check_model_fits(need, placement, target, dtype, host_free)
     return load_model(spec, device=device, progress=progress, check=check, placement=placement, host_free=host_free)

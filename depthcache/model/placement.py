@@ -206,14 +206,18 @@ def state_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, getattr(module, attr).detach().cpu()
 
 
-def weight_bytes(folder: Path, dtype: torch.dtype) -> int:
+def weight_bytes(folder: Path, dtype: torch.dtype) -> int | None:
     """Bytes of a model folder's parameters and buffers in ``dtype`` (floating tensors), built on the meta device
-    from its config: what its weights take once loaded, known before loading."""
+    from its config: what its weights take once loaded, known before loading; None where transformers cannot build
+    it from its config alone (the load itself then says why)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError, RuntimeError):
+        return None
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
