@@ -92,11 +92,12 @@ def test_store_and_analyses_never_reach_into_the_model(part: str) -> None:
     assert not offenders, f"{part}/ must read stores only: {offenders}"
 
 
-def test_packaged_schema_is_the_published_contract() -> None:
-    published = PACKAGE.parent / "schemas" / "store.schema.json"
-    packaged = PACKAGE / "store" / "store.schema.json"
+@pytest.mark.parametrize("name", ["store.schema.json", "map-stats.schema.json"])
+def test_packaged_schema_is_the_published_contract(name: str) -> None:
+    published = PACKAGE.parent / "schemas" / name
+    packaged = PACKAGE / "store" / name
     assert json.loads(packaged.read_text()) == json.loads(published.read_text())
-    assert packaged.read_bytes() == published.read_bytes(), "copy schemas/store.schema.json into depthcache/store/"
+    assert packaged.read_bytes() == published.read_bytes(), f"copy schemas/{name} into depthcache/store/"
 
 
 def test_analyses_import_with_torch_unimportable() -> None:

@@ -241,3 +241,28 @@ def test_product_groups_close_at_rows_and_curve_points() -> None:
     groups = ms.product_groups([10, 10, 10, 10, 10, 10, 10], 25, 15)
     assert groups == [(0, 2, True), (2, 3, True), (3, 6, True), (6, 7, False)]
     assert ms.product_groups([5, 5], 100, 0) == [(0, 2, False)]
+
+
+def test_damaged_or_hostile_statistics_are_refused_in_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    good = tmp_path / "good"
+    stream(setup, good)
+    flipped = tmp_path / "flipped"
+    shutil.copytree(good, flipped)
+    chunk = max((p for p in (flipped / "sums" / "train_gxy").rglob("*") if p.is_file() and p.name != "zarr.json"),
+                key=lambda p: p.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    hostile = tmp_path / "hostile"
+    shutil.copytree(good, hostile)
+    meta = json.loads((hostile / "zarr.json").read_text())
+    meta["attributes"]["depthcache"]["shallow_layers"] = list(range(10_000))
+    (hostile / "zarr.json").write_text(json.dumps(meta))
+    for folder, message in ((flipped, "cannot be read"), (hostile, "map-stats schema"),
+                            (setup["deep_store"], "two stores (SHALLOW DEEP) or one statistics folder")):
+        result = CliRunner().invoke(main, ["analyze", "layer-map", str(folder)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output

@@ -62,6 +62,7 @@ from depthcache.store.map_stats import (
     Moments,
     create_stats,
     curve_points,
+    is_stats,
     load_stats,
     product_groups,
     read_stats_attrs,
@@ -702,6 +703,9 @@ def layer_map_from_statistics(path: str | Path, select: str = "source", grid: li
     penalties = np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64)
     check_params("resid", select, dtype, penalties, memory_gib)
     path = Path(path)
+    if not is_stats(path):
+        raise DepthcacheError(f"layer-map takes two stores (SHALLOW DEEP) or one statistics folder made by "
+                              f"depthcache map-stats; {path} is not a statistics folder")
     stats = load_stats(path, sources=slice(0, 1))
     if not stats.progress.get("complete"):
         raise DepthcacheError(f"{path} is unfinished (its run stopped); finish it with --resume, or merge workers")

@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import zarr
 
 from depthcache.errors import DepthcacheError
 from depthcache.store.io import ATTRS_KEY, open_result, write_attrs, write_dataset_atomically
+from depthcache.store.schema import error_message, load_schema
 
 STATS_SCHEMA = "depthcache-map-stats"
 STATS_VERSION = "1.0"
@@ -243,6 +245,12 @@ def read_stats_attrs(path: Path) -> dict[str, Any]:
     if major != STATS_VERSION.split(".")[0]:
         raise DepthcacheError(f"{path} is map-stats schema {attrs.get('schema_version')!r}; this depthcache reads "
                               f"{STATS_VERSION.split('.')[0]}.x")
+    validator = jsonschema.Draft202012Validator(load_schema("map-stats.schema.json"))
+    problems = [f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {error_message(e)}"
+                for e in validator.iter_errors(attrs)]
+    if problems:
+        raise DepthcacheError(f"{path}: its attributes break the map-stats schema ({problems[0]}); copy or compute "
+                              "them again")
     return attrs
 
 
