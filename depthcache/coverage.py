@@ -1,10 +1,11 @@
-"""Measured architecture coverage: every causal LM transformers registers, built tiny offline and put through the
-load check and a 2-window extraction; writes docs/architectures.md.
+"""Measured architecture coverage: every causal LM and every image-text-to-text model transformers registers, built
+tiny offline and put through the load check and a 2-window extraction; writes docs/architectures.md.
 
     python -m depthcache.coverage [--out docs/architectures.md] [--only llama,gemma2,...] [--timeout 60]
 
 Each config is built from its defaults with the sizes shrunk (``TINY``: 4 layers, d_model 64, 4 experts, ...) and
-random weights; nothing is downloaded. A family is supported when its structure is discovered, the load check
+random weights; nothing is downloaded (a multimodal config: its text config shrunk the same way, its other towers
+to ``TOWER_TINY``, released after building as loading does). A family is supported when its structure is discovered, the load check
 passes and the extracted store satisfies the residual identity again.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import signal
 import tempfile
 import time
@@ -29,6 +31,7 @@ import torch
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.model import TOLERANCES, LoadedModel, Structure, checked, relative_errors, tokenizer_files
+from depthcache.model.multimodal import AutoTextLM, release_towers
 from depthcache.store.head import logits_from_residual, read_head
 from depthcache.store.reader import open_dataset
 
@@ -49,8 +52,18 @@ TINY: dict[str, Any] = {
     "attention_types": [[["global", "local"], 2]],  # GPT-Neo: one entry per layer
     # non-trivial multipliers where a family has them, so discovery must find them (Granite, HyperCLOVA X)
     "residual_multiplier": 0.5, "logits_scaling": 4.0, "embedding_multiplier": 3.0,
+    # encoder-decoder style names, Gemma 3n/4's per-layer inputs, XLM, LongCat
+    "decoder_ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_layers": 4, "encoder_layers": 4,
+    "decoder_attention_heads": 4, "encoder_attention_heads": 4, "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 16, "emb_dim": 64, "expert_ffn_hidden_size": 128,
 }
-TOWERS = ("vision", "audio", "image", "speech", "vq_", "encoder", "depth_decoder")
+# Families whose defaults do not build (or run) once shrunk: the smallest change that still builds the architecture.
+BUILD: dict[str, dict[str, Any]] = {}
+# A multimodal wrapper's other towers (vision, audio): built small, released after building, never run on text.
+TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+              "num_attention_heads": 2, "num_heads": 2, "embed_dim": 32, "hidden_dim": 32, "d_model": 32,
+              "encoder_layers": 1, "decoder_layers": 1, "vocab_size": VOCAB, "encoder_attention_heads": 2,
+              "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
 MAX_PARAMETERS = 20_000_000
 CORPUS = ("The quick brown fox jumps over the lazy dog. Residual streams carry information from layer to layer. "
           "Numbers: 0 1 2 3 4 5 6 7 8 9 and some punctuation, too! Language models use their depth in many ways.")
@@ -79,32 +92,103 @@ def causal_lm_registry() -> dict[str, str]:
     return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
 
 
+def image_text_registry() -> dict[str, str]:
+    """transformers' image-text-to-text registry: model type → class name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return dict(sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items()))
+
+
+def shrunk(defaults: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``sizes`` that the config has with the same type, or unset (a list of widths stays)."""
+    return {k: v for k, v in sizes.items() if type(defaults.get(k)) is type(v) or (k in defaults and
+                                                                                   defaults[k] is None)}
+
+
+def head_dim(config: dict[str, Any]) -> int | None:
+    """A config's attention head width: head_dim, else hidden_size / num_attention_heads."""
+    if isinstance(config.get("head_dim"), int):
+        return config["head_dim"]
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+
+
+def rope_sections(text: dict[str, Any]) -> dict[str, Any]:
+    """Multimodal rotary sections (time, height, width: Qwen2-VL's ``mrope_section``, which the modeling code may
+    default without the config saying so) for a tiny text config: three that sum to half its rotary width."""
+    rope = text.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor")) or 1.0
+    rotary = text.get("qk_rope_head_dim") or int((head_dim(text) or TINY["head_dim"]) * partial)
+    total = max(3, rotary // 2)
+    return {"rope_parameters": rope | {"mrope_section": [total - 2 * (total // 3), total // 3, total // 3]}}
+
+
+def per_layer(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer overrides (Gemma 4's ``per_layer_config``) of the tiny model's layers only."""
+    overrides = defaults.get("per_layer_config")
+    if not isinstance(overrides, dict):
+        return {}
+    return {"per_layer_config": {k: v for k, v in overrides.items() if int(k) < TINY["num_hidden_layers"]}}
+
+
+def fewer_layers(defaults: dict[str, Any], count: int) -> dict[str, Any]:
+    """A tower's layer types cut to its ``count`` layers."""
+    if isinstance(defaults.get("layer_types"), list) and "num_hidden_layers" in defaults:
+        return {"layer_types": defaults["layer_types"][:count]}
+    return {}
+
+
+def tower_config(tower: dict[str, Any], text_hidden: Any) -> dict[str, Any]:
+    """A non-text tower's config shrunk (``TOWER_TINY``), its widths that must equal the text model's set to it."""
+    sizes = shrunk(tower, TOWER_TINY) | fewer_layers(tower, TOWER_TINY["num_hidden_layers"])
+    linked = {k: TINY["hidden_size"] for k, v in tower.items()
+              if text_hidden and v == text_hidden and k not in sizes and re.search(r"hidden|dim|size", k)}
+    return tower | sizes | linked
+
+
 def tiny_config(model_type: str) -> Any:
-    """The family's default config with every size in ``TINY`` that it has shrunk (multimodal configs refused)."""
+    """The family's default config with every size in ``TINY`` that it has shrunk; a multimodal config's text
+    config shrunk the same way and its other towers to ``TOWER_TINY``."""
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     defaults = cls().to_dict()
-    towers = sorted(k for k, v in defaults.items() if k.endswith("_config") and isinstance(v, dict)
-                    and any(t in k for t in TOWERS))
-    if towers:
-        raise DepthcacheError(f"a multimodal model ({', '.join(towers)}); its text decoder is listed on its own")
-    sizes = {k: v for k, v in TINY.items() if k in defaults}
+    sizes = {k: v for k, v in TINY.items() if k in defaults} | per_layer(defaults) | BUILD.get(model_type, {})
     if "kv_lora_rank" in defaults:  # multi-head latent attention: no grouped KV heads, head_dim is the rope part
         sizes |= {"num_key_value_heads": TINY["num_attention_heads"], "head_dim": TINY["qk_rope_head_dim"]}
+    text = defaults.get("text_config")
+    text_hidden = text.get("hidden_size") if isinstance(text, dict) else defaults.get("hidden_size")
+    for key, value in defaults.items():
+        if key == "text_config" and isinstance(value, dict) and value.get("model_type") in CONFIG_MAPPING:
+            text_config = tiny_config(value["model_type"]).to_dict()
+            sizes[key] = text_config | rope_sections(text_config)
+        elif key.endswith("_config") and isinstance(value, dict) and key not in sizes:
+            sizes[key] = tower_config(value, text_hidden)
     return cls(**sizes)
 
 
-def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A random-weight model of the family at tiny size, in eval mode."""
-    from transformers import AutoModelForCausalLM
+def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torch.nn.Module:
+    """A random-weight model of the family at tiny size, in eval mode, through the causal-LM auto class (else the
+    image-text-to-text one), or with ``image_text`` the image-text-to-text one: a multimodal wrapper has its towers
+    released, as loading does. Counted on the meta device first, so an oversized config never allocates."""
+    from transformers import AutoModelForImageTextToText
 
+    config = tiny_config(model_type)
+    if image_text and getattr(config, "is_encoder_decoder", False):  # (a causal LM class takes the decoder alone)
+        raise DepthcacheError("not a residual attention+MLP decoder: it is an encoder-decoder")
+
+    def build() -> torch.nn.Module:
+        return release_towers(AutoModelForImageTextToText.from_config(config)) if image_text else \
+            AutoTextLM.from_config(config)
+
+    with torch.device("meta"):
+        counted = sum(p.numel() for p in build().parameters())
+    if counted > MAX_PARAMETERS:
+        raise DepthcacheError(f"not tiny: {counted / 1e6:.0f}M parameters with the shrunk config")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    if n_params > MAX_PARAMETERS:
-        raise DepthcacheError(f"not tiny: {n_params / 1e6:.0f}M parameters with the shrunk config")
-    return model
+    return build().eval()
 
 
 def tiny_tokenizer() -> Any:
@@ -177,16 +261,19 @@ def short(exc: BaseException, text: str | None = None) -> str:
     return (text if isinstance(exc, DepthcacheError) else f"{type(exc).__name__}: {text}")[:160]
 
 
-def cover(model_type: str, class_name: str = "", tokenizer: Any = None, timeout: int = 0) -> Row:
-    """Build the family tiny, discover its structure, run the load check and a 2-window extraction."""
+def cover(model_type: str, class_name: str = "", tokenizer: Any = None, timeout: int = 0, image_text: bool = False
+          ) -> Row:
+    """Build the family tiny (``image_text``: through its image-text-to-text class), discover its structure, run
+    the load check and a 2-window extraction."""
     start = time.perf_counter()
     try:
         with time_limit(timeout), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                model = tiny_model(model_type)
+                model = tiny_model(model_type, image_text=image_text)
             except DepthcacheError as exc:
-                return Row(model_type, class_name, False, f"not built: {short(exc)}")
+                refused = str(exc).startswith("not a residual")
+                return Row(model_type, class_name, False, short(exc) if refused else f"not built: {short(exc)}")
             except Exception as exc:  # noqa: BLE001 - any family's constructor may fail in any way offline
                 return Row(model_type, class_name, False, f"not built offline at tiny size ({short(exc)})")
             class_name = type(model).__name__
@@ -243,15 +330,35 @@ def notes(structure: Structure) -> str:
         out.append("hybrid mixers")
     if structure.sliding_window:
         out.append("sliding window")
+    if structure.language_model:
+        out.append(f"via {structure.language_model}")
     out.append(structure.norm_kind)
     return ", ".join(out)
 
 
-def render(rows: list[Row]) -> str:
-    """docs/architectures.md: the measured table and how it was made."""
+def table(rows: list[Row]) -> list[str]:
+    """One registry's markdown table."""
+    lines = ["| model type | transformers class | supported | why not / what discovery found | identity error | "
+             "logits error |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        errs = ("—", "—") if r.identity_error is None else (f"{r.identity_error:.1e}", f"{r.logits_error:.1e}")
+        detail = notes(r.structure) if r.structure is not None else r.reason.replace("|", "/")
+        lines.append(f"| {r.model_type} | {r.class_name} | {'yes' if r.supported else 'no'} | {detail} | "
+                     f"{errs[0]} | {errs[1]} |")
+    return lines
+
+
+def tally(rows: list[Row]) -> str:
+    """'**P of N model types pass** (C distinct classes'."""
+    passed = [r for r in rows if r.supported]
+    return (f"**{len(passed)} of {len(rows)} model types pass** ({len({r.class_name for r in passed})} distinct "
+            "transformers classes")
+
+
+def render(rows: list[Row], image_rows: list[Row]) -> str:
+    """docs/architectures.md: the measured tables and how they were made."""
     import transformers
 
-    passed = [r for r in rows if r.supported]
     lines = [
         "# Architecture coverage",
         "",
@@ -260,33 +367,51 @@ def render(rows: list[Row]) -> str:
         "Real models (the aliases' GGUF weights, dequantized): their load times and load-check errors are measured "
         "in [real-models.md](real-models.md), written by hand from the runs' logs and stores.",
         "",
+        "## Causal language models",
+        "",
         f"Every causal LM in transformers {transformers.__version__}'s registry (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, "
         f"{len(rows)} model types) is built offline from its default config shrunk to 4 layers and d_model 64 with "
         "random weights, its structure is discovered, and it goes through the load check (32 tokens) and a "
         "2-window extraction in float32 whose store must satisfy the residual identity again. Errors are relative "
         "to each token's largest value (identity: the largest over layers of the check and the store; logits: the "
-        "logit lens of `resid_final` against the model's logits).",
+        "logit lens of `resid_final` against the model's logits). A multimodal config is built with its text "
+        "config shrunk the same way and its other towers (vision, audio) to 1 layer of width 32; the towers are "
+        "released after building, as loading does, so only the language model runs (\"via\" names its class).",
         "",
-        f"**{len(passed)} of {len(rows)} model types pass** ({len({r.class_name for r in passed})} distinct "
-        f"transformers classes; torch {torch.__version__}, Python {platform.python_version()}).",
+        f"{tally(rows)}; torch {torch.__version__}, Python {platform.python_version()}).",
         "",
-        "| model type | transformers class | supported | why not / what discovery found | identity error | "
-        "logits error |",
-        "|---|---|---|---|---|---|",
+        *table(rows),
+        "",
+        "## Image-text-to-text models (multimodal checkpoints through their language model)",
+        "",
+        f"Every model type of transformers' image-text-to-text registry (`MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`, "
+        f"{len(image_rows)} model types), built tiny through that registry's class (the checkpoint's wrapper) in the "
+        "same way and put through the same check and extraction on text input.",
+        "",
+        f"{tally(image_rows)}).",
+        "",
+        *table(image_rows),
     ]
-    for r in rows:
-        errs = ("—", "—") if r.identity_error is None else (f"{r.identity_error:.1e}", f"{r.logits_error:.1e}")
-        detail = notes(r.structure) if r.structure is not None else r.reason.replace("|", "/")
-        lines.append(f"| {r.model_type} | {r.class_name} | {'yes' if r.supported else 'no'} | {detail} | "
-                     f"{errs[0]} | {errs[1]} |")
     return "\n".join(lines) + "\n"
 
 
+def sweep(registry: dict[str, str], wanted: list[str], tokenizer: Any, timeout: int, image_text: bool
+          ) -> list[Row]:
+    """Cover each wanted model type of a registry, printing a line per type."""
+    rows = []
+    for model_type in wanted:
+        row = cover(model_type, registry.get(model_type, ""), tokenizer, timeout, image_text)
+        rows.append(row)
+        print(f"{model_type:28s} {'PASS' if row.supported else 'no  '} {row.seconds:5.1f}s "
+              f"{notes(row.structure) if row.structure else row.reason}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the sweep and write the table."""
+    """Run the sweep over both registries and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DOC))
-    parser.add_argument("--only", default="", help="comma-separated model types (default: the whole registry)")
+    parser.add_argument("--only", default="", help="comma-separated model types (default: the whole registries)")
     parser.add_argument("--timeout", type=int, default=60, help="seconds per model type")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -294,18 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
-    registry = causal_lm_registry()
-    wanted = [t for t in args.only.split(",") if t] or list(registry)
+    only = [t for t in args.only.split(",") if t]
     tokenizer = tiny_tokenizer()
-    rows = []
-    for model_type in wanted:
-        row = cover(model_type, registry.get(model_type, ""), tokenizer, args.timeout)
-        rows.append(row)
-        print(f"{model_type:28s} {'PASS' if row.supported else 'no  '} {row.seconds:5.1f}s "
-              f"{notes(row.structure) if row.structure else row.reason}", flush=True)
-    Path(args.out).write_text(render(rows))
-    passed = [r for r in rows if r.supported]
-    print(f"{len(passed)} of {len(rows)} pass ({len({r.class_name for r in passed})} classes); wrote {args.out}")
+    causal, images = causal_lm_registry(), image_text_registry()
+    rows = sweep(causal, [t for t in causal if not only or t in only], tokenizer, args.timeout, False)
+    image_rows = sweep(images, [t for t in images if not only or t in only], tokenizer, args.timeout, True)
+    Path(args.out).write_text(render(rows, image_rows))
+    for name, some in (("causal LM", rows), ("image-text-to-text", image_rows)):
+        print(f"{name}: {tally(some).replace('**', '')})")
+    print(f"wrote {args.out}")
     return 0
 
 

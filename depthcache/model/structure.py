@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from depthcache.errors import DepthcacheError
+from depthcache.model.multimodal import language_model_class
 
 PROBE_TOKENS = 16
 MIXER = re.compile(r"att|mixer|mamba|conv|ssm|retention|temporal")
@@ -67,6 +68,7 @@ class Structure:
     layer_types: tuple[str, ...] | None = None  # the config's per-layer attention kinds (sliding, full, linear)
     sliding_window: int | None = None
     attn_classes: tuple[str, ...] = ()  # per layer: the token mixer's class (hybrids mix attention kinds)
+    language_model: str | None = None  # a multimodal wrapper's (class_name) language model: its class
 
     @property
     def n_layers(self) -> int:
@@ -490,6 +492,8 @@ def pick_layers(model: torch.nn.Module, count: int) -> tuple[str, Trace, torch.T
         try:
             trace, logits = run_probe(model, path, ids)
         except Exception as exc:  # noqa: BLE001 - any family's forward may fail in its own way
+            if "pixel_values" in str(exc):  # BLIP-2, InstructBLIP, IDEFICS: the text model reads image features
+                raise not_a_decoder(model, "its forward needs an image (pixel_values), not text alone") from exc
             raise DepthcacheError(f"{type(model).__name__} ({model.config.model_type}): a forward of "
                                   f"{ids.shape[1]} tokens fails ({type(exc).__name__}: {exc})") from exc
         if all(trace.block(i) is not None and trace.block(i).output is not None for i in range(count)):
@@ -533,7 +537,8 @@ def discover(model: torch.nn.Module) -> Structure:
         tied_embeddings=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
         moe_layers=tuple(i for i, b in enumerate(layers) if contains_experts(b.mlp.module)),
         layer_types=types, sliding_window=attention_window(text, types),
-        attn_classes=tuple(type(b.mixer.module).__name__ for b in layers))
+        attn_classes=tuple(type(b.mixer.module).__name__ for b in layers),
+        language_model=language_model_class(model, path))
 
 
 @dataclass(frozen=True, eq=False)
