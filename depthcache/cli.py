@@ -20,8 +20,8 @@ from depthcache.errors import DepthcacheError, Interrupted  # noqa: E402
 
 MODEL_HELP = ("Alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m), local HF folder, .gguf "
               "file, or hub id.")
-TASK_HELP = ("Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation) or a .jsonl task file; "
-             "the same task as extract --data task:NAME.")
+TASK_HELP = ("Built-in task (addition, arithmetic-chain, two-hop-facts, prose-continuation, retrieval) or a .jsonl "
+             "task file; the same task as extract --data task:NAME.")
 N_HELP = ("Task size: a seeded subset of N items (two-hop-facts: N chains, each with its hop items); default: the "
           "task's own size. The same as task:NAME?n=N.")
 SEED_HELP = "Seed of the task's items (default: the task's own). The same as task:NAME?seed=S."
@@ -729,6 +729,11 @@ from depthcache.cli_map_stats import map_stats, merge_stats  # noqa: E402 - comm
 
 main.add_command(map_stats)
 main.add_command(merge_stats)
+
+from depthcache.cli_categories import categories, categories_report  # noqa: E402 - commands in their own module
+
+evaluate.add_command(categories)
+evaluate.add_command(categories_report)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,12 @@ def builtin() -> dict[str, list[TaskItem]]:
 
 
 def test_builtin_names_and_default_sizes(builtin):
-    assert set(TASKS) == {"addition", "arithmetic-chain", "two-hop-facts", "prose-continuation"}
+    assert set(TASKS) == {"addition", "arithmetic-chain", "two-hop-facts", "prose-continuation", "retrieval"}
     assert all(isinstance(text, str) and text and "\n" not in text for text in TASKS.values())
     assert len(builtin["addition"]) == 200
     assert [sum(i.hops == k for i in builtin["arithmetic-chain"]) for k in (1, 2, 3, 4)] == [50, 50, 50, 50]
     assert len(builtin["prose-continuation"]) == 200
+    assert [sum(i.meta["pairs"] == p for i in builtin["retrieval"]) for p in (4, 8, 16, 32)] == [50, 50, 50, 50]
     facts = builtin["two-hop-facts"]
     assert sum(i.hops == 2 for i in facts) >= 40 and sum(i.hops == 3 for i in facts) >= 10
 
@@ -103,6 +104,29 @@ def test_arithmetic_chain_answers_and_hops_match_the_expression():
         assert item.hops == expression.count("+") == len(operands) - 1
         assert int(item.answer) == sum(operands)
     assert [sum(i.hops == k for i in items) for k in (1, 2, 3, 4)] == [10, 10, 10, 10]
+
+
+def test_retrieval_answer_is_in_the_prompt_among_distractors_and_lists_grow():
+    items = load_task("retrieval", n=40, seed=5)
+    assert [i.meta["pairs"] for i in items] == [4] * 10 + [8] * 10 + [16] * 10 + [32] * 10
+    for item in items:
+        header, *listing, recall, query = item.prompt.split("\n")
+        pairs = [re.fullmatch(r"([a-z]+): (\d{3})", line).groups() for line in listing]
+        keys, values = [k for k, _ in pairs], [v for _, v in pairs]
+        assert header == "Remember the number after each word." and recall == "Now recall."
+        assert len(pairs) == item.meta["pairs"] and len(set(keys)) == len(keys) and len(set(values)) == len(values)
+        assert query == f"{item.meta['key']}:" == f"{keys[item.meta['position']]}:"
+        assert item.answer == " " + values[item.meta["position"]]  # the answer is the asked word's number
+        assert {c.strip() for c in item.choices} <= set(values)  # distractors: other numbers of the same list
+    assert len({i.meta["position"] for i in items if i.meta["pairs"] == 32}) > 5  # the asked pair moves around
+    assert load_task("retrieval", n=3, seed=5)[0] == items[0]  # an item does not depend on n
+    fixed = load_task("retrieval", n=6, min_pairs=6, max_pairs=6)
+    assert all(i.meta["pairs"] == 6 and i.prompt.count("\n") == 8 for i in fixed)
+    assert [i.meta["pairs"] for i in load_task("retrieval", n=3, min_pairs=5, max_pairs=12)] == [5, 10, 12]
+    with pytest.raises(DepthcacheError, match="min_pairs must be an integer between 4"):
+        load_task("retrieval", min_pairs=3)
+    with pytest.raises(DepthcacheError, match="max_pairs=8 is below min_pairs=16"):
+        load_task("retrieval", min_pairs=16, max_pairs=8)
 
 
 def test_near_misses_are_close_distinct_and_never_the_answer():

@@ -15,6 +15,7 @@ from depthcache.tasks import (
     addition,
     arithmetic_chain,
     prose_continuation,
+    retrieval,
     two_hop_facts,
 )
 from depthcache.tasks.base import TaskItem, require_int, subset_indices
@@ -27,6 +28,7 @@ BUILTIN: dict[str, ModuleType] = {
     "arithmetic-chain": arithmetic_chain,
     "two-hop-facts": two_hop_facts,
     "prose-continuation": prose_continuation,
+    "retrieval": retrieval,
 }
 TASKS: dict[str, str] = {name: module.DESCRIPTION for name, module in BUILTIN.items()}
 FILE_SEED = 0
