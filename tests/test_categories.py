@@ -20,8 +20,6 @@ from depthcache.evaluate.categories import (
     category_report,
     gsm8k_items,
     parse_categories,
-    percentile_interval,
-    resample_indices,
     survival,
 )
 from depthcache.evaluate.prune import PruneOptions, prune_dataset, write_outputs
@@ -46,6 +44,19 @@ def order_statistic(values: list[float], q: float) -> float:
     return ordered[max(math.ceil(q * len(ordered)), 1) - 1]
 
 
+def interpolated(values: list[float], q: float) -> float:
+    """The q quantile interpolated between the two nearest order statistics (numpy's 'linear' method)."""
+    ordered = sorted(values)
+    h = (len(ordered) - 1) * q
+    below = math.floor(h)
+    return ordered[below] + (h - below) * (ordered[min(below + 1, len(ordered) - 1)] - ordered[below])
+
+
+def direct_draws(n_items: int, resamples: int, seed: int) -> np.ndarray:
+    """The items each resample draws: n_items uniform picks with replacement from numpy's default_rng(seed)."""
+    return np.random.default_rng(seed).integers(0, n_items, size=(resamples, n_items))
+
+
 def test_survival_equals_walking_each_curve() -> None:
     rng = np.random.default_rng(3)
     curves = np.concatenate([rng.uniform(0, 1, (200, 7)).cumsum(axis=1)[:, ::-1] / 7,  # falling curves
@@ -58,25 +69,26 @@ def test_survival_equals_walking_each_curve() -> None:
     assert survival(np.array([0.0, 0.4]), 0.9) == 0
 
 
-def test_bands_equal_a_direct_bootstrap_and_cover_a_known_mean() -> None:
+def test_bands_equal_a_direct_bootstrap_and_cover_a_known_mean(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    scores = (rng.uniform(size=(5, 37)) < np.linspace(0.9, 0.2, 5)[:, None]).astype(float)  # steps × items
-    indices = resample_indices(37, 400, seed=11)
-    assert indices.shape == (400, 37) and indices.min() >= 0 and indices.max() < 37
-    assert np.array_equal(indices, resample_indices(37, 400, seed=11))  # seeded
-    boot = bootstrap_curves(scores, indices)
-    low, high = percentile_interval(boot)
-    for step in range(5):
-        means = [sum(scores[step, i] for i in row) / 37 for row in indices]  # each resample's mean, by hand
-        assert boot[:, step] == pytest.approx(means)
-        assert low[step] == pytest.approx(order_statistic(means, 0.025))
-        assert high[step] == pytest.approx(order_statistic(means, 0.975))
+    scores = {p: (rng.uniform(size=(5, 37)) < np.linspace(0.9, 0.2, 5)[:, None] * f).astype(float)
+              for p, f in (("likelihood", 1.0), ("generation", 0.7))}
+    run = synthetic_run(tmp_path / "run", "knowledge", scores, depth=6)
+    category_report([run], str(tmp_path / "report"), resamples=400, seed=11)
+    rows = {r["protocol"]: r for r in csv.DictReader((tmp_path / "report" / "prune-categories.csv").open())}
+    for protocol, given in scores.items():
+        means = [[sum(given[step, i] for i in picks) / 37 for picks in direct_draws(37, 400, 11)] for step in range(5)]
+        boot = bootstrap_curves(given, 400, seed=11)
+        for step in range(5):  # each resample's mean at each step, the same items at every step
+            assert boot[:, step] == pytest.approx(means[step])
+        assert float(rows[protocol]["full_lo"]) == pytest.approx(interpolated(means[0], 0.025))
+        assert float(rows[protocol]["full_hi"]) == pytest.approx(interpolated(means[0], 0.975))
     # coverage on data with a known answer: 95 % intervals over 60 Bernoulli(0.7) items hold 0.7 about 95 % of times
     covered = 0
     for trial in range(300):
         items = (np.random.default_rng(100 + trial).uniform(size=(1, 60)) < 0.7).astype(float)
-        lo, hi = percentile_interval(bootstrap_curves(items, resample_indices(60, 500, seed=trial)))
-        covered += bool(lo[0] <= 0.7 <= hi[0])
+        boot = bootstrap_curves(items, 500, seed=trial)[:, 0]
+        covered += bool(np.quantile(boot, 0.025) <= 0.7 <= np.quantile(boot, 0.975))
     assert 0.88 <= covered / 300 <= 0.99
 
 
@@ -146,7 +158,7 @@ def test_report_rows_equal_direct_computations(tmp_path: Path) -> None:
         assert float(row["full"]) == pytest.approx(curve[0])
         assert int(row["can_lose"]) == direct_survival(list(curve), 0.9)
         lost = []
-        for picks in resample_indices(24, 300, seed=4):  # the same resamples, each curve walked by hand
+        for picks in direct_draws(24, 300, seed=4):  # the same resamples, each curve walked by hand
             lost.append(direct_survival([sum(scores[k, i] for i in picks) / 24 for k in range(5)], 0.9))
         assert int(row["can_lose_lo"]) == order_statistic(lost, 0.025)
         assert int(row["can_lose_hi"]) == order_statistic(lost, 0.975)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from depthcache.analyze.bootstrap import percentile_interval, replicates
 from depthcache.errors import DepthcacheError
 from depthcache.tasks import TaskItem, load_task, write_task_jsonl
 from depthcache.tasks.base import require_int, subset_indices
@@ -120,21 +121,10 @@ def run_categories(opts: object, categories: tuple[str, ...], gsm8k: str | None 
     return folders
 
 
-def resample_indices(n_items: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n_items) item indices drawn with replacement from a seeded generator."""
-    return np.random.default_rng(seed).integers(0, n_items, size=(resamples, n_items))
-
-
-def bootstrap_curves(scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """(resamples, steps) mean score of each resample of items at every step (``scores``: steps × items)."""
-    return scores[:, indices].mean(axis=-1).T
-
-
-def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    """The percentile interval of ``values`` over their first axis (the resamples)."""
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(values, [tail, 100 - tail], axis=0, method="inverted_cdf")
-    return low, high
+def bootstrap_curves(scores: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, steps) mean score of each resample of the items at every step (``scores``: steps × items; the
+    same resampled items at every step), drawn by ``depthcache.analyze.bootstrap``."""
+    return replicates(scores.T, np.ones(scores.shape[1]), n_resamples=resamples, seed=seed)
 
 
 def survival(curves: np.ndarray, share: float = SHARE) -> np.ndarray:
@@ -182,14 +172,13 @@ def open_category_run(folder: str) -> CategoryRun:
 def curve_rows(run: CategoryRun, protocol: str, resamples: int, seed: int, share: float) -> dict[str, object]:
     """The protocol's mean curve with its band, and the table row: full score and layers lost, with intervals."""
     scores = run.scores[protocol]
-    boot = bootstrap_curves(scores, resample_indices(scores.shape[1], resamples, seed))
-    low, high = percentile_interval(boot)
-    lost_low, lost_high = percentile_interval(survival(boot, share))
+    boot = bootstrap_curves(scores, resamples, seed)
+    low, high = percentile_interval(boot, LEVEL)
+    lost_low, lost_high = percentile_interval(survival(boot, share), LEVEL, method="inverted_cdf")
     mean = scores.mean(axis=1)
-    full_low, full_high = percentile_interval(boot[:, 0])
     return {"model": run.model, "layers": run.depth, "order": run.order, "category": run.category,
             "protocol": protocol, "items": scores.shape[1], "steps": scores.shape[0] - 1,
-            "full": float(mean[0]), "full_lo": float(full_low), "full_hi": float(full_high),
+            "full": float(mean[0]), "full_lo": float(low[0]), "full_hi": float(high[0]),
             "can_lose": int(survival(mean, share)), "can_lose_lo": int(lost_low), "can_lose_hi": int(lost_high),
             "curve": mean, "band": (low, high)}
 
