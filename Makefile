@@ -118,3 +118,18 @@ compare-prune: $(BIN)/depthcache
 	$(BIN)/depthcache evaluate prune --model smollm2-135m --order influence --steps 10 $(PRUNE_FLAGS) \
 		--out runs/prune/smollm2-135m-influence --resume
 	$(BIN)/depthcache evaluate compare $(PRUNE_RUNS:%=runs/prune/%) --out $(COMPARE_OUT)
+
+# `make prune-categories`: pruning by task category (retrieval, knowledge, reasoning, coherence; docs/interventions.md),
+# each scored by likelihood and generation, layers removed from the back and by block influence; one figure with
+# bootstrap bands over items and the table of layers each category can lose. Finished category runs are kept.
+CATEGORY_FLAGS  ?= --n 30 --steps 6 --max-new-tokens 8
+CATEGORY_MODELS ?= qwen2.5-coder-0.5b
+CATEGORY_RUNS   := $(foreach m,$(CATEGORY_MODELS),$(m)-last-first $(m)-influence)
+
+.PHONY: prune-categories
+prune-categories: $(BIN)/depthcache
+	for m in $(CATEGORY_MODELS); do for o in last-first influence; do \
+		$(BIN)/depthcache evaluate categories --model $$m --order $$o $(CATEGORY_FLAGS) --out runs/categories/$$m-$$o \
+			|| exit 1; done; done
+	$(BIN)/depthcache evaluate categories-report $(CATEGORY_RUNS:%=runs/categories/%/*/) \
+		--out docs/figures
