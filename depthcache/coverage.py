@@ -58,7 +58,13 @@ TINY: dict[str, Any] = {
     "hidden_size_per_layer_input": 16, "emb_dim": 64, "expert_ffn_hidden_size": 128,
 }
 # Families whose defaults do not build (or run) once shrunk: the smallest change that still builds the architecture.
-BUILD: dict[str, dict[str, Any]] = {}
+BUILD: dict[str, dict[str, Any]] = {
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32]},  # its LM head requires a decoder;
+    # the axial position widths sum to hidden_size
+    "zaya": {"num_experts_per_tok": 1},  # the only routing it supports
+    "mamba2": {"num_heads": 8},  # heads × head_dim must equal expand × hidden_size
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # KV sharing is over layers a 4-layer model does not have
+}
 # A multimodal wrapper's other towers (vision, audio): built small, released after building, never run on text.
 TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
               "num_attention_heads": 2, "num_heads": 2, "embed_dim": 32, "hidden_dim": 32, "d_model": 32,
@@ -155,9 +161,10 @@ def tiny_config(model_type: str) -> Any:
 
     cls = CONFIG_MAPPING[model_type]
     defaults = cls().to_dict()
-    sizes = {k: v for k, v in TINY.items() if k in defaults} | per_layer(defaults) | BUILD.get(model_type, {})
+    sizes = {k: v for k, v in TINY.items() if k in defaults} | per_layer(defaults)
     if "kv_lora_rank" in defaults:  # multi-head latent attention: no grouped KV heads, head_dim is the rope part
         sizes |= {"num_key_value_heads": TINY["num_attention_heads"], "head_dim": TINY["qk_rope_head_dim"]}
+    sizes |= BUILD.get(model_type, {})
     text = defaults.get("text_config")
     text_hidden = text.get("hidden_size") if isinstance(text, dict) else defaults.get("hidden_size")
     for key, value in defaults.items():
