@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import re
+import resource
 import signal
 import tempfile
 import time
@@ -69,7 +70,7 @@ BUILD: dict[str, dict[str, Any]] = {
 TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
               "num_attention_heads": 2, "num_heads": 2, "embed_dim": 32, "hidden_dim": 32, "d_model": 32,
               "encoder_layers": 1, "decoder_layers": 1, "vocab_size": VOCAB, "encoder_attention_heads": 2,
-              "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
+              "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "codebook_dim": 32}
 MAX_PARAMETERS = 20_000_000
 CORPUS = ("The quick brown fox jumps over the lazy dog. Residual streams carry information from layer to layer. "
           "Numbers: 0 1 2 3 4 5 6 7 8 9 and some punctuation, too! Language models use their depth in many ways.")
@@ -123,7 +124,7 @@ def rope_sections(text: dict[str, Any]) -> dict[str, Any]:
     """Multimodal rotary sections (time, height, width: Qwen2-VL's ``mrope_section``, which the modeling code may
     default without the config saying so) for a tiny text config: three that sum to half its rotary width."""
     rope = text.get("rope_parameters")
-    if not isinstance(rope, dict):
+    if not isinstance(rope, dict) or not rope:
         return {}
     partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor")) or 1.0
     rotary = text.get("qk_rope_head_dim") or int((head_dim(text) or TINY["head_dim"]) * partial)
@@ -178,17 +179,18 @@ def tiny_config(model_type: str) -> Any:
 
 def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torch.nn.Module:
     """A random-weight model of the family at tiny size, in eval mode, through the causal-LM auto class (else the
-    image-text-to-text one), or with ``image_text`` the image-text-to-text one: a multimodal wrapper has its towers
+    image-text-to-text one), or with ``image_text`` the image-text-to-text registry's class: a wrapper has its towers
     released, as loading does. Counted on the meta device first, so an oversized config never allocates."""
-    from transformers import AutoModelForImageTextToText
+    import transformers
 
     config = tiny_config(model_type)
     if image_text and getattr(config, "is_encoder_decoder", False):  # (a causal LM class takes the decoder alone)
         raise DepthcacheError("not a residual attention+MLP decoder: it is an encoder-decoder")
 
     def build() -> torch.nn.Module:
-        return release_towers(AutoModelForImageTextToText.from_config(config)) if image_text else \
-            AutoTextLM.from_config(config)
+        if not image_text:
+            return AutoTextLM.from_config(config)
+        return release_towers(getattr(transformers, image_text_registry()[model_type])._from_config(config))
 
     with torch.device("meta"):
         counted = sum(p.numel() for p in build().parameters())
@@ -420,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DOC))
     parser.add_argument("--only", default="", help="comma-separated model types (default: the whole registries)")
     parser.add_argument("--timeout", type=int, default=60, help="seconds per model type")
+    parser.add_argument("--memory-gib", type=int, default=12, help="address-space limit: a family whose defaults "
+                        "allocate more is reported, not killed by the kernel")
     args = parser.parse_args(argv)
+    resource.setrlimit(resource.RLIMIT_AS, (args.memory_gib << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
