@@ -139,6 +139,12 @@ def test_a_model_the_user_dispatched_extracts_to_a_valid_identical_store(model_d
     assert placed.lm_head.weight.device.type == "meta"  # depthcache left the user's model as it was
     with pytest.raises(DepthcacheError, match="model named by spec"):
         depthcache.extract(placed, TEXTS, out=tmp_path / "x.zarr", max_memory="cpu=1GiB", **kw)
+    del kw["tokenizer"]
+    by_spec = depthcache.extract(str(model_dir), TEXTS, out=tmp_path / "spec.zarr", device="cpu",
+                                 max_memory=f"cpu={offloading_budget(model_dir)}B", offload_folder=str(tmp_path / "o"),
+                                 **kw)
+    assert by_spec.attrs["depthcache"]["options"]["device_map"].get("disk", 0) >= 3
+    assert arrays(tmp_path / "spec.zarr") == arrays(tmp_path / "plain.zarr")
 
 
 def test_a_model_too_large_for_memory_is_refused_then_runs_with_an_offload_folder(
