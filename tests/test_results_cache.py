@@ -65,8 +65,10 @@ def test_two_parameter_sets_side_by_side_and_explicit_default_hits(base, tmp_pat
     assert int(short.tokens_used) < int(full.tokens_used)
     entries = results.entries(results.places(Store(str(store)))[0], "logit-lens")
     assert sorted(json.dumps(e.params, sort_keys=True) for e in entries) == [
-        '{"include_first": false, "layers": "all", "max_tokens": 40}',
-        '{"include_first": false, "layers": "all", "max_tokens": null}']
+        '{"ci_level": 0.95, "ci_resamples": 1000, "ci_seed": 0, "include_first": false, "layers": "all", '
+        '"max_tokens": 40}',
+        '{"ci_level": 0.95, "ci_resamples": 1000, "ci_seed": 0, "include_first": false, "layers": "all", '
+        '"max_tokens": null}']
     # both are still there: asking again recomputes neither, whatever the spelling of the defaults
     assert created(run("logit-lens", str(store))) == created(full)
     assert created(run("logit-lens", str(store), include_first=False, max_tokens=None)) == created(full)
@@ -74,7 +76,8 @@ def test_two_parameter_sets_side_by_side_and_explicit_default_hits(base, tmp_pat
     listing = invoke("analyze", "logit-lens", str(store), "--list-cached")
     assert listing.exit_code == 0 and "2 cached" in listing.output and listing.output.count("[current]") == 2
     info = invoke("info", str(store)).output
-    assert "analyses   2 cached:" in info and 'logit-lens  include_first=false, layers="all", max_tokens=40' in info
+    assert "analyses   2 cached:" in info and ('logit-lens  ci_level=0.95, ci_resamples=1000, ci_seed=0, '
+                                               'include_first=false, layers="all", max_tokens=40') in info
     cleared = invoke("analyze", "logit-lens", str(store), "--clear", "-p", "max_tokens=40")
     assert cleared.exit_code == 0 and "removed 1 cached result" in cleared.output
     left = results.entries(results.places(Store(str(store)))[0], "logit-lens")
