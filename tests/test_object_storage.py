@@ -185,10 +185,11 @@ def test_report_of_a_remote_store_shows_the_results_folder(pushed, tmp_path, s3_
     assert result.exit_code == 0, result.output
     page = out.read_text()
     # beside the pushed default
-    assert 'id="analysis-logit-lens (include_first=false, layers=&quot;all&quot;, max_tokens=64)"' in page
-    assert 'id="analysis-logit-lens (include_first=false, layers=&quot;all&quot;, max_tokens=null)"' in page
+    ci = "ci_level=0.95, ci_resamples=1000, ci_seed=0, "  # the interval parameters' defaults
+    assert f'id="analysis-logit-lens ({ci}include_first=false, layers=&quot;all&quot;, max_tokens=64)"' in page
+    assert f'id="analysis-logit-lens ({ci}include_first=false, layers=&quot;all&quot;, max_tokens=null)"' in page
     info = invoke("info", url, "--results", str(folder)).output
-    assert 'logit-lens      include_first=false, layers="all", max_tokens=64' in info
+    assert f'logit-lens      {ci}include_first=false, layers="all", max_tokens=64' in info
 
 
 def test_opening_a_remote_store_validates_it_once(pushed, s3_server, monkeypatch) -> None:
