@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from depthcache.cli_options import placement_from, placement_options
 from depthcache.defaults import DEFAULT_MODEL
 
 LAYERS_HELP = "'all', or indices and ranges such as '0-5,10'; for resid the last index names the final residual"
@@ -41,6 +42,7 @@ LAYERS_HELP = "'all', or indices and ranges such as '0-5,10'; for resid the last
 @click.option("--memory-gib", default=None, type=float,
               help="Budget for the sums and rows (default: 90% of the memory left after loading the models).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@placement_options
 @click.option("--accumulate-on", default="auto", show_default=True, type=click.Choice(["auto", "host", "device"]),
               help="Where the sums live: the models' device (torch; auto on CUDA) or the host (numpy).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (bit-identical to one run).")
@@ -61,6 +63,10 @@ def map_stats(**kw: Any) -> None:
           --data corpus.jsonl --max-tokens 1000000 --out stats-$SLURM_PROCID
       depthcache merge-stats stats stats-0 stats-1 stats-2 stats-3
       depthcache analyze layer-map stats
+
+    \b
+    Two 70B-class models on one node of 8 GPUs: --device-map auto --max-memory cuda:0=70GiB,...,cpu=200GiB
+    (the sums live on the first model's device: --accumulate-on host keeps them in host memory instead).
     """
     from depthcache.extraction.data import DEFAULT_DATASET
     from depthcache.extraction.map_stats import MapStatsOptions
@@ -72,7 +78,7 @@ def map_stats(**kw: Any) -> None:
     kw["worker_index"] = env.index if kw["worker_index"] is None else kw["worker_index"]
     kw["data"] = kw["data"] or DEFAULT_DATASET
     kw["max_tokens"] = kw["max_tokens"] or None
-    out = run(MapStatsOptions(**kw))
+    out = run(MapStatsOptions(**placement_from(kw)))
     click.echo(f"{out}: layer-map statistics saved (fit them: depthcache analyze layer-map {out})")
 
 

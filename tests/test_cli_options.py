@@ -55,6 +55,6 @@ def test_help_does_not_import_torch():
 def test_usage_lines_name_the_arguments():
     runner = CliRunner()
     assert "analyze contributions [OPTIONS] STORE\n" in runner.invoke(main, ["analyze", "contributions", "--help"]).output
-    assert "analyze layer-map [OPTIONS] SHALLOW DEEP\n" in runner.invoke(main, ["analyze", "layer-map", "--help"]).output
+    assert "analyze layer-map [OPTIONS] SHALLOW DEEP | STATS\n" in runner.invoke(main, ["analyze", "layer-map", "--help"]).output
     assert "plot [OPTIONS] NAME STORE\n" in runner.invoke(main, ["plot", "--help"]).output
     assert "depthcache plot contributions runs/demo.zarr" in runner.invoke(main, ["--help"]).output

@@ -266,3 +266,17 @@ def test_damaged_or_hostile_statistics_are_refused_in_one_line(setup: dict[str, 
         result = CliRunner().invoke(main, ["analyze", "layer-map", str(folder)])
         assert result.exit_code == 2 and message in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_offloaded_models_give_the_same_statistics(setup: dict[str, Path], tmp_path: Path) -> None:
+    from depthcache.model.placement import Placement
+
+    folder = setup["deep"]
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    placed = stream(setup, tmp_path / "offloaded", placement=Placement(max_memory=f"cpu={weights // 3}B",
+                                                                       offload_folder=str(tmp_path / "off")))
+    plain = stream(setup, tmp_path / "plain")
+    where = ms.read_stats_attrs(tmp_path / "offloaded")["placement"]
+    assert where["deep"]["device_map"].get("disk", 0) >= 1, where  # layers really read from disk
+    assert_same_sums(placed.train, plain.train, 0.0)
+    np.testing.assert_array_equal(placed.heldout_y, plain.heldout_y)

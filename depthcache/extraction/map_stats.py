@@ -29,6 +29,7 @@ from depthcache.extraction.preflight import available_memory
 from depthcache.extraction.windows import Window, bos_token_id, make_windows, tokenize_documents
 from depthcache.layerspec import parse_layers
 from depthcache.model import Capture, LoadedModel, checked, load_model, resolve_device
+from depthcache.model.placement import Placement, device_counts, main_device
 from depthcache.progress import Progress
 from depthcache.store.head import tokenizer_sha256
 from depthcache.store.map_stats import (
@@ -87,6 +88,7 @@ class MapStatsOptions:
     progress: bool | None = None
     check: bool = True
     fields: DataFields = field(default_factory=DataFields)
+    placement: Placement | None = None  # --device-map, --max-memory, --offload-folder, --model-dtype (both models)
 
 
 @dataclass
@@ -115,13 +117,14 @@ def capture_rows(loaded: LoadedModel, layers: tuple[int, ...], site: str, ids: t
     structure, _ = checked(loaded.model, False)
     n = structure.n_layers
     inner = [layer for layer in layers if layer < n]
+    where = main_device(loaded.model)  # a dispatched model takes its inputs on its first device
     with torch.inference_mode(), Capture(loaded.model, structure, inner, (site,), dtype=torch.float32,
                                          final=n in layers) as cap:
-        loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        loaded.model(input_ids=ids.to(where), attention_mask=mask.to(where), use_cache=False)
     parts = [cap.records[SITE_NAMES[site]][layer] for layer in inner]
     if n in layers:
         parts.append(cap.resid_final)
-    return torch.stack(parts)
+    return torch.stack([p.to(ids.device) for p in parts])  # a dispatched model's layers sit on several devices
 
 
 def batch_rows(pair: Pair, site: str, first: int, last: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +279,9 @@ def run_attrs(opts: MapStatsOptions, pair: Pair, docs_name: str, docs_sha: str, 
         "accumulation": f"{opts.products} products, float64 sums", "n_windows": len(pair.windows),
         "worker": {"index": opts.worker_index, "count": opts.num_workers, "windows": list(window_range)},
         "batch_size": opts.batch_size, "device": device, "versions": library_versions(),
+        "placement": {role: {"model_dtype": str(next(m.model.parameters()).dtype).removeprefix("torch."),
+                             "device_map": device_counts(m.model)}
+                      for role, m in (("shallow", pair.shallow), ("deep", pair.deep))},
         "created": datetime.now(timezone.utc).isoformat(), "source": "live models"}
 
 
@@ -295,8 +301,8 @@ def plan_text(pair: Pair, attrs: dict[str, Any], opts: MapStatsOptions, need: in
 def load_pair(opts: MapStatsOptions, device: str) -> tuple[Pair, Any]:
     """Both models loaded and checked, their tokenizers compared, the windows made and the boundaries parsed."""
     docs = load_documents(opts.data, opts.fields)
-    shallow = load_model(opts.shallow, device=device, progress=opts.progress, check=opts.check)
-    deep = load_model(opts.deep, device=device, progress=opts.progress, check=opts.check)
+    shallow, deep = (load_model(spec, device=device, progress=opts.progress, check=opts.check,
+                                placement=opts.placement) for spec in (opts.shallow, opts.deep))
     same_tokenizer(shallow, deep)
     windows = make_windows(tokenize_documents(deep.tokenizer, docs), opts.seq_len, bos_token_id(deep.tokenizer),
                            opts.max_tokens)
