@@ -56,7 +56,8 @@ TINY: dict[str, Any] = {
     # encoder-decoder style names, Gemma 3n/4's per-layer inputs, XLM, LongCat
     "decoder_ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_layers": 4, "encoder_layers": 4,
     "decoder_attention_heads": 4, "encoder_attention_heads": 4, "vocab_size_per_layer_input": VOCAB,
-    "hidden_size_per_layer_input": 16, "emb_dim": 64, "expert_ffn_hidden_size": 128,
+    "hidden_size_per_layer_input": 16, "emb_dim": 64, "expert_ffn_hidden_size": 128, "layers": 4,
+    "attention_heads": 4, "embed_dim": 64,  # Kosmos-2's text model (no causal LM's config has embed_dim)
 }
 # Families whose defaults do not build (or run) once shrunk: the smallest change that still builds the architecture.
 BUILD: dict[str, dict[str, Any]] = {
@@ -65,6 +66,14 @@ BUILD: dict[str, dict[str, Any]] = {
     "zaya": {"num_experts_per_tok": 1},  # the only routing it supports
     "mamba2": {"num_heads": 8},  # heads × head_dim must equal expand × hidden_size
     "gemma3n_text": {"num_kv_shared_layers": 0},  # KV sharing is over layers a 4-layer model does not have
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
+    "dots3_note_text": {"head_dim": 16, "index_head_dim": 16},  # sliding layers: head_dim = qk_nope + qk_rope dims
+    "qwen4_exp_text": {"indexer_head_dim": 16, "indexer_budget": 8, "indexer_compress_ratio": 2,  # unset defaults
+                       "indexer_n_heads": 2, "indexer_kv_heads": 1},
+    "cohere_compass_text": {"rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
+                                                for kind in ("full_attention", "sliding_attention")}},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},  # unset: its hybrid pattern
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "kv_n_heads": 2}},  # the modeling code reads rope_theta there
 }
 # A multimodal wrapper's other towers (vision, audio): built small, released after building, never run on text.
 TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
@@ -161,19 +170,31 @@ def tiny_config(model_type: str) -> Any:
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    defaults = cls().to_dict()
+    try:
+        defaults = cls().to_dict()
+    except Exception:  # noqa: BLE001 - defaults that fail their own validation (Gemma 4's assistant): with its facts
+        defaults = cls(**BUILD[model_type]).to_dict()
     sizes = {k: v for k, v in TINY.items() if k in defaults} | per_layer(defaults)
     if "kv_lora_rank" in defaults:  # multi-head latent attention: no grouped KV heads, head_dim is the rope part
         sizes |= {"num_key_value_heads": TINY["num_attention_heads"], "head_dim": TINY["qk_rope_head_dim"]}
-    sizes |= BUILD.get(model_type, {})
+    facts = BUILD.get(model_type, {})
+    sizes |= {k: v for k, v in facts.items() if not k.endswith("_config")}
     text = defaults.get("text_config")
     text_hidden = text.get("hidden_size") if isinstance(text, dict) else defaults.get("hidden_size")
     for key, value in defaults.items():
-        if key == "text_config" and isinstance(value, dict) and value.get("model_type") in CONFIG_MAPPING:
-            text_config = tiny_config(value["model_type"]).to_dict()
-            sizes[key] = text_config | rope_sections(text_config)
-        elif key.endswith("_config") and isinstance(value, dict) and key not in sizes:
+        if not key.endswith("_config") or not isinstance(value, dict) or key in sizes:
+            continue
+        registered = value.get("model_type") in CONFIG_MAPPING
+        if registered and (key == "text_config" or any(k.endswith("_config") for k in value)):
+            sub = tiny_config(value["model_type"]).to_dict()  # the text model, or a wrapper inside (PI0's VLM)
+            sizes[key] = sub | rope_sections(sub)
+        elif key == "text_config":  # a text config of its own kind (Kosmos-2)
+            sizes[key] = value | {k: v for k, v in TINY.items() if k in value}
+        else:
             sizes[key] = tower_config(value, text_hidden)
+    for key, value in facts.items():
+        if key.endswith("_config"):
+            sizes[key] = sizes.get(key, {}) | value
     return cls(**sizes)
 
 

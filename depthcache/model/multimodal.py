@@ -18,7 +18,7 @@ import torch
 # Children of a wrapper (or of the modules on the way to its embeddings) that belong to another modality: encoders
 # and their projectors.
 TOWER = re.compile(r"vision|visual|image|audio|speech|video|multi_modal|mm_proj|projector|connector|vqmodel|vq_model|"
-                   r"resampler|perceiver|patch_embed|qformer|sound")
+                   r"resampler|perceiver|patch_embed|qformer|sound|generation_")  # generation_: Janus's image head
 AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
 
 
