@@ -55,6 +55,7 @@ from depthcache.store.map_stats import (
 )
 
 GIB = 2**30
+Batch = tuple[int, torch.Tensor, torch.Tensor]  # first window, both models' activations of one batch
 SITE_NAMES = {"resid": "resid_pre", "attn": "attn_out", "mlp": "mlp_out"}
 
 
@@ -380,14 +381,14 @@ def window_slices(pair: Pair, first_row: int, a: torch.Tensor, b: torch.Tensor, 
             b[:, row, first_row:length].transpose(0, 1).contiguous())
 
 
-def shift_from(pair: Pair, opts: MapStatsOptions, rows: np.ndarray, device: str) -> Shift:
+def shift_from(pair: Pair, opts: MapStatsOptions, rows: np.ndarray, device: str) -> tuple[Shift, Batch]:
     """The mean of the first window with rows (as its batch computes it): one fixed vector per boundary, the same
-    for every worker and for the stores of the same windows."""
+    for every worker and for the stores of the same windows; also that batch (worker 0 starts with it)."""
     w = int(np.flatnonzero(rows > 0)[0])
     start = (w // opts.batch_size) * opts.batch_size
     a, b = batch_rows(pair, opts.site, start, min(start + opts.batch_size, len(pair.windows)), device)
     x, y = window_slices(pair, 0 if opts.include_first else 1, a, b, w - start, w)
-    return shift_of(x.cpu().numpy(), y.cpu().numpy())
+    return shift_of(x.cpu().numpy(), y.cpu().numpy()), (start, a, b)
 
 
 def map_stats(opts: MapStatsOptions) -> Path:
@@ -410,6 +411,7 @@ def map_stats(opts: MapStatsOptions) -> Path:
     accumulate = torch.device(device) if (opts.accumulate_on == "device" or (
         opts.accumulate_on == "auto" and device.startswith("cuda"))) else None
     state = resumed_state(out, attrs, accumulate, window_range) if out.exists() else None
+    computed = None
     if state is not None and state.next_window >= window_range[1] and load_stats(out).progress.get("complete"):
         return out
     progress_stream = Progress("map-stats", int(rows[window_range[0]:window_range[1]].sum()), "tok", opts.progress,
@@ -419,17 +421,17 @@ def map_stats(opts: MapStatsOptions) -> Path:
         if out.exists():
             remove_stats(out)
         create_stats(out, attrs)
-        state = RunState(Accumulator(Moments.zeros(g, d, t, e), accumulate), shift_from(pair, opts, rows, device),
-                         {}, window_range[0], 0)
+        shift, computed = shift_from(pair, opts, rows, device)
+        state = RunState(Accumulator(Moments.zeros(g, d, t, e), accumulate), shift, {}, window_range[0], 0)
     with progress_stream as bar:
         bar.update(int(rows[window_range[0]:state.next_window].sum()))
-        run_windows(pair, opts, out, state, attrs, split, rows, window_range, device, bar)
+        run_windows(pair, opts, out, state, attrs, split, rows, window_range, device, bar, computed)
     return out
 
 
 def run_windows(pair: Pair, opts: MapStatsOptions, out: Path, state: RunState, attrs: dict[str, Any],
                 split: np.ndarray, rows: np.ndarray, window_range: tuple[int, int], device: str,
-                bar: Progress) -> None:
+                bar: Progress, computed: Batch | None = None) -> None:
     """Forward both models batch by batch from the state's next window; sums per product group, held-out rows
     kept, checkpoints at product boundaries."""
     first_row = 0 if opts.include_first else 1
@@ -445,7 +447,8 @@ def run_windows(pair: Pair, opts: MapStatsOptions, out: Path, state: RunState, a
     clock = time.perf_counter()
     for start in batch_starts(state.next_window, hi, opts.batch_size):
         stop = min(start + opts.batch_size, hi)
-        a, b = batch_rows(pair, opts.site, start, stop, device)
+        a, b = computed[1:] if computed and computed[0] == start else batch_rows(pair, opts.site, start, stop, device)
+        computed = None
         for w in range(max(start, state.next_window), stop):
             x, y = window_slices(pair, first_row, a, b, w - start, w)
             bar.update(int(rows[w]))
