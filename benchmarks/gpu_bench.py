@@ -29,7 +29,7 @@ import torch
 from depthcache.extraction.data import load_documents
 from depthcache.extraction.engine import ExtractOptions, extract, make_plan
 from depthcache.extraction.preflight import load_fitted
-from depthcache.model import LoadedModel, Placement, main_device, structure_of
+from depthcache.model import LoadedModel, Placement, main_device, placed_attrs, structure_of
 
 GIB = 2**30
 
@@ -169,7 +169,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke test)"
     print(f"{name} x{max(torch.cuda.device_count(), 1)}; model {args.model} in "
           f"{str(next(loaded.model.parameters()).dtype).removeprefix('torch.')}, placement "
-          f"{placement.attrs(loaded.model)}; {tokens:,} tokens, batch {args.batch_size} x {args.seq_len}, all sites, "
+          f"{placed_attrs(loaded.model)}; {tokens:,} tokens, batch {args.batch_size} x {args.seq_len}, all sites, "
           f"{structure.n_layers} layers, {stored / GIB:.2f} GiB stored (bf16); disk {bandwidth / GIB:.2f} GiB/s "
           f"({floor_disk:.2f} s for the store); {args.pairs} pairs")
     print(f"extraction / max(forward, bytes / disk bandwidth): {spread(ratios)} (goal <= 1.15)")

@@ -55,6 +55,7 @@ from depthcache.model import (
     Structure,
     checked,
     main_device,
+    placed_attrs,
     token_runs,
 )
 from depthcache.progress import MINUTE, Progress
@@ -232,7 +233,7 @@ def provenance(opts: ExtractOptions, loaded: LoadedModel, docs_name: str, docs_s
                     **details},
         "options": {"sites": list(parse_sites(opts.sites)), "layers": list(plan.layers), "max_tokens": opts.max_tokens,
                     "seq_len": opts.seq_len, "batch_size": opts.batch_size, "dtype": opts.dtype, "top_k": opts.top_k,
-                    "device": device, **opts.placement.attrs(model)},
+                    "device": device, **placed_attrs(model)},
         "layout": {"n_tokens": plan.n_tokens, "n_windows": len(plan.windows), "chunk_tokens": chunk_tokens},
         "progress": {"tokens_committed": 0, "complete": False},
     }

@@ -25,6 +25,7 @@ from depthcache.model.placement import (
                                             main_device,
                                             onloaded,
                                             outer_modules,
+                                            placed_attrs,
                                             weight_bytes,
 )
 from depthcache.model.pruned import prune_copy, prune_model, removed_layers
@@ -50,10 +51,10 @@ from depthcache.model.structure import (
                                             submodule,
 )
 
-__all__ = ["ALIASES", "MODEL_DTYPES", "TOLERANCES", "Placement", "main_device", "onloaded", "outer_modules",
-           "weight_bytes", "weights_folder", "Capture", "CaptureInto", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel",
-           "Replace", "Skip", "Structure", "answer_probs", "cache_dir", "check_model", "checked", "clean_run",
-           "decoder_layers", "discover", "file_sha256", "first_tensor", "frozen", "load_model", "logits_from",
-           "model_head", "n_layers", "only_layers", "output_probs", "prune_copy", "prune_model", "relative_errors",
-           "removed_layers", "resolve_device", "run_from", "structure_of", "submodule", "token_runs", "tokenizer_files",
-           "whole_sequence", "wrap_model"]
+__all__ = ["ALIASES", "Capture", "CaptureInto", "CheckResult", "Clean", "DEFAULT_MODEL", "LoadedModel",
+           "MODEL_DTYPES", "Placement", "Replace", "Skip", "Structure", "TOLERANCES", "answer_probs", "cache_dir",
+           "check_model", "checked", "clean_run", "decoder_layers", "discover", "file_sha256", "first_tensor",
+           "frozen", "load_model", "logits_from", "main_device", "model_head", "n_layers", "onloaded", "only_layers",
+           "outer_modules", "output_probs", "placed_attrs", "prune_copy", "prune_model", "relative_errors",
+           "removed_layers", "resolve_device", "run_from", "structure_of", "submodule", "token_runs",
+           "tokenizer_files", "weight_bytes", "weights_folder", "whole_sequence", "wrap_model"]

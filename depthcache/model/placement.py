@@ -77,11 +77,12 @@ class Placement:
             kwargs["offload_folder"] = str(Path(self.offload_folder).expanduser())
         return kwargs
 
-    def attrs(self, model: torch.nn.Module) -> dict[str, Any]:
-        """What a store records: the compute dtype and, for a dispatched model, how many modules went where."""
-        placed = device_counts(model)
-        return {"model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                **({"device_map": placed} if placed else {})}
+
+def placed_attrs(model: torch.nn.Module) -> dict[str, Any]:
+    """What a store records of where a model ran: its compute dtype and, if dispatched, its modules per device."""
+    placed = device_counts(model)
+    return {"model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            **({"device_map": placed} if placed else {})}
 
 
 def uses_cuda(placement: Placement, device: str) -> bool:
