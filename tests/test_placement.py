@@ -175,9 +175,11 @@ def test_model_dtype_is_recorded_checked_at_its_tolerance_and_kept_on_resume(mod
         extract(options(out, model_dir, docs, resume=True))
 
 
-def test_erase_with_offloaded_layers_gives_the_same_map(model_dir: Path, tmp_path: Path) -> None:
-    common = ["erase", "--model", str(model_dir), "--prompt", "The quick brown", "--answer", " fox", "--device",
-              "cpu", "--model-dtype", "float32", "--no-progress", "--reference-windows", "1"]
+@pytest.mark.parametrize("command", [["erase", "--reference-windows", "1"], ["igrad", "--steps", "4", "--max-steps", "4"]])
+def test_erase_and_igrad_with_offloaded_layers_give_the_same_map(command: list[str], model_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    common = [*command, "--model", str(model_dir), "--prompt", "The quick brown", "--answer", " fox", "--device",
+              "cpu", "--model-dtype", "float32", "--no-progress"]
     plain = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "plain.zarr")])
     placed = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "placed.zarr"), "--max-memory",
                                        f"cpu={offloading_budget(model_dir)}B", "--offload-folder",

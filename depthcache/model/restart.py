@@ -126,7 +126,9 @@ def run_from(model: torch.nn.Module, structure: Structure, layer: int, hidden: t
 
 @contextmanager
 def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """Parameters stop requiring gradients (only the residual's gradient is wanted), restored afterwards."""
+    """Parameters stop requiring gradients (only the residual's gradient is wanted), restored afterwards (not the
+    placeholders of a dispatched model's offloaded weights that its inference-mode forwards left: torch refuses to
+    make those require gradients, and each forward replaces them anyway)."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -134,4 +136,5 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         for p in params:
-            p.requires_grad_(True)
+            if not p.is_inference():
+                p.requires_grad_(True)
