@@ -73,7 +73,13 @@ BUILD: dict[str, dict[str, Any]] = {
     "cohere_compass_text": {"rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
                                                 for kind in ("full_attention", "sliding_attention")}},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},  # unset: its hybrid pattern
-    "dbrx": {"attn_config": {"rope_theta": 10000.0, "kv_n_heads": 2}},  # the modeling code reads rope_theta there
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "kv_n_heads": 2, "clip_qkv": 8.0}},  # rope_theta read there
+    "diffusion_gemma": {"text_config": {"top_k_experts": 2}},  # unset by default
+    # token ids the modeling code reads but the default config leaves out (beyond the tiny vocabulary: never input)
+    "qwen2_5_omni_thinker": {"vision_start_token_id": VOCAB + 1},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": VOCAB + 1},
+    "emu3": {"vocabulary_map": {"<image>": VOCAB + 1}},
+    "chameleon": {"vocabulary_map": {"<image>": VOCAB + 1}},
 }
 # A multimodal wrapper's other towers (vision, audio): built small, released after building, never run on text.
 TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
@@ -133,7 +139,7 @@ def rope_sections(text: dict[str, Any]) -> dict[str, Any]:
     """Multimodal rotary sections (time, height, width: Qwen2-VL's ``mrope_section``, which the modeling code may
     default without the config saying so) for a tiny text config: three that sum to half its rotary width."""
     rope = text.get("rope_parameters")
-    if not isinstance(rope, dict) or not rope:
+    if not isinstance(rope, dict) or "rope_type" not in rope:  # none, or one per attention kind
         return {}
     partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor")) or 1.0
     rotary = text.get("qk_rope_head_dim") or int((head_dim(text) or TINY["head_dim"]) * partial)
@@ -177,6 +183,8 @@ def tiny_config(model_type: str) -> Any:
     sizes = {k: v for k, v in TINY.items() if k in defaults} | per_layer(defaults)
     if "kv_lora_rank" in defaults:  # multi-head latent attention: no grouped KV heads, head_dim is the rope part
         sizes |= {"num_key_value_heads": TINY["num_attention_heads"], "head_dim": TINY["qk_rope_head_dim"]}
+        if "qk_head_dim" in defaults:  # Mistral 4 states the query/key width too
+            sizes["qk_head_dim"] = TINY["qk_nope_head_dim"] + TINY["qk_rope_head_dim"]
     facts = BUILD.get(model_type, {})
     sizes |= {k: v for k, v in facts.items() if not k.endswith("_config")}
     text = defaults.get("text_config")
@@ -195,7 +203,27 @@ def tiny_config(model_type: str) -> Any:
     for key, value in facts.items():
         if key.endswith("_config"):
             sizes[key] = sizes.get(key, {}) | value
-    return cls(**sizes)
+    if "mrope_section" in (defaults.get("rope_parameters") or {}):  # its own sections, fitted to the tiny head
+        sizes |= rope_sections(defaults | sizes)
+    try:
+        return cls(**sizes)
+    except Exception:  # noqa: BLE001 - a config that validates per-layer or per-kind lists (ERNIE 4.5-VL)
+        return cls(**(sizes | as_lists(defaults, sizes)))
+
+
+def as_lists(defaults: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
+    """Sizes given as one int where the config has a list of ints (one per expert kind), and per-layer lists cut to
+    the tiny layer count: what a strictly validated config needs."""
+    count = defaults.get("num_hidden_layers")
+    out: dict[str, Any] = {}
+    for key, value in defaults.items():
+        if not isinstance(value, list) or not value or key == "layer_types":
+            continue
+        if isinstance(sizes.get(key), int) and all(isinstance(v, int) for v in value):
+            out[key] = [sizes[key]] * len(value)
+        elif len(value) == count and all(isinstance(v, str) for v in value):
+            out[key] = value[:TINY["num_hidden_layers"]]
+    return out
 
 
 def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torch.nn.Module:

@@ -18,13 +18,14 @@ import torch
 # Children of a wrapper (or of the modules on the way to its embeddings) that belong to another modality: encoders
 # and their projectors.
 TOWER = re.compile(r"vision|visual|image|audio|speech|video|multi_modal|mm_proj|projector|connector|vqmodel|vq_model|"
-                   r"resampler|perceiver|patch_embed|qformer|sound|generation_")  # generation_: Janus's image head
+                   r"resampler|perceiver|patch_embed|qformer|sound|generation_|vq_")  # generation_: Janus's image head
 AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
 
 
 def is_multimodal(config: Any) -> bool:
-    """Whether a config wraps a text config beside others (a vision, audio or other tower's)."""
-    return config.get_text_config(decoder=True) is not config
+    """Whether a config wraps a text config beside others, or has a tower's config (Chameleon's VQ model)."""
+    towers = any(TOWER.search(name) for name in getattr(config, "sub_configs", None) or {})
+    return towers or config.get_text_config(decoder=True) is not config
 
 
 def auto_class(config: Any) -> Any:
