@@ -80,6 +80,9 @@ BUILD: dict[str, dict[str, Any]] = {
     "qwen3_omni_moe_thinker": {"vision_start_token_id": VOCAB + 1},
     "emu3": {"vocabulary_map": {"<image>": VOCAB + 1}},
     "chameleon": {"vocabulary_map": {"<image>": VOCAB + 1}},
+    "mistral4": {"head_dim": 16},  # its head_dim is qk_nope + qk_rope, its rotary part a fraction of that
+    "molmo2": {"adapter_config": {"vision_feature_layer": [0]}},  # the tiny vision tower's one layer
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},  # unset by default
 }
 # A multimodal wrapper's other towers (vision, audio): built small, released after building, never run on text.
 TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
@@ -156,10 +159,10 @@ def per_layer(defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def fewer_layers(defaults: dict[str, Any], count: int) -> dict[str, Any]:
-    """A tower's layer types cut to its ``count`` layers."""
-    if isinstance(defaults.get("layer_types"), list) and "num_hidden_layers" in defaults:
-        return {"layer_types": defaults["layer_types"][:count]}
-    return {}
+    """A tower's per-layer lists (layer types, MUSE's patch sizes and depths) cut to its ``count`` layers."""
+    layers = defaults.get("num_hidden_layers")
+    return {k: v[:count] for k, v in defaults.items() if isinstance(v, list) and v and isinstance(layers, int)
+            and (k == "layer_types" or len(v) == layers)}
 
 
 def tower_config(tower: dict[str, Any], text_hidden: Any) -> dict[str, Any]:
