@@ -81,6 +81,10 @@ BUILD: dict[str, dict[str, Any]] = {
     "emu3": {"vocabulary_map": {"<image>": VOCAB + 1}},
     "chameleon": {"vocabulary_map": {"<image>": VOCAB + 1}},
     "mistral4": {"head_dim": 16},  # its head_dim is qk_nope + qk_rope, its rotary part a fraction of that
+    "glm5_next_text": {"qk_rope_head_dim": 0, "qk_nope_head_dim": 16, "head_dim": 16, "index_head_dim": 16,
+                       "index_n_heads": 2},  # its sparse-attention layers have no rotary part
+    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                                            "mrope_section": [3, 3, 2]}}},  # height = width
     "molmo2": {"adapter_config": {"vision_feature_layer": [0]}},  # the tiny vision tower's one layer
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},  # unset by default
 }
