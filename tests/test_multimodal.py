@@ -12,7 +12,7 @@ import zarr
 from depthcache.coverage import CORPUS, cover, tiny_config, tiny_tokenizer
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.model import load_model
-from depthcache.model.multimodal import tower_paths
+from depthcache.model.multimodal import tower_paths, without_towers
 from depthcache.store.io import read_attrs
 from depthcache.store.reader import open_dataset
 
@@ -29,6 +29,14 @@ def test_a_llava_checkpoint_is_extracted_through_its_language_model(tmp_path: Pa
     ids = torch.arange(3, 19).view(1, -1)
     with torch.no_grad():
         want = wrapper(input_ids=ids).logits  # the whole wrapper on text: what the released one must compute
+
+    # built without its towers: their weights are the checkpoint's unused keys, never read into the model
+    from transformers import LlavaForConditionalGeneration
+
+    _, info = without_towers(LlavaForConditionalGeneration).from_pretrained(folder, output_loading_info=True)
+    towers = ("model.vision_tower.", "model.multi_modal_projector.")
+    tower_keys = {k for k in wrapper.state_dict() if k.startswith(towers)}
+    assert tower_keys and set(info["unexpected_keys"]) == tower_keys and not info["missing_keys"]
 
     loaded = load_model(str(folder))
     model = loaded.model

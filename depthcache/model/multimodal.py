@@ -2,15 +2,18 @@
 
 A ``*ForConditionalGeneration`` wrapper runs text alone through its language model: on ``input_ids`` without
 pixels its vision or audio towers never run. So the wrapper is kept as transformers builds it (its own forward,
-embeddings, head and soft-cap), its towers are released right after loading (``release_towers``: never moved to a
-device, never run), and discovery finds the decoder layers inside it as for any causal LM; the load check then
-proves the text path on every layer. The store's structure names the wrapper (``class_name``) and its language
+embeddings, head and soft-cap) but built without its towers (``without_towers``: released as the instance is
+constructed, so loading neither allocates nor reads their weights, which remain the checkpoint's unused keys; a model
+built in memory has them released after building), and discovery finds the decoder layers inside it as for any causal
+LM; the load check then proves the text path on every layer. The store's structure names the wrapper (``class_name``) and its language
 model's class (``language_model``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ import torch
 TOWER = re.compile(r"vision|visual|image|audio|speech|video|multi_modal|mm_proj|projector|connector|vqmodel|vq_model|"
                    r"resampler|perceiver|patch_embed|qformer|sound|generation_|vq_")  # generation_: Janus's image head
 AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
+CONFIG_KEYS = ("local_files_only", "trust_remote_code", "revision", "cache_dir", "token")  # what AutoConfig takes
 
 
 def is_multimodal(config: Any) -> bool:
@@ -46,22 +50,48 @@ class AutoTextLM:
 
     @staticmethod
     def from_pretrained(name: Any, **kwargs: Any) -> torch.nn.Module:
-        """Load through the causal-LM auto class, else (a configuration it does not know) the image-text-to-text
-        one."""
+        """Load through the auto class that knows the checkpoint's config; a multimodal wrapper is built without
+        its towers, so their weights are never read (they are the checkpoint's unused keys)."""
         import transformers
 
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        except ValueError as exc:
-            if "Unrecognized configuration class" not in str(exc):
-                raise
-            model = transformers.AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+        if "gguf_file" in kwargs:  # a GGUF holds a text model
+            return transformers.AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(
+            name, **{k: kwargs[k] for k in CONFIG_KEYS if k in kwargs})
+        auto = auto_class(config)
+        if not is_multimodal(config) or type(config) not in auto._model_mapping:
+            return auto.from_pretrained(name, config=config, **kwargs)  # (an unknown config: the auto class's error)
+        with quiet_unused_keys():
+            model = without_towers(auto._model_mapping[type(config)]).from_pretrained(name, config=config, **kwargs)
         return release_towers(model)
 
     @staticmethod
     def from_config(config: Any, **kwargs: Any) -> torch.nn.Module:
         """Build (random weights) through the auto class that knows the config."""
         return release_towers(auto_class(config).from_config(config, **kwargs))
+
+
+@contextmanager
+def quiet_unused_keys() -> Iterator[None]:
+    """transformers' load report at error level only: the towers' weights, unused by design, are not news."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(was)
+
+
+def without_towers(cls: type) -> type:
+    """A subclass of a wrapper class (same name) whose instances release their towers as they are built: loading
+    allocates and reads no tower weight."""
+    def __init__(self: torch.nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
+        cls.__init__(self, config, *args, **kwargs)
+        release_towers(self)
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
 
 
 def tower_paths(model: torch.nn.Module) -> list[str]:
