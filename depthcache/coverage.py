@@ -4,9 +4,9 @@ tiny offline and put through the load check and a 2-window extraction; writes do
     python -m depthcache.coverage [--out docs/architectures.md] [--only llama,gemma2,...] [--timeout 60]
 
 Each config is built from its defaults with the sizes shrunk (``TINY``: 4 layers, d_model 64, 4 experts, ...) and
-random weights; nothing is downloaded (a multimodal config: its text config shrunk the same way, its other towers
-to ``TOWER_TINY``, released after building as loading does). A family is supported when its structure is discovered, the load check
-passes and the extracted store satisfies the residual identity again.
+random weights; nothing is downloaded (a multimodal config: its text config shrunk the same way, its other towers to
+``TOWER_TINY``, released after building as loading does). A family is supported when its structure is discovered,
+the load check passes and the extracted store satisfies the residual identity again.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Multimodal checkpoints (image-text-to-text and the like) through their language model.
 
-A ``*ForConditionalGeneration`` wrapper runs text alone through its language model: on ``input_ids`` without
-pixels its vision or audio towers never run. So the wrapper is kept as transformers builds it (its own forward,
-embeddings, head and soft-cap) but built without its towers (``without_towers``: released as the instance is
-constructed, so loading neither allocates nor reads their weights, which remain the checkpoint's unused keys; a model
-built in memory has them released after building), and discovery finds the decoder layers inside it as for any causal
-LM; the load check then proves the text path on every layer. The store's structure names the wrapper (``class_name``) and its language
-model's class (``language_model``).
+A ``*ForConditionalGeneration`` wrapper runs text alone through its language model: on ``input_ids`` without pixels
+its vision or audio towers never run. So the wrapper is kept as transformers builds it (its own forward, embeddings,
+head and soft-cap) but built without its towers (``without_towers``: released as the instance is constructed, so
+loading neither allocates nor reads their weights, which remain the checkpoint's unused keys; a model built in
+memory has them released after building), and discovery finds the decoder layers inside it as for any causal LM; the
+load check then proves the text path on every layer. The store's structure names the wrapper (``class_name``) and
+its language model's class (``language_model``).
 """
 
 from __future__ import annotations
