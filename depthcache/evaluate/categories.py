@@ -219,7 +219,7 @@ def plot_categories(rows: list[dict[str, object]], folder: Path, name: str = "pr
             ax = axes[i, j]
             ax.axhline(0.25, color="gray", linestyle=":", linewidth=0.8)
             ax.set(ylim=(-0.03, 1.03), xlabel="layers removed" if i == len(models) - 1 else None,
-                   ylabel=f"{model}\naccuracy" if j == 0 else None)
+                   ylabel=f"{model.split(' (')[0]}\naccuracy" if j == 0 else None)
             ax.set_title(category if i == 0 else "", fontsize=9)
             plotting.layer_axis(ax)
     handles, labels = axes[0, 0].get_legend_handles_labels()
