@@ -362,6 +362,12 @@ def branch_scale(model: torch.nn.Module, text: Any, block: Call, attn: Call, mlp
         candidates.append(float(depth_scale) / math.sqrt(layer_count(text)))
     found = snap(scale, candidates, fit_tolerance(model))
     if found is None:
+        whole = out.double() - (inp.double() + added)  # Gemma 4's layer_scalar multiplies residual and branches
+        stream = fitted_scale(out.double(), inp.double() + added)
+        if float((out.double() - stream * (inp.double() + added)).abs().max()) <= fit_tolerance(model) * float(
+                out.double().abs().max()) < float(whole.abs().max()):
+            raise not_a_decoder(model, f"layer 0 multiplies the whole residual stream by {stream:.4g}: the stream "
+                                "is not a sum of what the layers add")
         raise not_a_decoder(model, f"layer 0 adds its branches times {scale:.4g}, a factor no config value explains")
     return found
 
