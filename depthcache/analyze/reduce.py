@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -158,7 +157,7 @@ def merge_pieces(pieces: np.ndarray, piece_ids: np.ndarray, how: str = "sum") ->
 def windows_of(pieces: da.Array, piece_ids: np.ndarray, how: str = "sum") -> da.Array:
     """Lazy ``merge_pieces`` of a (pieces, ...) dask array: (windows, ...) float64 in one block."""
     n = len(np.unique(piece_ids))
-    one = pieces.rechunk({i: -1 for i in range(pieces.ndim)})
+    one = pieces.rechunk({i: -1 for i in range(pieces.ndim)}, method="tasks")  # auto would import distributed
     return da.map_blocks(merge_pieces, one, piece_ids=piece_ids, how=how, dtype=np.float64,
                          chunks=((n,), *[(s,) for s in one.shape[1:]]))
 
@@ -166,7 +165,7 @@ def windows_of(pieces: da.Array, piece_ids: np.ndarray, how: str = "sum") -> da.
 def token_pieces(x: da.Array, w: da.Array, seq: np.ndarray, how: str = "sum") -> tuple[da.Array, np.ndarray]:
     """(pieces, ...) weighted sums (or maxima among weighted tokens) of ``x`` (..., token) per window piece, and
     the pieces' window ids: per-window partials of a dask reduction over tokens, in the same pass."""
-    x = x.rechunk({x.ndim - 1: w.chunks[0]})
+    x = x.rechunk({x.ndim - 1: w.chunks[0]}, method="tasks")  # auto would import distributed
     sizes, ids = window_pieces(seq, w.chunks[0])
     seq_d = da.from_array(seq, chunks=(w.chunks[0],))
 
@@ -190,4 +189,8 @@ def lazy_interval(sums: da.Array, counts: da.Array, n_resamples: int, seed: int,
 
     shape = statistic(np.zeros((1, *sums.shape[1:])), np.ones((1, *counts.shape[1:]))).shape[1:] \
         if statistic is not ratio else sums.shape[1:]
-    return da.from_delayed(dask.delayed(bounds, pure=True)(sums, counts), shape=(2, *shape), dtype=np.float64)
+    # a blockwise task over both whole arrays (dask.delayed of a dask array would import distributed's shuffle)
+    out = "z" + "qrstuvxy"[:len(shape)]
+    return da.blockwise(bounds, out, sums, "w" + "abcdefgh"[:sums.ndim - 1], counts, "W" + "ijklmnop"[:counts.ndim - 1],
+                        new_axes=dict(zip(out, (2, *shape))), concatenate=True, dtype=np.float64,
+                        meta=np.empty((0,) * len(out)))
