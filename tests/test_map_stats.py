@@ -111,7 +111,7 @@ def test_curve_points_are_the_sums_of_the_first_training_windows(setup: dict[str
 def test_self_pair_maps_each_layer_onto_itself(setup: dict[str, Path], tmp_path: Path) -> None:
     args = ["map-stats", "--shallow", str(setup["deep"]), "--deep", str(setup["deep"]), "--data", str(setup["data"]),
             "--out", str(tmp_path / "self"), "--seq-len", str(SEQ), "--max-tokens", str(TOKENS), "--device", "cpu",
-            "--test-tokens", "150", "--val-tokens", "120", "--no-progress"]
+            "--test-tokens", "150", "--val-tokens", "120", "--curve-start", "100", "--no-progress"]
     done = CliRunner().invoke(main, args)
     assert done.exit_code == 0, done.output
     shown = CliRunner().invoke(main, ["analyze", "layer-map", str(tmp_path / "self")])
@@ -121,6 +121,9 @@ def test_self_pair_maps_each_layer_onto_itself(setup: dict[str, Path], tmp_path:
     diagonal = np.diag(result.r2.values)
     assert (diagonal > 0.99).all(), diagonal
     assert ((result.r2_lo.values <= result.r2.values) & (result.r2.values <= result.r2_hi.values)).all()
+    drawn = CliRunner().invoke(main, ["plot", "layer-map", str(tmp_path / "self"), "--out", str(tmp_path / "fig")])
+    assert drawn.exit_code == 0, drawn.output
+    assert {p.name for p in (tmp_path / "fig").iterdir()} == {"layer-map.png", "layer-map-curve.png"}
 
 
 def test_two_workers_merged_equal_one_run(setup: dict[str, Path], tmp_path: Path) -> None:
