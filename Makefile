@@ -133,3 +133,15 @@ prune-categories: $(BIN)/depthcache
 			|| exit 1; done; done
 	$(BIN)/depthcache evaluate categories-report $(CATEGORY_RUNS:%=runs/categories/%/*/) \
 		--out docs/figures
+
+# The layer map at scale (docs/compare.md "Layer map at scale"): map-stats streams Qwen2.5-Coder-0.5B and -1.5B over
+# prose and code made from Python itself (every other boundary of each), then fits every pair from the statistics.
+MAPS_TOKENS ?= 12800
+.PHONY: map-stats-qwen
+map-stats-qwen: qwen-0.5b qwen-1.5b
+	$(BIN)/python benchmarks/mixed_corpus.py runs/mixed.jsonl
+	$(BIN)/depthcache map-stats --shallow qwen2.5-coder-0.5b --deep qwen2.5-coder-1.5b --data runs/mixed.jsonl \
+	    --max-tokens $(MAPS_TOKENS) --seq-len 512 --batch-size 4 --test-tokens 2048 --val-tokens 1024 \
+	    --layers $$(seq -s, 0 2 24) --deep-layers $$(seq -s, 0 2 28) --out runs/compare/qwen-maps --resume
+	$(BIN)/depthcache analyze layer-map runs/compare/qwen-maps
+	$(BIN)/depthcache plot layer-map runs/compare/qwen-maps --out docs/figures/compare/maps-at-scale
