@@ -58,6 +58,7 @@ TINY: dict[str, Any] = {
     "decoder_attention_heads": 4, "encoder_attention_heads": 4, "vocab_size_per_layer_input": VOCAB,
     "hidden_size_per_layer_input": 16, "emb_dim": 64, "expert_ffn_hidden_size": 128, "layers": 4,
     "attention_heads": 4, "embed_dim": 64,  # Kosmos-2's text model (no causal LM's config has embed_dim)
+    "num_experts_per_token": 2, "num_expert_group": 1, "linear_head_dim": 16, "linear_num_heads": 4,  # Kimi, Bailing
 }
 # Families whose defaults do not build (or run) once shrunk: the smallest change that still builds the architecture.
 BUILD: dict[str, dict[str, Any]] = {
