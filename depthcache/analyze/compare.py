@@ -533,7 +533,8 @@ def describe_columns(frame: pd.DataFrame) -> list[str]:
         lines.append("[lo, hi] (CSV: <column>_lo, <column>_hi): percentile-bootstrap interval over windows, each "
                      "statistic recomputed in every resample of the analyses' per-window sums (docs/analyses.md); "
                      "a cutoff's end 'never': not reached in that tail of the resamples; skip_later_*'s upper ends "
-                     "are at most the observed value (a resampled max cannot exceed it)")
+                     "sit at or just below the observed value (a resampled max cannot exceed it): read their lower "
+                     "ends")
     return lines
 
 
