@@ -486,9 +486,11 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def with_interval(value: str, lo: Any, hi: Any) -> str:
-    """'value [lo, hi]' (the interval's ends as ``cell`` writes them)."""
-    return f"{value} [{cell(lo)}, {cell(hi)}]"
+def with_interval(value: str, lo: Any, hi: Any, depth: bool = False) -> str:
+    """'value [lo, hi]' (the interval's ends as ``cell`` writes them; fractions of depth to 2 decimals)."""
+    def end(x: Any) -> str:
+        return f"{x:.2f}" if depth and np.isfinite(x) else cell(x)
+    return f"{value} [{end(lo)}, {end(hi)}]"
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -501,7 +503,7 @@ def markdown(frame: pd.DataFrame) -> str:
             cells = [f"{layer} ({depth:.2f})" if layer >= 0 else "never"
                      for layer, depth in zip(shown[f"{key}_layer"], shown.pop(f"{key}_depth"))]
             if lo is not None and hi is not None:
-                cells = [with_interval(c, a, b) for c, a, b in zip(cells, lo, hi)]
+                cells = [with_interval(c, a, b, depth=True) for c, a, b in zip(cells, lo, hi)]
             shown.insert(shown.columns.get_loc(f"{key}_layer"), key, cells)
             shown = shown.drop(columns=f"{key}_layer")
     for column in WITH_CI:
