@@ -107,7 +107,10 @@ def main() -> None:
         runs["offload"].append(timed([str(BIN / "depthcache"), *common, "--out", str(stores["offload"]),
                                       "--max-memory", args.max_memory, "--offload-folder", str(work / "offload")]))
         differ = identical(stores["memory"], stores["offload"])
-        print(f"pair {pair}: {'bit-identical' if not differ else 'DIFFERENT: ' + ', '.join(differ)}", flush=True)
+        figures = "; ".join(f"{kind} {runs[kind][-1][0]:.1f} s, RSS {runs[kind][-1][1]:.0f} MiB, anonymous "
+                            f"{runs[kind][-1][2]:.0f} MiB" for kind in runs)
+        print(f"pair {pair}: {'bit-identical' if not differ else 'DIFFERENT: ' + ', '.join(differ)} ({figures})",
+              flush=True)
         subprocess.run([str(BIN / "depthcache"), "validate", str(stores["offload"])], check=True)
         for kind in runs:
             if pair:
