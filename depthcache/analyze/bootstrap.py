@@ -18,7 +18,8 @@ from depthcache.errors import DepthcacheError
 N_RESAMPLES = 1000
 LEVEL = 0.95
 SEED = 0
-BATCH_ENTRIES = 2**22  # resamples × units per batch of draws (32 MiB of int64 multiplicities)
+BATCH_ENTRIES = 2**22  # resamples × units per batch of the resampling product (the draws themselves are one
+# (resamples × units) int64 array: 8 MB for 1,000 resamples of 1,000 windows)
 
 Statistic = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
