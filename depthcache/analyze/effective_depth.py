@@ -184,7 +184,8 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
                 ax.axvspan(lo, min(hi, result.layer.values.max()), color="tab:red", alpha=0.12)
         ax.set(xlabel="layer", ylabel=label, title=f"{CUTOFFS[key]}: " + (f"layer {layer}" if layer >= 0 else "never"))
         plotting.layer_axis(ax)
-    fig.suptitle(plotting.model_title(result.attrs, "Effective depth"), fontsize=9)
+    note = plotting.band_note(result).removeprefix(", ")
+    fig.suptitle(plotting.model_title(result.attrs, "Effective depth" + (f" ({note})" if note else "")), fontsize=9)
     return [plotting.save(fig, folder, "effective-depth")]
 
 
