@@ -121,6 +121,7 @@ def test_self_pair_maps_each_layer_onto_itself(setup: dict[str, Path], tmp_path:
     diagonal = np.diag(result.r2.values)
     assert (diagonal > 0.99).all(), diagonal
     assert ((result.r2_lo.values <= result.r2.values) & (result.r2.values <= result.r2_hi.values)).all()
+    assert len(list((tmp_path / "self" / "fits").iterdir())) == 1  # analyze fitted once; run and plot reuse it
     drawn = CliRunner().invoke(main, ["plot", "layer-map", str(tmp_path / "self"), "--out", str(tmp_path / "fig")])
     assert drawn.exit_code == 0, drawn.output
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {"layer-map.png", "layer-map-curve.png"}

@@ -33,9 +33,10 @@ d×d-sized blocks for T targets), one float32 block product (g × T blocks) and 
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from depthcache.errors import DepthcacheError
 from depthcache.progress import advance, stage
 from depthcache.store.head import tokenizer_files
 from depthcache.store.identity import differences
+from depthcache.store.io import can_write, open_result, write_dataset_atomically
 from depthcache.store.map_stats import (
     EXCLUDED,
     HASH_MULTIPLIER,
@@ -61,7 +63,8 @@ from depthcache.store.map_stats import (
     MapStats,
     Moments,
     create_stats,
-    curve_points,
+    curve_folders,
+    curve_point,
     is_stats,
     load_stats,
     product_groups,
@@ -74,6 +77,7 @@ from depthcache.store.map_stats import (
     window_rows,
 )
 from depthcache.store.reader import Store
+from depthcache.store.results import canonical, entry_key
 
 SITES = {"resid": ("resid_pre", "resid_final"), "attn": ("attn_out",), "mlp": ("mlp_out",)}
 DEFAULT_GRID = tuple(float(g) for g in np.logspace(-7, 1, 9))
@@ -470,10 +474,11 @@ class Results:
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
 
 
-def fit_statistics(stats: MapStats, points: list[Moments], grid: np.ndarray, select: str, dtype: np.dtype,
+def fit_statistics(stats: MapStats, points: Iterable[Moments], grid: np.ndarray, select: str, dtype: np.dtype,
                    rows: int, jackknife_groups: int, out: Results, sources: slice) -> None:
     """Solve and test the source layers of ``stats`` (the ones at ``sources`` of the result) against every target,
-    at the final sums and at each learning-curve point, writing into ``out``."""
+    at the final sums and at each learning-curve point (read one at a time when ``points`` is lazy), writing into
+    ``out``."""
     clock = time.perf_counter()
     val = validation_sums(stats, rows, dtype)
     if stats.train.n < 2 or val.n < 1:
@@ -694,6 +699,22 @@ def write_statistics(path: Path, stats: MapStats, points: list[Moments]) -> None
     save_checkpoint(path, stats)
 
 
+def fitted_statistics(path: str, force: bool = False, **params: Any) -> xr.Dataset:
+    """``layer_map_from_statistics`` cached inside the statistics folder (``fits/KEY``, one per parameter set; a
+    complete folder never changes, so an entry stays valid): ``analyze`` then ``plot`` fit once."""
+    if not is_stats(Path(path)):
+        return layer_map_from_statistics(path, **params)  # refused there, in one line
+    full = {k: p.default for k, p in inspect.signature(layer_map_from_statistics).parameters.items()
+            if p.default is not inspect.Parameter.empty} | params
+    folder = Path(path) / "fits" / entry_key(json.loads(canonical(full)))
+    if folder.is_dir() and not force:
+        return open_result(str(folder)).load()
+    result = layer_map_from_statistics(path, **params)
+    if can_write(Path(path)):  # a read-only (shared) folder is fitted again each time
+        write_dataset_atomically(result, folder)
+    return result
+
+
 def layer_map_from_statistics(path: str | Path, select: str = "source", grid: list[float] | None = None,
                               dtype: str = "float32", jackknife_groups: int = JACKKNIFE_GROUPS,
                               memory_gib: float = 4.0) -> xr.Dataset:
@@ -713,15 +734,15 @@ def layer_map_from_statistics(path: str | Path, select: str = "source", grid: li
     g, (d, t, e) = len(a["shallow_layers"]), stats.shape[1:]
     per = group_size(g, d, t, e, memory_gib)
     rows = block_rows(per, d, t, e)
-    n_points = len(curve_points(path, slice(0, 0)))
-    out = Results.empty(g, t, penalties.size, n_points, per, rows)
-    with stage("layer-map", -(-g // per), "source groups"):
+    folders = curve_folders(path)
+    out = Results.empty(g, t, penalties.size, len(folders), per, rows)
+    held = np.bincount(stats.heldout_split, minlength=3)
+    steps = -(-g // per) * (-(-int(held[VAL]) // rows) + (len(folders) + 1) * -(-int(held[TEST]) // rows))
+    with stage("layer-map", steps, "blocks"):
         for first in range(0, g, per):
             group = slice(first, min(first + per, g))
-            stats = load_stats(path, sources=group)
-            fit_statistics(stats, curve_points(path, group), penalties, select, np.dtype(dtype), rows,
-                           jackknife_groups, out, group)
-            advance()
+            fit_statistics(load_stats(path, sources=group), (curve_point(f, group) for f in folders), penalties,
+                           select, np.dtype(dtype), rows, jackknife_groups, out, group)
     attrs = result_attrs(a.get("site", "resid"), select, dtype, penalties, out, {
         "include_first": int(a.get("include_first", False)), "statistics": str(path),
         "depthcache_analysis": json.dumps({"models": [a["shallow"]["name"], a["deep"]["name"]],

@@ -177,10 +177,10 @@ def run(name: str, *locations: str | Store, force: bool = False, scheduler_addre
     Analyses computed inside another one (effective-depth reads contributions and logit-lens) inherit its results
     folder and scheduler."""
     if name == "layer-map" and len(locations) == 1:  # a statistics folder of depthcache map-stats: fitted alone
-        from depthcache.analyze.layer_map import layer_map_from_statistics
+        from depthcache.analyze.layer_map import fitted_statistics
 
         with scheduler(scheduler_address):
-            return layer_map_from_statistics(str(locations[0]), **params)
+            return fitted_statistics(str(locations[0]), force, **params)
     spec, stores, full = checked(name, locations, storage_options, params)
     results_dir, scheduler_address = inherited(results_dir, scheduler_address)
     empty = [s.location for s in stores if int(s.attrs["progress"]["tokens_committed"]) == 0]

@@ -311,18 +311,23 @@ def check_consistent(stats: MapStats, path: Path) -> None:
         raise DepthcacheError(f"{path}: the training sums hold a negative count or non-finite values")
 
 
-def curve_points(path: Path, sources: slice = slice(None)) -> list[Moments]:
-    """The training sums of the source layers ``sources`` at every learning-curve point of a statistics folder, by
-    token count."""
+def curve_folders(path: Path) -> list[Path]:
+    """The learning-curve points of a statistics folder, by token count."""
     folder = Path(path) / "curve"
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
-    points = []
-    for name in names:
-        try:
-            points.append(moments_from(open_result(str(folder / name)), sources))
-        except Exception as exc:  # noqa: BLE001 - as in load_stats
-            raise DepthcacheError(f"{folder / name}: a learning-curve point cannot be read ({exc})") from exc
-    return points
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def curve_point(folder: Path, sources: slice = slice(None)) -> Moments:
+    """The training sums of the source layers ``sources`` at one learning-curve point."""
+    try:
+        return moments_from(open_result(str(folder)), sources)
+    except Exception as exc:  # noqa: BLE001 - as in load_stats
+        raise DepthcacheError(f"{folder}: a learning-curve point cannot be read ({exc})") from exc
+
+
+def curve_points(path: Path, sources: slice = slice(None)) -> list[Moments]:
+    """The training sums of the source layers ``sources`` at every learning-curve point of a statistics folder."""
+    return [curve_point(folder, sources) for folder in curve_folders(path)]
 
 
 # ------------------------------------------------------------------------------------------------------ merging
