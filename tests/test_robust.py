@@ -423,7 +423,7 @@ def test_symlink_loops_are_one_error_line(store, tmp_path, tiny_models, text_fil
     def no_model(*args, **kw):  # noqa: ANN002, ANN003, ANN202 - refused before the model is loaded
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(engine, "load_model", no_model)
+    monkeypatch.setattr(engine, "load_fitted", no_model)
     for args in (("validate", loop), ("info", loop), ("analyze", "residual-norms", loop),
                  ("plot", "contributions", loop), ("report", loop, "--out", tmp_path / "r.html"),
                  ("pull", loop, tmp_path / "p.zarr"), ("pull", store, loop), ("analyze", "residual-norms", store, "--results", loop),
