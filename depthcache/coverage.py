@@ -68,7 +68,9 @@ BUILD: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 8},  # heads × head_dim must equal expand × hidden_size
     "gemma3n_text": {"num_kv_shared_layers": 0},  # KV sharing is over layers a 4-layer model does not have
     "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
-    "dots3_note_text": {"head_dim": 16, "index_head_dim": 16},  # sliding layers: head_dim = qk_nope + qk_rope dims
+    "dots3_note_text": {"head_dim": 16, "index_head_dim": 16,  # sliding layers: head_dim = qk_nope + qk_rope dims
+                        "per_layer_config": {f"{i:02d}": {"num_attention_heads": 4, "num_key_value_heads": 4,
+                                                          "kv_lora_rank": 16, "qk_nope_head_dim": 8} for i in (2, 3)}},
     "qwen4_exp_text": {"indexer_head_dim": 16, "indexer_budget": 8, "indexer_compress_ratio": 2,  # unset defaults
                        "indexer_n_heads": 2, "indexer_kv_heads": 1},
     "cohere_compass_text": {"rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
