@@ -14,7 +14,6 @@ import json
 import sysconfig
 from itertools import zip_longest
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 

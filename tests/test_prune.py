@@ -11,6 +11,7 @@ import torch
 import transformers
 import xarray as xr
 from click.testing import CliRunner
+from conftest import save_tiny_model
 
 from depthcache.cli import main
 from depthcache.errors import DepthcacheError
@@ -23,7 +24,6 @@ from depthcache.evaluate.prune import Scorer
 from depthcache.model.skips import only_layers
 from depthcache.model.structure import decoder_layers, structure_of
 from depthcache.tasks import TaskItem, load_task, write_task_jsonl
-from conftest import save_tiny_model
 
 ITEMS = [
     TaskItem("fox", "The quick brown fox", " jumps", (" jumps", " over the lazy dog", " dog", " and")),
@@ -202,7 +202,7 @@ def test_compare_pruning_puts_runs_of_different_depths_on_relative_depth(tiny_mo
                                                                         tmp_path: Path) -> None:
     """Two models (4 and 6 layers), two orders: the table's scores and survival counts equal each run's own values,
     the figure's x axis is k / L, and a folder that is not a run gives one line."""
-    from depthcache.evaluate.compare import compare_pruning, open_run, survives
+    from depthcache.evaluate.compare import open_run, survives
 
     deep = save_tiny_model("llama", tmp_path / "llama6", n_layers=6)
     folders = []
