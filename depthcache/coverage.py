@@ -32,6 +32,7 @@ import torch
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.model import TOLERANCES, LoadedModel, Structure, checked, relative_errors, tokenizer_files
+from depthcache.model.loading import text_ready
 from depthcache.model.multimodal import AutoTextLM, release_towers
 from depthcache.store.head import logits_from_residual, read_head
 from depthcache.store.reader import open_dataset
@@ -90,12 +91,30 @@ BUILD: dict[str, dict[str, Any]] = {
                                                             "mrope_section": [3, 3, 2]}}},  # height = width
     "molmo2": {"adapter_config": {"vision_feature_layer": [0]}},  # the tiny vision tower's one layer
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},  # unset by default
+    "kolibri1_1": {"index_num_heads": 2,  # at most the query heads per KV head (4 / 2)
+                   # its 50-layer pattern cut to 4 that it validates: sliding layers, then an indexer layer and an
+                   # indexed layer reading its K/V; windows, top-k and pools small enough for 16 tokens to use them
+                   "layer_types": ["sliding_attention"] * 2 + ["indexed_attention"] * 2, "index_layers": [2],
+                   "kv_source_layers": [0, 1, 2, 2], "mlp_only_layers": [0], "index_topk": 4,
+                   "index_pool_size": 8, "index_compression": 2, "index_num_local_tokens": 4,
+                   "index_num_sink_tokens": 1},
+    # its one shared attention block is tied across the hybrid layers: 4 layers of its pattern hold only one
+    "zamba": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"]},
+    # its visual and audio codebooks' token ranges lie at the end of the vocabulary, back to back: fitted to 384 ids
+    "apertus1p5": {"image_token_offset": 256, "audio_token_offset": 320, "vision_config": {"codebook_size": 64},
+                   "audio_config": {"codebook_size": 64}},
+    # unset by default (each checkpoint names its own): vision layers → the LLM layers their features are added at,
+    # the projectors' window rate; its Q-Former projectors have (vision width) / 64 heads: a vision tower 64 wide
+    "granite4_vision": {"deepstack_layer_map": [[0, 0], [-1, 1]], "spatial_target_layers": [0, 1, 2, 3],
+                        "downsample_rate": "1/2", "vision_config": {"hidden_size": 64}},
+    "blt": {"encoder_hash_byte_group_vocab": VOCAB},  # its byte n-gram hash table: 500k rows × 6 sizes by default
 }
 # A multimodal wrapper's other towers (vision, audio): built small, released after building, never run on text.
 TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
               "num_attention_heads": 2, "num_heads": 2, "embed_dim": 32, "hidden_dim": 32, "d_model": 32,
               "encoder_layers": 1, "decoder_layers": 1, "vocab_size": VOCAB, "encoder_attention_heads": 2,
               "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "codebook_dim": 32}
+TEXT_KEYS = ("text_config", "decoder", "generator")  # transformers' names of a composite's text (decoder) config
 MAX_PARAMETERS = 20_000_000
 CORPUS = ("The quick brown fox jumps over the lazy dog. Residual streams carry information from layer to layer. "
           "Numbers: 0 1 2 3 4 5 6 7 8 9 and some punctuation, too! Language models use their depth in many ways.")
@@ -157,12 +176,12 @@ def rope_sections(text: dict[str, Any]) -> dict[str, Any]:
     return {"rope_parameters": rope | {"mrope_section": [total - 2 * (total // 3), total // 3, total // 3]}}
 
 
-def per_layer(defaults: dict[str, Any]) -> dict[str, Any]:
-    """Per-layer overrides (Gemma 4's ``per_layer_config``) of the tiny model's layers only."""
+def per_layer(defaults: dict[str, Any], count: int = TINY["num_hidden_layers"]) -> dict[str, Any]:
+    """Per-layer overrides (Gemma 4's ``per_layer_config``) of the tiny model's (or tower's) ``count`` layers only."""
     overrides = defaults.get("per_layer_config")
     if not isinstance(overrides, dict):
         return {}
-    return {"per_layer_config": {k: v for k, v in overrides.items() if int(k) < TINY["num_hidden_layers"]}}
+    return {"per_layer_config": {k: v for k, v in overrides.items() if int(k) < count}}
 
 
 def fewer_layers(defaults: dict[str, Any], count: int) -> dict[str, Any]:
@@ -173,11 +192,26 @@ def fewer_layers(defaults: dict[str, Any], count: int) -> dict[str, Any]:
 
 
 def tower_config(tower: dict[str, Any], text_hidden: Any) -> dict[str, Any]:
-    """A non-text tower's config shrunk (``TOWER_TINY``), its widths that must equal the text model's set to it."""
-    sizes = shrunk(tower, TOWER_TINY) | fewer_layers(tower, TOWER_TINY["num_hidden_layers"])
-    linked = {k: TINY["hidden_size"] for k, v in tower.items()
-              if text_hidden and v == text_hidden and k not in sizes and re.search(r"hidden|dim|size", k)}
+    """A non-text tower's config shrunk (``TOWER_TINY``), its widths that must equal the text model's or its own
+    (Dots3's adapter widths, which its config validates) set to the tiny ones."""
+    count = TOWER_TINY["num_hidden_layers"]
+    sizes = shrunk(tower, TOWER_TINY) | fewer_layers(tower, count) | per_layer(tower, count)
+    own = tower.get("hidden_size")
+    widths = {own: sizes.get("hidden_size"), text_hidden: TINY["hidden_size"]}  # the text model's wins a tie
+    linked = {k: widths[v] for k, v in tower.items() if isinstance(v, int) and v and widths.get(v) and
+              k not in sizes and re.search(r"hidden|dim|size", k)}
     return tower | sizes | linked
+
+
+def timm_free(tower: dict[str, Any]) -> dict[str, Any]:
+    """A tower the config names as any ``AutoConfig`` but defaults to a timm model (FastVLM, PerceptionLM): a SigLIP
+    vision tower instead, with its width where a wrapper reads a timm tower's (``model_args``), so building needs
+    no timm (not a dependency; a full-size timm model besides). The tower is released before text runs."""
+    if tower.get("model_type") != "timm_wrapper":
+        return tower
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig().to_dict() | {"model_args": {"embed_dim": TOWER_TINY["hidden_size"]}}
 
 
 def tiny_config(model_type: str) -> Any:
@@ -197,19 +231,21 @@ def tiny_config(model_type: str) -> Any:
             sizes["qk_head_dim"] = TINY["qk_nope_head_dim"] + TINY["qk_rope_head_dim"]
     facts = BUILD.get(model_type, {})
     sizes |= {k: v for k, v in facts.items() if not k.endswith("_config")}
-    text = defaults.get("text_config")
+    text = next((defaults[key] for key in TEXT_KEYS if isinstance(defaults.get(key), dict)), None)
     text_hidden = text.get("hidden_size") if isinstance(text, dict) else defaults.get("hidden_size")
+    subs = getattr(cls, "sub_configs", None) or {}  # MusicGen's are not named *_config
     for key, value in defaults.items():
-        if not key.endswith("_config") or not isinstance(value, dict) or key in sizes:
+        if not (key.endswith("_config") or key in subs) or not isinstance(value, dict) or key in sizes:
             continue
         registered = value.get("model_type") in CONFIG_MAPPING
-        if registered and (key == "text_config" or any(k.endswith("_config") for k in value)):
+        wrapper = any(isinstance(v, dict) and "model_type" in v for v in value.values())  # (not per_layer_config)
+        if registered and (key in TEXT_KEYS or wrapper):
             sub = tiny_config(value["model_type"]).to_dict()  # the text model, or a wrapper inside (PI0's VLM)
             sizes[key] = sub | rope_sections(sub)
-        elif key == "text_config":  # a text config of its own kind (Kosmos-2)
+        elif key in TEXT_KEYS:  # a text config of its own kind (Kosmos-2)
             sizes[key] = value | {k: v for k, v in TINY.items() if k in value}
         else:
-            sizes[key] = tower_config(value, text_hidden)
+            sizes[key] = tower_config(timm_free(value), text_hidden)
     for key, value in facts.items():
         if key.endswith("_config"):
             sizes[key] = sizes.get(key, {}) | value
@@ -236,6 +272,21 @@ def as_lists(defaults: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def causal_lm(config: Any, model_type: str) -> torch.nn.Module:
+    """The family's causal LM built from ``config`` through the auto class, or through the registry's class from the
+    sub-config of its config class where the config is a composite the auto class does not unwrap (MusicGen's
+    ``decoder``: transformers swaps in a ``text_config`` only)."""
+    import transformers
+
+    cls = getattr(transformers, causal_lm_registry().get(model_type, ""), None)
+    wanted = getattr(cls, "config_class", None)
+    subs = [getattr(config, key, None) for key in getattr(config, "sub_configs", None) or {}]
+    own = next((sub for sub in subs if wanted is not None and isinstance(sub, wanted)), None)
+    if own is None or isinstance(config, wanted) or "text_config" in config.sub_configs:
+        return AutoTextLM.from_config(config)
+    return cls._from_config(own)
+
+
 def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torch.nn.Module:
     """A random-weight model of the family at tiny size, in eval mode, through the causal-LM auto class (else the
     image-text-to-text one), or with ``image_text`` the image-text-to-text registry's class: a wrapper has its towers
@@ -248,7 +299,7 @@ def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torc
 
     def build() -> torch.nn.Module:
         if not image_text:
-            return AutoTextLM.from_config(config)
+            return causal_lm(config, model_type)
         return release_towers(getattr(transformers, image_text_registry()[model_type])._from_config(config))
 
     with torch.device("meta"):
@@ -256,7 +307,7 @@ def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torc
     if counted > MAX_PARAMETERS:
         raise DepthcacheError(f"not tiny: {counted / 1e6:.0f}M parameters with the shrunk config")
     torch.manual_seed(seed)
-    return build().eval()
+    return text_ready(build()).eval()
 
 
 def tiny_tokenizer() -> Any:
@@ -342,6 +393,8 @@ def cover(model_type: str, class_name: str = "", tokenizer: Any = None, timeout:
             except DepthcacheError as exc:
                 refused = str(exc).startswith("not a residual")
                 return Row(model_type, class_name, False, short(exc) if refused else f"not built: {short(exc)}")
+            except ImportError as exc:  # a tower whose class needs an optional package transformers names
+                return Row(model_type, class_name, False, missing_package(exc))
             except Exception as exc:  # noqa: BLE001 - any family's constructor may fail in any way offline
                 return Row(model_type, class_name, False, f"not built offline at tiny size ({short(exc)})")
             class_name = type(model).__name__
@@ -354,13 +407,29 @@ def cover(model_type: str, class_name: str = "", tokenizer: Any = None, timeout:
                 return Row(model_type, class_name, False, f"the extracted store is off (identity {identity:.2g}, "
                            f"log-prob {logprob:.2g})", seconds=time.perf_counter() - start)
     except DepthcacheError as exc:
-        return Row(model_type, class_name, False, reason(exc), seconds=time.perf_counter() - start)
+        why = NOT_ON_TEXT.get(model_type, reason(exc)) if "a forward of" in str(exc) else reason(exc)
+        return Row(model_type, class_name, False, why, seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - the probe forward of an unsupported family may fail in any way
         return Row(model_type, class_name, False, f"forward failed ({short(exc)})", seconds=time.perf_counter() - start)
     return Row(model_type, class_name, True, "", max(result.identity_error, identity), result.logits_error, structure,
                time.perf_counter() - start)
 
 
+def missing_package(exc: ImportError) -> str:
+    """'needs the timm package for its vision tower': the optional package a tower's class requires, in one line."""
+    found = re.search(r"(\w+) requires the (\w+) library", str(exc))
+    if found is None:
+        return f"not built offline at tiny size ({short(exc)})"
+    cls, package = found.groups()
+    part = "vision tower" if cls == "TimmWrapperModel" else "tower"
+    return f"needs the {package} package for its {part} ({cls}), not a dependency of depthcache"
+
+
+# Families whose forward does not run on token ids at all, from their modeling code: what discovery's failed
+# probe forward means for them.
+DRAFTER = ("a drafter for a Gemma 4 target model: it runs on the target's hidden states and KV cache "
+           "(inputs_embeds, shared_kv_states), never on tokens alone")
+NOT_ON_TEXT = {"gemma4_assistant": DRAFTER, "gemma4_unified_assistant": DRAFTER}
 REASONS = {"is not a residual attention+MLP decoder: ": "not a residual attention+MLP decoder: ",
            "fails the load check: ": "load check fails: "}
 

@@ -623,6 +623,16 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec:
     return LoadedModel(model, tokenizer, provenance, tokenizer_files(tokenizer))
 
 
+def text_ready(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with a choice its forward needs and its checkpoint leaves unset made, so text alone runs: X-MOD's
+    language adapter (``default_language``; English where it has one, else its first language)."""
+    config = model.config
+    languages = list(getattr(config, "languages", None) or [])
+    if languages and getattr(config, "default_language", "") is None:
+        config.default_language = "en_XX" if "en_XX" in languages else languages[0]
+    return model
+
+
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
                progress: bool | None = None, check: bool = True, placement: Placement | None = None,
                host_free: int | None = None) -> LoadedModel:
@@ -639,7 +649,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         model, tokenizer, provenance = _load_spec(spec, dtype, placement.load_kwargs(str(target), host_free))
     if placement.dispatched:
         make_resident(outer_modules(model))
-    model = (model if placement.dispatched else model.to(target)).eval()
+    model = text_ready(model if placement.dispatched else model.to(target)).eval()
     checked(model, check)
     provenance = {
         "spec": spec,
