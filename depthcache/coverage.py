@@ -107,11 +107,14 @@ BUILD: dict[str, dict[str, Any]] = {
     # the projectors' window rate; its Q-Former projectors have (vision width) / 64 heads: a vision tower 64 wide
     "granite4_vision": {"deepstack_layer_map": [[0, 0], [-1, 1]], "spatial_target_layers": [0, 1, 2, 3],
                         "downsample_rate": "1/2", "vision_config": {"hidden_size": 64}},
-    "blt": {"encoder_hash_byte_group_vocab": VOCAB},  # its byte n-gram hash table: 500k rows × 6 sizes by default
+    # its byte n-gram hash table (500k rows × 6 n-gram sizes by default) at the tiny vocabulary; its byte-level
+    # encoder and decoder read the global transformer's (patch-level) width
+    "blt": {"encoder_hash_byte_group_vocab": VOCAB, "encoder_config": {"hidden_size_global": 32},
+            "decoder_config": {"hidden_size_global": 32}},
 }
 # A multimodal wrapper's other towers (vision, audio): built small, released after building, never run on text.
 TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
-              "num_attention_heads": 2, "num_heads": 2, "embed_dim": 32, "hidden_dim": 32, "d_model": 32,
+              "num_attention_heads": 2, "num_heads": 2, "head_dim": 16, "num_key_value_heads": 2, "embed_dim": 32, "hidden_dim": 32, "d_model": 32,
               "encoder_layers": 1, "decoder_layers": 1, "vocab_size": VOCAB, "encoder_attention_heads": 2,
               "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "codebook_dim": 32}
 TEXT_KEYS = ("text_config", "decoder", "generator")  # transformers' names of a composite's text (decoder) config

@@ -1,0 +1,66 @@
+"""Coverage's tiny builds of the families that need a fact or a general mechanism to build (issue 29): each builds
+under MAX_PARAMETERS and runs on token ids, and the families that cannot are refused in one line that says why."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from depthcache.coverage import DRAFTER, MAX_PARAMETERS, VOCAB, cover, tiny_model
+from depthcache.model.loading import text_ready
+
+IDS = torch.arange(3, 19).view(1, -1)
+
+# (model type, through the image-text-to-text class): what made each build — see BUILD and tiny_config
+BUILT = [("blt", False),  # hash table at the tiny vocabulary (was 96M parameters), global width linked
+         ("dots3_note", False),  # tower adapter width linked to the tower's own; per-layer overrides cut
+         ("kolibri1_1", False),  # layer pattern, indexer and KV sharing cut to 4 layers
+         ("zamba", False),  # two hybrid layers to share the tied attention block
+         ("xmod", False),  # language adapter chosen as loading does
+         ("apertus1p5", True),  # codebook token ranges inside the tiny vocabulary
+         ("granite4_vision", True),  # deepstack map, spatial layers, window rate, Q-Former width
+         ("fast_vlm", True), ("perception_lm", True)]  # a SigLIP tower where timm was the default
+
+
+@pytest.mark.parametrize("model_type, image_text", BUILT)
+def test_family_builds_tiny_and_runs_on_token_ids(model_type: str, image_text: bool) -> None:
+    model = tiny_model(model_type, image_text=image_text)
+    assert sum(p.numel() for p in model.parameters()) <= MAX_PARAMETERS
+    with torch.no_grad():
+        logits = model(input_ids=IDS, use_cache=False).logits
+    assert logits.shape == (1, 16, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_musicgen_builds_its_decoder_which_reads_one_stream_per_codebook() -> None:
+    model = tiny_model("musicgen")
+    assert type(model).__name__ == "MusicgenForCausalLM" and model.config.num_codebooks == 4
+    with torch.no_grad():
+        logits = model(input_ids=IDS.repeat(4, 1), use_cache=False).logits  # (batch × codebooks, tokens)
+    assert logits.shape == (4, 16, VOCAB)  # a head per codebook
+    with pytest.raises(RuntimeError):  # one token stream is not its input
+        model(input_ids=IDS, use_cache=False)
+
+
+def test_text_ready_picks_english_else_the_first_language_and_keeps_a_chosen_one() -> None:
+    model = tiny_model("xmod")
+    assert model.config.default_language == "en_XX"
+    for languages, chosen, want in ((["de_DE", "en_XX"], None, "en_XX"), (["de_DE", "fr_XX"], None, "de_DE"),
+                                    (["de_DE", "en_XX"], "de_DE", "de_DE")):
+        model.config.languages, model.config.default_language = languages, chosen
+        assert text_ready(model).config.default_language == want
+
+
+def test_a_timm_tower_is_named_as_the_reason() -> None:
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here, so Gemma 3n's vision tower builds")
+    row = cover("gemma3n", image_text=True)
+    assert not row.supported
+    assert row.reason == "needs the timm package for its vision tower (TimmWrapperModel), not a dependency of depthcache"
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_assistant", "gemma4_unified_assistant"])
+def test_a_drafter_is_refused_as_one(model_type: str) -> None:
+    row = cover(model_type)
+    assert not row.supported and row.reason == DRAFTER
