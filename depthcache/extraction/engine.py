@@ -13,7 +13,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,15 @@ def parse_sites(sites: tuple[str, ...] | str) -> tuple[str, ...]:
     if unknown or not names:
         raise DepthcacheError(f"unknown site(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SITES)}")
     return tuple(s for s in SITES if s in names)
+
+
+def model_sites(sites: tuple[str, ...], structure: Structure) -> tuple[str, ...]:
+    """The asked sites the model has: a branch role no layer has (a Mamba model's MLP) is not stored, not zeros."""
+    kept = tuple(s for s in sites if s == "resid" or s in structure.roles)
+    if not kept:
+        raise DepthcacheError(f"{structure.class_name} has no {' or '.join(sites)} branch (its layers add "
+                              f"{' and '.join(structure.roles)}): choose --sites from resid, {', '.join(structure.roles)}")
+    return kept
 
 
 def check_options(opts: ExtractOptions) -> None:
@@ -527,6 +536,8 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
     loaded = loaded or load_fitted(opts.model, opts.device, opts.placement, opts.progress, opts.check)
     device = main_device(loaded.model)  # where inputs go: the device, or a device map's first GPU (else the host)
     structure, _ = checked(loaded.model, opts.check)  # a model passed in is checked here, before any store exists
+    opts = replace(opts, sites=model_sites(sites, structure))
+    sites = opts.sites
     plan = make_plan(opts, loaded, docs, structure.n_layers)
     if plan.n_tokens == 0:
         raise DepthcacheError(f"dataset {opts.data!r} tokenizes to no tokens")

@@ -61,6 +61,7 @@ from depthcache.model import (
     checked,
     main_device,
     only_layers,
+    structure_of,
 )
 from depthcache.progress import Progress
 from depthcache.store.head import tokenizer_sha256
@@ -78,7 +79,6 @@ VARIANTS = ("current", "future")
 PREFIXES = ("baseline", "recompute")
 FUTURE_DRAWS = 4
 FUTURE_STEP = 8
-RUN_SITES = ("attn", "mlp")
 MATCHING = ("intervention", "options.layers", "options.sites", "options.dtype", "layout.n_tokens")
 
 
@@ -233,12 +233,12 @@ def skip_batch(ctx: RunContext, draw: int, first: int, last: int, drop: int
     with ExitStack() as stack, torch.inference_mode():
         stack.enter_context(Skip(model, ctx.structure, ctx.run.layers, ctx.run.sublayer,
                                  skip_mask(ctx, draw, first, last, real)))
-        cap = stack.enter_context(Capture(model, ctx.structure, ctx.stored, RUN_SITES, dtype, final=True))
+        cap = stack.enter_context(Capture(model, ctx.structure, ctx.stored, ctx.structure.roles, dtype, final=True))
         if ctx.prefix is not None:
             later = list(range(min(ctx.run.layers), ctx.structure.n_layers))
             stack.enter_context(only_layers(model, ctx.structure, later, baseline_residual(ctx, first, last, real)))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out = {name: to_host(rows(cap.stacked(name)), opts.dtype) for name in ("attn_out", "mlp_out")}
+        out = {f"{role}_out": to_host(rows(cap.stacked(f"{role}_out")), opts.dtype) for role in ctx.structure.roles}
         out["resid_final"] = to_host(rows(cap.resid_final), opts.dtype)
         next_ids = torch.from_numpy(host["next_token_id"][drop:]).long().to(ctx.device)
         summary = output_summary(rows(logits), next_ids, opts.top_k)
@@ -268,7 +268,7 @@ def run_attrs(base: dict[str, Any], run: SkipRun, stored: tuple[int, ...], token
     """The attributes of a new run group: the baseline's provenance, the run's layout and its intervention."""
     return {**base, "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": library_versions(),
-            "options": {**base["options"], "sites": list(RUN_SITES), "layers": list(stored), "device": device},
+            "options": {**base["options"], "sites": list(run_sites(base)), "layers": list(stored), "device": device},
             "layout": run_layout(base, run.draws * tokens, run.draws * windows),
             "progress": {"tokens_committed": 0, "complete": False},
             "intervention": {"kind": "skip", "layers": list(run.layers), "sublayer": run.sublayer,
@@ -319,7 +319,7 @@ def create_run(out: str, name: str, attrs: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        layout = StoreLayout(n, stored, d_model, attrs["options"]["top_k"], RUN_SITES, dtype, chunk,
+        layout = StoreLayout(n, stored, d_model, attrs["options"]["top_k"], run_sites(attrs), dtype, chunk,
                              task="task" in attrs["dataset"],
                              token_shard_tokens=attrs["layout"].get("token_shard_tokens"))
         create_arrays(group, layout)
@@ -358,6 +358,11 @@ def execute_run(ctx: RunContext, out: str, name: str, attrs: dict[str, Any], res
     return attrs
 
 
+def run_sites(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The branch sites a skip run stores: the baseline's (attn and mlp, or only the roles its model has)."""
+    return tuple(site for site in ("attn", "mlp") if site in attrs["options"]["sites"])
+
+
 def check_baseline(attrs: dict[str, Any], loaded: LoadedModel, docs_sha: str, out: str) -> None:
     """Refuse a baseline made from another model or dataset, or lacking what skip runs compare with."""
     model = attrs["model"]
@@ -369,7 +374,7 @@ def check_baseline(attrs: dict[str, Any], loaded: LoadedModel, docs_sha: str, ou
                               f"\n(store: model "
                               f"{model['spec']!r}, data {attrs['dataset']['spec']!r}): pass the baseline's --model "
                               "and --data")
-    missing = sorted({"resid", "attn", "mlp"} - set(attrs["options"]["sites"]))
+    missing = sorted({"resid", *structure_of(loaded.model).roles} - set(attrs["options"]["sites"]))
     if missing:
         raise DepthcacheError(f"{out} lacks the sites {', '.join(missing)}: skip runs are compared with the baseline's "
                               "attn_out, mlp_out and resid_final; re-extract it with --sites resid,attn,mlp")

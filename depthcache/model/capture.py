@@ -1,7 +1,8 @@
 """Forward hooks that record, for one forward pass, the residual stream and what each sublayer adds to it.
 
 Names follow TransformerLens: ``resid_pre[l]`` enters layer l, ``attn_out[l]`` and ``mlp_out[l]`` are
-the vectors the two branches add, ``resid_final`` leaves the last layer (the final norm's input). What a branch adds
+the vectors the layer's token mixers and channel mixers add (summed where a layer has several, zero where it has
+none), ``resid_final`` leaves the last layer (the final norm's input). What a branch adds
 comes from the discovered Structure: the branch module's output (or its post-norm's), less the residual it was given
 when it adds that itself (BLOOM), times the layer's branch scale (Granite), in the layer input's shape (OPT's MLP
 returns flattened tokens).
@@ -30,13 +31,14 @@ class BranchHooks:
     def __init__(self, model: torch.nn.Module, structure: Structure) -> None:
         self.model, self.structure = model, structure
         self.shapes: dict[int, torch.Size] = {}
-        self.residuals: dict[tuple[str, int], torch.Tensor | None] = {}
+        self.dtypes: dict[int, torch.dtype] = {}
+        self.residuals: dict[tuple[str, int, int], torch.Tensor | None] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def branch_module(self, branch: str, layer: int) -> torch.nn.Module:
-        """The module whose output branch ``attn``/``mlp`` of ``layer`` adds."""
-        paths = self.structure.attn if branch == "attn" else self.structure.mlp
-        return submodule(decoder_layers(self.model, self.structure)[layer], paths[layer])
+    def branch_modules(self, branch: str, layer: int) -> list[torch.nn.Module]:
+        """The modules whose outputs branch ``attn``/``mlp`` of ``layer`` adds (none, one or several)."""
+        block = decoder_layers(self.model, self.structure)[layer]
+        return [submodule(block, path) for path in self.structure.paths(branch, layer)]
 
     def adds_residual(self, branch: str) -> bool:
         """The branch module returns residual + what it adds (BLOOM)."""
@@ -45,32 +47,41 @@ class BranchHooks:
     def hook_layer(self, layer: int) -> None:
         """Remember the shape of the hidden states entering ``layer``."""
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            self.shapes[layer] = first_input(args, kwargs).shape
+            hidden = first_input(args, kwargs)
+            self.shapes[layer], self.dtypes[layer] = hidden.shape, hidden.dtype
         block = decoder_layers(self.model, self.structure)[layer]
         self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
 
     def hook_branch(self, branch: str, layer: int, on_output: Any) -> None:
-        """Call ``on_output(layer, output, residual)`` after the branch module runs (residual: None unless it adds
-        one); a non-None return replaces the module's first output."""
-        module = self.branch_module(branch, layer)
+        """Call ``on_output(layer, output, residual, part)`` after each module of the branch runs (residual: None
+        unless it adds one; part: the module's index among the layer's modules of that branch, in call order); a
+        non-None return replaces the module's first output."""
+        for part, module in enumerate(self.branch_modules(branch, layer)):
+            self.hook_part(branch, layer, part, module, on_output)
+
+    def hook_part(self, branch: str, layer: int, part: int, module: torch.nn.Module, on_output: Any) -> None:
+        """Hook one module of a branch (see ``hook_branch``)."""
+        key = (branch, layer, part)
         if self.adds_residual(branch):
             def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-                self.residuals[branch, layer] = residual_argument(module, args, kwargs)
+                self.residuals[key] = residual_argument(module, args, kwargs)
             self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
         def post(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-            replaced = on_output(layer, first_tensor(output), self.residuals.pop((branch, layer), None))
+            replaced = on_output(layer, first_tensor(output), self.residuals.pop(key, None), part)
             if replaced is None:
                 return None
             return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
         self._handles.append(module.register_forward_hook(post))
 
-    def added(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """What a branch adds to the residual, from its module's output: less the residual it was given (BLOOM),
-        times the branch scale (Granite), in the layer input's shape (OPT)."""
+    def added(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None, role: str, part: int
+              ) -> torch.Tensor:
+        """What a branch module adds to the residual, from its output: less the residual it was given (BLOOM), times
+        the branch's scale (Granite, Falcon-H1), in the layer input's shape (OPT)."""
         added = output if residual is None else output - residual
-        if self.structure.branch_scale != 1.0:
-            added = added * self.structure.branch_scale
+        scale = self.structure.scale(role, layer, part)
+        if scale != 1.0:
+            added = added * scale
         return added.reshape(self.shapes[layer])
 
     def register(self, layers: Sequence[int], names: Sequence[str]) -> None:
@@ -79,11 +90,20 @@ class BranchHooks:
         blocks = decoder_layers(self.model, self.structure)
         for layer in layers:
             self.hook_layer(layer)
-            if "resid_pre" in names:
+            if "resid_pre" in names and layer == 0 and self.structure.input_norm:  # RWKV: after layer 0's pre_ln
+                record = self._pre_hook(0)
+                norm = submodule(blocks[0], self.structure.input_norm)
+                self._handles.append(norm.register_forward_hook(lambda m, args, out: record(m, (out,), {})))
+            elif "resid_pre" in names:
                 self._handles.append(blocks[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
             for branch in ("attn", "mlp"):
-                if f"{branch}_out" in names:
+                if f"{branch}_out" not in names:
+                    continue
+                if self.structure.paths(branch, layer):
                     self.hook_branch(branch, layer, self._out_hook(f"{branch}_out"))
+                else:  # the layer has no such branch: it adds exactly zero
+                    self._handles.append(blocks[layer].register_forward_pre_hook(
+                        self._absent_hook(f"{branch}_out", layer), with_kwargs=True))
         if "resid_final" in names:
             norm = submodule(self.model, self.structure.final_norm)
             self._handles.append(norm.register_forward_pre_hook(self._final_hook, with_kwargs=True))
@@ -117,8 +137,16 @@ class Capture(BranchHooks):
         return hook
 
     def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
-        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> None:
-            self.records[name][layer] = self._keep(self.added(layer, output, residual))
+        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> None:
+            added = self._keep(self.added(layer, output, residual, name.removesuffix("_out"), part))
+            self.records[name][layer] = added if part == 0 else self.records[name][layer] + added
+        return hook
+
+    def _absent_hook(self, name: str, layer: int):  # noqa: ANN202 - torch hook signature
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = first_input(args, kwargs)
+            self.records[name][layer] = torch.zeros(hidden.shape, dtype=self.dtype or hidden.dtype,
+                                                    device=hidden.device)
         return hook
 
     def _final_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -171,19 +199,31 @@ class CaptureInto(BranchHooks):
         return hook
 
     def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
-        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> None:
-            self._copy(self.added(layer, output, residual), self.targets[name][self.index[layer]])
+        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> None:
+            self._copy(self.added(layer, output, residual, name.removesuffix("_out"), part),
+                       self.targets[name][self.index[layer]], add=part > 0)
+        return hook
+
+    def _absent_hook(self, name: str, layer: int):  # noqa: ANN202 - torch hook signature
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            target = self.targets[name][self.index[layer]]
+            for first, last, at in self.runs:
+                target[at:at + last - first].zero_()
         return hook
 
     def _final_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._copy(first_input(args, kwargs), self.targets["resid_final"])
 
-    def _copy(self, tensor: torch.Tensor, target: torch.Tensor) -> None:
+    def _copy(self, tensor: torch.Tensor, target: torch.Tensor, add: bool = False) -> None:
         """Copy the kept rows of ``tensor`` (batch, seq, d) into ``target`` (token, d), cast on the way (a copy made
-        now, so a layer that later adds into this tensor in place cannot change it)."""
+        now, so a layer that later adds into this tensor in place cannot change it); with ``add``, add them to what
+        an earlier module of the same branch put there."""
         flat = tensor.detach().reshape(-1, tensor.shape[-1])
         for first, last, at in self.runs:
-            target[at:at + last - first].copy_(flat[first:last], non_blocking=True)
+            if add:
+                target[at:at + last - first].add_(flat[first:last].to(target.device, target.dtype))  # waits
+            else:
+                target[at:at + last - first].copy_(flat[first:last], non_blocking=True)
 
 
 def token_runs(lengths: Sequence[int], seq_len: int, drop: int, keep: int) -> Runs:

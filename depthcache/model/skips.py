@@ -29,7 +29,7 @@ class Skip(BranchHooks):
                 self.hook_branch(branch, layer, self._zero)
         return self
 
-    def _zero(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _zero(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> torch.Tensor:
         mask = self.mask.reshape(*output.shape[:-1], 1)  # OPT's MLP output is (batch·seq, d)
         if residual is None:
             return output.masked_fill(mask, 0.0)
@@ -38,8 +38,8 @@ class Skip(BranchHooks):
 
 class Replace(BranchHooks):
     """Context manager: branch ``branch`` (attn or mlp) of ``layer`` adds ``added`` (batch, seq, d) to the residual
-    instead of what it computes; its module's output is rebuilt from it (divided by the branch scale, plus the residual
-    the module was given when it adds that itself)."""
+    instead of what it computes; its (first) module's output is rebuilt from it (divided by the branch scale, plus
+    the residual the module was given when it adds that itself), and any further module of the branch adds zero."""
 
     def __init__(self, model: torch.nn.Module, structure: Structure, layer: int, branch: str,
                  added: torch.Tensor) -> None:
@@ -50,8 +50,9 @@ class Replace(BranchHooks):
         self.hook_branch(self.branch, self.layer, self._replace)
         return self
 
-    def _replace(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        value = (self.added / self.structure.branch_scale).to(output.dtype).reshape(output.shape)
+    def _replace(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> torch.Tensor:
+        value = (self.added / self.structure.scale(self.branch, layer, part)).to(output.dtype).reshape(output.shape)
+        value = value if part == 0 else torch.zeros_like(value)
         return value if residual is None else value + residual.reshape(output.shape)
 
 
@@ -66,7 +67,11 @@ def only_layers(model: torch.nn.Module, structure: Structure, keep: list[int],
     numbered = [(m, new) for new, layer in enumerate(kept) for m in layer.modules()
                 if isinstance(getattr(m, "layer_idx", None), int)]
     original = [m.layer_idx for m, _ in numbered]
-    handle = kept[0].register_forward_pre_hook(feeder(hidden), with_kwargs=True) if hidden is not None else None
+    handle = None
+    if hidden is not None and keep[0] == 0 and structure.input_norm:  # RWKV: the stream starts after pre_ln
+        handle = submodule(kept[0], structure.input_norm).register_forward_hook(lambda m, args, out: hidden)
+    elif hidden is not None:
+        handle = kept[0].register_forward_pre_hook(feeder(hidden), with_kwargs=True)
     setattr(owner, attr, torch.nn.ModuleList(kept))
     for m, new in numbered:
         m.layer_idx = new

@@ -25,15 +25,14 @@ from depthcache.errors import DepthcacheError
 from depthcache.model.multimodal import language_model_class
 
 PROBE_TOKENS = 16
-MIXER = re.compile(r"att|mixer|mamba|conv|ssm|retention|temporal")
+MIXER = re.compile(r"att|mixer|mamba|conv|ssm|retention|temporal|lstm")
 MLP = re.compile(r"mlp|feed_?forward|ffn|^ff$|moe|expert")
+HYPER = re.compile(r"hyper_?connection")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon")
 EPS_GUESSES = (1e-5, 1e-6, 1e-8, 1e-12)  # for norms that hard-code their epsilon (OLMo's LayerNorm)
-SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap")
-# Families discovery would accept but that are not attention decoders: their token mixer is a recurrence.
-REFUSED = {"rwkv": "RWKV's time mixing is a recurrence, not attention"}
+SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,9 @@ class Structure:
     """A decoder's discovered layout: module paths, what each branch adds, and the head's formula.
 
     ``attn[l]``/``mlp[l]`` are paths relative to layer l of the modules whose outputs, times ``branch_scale``, are
-    ADDED to the residual. Logits = softcap(logit_scale · unembed(final_norm(resid_final))), with the final norm
+    ADDED to the residual: the layer's token mixers (attention, Mamba, convolution, recurrence) and its channel
+    mixers (MLP, MoE, shared expert), '+'-joined where a layer has several (Falcon-H1's Mamba beside attention) and
+    empty where it has none (a Mamba block has no MLP). This is the store's branch table. Logits = softcap(logit_scale · unembed(final_norm(resid_final))), with the final norm
     ``norm_kind`` of the residual times (``norm_offset`` + weight) plus bias.
     """
 
@@ -60,6 +61,7 @@ class Structure:
     attn_adds_residual: bool = False  # the attention module returns residual + what it adds (BLOOM)
     mlp_adds_residual: bool = False
     branch_scale: float = 1.0  # the layer adds branch_scale · (attn + mlp) (Granite's residual_multiplier)
+    part_scales: tuple[tuple[str, float], ...] = ()  # (branch module path, its own factor): Falcon-H1's multipliers
     logit_scale: float = 1.0
     logit_softcap: float | None = None
     embed_scale: float | None = None  # resid_pre[0] = embed_scale · embedding row, when it is a pure scale
@@ -69,11 +71,26 @@ class Structure:
     sliding_window: int | None = None
     attn_classes: tuple[str, ...] = ()  # per layer: the token mixer's class (hybrids mix attention kinds)
     language_model: str | None = None  # a multimodal wrapper's (class_name) language model: its class
+    input_norm: str | None = None  # a norm only layer 0 applies to its input (RWKV's pre_ln): resid_pre[0] is its output
 
     @property
     def n_layers(self) -> int:
         """Number of decoder layers."""
         return len(self.attn)
+
+    def paths(self, role: str, layer: int) -> tuple[str, ...]:
+        """The modules of branch role ``attn`` or ``mlp`` that layer ``layer`` adds (none, one or several)."""
+        joined_paths = (self.attn if role == "attn" else self.mlp)[layer]
+        return tuple(joined_paths.split("+")) if joined_paths else ()
+
+    def scale(self, role: str, layer: int, part: int) -> float:
+        """The factor the layer multiplies the output of module ``part`` of branch ``role`` by before adding it."""
+        return self.branch_scale * dict(self.part_scales).get(self.paths(role, layer)[part], 1.0)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The branch roles some layer has: ``attn``, ``mlp`` or both (a Mamba model has no ``mlp``)."""
+        return tuple(role for role in ("attn", "mlp") if any(self.attn if role == "attn" else self.mlp))
 
     def pruned(self, keep: tuple[int, ...]) -> Structure:
         """The structure of a copy that keeps only the layers ``keep`` (renumbered 0..)."""
@@ -85,6 +102,7 @@ class Structure:
     def attrs(self) -> dict[str, Any]:
         """JSON attributes for the store (``model.structure``)."""
         out = asdict(self)
+        out["part_scales"] = [list(pair) for pair in self.part_scales]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 
@@ -261,28 +279,52 @@ def layer_list(model: torch.nn.Module, count: int) -> list[str]:
             if isinstance(module, torch.nn.ModuleList) and len(module) == count]
 
 
-def branch_modules(model: torch.nn.Module, block: Call, calls: list[Call], layer: int) -> tuple[Call, Call]:
-    """The calls of the token mixer (attention) and of the MLP among a layer's direct children."""
+def branch_role(call: Call) -> str | None:
+    """The role of a layer's child: ``attn`` for a token mixer (attention, Mamba, convolution, recurrence), ``mlp``
+    for a channel mixer (MLP, MoE, shared expert), None for anything else. The class name decides before the
+    attribute name: Nemotron-H calls every block's branch ``mixer``, be it Mamba, attention or an MLP."""
+    for name in (type(call.module).__name__.lower(), call.path.lower()):
+        if MIXER.search(name):  # first: Qwen2-MoE's attention class is Qwen2MoeAttention
+            return "attn"
+        if MLP.search(name):
+            return "mlp"
+    return None
+
+
+def branch_modules(model: torch.nn.Module, block: Call, calls: list[Call], layer: int
+                   ) -> tuple[list[Call], list[Call]]:
+    """The calls of the token mixers and of the channel mixers among a layer's direct children, in call order.
+    A layer may have several of either (Falcon-H1: Mamba beside attention; Granite 4: an MoE and a shared MLP) or
+    none of one (Mamba: a mixer alone), but at least one branch."""
     plain = [c for c in calls if not is_norm(c.module) and not is_dropout(c.module)
              and not isinstance(c.module, torch.nn.Identity)]
-    mixers = [c for c in plain if MIXER.search(c.path.lower())]
-    mlps = [c for c in plain if MLP.search(c.path.lower()) and c not in mixers]
-    if not mixers:
-        raise not_a_decoder(model, f"layer {layer} ({type(block.module).__name__}) has no attention")
-    if len({c.path for c in mixers}) != 1:
-        found = sorted({c.path for c in mixers})
-        raise not_a_decoder(model, f"layer {layer} has {len(found)} token mixers ({', '.join(found)})")
-    mixer = mixers[0]
-    if not mlps:  # OPT/BioGPT style: fc1, activation, fc2 directly in the layer; fc2's output is added
-        after = [c for c in calls if c.order > mixer.order and not is_norm(c.module) and not is_dropout(c.module)
+    for call in plain:
+        kind = type(call.module).__name__
+        if HYPER.search(kind.lower()):
+            raise not_a_decoder(model, f"layer {layer} keeps several residual streams ({call.path}: {kind}, "
+                                "hyper-connections), not one vector")
+        if "residual" in kind.lower():
+            raise not_a_decoder(model, f"layer {layer} rescales the residual stream itself ({call.path}: {kind}): "
+                                "the stream is not a sum of what the layers add")
+    roles = {id(c): branch_role(c) for c in plain}
+    mixers = unique_paths([c for c in plain if roles[id(c)] == "attn"])
+    mlps = unique_paths([c for c in plain if roles[id(c)] == "mlp"])
+    if mixers and not mlps and len(plain) > len(mixers):  # OPT/BioGPT: fc1, activation, fc2 in the layer itself
+        last = mixers[-1]
+        after = [c for c in calls if c.order > last.order and not is_norm(c.module) and not is_dropout(c.module)
                  and isinstance(c.output, torch.Tensor)]
-        width = mixer.input.shape[-1] if mixer.input is not None else None
-        mlps = [c for c in after if c.output.shape[-1] == width][-1:]
-        if not mlps or len(after) < 2:
-            raise not_a_decoder(model, f"layer {layer} ({type(block.module).__name__}) has no MLP")
-    if len({c.path for c in mlps}) != 1:
-        raise not_a_decoder(model, f"layer {layer} has several MLPs ({', '.join(sorted({c.path for c in mlps}))})")
-    return mixer, mlps[0]
+        width = last.input.shape[-1] if last.input is not None else None
+        mlps = [c for c in after if c.output.shape[-1] == width][-1:] if len(after) >= 2 else []
+    if not mixers and not mlps:
+        raise not_a_decoder(model, f"layer {layer} ({type(block.module).__name__}) has no attention, mixer or MLP "
+                            "among its direct children")
+    return mixers, mlps
+
+
+def unique_paths(calls: list[Call]) -> list[Call]:
+    """The first call of each module path, in call order (a module called twice is one branch)."""
+    seen: set[str] = set()
+    return [c for c in calls if not (c.path in seen or seen.add(c.path))]
 
 
 def added_output(calls: list[Call], branch: Call) -> Call:
@@ -351,25 +393,36 @@ def fitted_scale(target: torch.Tensor, basis: torch.Tensor) -> float:
     return float((t @ b) / (b @ b).clamp_min(1e-300))
 
 
-def branch_scale(model: torch.nn.Module, text: Any, block: Call, attn: Call, mlp: Call) -> float:
-    """The factor the layer multiplies its branches by before adding them, from the config (Granite, MiniCPM)."""
-    out, inp = block.value, block.input
-    added = attn.added.reshape(inp.shape).double() + mlp.added.reshape(inp.shape).double()
+def branch_scales(model: torch.nn.Module, text: Any, block: Call, branches: list[Call], stream: torch.Tensor
+                  ) -> tuple[float, ...]:
+    """Per branch, the factor the layer multiplies it by before adding it, from the config: one for all (Granite's
+    residual_multiplier, MiniCPM's depth scale), else one per branch (Falcon-H1's ssm_out_multiplier and
+    attention_out_multiplier, applied in the layer after the modules return). ``stream``: the residual the layer
+    adds to (its input, or its input norm's output)."""
+    out, inp = block.value, stream
+    added = sum(b.added.reshape(inp.shape).double() for b in branches)
     scale = fitted_scale(out.double() - inp.double(), added)
     candidates = [1.0, *numeric_config_values(text, r"residual")]
     depth_scale = getattr(text, "scale_depth", None)
     if isinstance(depth_scale, (int, float)) and layer_count(text):
         candidates.append(float(depth_scale) / math.sqrt(layer_count(text)))
     found = snap(scale, candidates, fit_tolerance(model))
-    if found is None:
-        whole = out.double() - (inp.double() + added)  # Gemma 4's layer_scalar multiplies residual and branches
-        stream = fitted_scale(out.double(), inp.double() + added)
-        if float((out.double() - stream * (inp.double() + added)).abs().max()) <= fit_tolerance(model) * float(
-                out.double().abs().max()) < float(whole.abs().max()):
-            raise not_a_decoder(model, f"layer 0 multiplies the whole residual stream by {stream:.4g}: the stream "
-                                "is not a sum of what the layers add")
-        raise not_a_decoder(model, f"layer 0 adds its branches times {scale:.4g}, a factor no config value explains")
-    return found
+    if found is not None:
+        return (found,) * len(branches)
+    if len(branches) > 1:
+        columns = torch.stack([b.added.reshape(inp.shape).double().flatten() for b in branches], 1)
+        fitted = torch.linalg.lstsq(columns, (out.double() - inp.double()).flatten().unsqueeze(1)).solution
+        per_branch = [snap(float(v), [*candidates, *numeric_config_values(text, r"multiplier")],
+                           fit_tolerance(model)) for v in fitted.squeeze(1)]
+        if all(v is not None for v in per_branch):
+            return tuple(per_branch)
+    whole = out.double() - (inp.double() + added)  # Gemma 4's layer_scalar multiplies residual and branches
+    stream = fitted_scale(out.double(), inp.double() + added)
+    if float((out.double() - stream * (inp.double() + added)).abs().max()) <= fit_tolerance(model) * float(
+            out.double().abs().max()) < float(whole.abs().max()):
+        raise not_a_decoder(model, f"layer 0 multiplies the whole residual stream by {stream:.4g}: the stream "
+                            "is not a sum of what the layers add")
+    raise not_a_decoder(model, f"layer 0 adds its branches times {scale:.4g}, a factor no config value explains")
 
 
 def final_norm_call(model: torch.nn.Module, trace: Trace, last: Call) -> Call:
@@ -507,14 +560,41 @@ def pick_layers(model: torch.nn.Module, count: int) -> tuple[str, Trace, torch.T
     raise not_a_decoder(model, f"no list of {count} layers runs on a text input")
 
 
+def input_norm(trace: Trace, count: int) -> Call | None:
+    """A norm that only layer 0 has and applies to its input before anything else (RWKV's ``pre_ln``): the
+    residual stream starts at its output, so that is ``resid_pre[0]``."""
+    if count < 2:  # one layer: nothing to tell an input norm from the layer's own
+        return None
+    block, calls = trace.block(0), trace.group("child", 0)
+    later = {c.path for layer in range(1, count) for c in trace.group("child", layer)}
+    first = min(calls, key=lambda c: c.order, default=None)
+    if first is None or not is_norm(first.module) or first.input is not block.input or first.path in later:
+        return None
+    return first
+
+
+def unscaled_stream(model: torch.nn.Module) -> None:
+    """Turn off RWKV's inference-time halving of the residual stream every ``rescale_every`` layers (an fp16 overflow
+    guard that divides the output weights to match): the same logits up to the norms' epsilon, and a stream that is the plain
+    sum of what the layers add. Refused when a forward in eval mode has already rescaled the weights."""
+    config = model.config.get_text_config()
+    every_n = getattr(config, "rescale_every", 0)
+    if not isinstance(every_n, int) or every_n <= 0 or every_n >= (layer_count(config) or 0):
+        return
+    inner = next((m for m in model.modules() if hasattr(m, "layers_are_rescaled")), None)
+    if inner is None or inner.layers_are_rescaled:
+        raise not_a_decoder(model, f"it halves the residual stream every {every_n} layers (rescale_every); load it "
+                            "with rescale_every=0 before any forward in eval mode")
+    config.rescale_every = 0
+
+
 def discover(model: torch.nn.Module) -> Structure:
     """The model's Structure, found from its module tree, one probe forward and its config."""
     config = getattr(model, "config", None)
     if config is None:
         raise DepthcacheError(f"{type(model).__name__} has no config: not a transformers model")
     model_type = str(getattr(config, "model_type", "?"))
-    if model_type in REFUSED:
-        raise not_a_decoder(model, REFUSED[model_type])
+    unscaled_stream(model)
     if getattr(config, "is_encoder_decoder", False):
         raise not_a_decoder(model, "it is an encoder-decoder")
     text = config.get_text_config()
@@ -523,6 +603,8 @@ def discover(model: torch.nn.Module) -> Structure:
         raise not_a_decoder(model, "its config gives no layer count")
     path, trace, ids, logits = pick_layers(model, count)
     layers = [layer_branches(model, trace, layer) for layer in range(count)]
+    entry = input_norm(trace, count)
+    stream = trace.block(0).input if entry is None else entry.value  # the residual layer 0 adds to
     last = trace.block(count - 1)
     norm_call = final_norm_call(model, trace, last)
     d_model = int(first_tensor(last.output).shape[-1])
@@ -531,42 +613,69 @@ def discover(model: torch.nn.Module) -> Structure:
     types = layer_types(text, count)
     return Structure(
         model_type=model_type, class_name=type(model).__name__, layers=path,
-        attn=tuple(b.attn_added.path for b in layers), mlp=tuple(b.mlp_added.path for b in layers),
+        attn=tuple(joined(b.attn_added) for b in layers), mlp=tuple(joined(b.mlp_added) for b in layers),
         final_norm=norm_call.path, norm_kind=kind, norm_eps=eps, norm_offset=offset,
-        parallel=all(b.parallel for b in layers),
-        attn_post_norm=all(b.attn_added is not b.mixer for b in layers),
-        mlp_post_norm=all(b.mlp_added is not b.mlp for b in layers),
-        attn_adds_residual=all(b.attn_added.residual is not None for b in layers),
-        mlp_adds_residual=all(b.mlp_added.residual is not None for b in layers),
-        branch_scale=branch_scale(model, text, trace.block(0), layers[0].attn_added, layers[0].mlp_added),
-        logit_scale=scale, logit_softcap=cap, embed_scale=embedding_scale(model, ids[0], trace.block(0).input[0]),
+        parallel=every(b.parallel for b in layers),
+        attn_post_norm=every(a is not m for b in layers for a, m in zip(b.attn_added, b.mixers)),
+        mlp_post_norm=every(a is not m for b in layers for a, m in zip(b.mlp_added, b.mlps)),
+        attn_adds_residual=every(a.residual is not None for b in layers for a in b.attn_added),
+        mlp_adds_residual=every(a.residual is not None for b in layers for a in b.mlp_added),
+        **scales_fields(layers[0], branch_scales(model, text, trace.block(0), layers[0].added, stream)),
+        logit_scale=scale, logit_softcap=cap, embed_scale=embedding_scale(model, ids[0], stream[0]),
         tied_embeddings=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
-        moe_layers=tuple(i for i, b in enumerate(layers) if contains_experts(b.mlp.module)),
+        moe_layers=tuple(i for i, b in enumerate(layers) if any(contains_experts(m.module) for m in b.mlps)),
         layer_types=types, sliding_window=attention_window(text, types),
-        attn_classes=tuple(type(b.mixer.module).__name__ for b in layers),
-        language_model=language_model_class(model, path))
+        attn_classes=tuple("+".join(type(m.module).__name__ for m in b.mixers) for b in layers),
+        language_model=language_model_class(model, path),
+        input_norm=None if entry is None else entry.path)
 
 
 @dataclass(frozen=True, eq=False)
 class Branches:
-    """One layer's data flow: its token mixer and MLP calls, the calls whose outputs it adds, and whether the MLP
-    reads the layer input."""
+    """One layer's data flow: its token mixers and channel mixers (call order), the calls whose outputs it adds for
+    each, and whether its MLP reads the layer input."""
 
-    mixer: Call
-    mlp: Call
-    attn_added: Call
-    mlp_added: Call
-    parallel: bool
+    mixers: list[Call]
+    mlps: list[Call]
+    attn_added: list[Call]
+    mlp_added: list[Call]
+    parallel: bool | None  # None: the layer has no token mixer or no MLP
+
+    @property
+    def added(self) -> list[Call]:
+        """Every call whose output the layer adds."""
+        return [*self.attn_added, *self.mlp_added]
 
 
 def layer_branches(model: torch.nn.Module, trace: Trace, layer: int) -> Branches:
-    """What the probe saw of one decoder layer, or the refusal when it is not attention + MLP added to a residual."""
+    """What the probe saw of one decoder layer, or the refusal when it is not branches added to a residual."""
     calls, block = trace.group("child", layer), trace.block(layer)
-    mixer, mlp = branch_modules(model, block, calls, layer)
+    mixers, mlps = branch_modules(model, block, calls, layer)
     if any(first_tensor(block.output) is c.output for c in calls if is_norm(c.module)):
         raise not_a_decoder(model, f"layer {layer} normalises the residual stream itself (post-LN)")
-    return Branches(mixer, mlp, added_output(calls, mixer), added_output(calls, mlp),
-                    reads_layer_input(calls, block, mixer, mlp_entry(calls, mixer, mlp)))
+    parallel = (reads_layer_input(calls, block, mixers[0], mlp_entry(calls, mixers[-1], mlps[0]))
+                if mixers and mlps else None)
+    return Branches(mixers, mlps, [added_output(calls, c) for c in mixers], [added_output(calls, c) for c in mlps],
+                    parallel)
+
+
+def joined(calls: list[Call]) -> str:
+    """One layer's paths of a role, as the structure stores them: '+'-joined ('' for none)."""
+    return "+".join(c.path for c in calls)
+
+
+def scales_fields(first: Branches, scales: tuple[float, ...]) -> dict[str, Any]:
+    """The Structure fields of layer 0's branch scales: one ``branch_scale`` when they agree, else ``part_scales``
+    naming each branch module (relative path) that is not added times 1."""
+    if len(set(scales)) <= 1:
+        return {"branch_scale": scales[0] if scales else 1.0}
+    return {"part_scales": tuple((call.path, value) for call, value in zip(first.added, scales) if value != 1.0)}
+
+
+def every(flags: Iterator[bool | None]) -> bool:
+    """True when every known flag is true and at least one is known (None: the layer has no such branch)."""
+    known = [f for f in flags if f is not None]
+    return bool(known) and all(known)
 
 
 def attention_window(text: Any, types: tuple[str, ...] | None) -> int | None:

@@ -52,15 +52,16 @@ class Store:
 
     @cached_property
     def ds(self) -> xr.Dataset:
-        """The baseline run as a lazy dataset (committed tokens only), from the group checked once by ``attrs``."""
-        return lazy_dataset(self.group, self.attrs, self.bfloat16_as)
+        """The baseline run as a lazy dataset (committed tokens only), from the group checked once by ``attrs``;
+        a branch the model does not have appears as zeros (``with_absent_branches``)."""
+        return with_absent_branches(lazy_dataset(self.group, self.attrs, self.bfloat16_as), self.attrs)
 
     def run(self, name: str) -> xr.Dataset:
         """An intervention run stored under ``runs/<name>`` as a lazy dataset (its own attributes checked)."""
         if name not in self.runs():
             raise DepthcacheError(f"{self.location} has no run {name!r}; runs: {', '.join(self.runs()) or 'none'}")
         group = self.group["runs"][name]
-        return lazy_dataset(group, check_store(group), self.bfloat16_as)
+        return with_absent_branches(lazy_dataset(group, check_store(group), self.bfloat16_as), self.attrs)
 
     def runs(self) -> list[str]:
         """Names of the intervention runs in the store (noted in ``runs_read``: results then depend on them)."""
@@ -232,6 +233,27 @@ def lazy_dataset(group: zarr.Group, attrs: dict[str, Any], bfloat16_as: str = "f
     ds = xr.Dataset({name: lazy_variable(array, name, committed, chunk_tokens, bfloat16_as, key)
                      for name, array in sorted(open_arrays(group).items())})
     ds.attrs = {ATTRS_KEY: attrs}
+    return ds
+
+
+def absent_roles(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The branch roles (attn, mlp) that no layer of the store's model has, from its branch table (schema 2.2:
+    a Mamba model's layers add a mixer and no MLP)."""
+    structure = attrs.get("model", {}).get("structure") or {}
+    return tuple(role for role in ("attn", "mlp")
+                 if isinstance(structure.get(role), list) and structure[role] and not any(structure[role]))
+
+
+def with_absent_branches(ds: xr.Dataset, attrs: dict[str, Any]) -> xr.Dataset:
+    """The analysis view of a dataset whose model lacks a branch role: that role's array as lazy zeros shaped like
+    the other branch array (exactly what such a layer adds; nothing stored, nothing read), so every analysis runs
+    unchanged. What users open (``open_dataset``) shows the stored arrays only."""
+    for role in absent_roles(attrs):
+        name = f"{role}_out"
+        template = next((ds[n] for n in ("attn_out", "mlp_out", "resid_pre") if n in ds and n != name), None)
+        if name not in ds and template is not None and "layer" in template.dims:
+            zeros = da.zeros(template.shape, dtype=template.dtype, chunks=template.data.chunks)
+            ds = ds.assign({name: (template.dims, zeros, {"absent": f"the model has no {role} branch: zeros"})})
     return ds
 
 
