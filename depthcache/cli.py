@@ -145,8 +145,10 @@ def main() -> None:
 @click.option("--skip", default=None,
               help="Also store layer-skip runs beside the baseline (runs/skip_<l>): one layer '7', one run per layer "
                    "'3,7', one run skipping several '3+7', 'each', or 'range 20-29'.")
-@click.option("--skip-sublayer", default="layer", show_default=True, type=click.Choice(["layer", "attn", "mlp"]),
-              help="What a skip removes: the whole layer, or only its attention or MLP branch.")
+@click.option("--skip-sublayer", default="layer", show_default=True,
+              help="What a skip removes: the whole layer (layer), its token mixers (attn: attention, Mamba, ...), its "
+                   "channel mixers (mlp), or one branch module of the model's branch table (e.g. mamba for "
+                   "Falcon-H1's Mamba beside attention).")
 @click.option("--skip-tokens", default=4096, show_default=True, type=int,
               help="Baseline tokens each skip run covers, rounded up to whole chunks (0: all).")
 @click.option("--skip-variant", default="current", show_default=True, type=click.Choice(["current", "future"]),

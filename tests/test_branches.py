@@ -137,6 +137,22 @@ def test_falcon_h1_adds_mamba_and_attention_in_parallel_each_with_its_multiplier
         h.remove()
     torch.testing.assert_close(skipped, want)
 
+    # one branch module alone: Mamba of layer 1, attention left running (a skip run per branch)
+    with torch.no_grad(), Skip(loaded.model, structure, (1,), "mamba", mask):
+        skipped = loaded.model(input_ids=ids).logits
+    zero = layer.mamba.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+    with torch.no_grad():
+        want = loaded.model(input_ids=ids).logits
+    zero.remove()
+    torch.testing.assert_close(skipped, want)
+    opts = ExtractOptions(out=str(store), model=str(tmp_path / "m"), data=str(tmp_path / "d.jsonl"), dtype="float32",
+                          seq_len=16, max_tokens=64, batch_size=2, chunk_tokens=16, progress=False, device="cpu")
+    extract_skips(opts, SkipOptions("1,2", "mamba", 32), loaded)
+    effects = run("skip-effects", str(store), sublayer="mamba")
+    assert list(effects.skipped_layer.values) == [1, 2] and (effects.max_effect.values[:, 3] > 0).all()
+    with pytest.raises(DepthcacheError, match="layer 1 of FalconH1ForCausalLM has no branch 'conv'"):
+        extract_skips(opts, SkipOptions("1", "conv", 32), loaded)
+
 
 def test_nemotron_h_layers_add_one_mixer_of_their_own_kind(tmp_path: Path) -> None:
     model = build("nemotron_h")

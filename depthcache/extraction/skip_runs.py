@@ -17,6 +17,7 @@ first skipped one are not run at all: the baseline's stored ``resid_pre`` is fed
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -74,7 +75,8 @@ from depthcache.store.layout import (
     create_arrays,
 )
 
-SUBLAYERS = ("layer", "attn", "mlp")
+SUBLAYERS = ("layer", "attn", "mlp")  # or one branch module's path in the branch table (schema 2.2)
+BRANCH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,200}")
 VARIANTS = ("current", "future")
 PREFIXES = ("baseline", "recompute")
 FUTURE_DRAWS = 4
@@ -168,8 +170,10 @@ def layer_index(text: str, spec: str, n_layers: int) -> int:
 
 def check_skip_options(skip: SkipOptions) -> None:
     """Refuse bad intervention options before anything is loaded."""
-    for name, value, allowed in (("sublayer", skip.sublayer, SUBLAYERS), ("variant", skip.variant, VARIANTS),
-                                 ("prefix", skip.prefix, PREFIXES)):
+    if not BRANCH_NAME.fullmatch(skip.sublayer):
+        raise DepthcacheError(f"unknown --skip-sublayer {skip.sublayer!r}; choose from {', '.join(SUBLAYERS)} or a "
+                              "branch module of the model (e.g. mamba)")
+    for name, value, allowed in (("variant", skip.variant, VARIANTS), ("prefix", skip.prefix, PREFIXES)):
         if value not in allowed:
             raise DepthcacheError(f"unknown --skip-{name} {value!r}; choose from {', '.join(allowed)}")
     if skip.tokens is not None and skip.tokens < 1:
@@ -431,6 +435,10 @@ def extract_skip_runs(opts: ExtractOptions, skip: SkipOptions, loaded: LoadedMod
     structure, _ = checked(loaded.model, opts.check)
     depth = structure.n_layers
     runs = [SkipRun(layers, skip.sublayer, skip.variant) for layers in parse_skip(skip.skip, depth)]
+    if skip.sublayer not in SUBLAYERS:  # one branch module: every skipped layer must have it
+        for run in runs:
+            for layer in run.layers:
+                structure.branch_part(skip.sublayer, layer)
     if not exists:
         run_tokens(skip.tokens, 1, make_plan(opts, loaded, docs, depth).n_tokens)  # refuse before writing
     if not exists or opts.resume:

@@ -14,7 +14,9 @@ from depthcache.model.structure import Structure, submodule
 
 class Skip(BranchHooks):
     """Context manager: hooks making the skipped layers' branches add nothing to the residual where ``mask`` is set
-    (the branch output becomes zero, or the residual it was given when the module adds that itself)."""
+    (the branch output becomes zero, or the residual it was given when the module adds that itself). ``sublayer``:
+    ``layer`` (every branch), ``attn`` or ``mlp`` (every module of that role), or one branch module's path in the
+    branch table (Falcon-H1's ``mamba`` alone)."""
 
     def __init__(self, model: torch.nn.Module, structure: Structure, layers: tuple[int, ...], sublayer: str,
                  mask: torch.Tensor) -> None:
@@ -23,10 +25,14 @@ class Skip(BranchHooks):
         self.mask = mask.unsqueeze(-1)  # (batch, seq, 1)
 
     def __enter__(self) -> Skip:
-        branches = {"layer": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}
+        roles = {"layer": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}.get(self.sublayer)
         for layer in self.layers:
-            for branch in branches[self.sublayer]:
-                self.hook_branch(branch, layer, self._zero)
+            if roles is not None:
+                for branch in roles:
+                    self.hook_branch(branch, layer, self._zero)
+                continue
+            role, part = self.structure.branch_part(self.sublayer, layer)
+            self.hook_part(role, layer, part, self.branch_modules(role, layer)[part], self._zero)
         return self
 
     def _zero(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> torch.Tensor:

@@ -87,6 +87,20 @@ class Structure:
         """The factor the layer multiplies the output of module ``part`` of branch ``role`` by before adding it."""
         return self.branch_scale * dict(self.part_scales).get(self.paths(role, layer)[part], 1.0)
 
+    def branch_part(self, path: str, layer: int) -> tuple[str, int]:
+        """(role, index) of branch module ``path`` in layer ``layer``; the one-line refusal when it has none."""
+        for role in ("attn", "mlp"):
+            if path in self.paths(role, layer):
+                return role, self.paths(role, layer).index(path)
+        raise DepthcacheError(f"layer {layer} of {self.class_name} has no branch {path!r}: its branches are "
+                              f"{', '.join(self.branch_names(layer)) or 'none'} (or skip layer, attn or mlp)")
+
+    def branch_names(self, layer: int | None = None) -> list[str]:
+        """The branch modules of one layer (None: of any layer), in table order: what a skip may name."""
+        layers = range(self.n_layers) if layer is None else (layer,)
+        names = [p for i in layers for role in ("attn", "mlp") for p in self.paths(role, i)]
+        return list(dict.fromkeys(names))
+
     @property
     def roles(self) -> tuple[str, ...]:
         """The branch roles some layer has: ``attn``, ``mlp`` or both (a Mamba model has no ``mlp``)."""
