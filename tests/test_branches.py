@@ -16,6 +16,7 @@ from depthcache.coverage import CORPUS, tiny_config, tiny_tokenizer
 from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.extraction.skip_runs import SkipOptions, extract_skips
+from depthcache.locate.run import check_site
 from depthcache.model import load_model
 from depthcache.model.structure import discover
 from depthcache.store.io import read_attrs
@@ -102,6 +103,8 @@ def test_a_mamba_store_has_no_mlp_site_and_every_analysis_runs(tmp_path: Path) -
     assert (effects.max_effect.sel(skipped_layer=1).values[2:] > 0).all()  # later layers change
     with pytest.raises(DepthcacheError, match="has no mlp branch"):
         extracted(tmp_path / "m", tmp_path / "mlp.zarr", sites=("mlp",))
+    with pytest.raises(DepthcacheError, match="--site mlp: layer 0 of MambaForCausalLM has no mlp branch"):
+        check_site(discover(model), "mlp", (0, 1))
 
 
 def test_falcon_h1_adds_mamba_and_attention_in_parallel_each_with_its_multiplier(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from depthcache.locate.maps import (
 )
 from depthcache.locate.partial import Partial, partial_path
 from depthcache.locate.reference import Reference, sequence_mean, store_mean
-from depthcache.model import DEFAULT_MODEL, LoadedModel, Placement, load_model, n_layers
+from depthcache.model import DEFAULT_MODEL, LoadedModel, Placement, Structure, load_model, n_layers, structure_of
 from depthcache.progress import MINUTE, Progress
 from depthcache.tasks import load_task
 
@@ -185,6 +185,15 @@ def job_identity(kind: str, opts: LocateOptions, loaded: LoadedModel, encoded: l
                {"reference": hashlib.sha256(np.ascontiguousarray(ref.mean).tobytes()).hexdigest()})}
 
 
+def check_site(structure: Structure, site: str, layers: tuple[int, ...]) -> None:
+    """Refuse an igrad site that some chosen layer does not have (a Mamba layer has no MLP to interpolate)."""
+    lacking = [layer for layer in layers if site != "resid" and not structure.paths(site, layer)]
+    if lacking:
+        raise DepthcacheError(f"--site {site}: layer {lacking[0]} of {structure.class_name} has no {site} branch "
+                              f"({len(lacking)} of the chosen layers lack one); choose --layers that have it or "
+                              "--site resid")
+
+
 def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) -> xr.Dataset:
     """Compute the ``kind`` map of every prompt and write them to ``opts.out`` (atomically); each finished layer is
     saved in OUT.partial first, so ``opts.resume`` continues an interrupted run. Returns the dataset."""
@@ -196,6 +205,7 @@ def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) ->
     ids, encoded = prompts(opts, loaded)
     depth = n_layers(loaded.model)
     layers = parse_layers(opts.layers, depth) + ((depth,) if opts.final_residual else ())
+    check_site(structure_of(loaded.model), opts.site, layers)
     ref = reference(opts, loaded) if kind == "erasure" else None
     partial = Partial(opts.out, job_identity(kind, opts, loaded, encoded, layers, ref), opts.resume)
     maps = []
