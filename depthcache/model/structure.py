@@ -430,12 +430,17 @@ def branch_scales(model: torch.nn.Module, text: Any, block: Call, branches: list
                            fit_tolerance(model)) for v in fitted.squeeze(1)]
         if all(v is not None for v in per_branch):
             return tuple(per_branch)
-    whole = out.double() - (inp.double() + added)  # Gemma 4's layer_scalar multiplies residual and branches
-    stream = fitted_scale(out.double(), inp.double() + added)
-    if float((out.double() - stream * (inp.double() + added)).abs().max()) <= fit_tolerance(model) * float(
-            out.double().abs().max()) < float(whole.abs().max()):
-        raise not_a_decoder(model, f"layer 0 multiplies the whole residual stream by {stream:.4g}: the stream "
-                            "is not a sum of what the layers add")
+    parts = [inp.double().flatten(), *(b.added.reshape(inp.shape).double().flatten() for b in branches)]
+    columns = torch.stack(parts, 1)  # out = a · residual + Σ b_i · branch_i ?
+    coefficients = torch.linalg.lstsq(columns, out.double().flatten().unsqueeze(1)).solution.squeeze(1)
+    misfit = float((out.double().flatten() - columns @ coefficients).abs().max())
+    a, *b = coefficients.tolist()
+    if misfit <= fit_tolerance(model) * float(out.double().abs().max()) and abs(a - 1) > fit_tolerance(model):
+        if all(abs(a - v) <= fit_tolerance(model) * abs(a) for v in b):  # Beam: residual and branches alike
+            raise not_a_decoder(model, f"layer 0 multiplies the whole residual stream by {a:.4g}: the stream "
+                                "is not a sum of what the layers add")
+        raise not_a_decoder(model, f"layer 0 multiplies the residual it adds to by {a:.4g} (MiniMax's alpha): the "
+                            "stream is not a sum of what the layers add")
     raise not_a_decoder(model, f"layer 0 adds its branches times {scale:.4g}, a factor no config value explains")
 
 
