@@ -21,6 +21,7 @@ from depthcache.model import load_model
 from depthcache.model.structure import discover
 from depthcache.store.io import read_attrs
 from depthcache.store.reader import open_dataset
+from depthcache.store.schema import validate_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -122,6 +123,16 @@ def test_falcon_h1_adds_mamba_and_attention_in_parallel_each_with_its_multiplier
     np.testing.assert_allclose(ds.attn_out.values[:, :16], mixers.squeeze(1).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ds.mlp_out.values[:, :16], torch.stack(got["feed_forward"]).squeeze(1).numpy(),
                                rtol=1e-5, atol=1e-6)
+
+    # --sites parts: each token mixer apart, summing to attn_out; the store validates
+    parts = extracted(tmp_path / "m", tmp_path / "parts.zarr", sites=("resid", "attn", "mlp", "parts"))
+    pds = open_dataset(str(parts)).load()
+    assert {n for n in pds.data_vars if n.startswith("part_")} == {"part_mamba", "part_self_attn"}
+    np.testing.assert_allclose(pds.part_mamba.values[:, :16], 0.5 * torch.stack(got["mamba"]).squeeze(1).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pds.part_mamba.values + pds.part_self_attn.values, pds.attn_out.values, rtol=1e-5,
+                               atol=1e-6)
+    assert validate_store(str(parts)) == []
 
     # skipping the token mixers of layer 1 zeroes both of them: the same as the test's own hooks doing it
     loaded = load_model(str(tmp_path / "m"))

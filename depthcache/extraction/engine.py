@@ -73,15 +73,18 @@ from depthcache.store.io import (
 from depthcache.store.layout import (
     DEFAULT_SHARD_MIB,
     MIB,
+    PARTS_SITE,
     SCHEMA_VERSION,
     SHARD_MIB_BOUNDS,
-    SITE_ARRAYS,
     SITES,
     StoreLayout,
     choose_chunk_tokens,
     choose_token_shard_tokens,
     create_arrays,
+    is_part,
     layout_units,
+    part_modules,
+    site_arrays,
 )
 from depthcache.store.leftovers import remove_leftovers
 
@@ -139,19 +142,27 @@ class Plan:
 def parse_sites(sites: tuple[str, ...] | str) -> tuple[str, ...]:
     """Validate a site list ('resid,attn,mlp'), keeping the canonical order."""
     names = [s.strip() for s in (sites.split(",") if isinstance(sites, str) else sites) if s.strip()]
-    unknown = sorted(set(names) - set(SITES))
+    known = (*SITES, PARTS_SITE)
+    unknown = sorted(set(names) - set(known))
     if unknown or not names:
-        raise DepthcacheError(f"unknown site(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SITES)}")
-    return tuple(s for s in SITES if s in names)
+        raise DepthcacheError(f"unknown site(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+    return tuple(s for s in known if s in names)
 
 
 def model_sites(sites: tuple[str, ...], structure: Structure) -> tuple[str, ...]:
-    """The asked sites the model has: a branch role no layer has (a Mamba model's MLP) is not stored, not zeros."""
-    kept = tuple(s for s in sites if s == "resid" or s in structure.roles)
+    """The asked sites the model has: a branch role no layer has (a Mamba model's MLP) is not stored, not zeros;
+    ``parts`` only where some layer has several modules of a role (else attn_out and mlp_out are the parts)."""
+    kept = tuple(s for s in sites if s == "resid" or s in structure.roles
+                 or (s == PARTS_SITE and stored_parts(structure)))
     if not kept:
         raise DepthcacheError(f"{structure.class_name} has no {' or '.join(sites)} branch (its layers add "
                               f"{' and '.join(structure.roles)}): choose --sites from resid, {', '.join(structure.roles)}")
     return kept
+
+
+def stored_parts(structure: Structure) -> tuple[str, ...]:
+    """The branch modules the site ``parts`` stores apart for this model (see ``part_modules``)."""
+    return part_modules(structure.attn, structure.mlp)
 
 
 def check_options(opts: ExtractOptions) -> None:
@@ -309,9 +320,14 @@ def output_summary(logits: torch.Tensor, next_ids: torch.Tensor, top_k: int) -> 
     return {"next_logprob": next_lp, "topk_ids": ids.int(), "topk_logprobs": values - lse.unsqueeze(-1)}
 
 
-def captured_names(sites: tuple[str, ...]) -> tuple[str, ...]:
+def captured_names(sites: tuple[str, ...], structure: Structure) -> tuple[str, ...]:
     """The activation arrays a site list stores, in the store's order."""
-    return tuple(name for site in sites for name in SITE_ARRAYS[site])
+    return site_arrays(sites, stored_parts(structure))
+
+
+def layered(name: str) -> bool:
+    """An array with a layer dimension (per-layer activations)."""
+    return name in LAYERED or is_part(name)
 
 
 class BatchBuffers:
@@ -330,7 +346,7 @@ class BatchBuffers:
 
     def arrays(self, n: int) -> dict[str, np.ndarray]:
         """Numpy views of the first ``n`` tokens of every array (bf16 viewed through its bit pattern)."""
-        return {name: host_view(t[:, :n] if name in LAYERED else t[:n]) for name, t in self.host.items()}
+        return {name: host_view(t[:, :n] if layered(name) else t[:n]) for name, t in self.host.items()}
 
     def release(self) -> None:
         """Back to the pool: the writer is done with these arrays."""
@@ -340,7 +356,7 @@ class BatchBuffers:
 
 def array_shape(name: str, n_layers: int, tokens: int, d_model: int) -> tuple[int, ...]:
     """Shape of one batch's array: (layer, token, d_model) for the per-layer sites, (token, d_model) for resid_final."""
-    return (n_layers, tokens, d_model) if name in LAYERED else (tokens, d_model)
+    return (n_layers, tokens, d_model) if layered(name) else (tokens, d_model)
 
 
 def host_view(tensor: torch.Tensor) -> np.ndarray:
@@ -376,7 +392,7 @@ class DeviceStage:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for name, t in source.items():
-                rows = (slice(None), slice(0, n)) if name in LAYERED else (slice(0, n),)
+                rows = (slice(None), slice(0, n)) if layered(name) else (slice(0, n),)
                 host.host[name][rows].copy_(t[rows], non_blocking=True)
             event = self.stream.record_event()
         self.done[self.turn] = event
@@ -454,7 +470,7 @@ def batches_between(plan: Plan, start: int, stop: int, batch_size: int) -> Itera
 
 def first_tokens(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     """The first ``n`` tokens of a batch (views; the token axis is 1 for per-layer arrays, else 0)."""
-    return {k: v[:, :n] if k in LAYERED else v[:n] for k, v in batch.items()}
+    return {k: v[:, :n] if layered(k) else v[:n] for k, v in batch.items()}
 
 
 def prepare_store(opts: ExtractOptions, attrs: dict[str, Any], layout: StoreLayout, loaded: LoadedModel) -> bool:
@@ -562,11 +578,11 @@ def extract_store(opts: ExtractOptions, loaded: LoadedModel | None = None, docs:
         if existing["progress"]["complete"]:
             return existing
         attrs = existing
-    sizes = extraction_sizes(opts, attrs, plan, sites, d_model)
+    sizes = extraction_sizes(opts, attrs, plan, captured_names(sites, structure), d_model)
     preflight(attrs, sizes, loaded.model.config, opts.out, device, new=existing is None)
     if not existing:
         layout = StoreLayout(plan.n_tokens, plan.layers, d_model, opts.top_k, sites, opts.dtype, chunk_tokens, task,
-                             opts.zstd_level, token_shard)
+                             opts.zstd_level, token_shard, stored_parts(structure) if PARTS_SITE in sites else ())
         if not prepare_store(opts, attrs, layout, loaded):  # another worker created it first
             existing = read_attrs(open_group(opts.out, "r"))
             compare_identity(existing, attrs, opts.out)
@@ -585,13 +601,13 @@ def compare_layout(existing: dict[str, Any], opts: ExtractOptions, chunk_tokens:
                               f"fixed when it is created; leave {given} out to resume")
 
 
-def extraction_sizes(opts: ExtractOptions, attrs: dict[str, Any], plan: Plan, sites: tuple[str, ...],
+def extraction_sizes(opts: ExtractOptions, attrs: dict[str, Any], plan: Plan, names: tuple[str, ...],
                      d_model: int) -> Sizes:
-    """The sizes the preflight checks weigh: tokens (still to write), stored layers and sites, chunk and batch."""
+    """The sizes the preflight checks weigh: tokens (still to write), stored layers and arrays, chunk and batch."""
     o = attrs["options"]
     return Sizes(n_tokens=plan.n_tokens, remaining=plan.n_tokens - int(attrs["progress"]["tokens_committed"]),
                  n_layers=len(plan.layers), d_model=d_model, vocab=int(attrs["model"]["vocab_size"]),
-                 sites=len(sites), final=int("resid" in sites), itemsize=ITEMSIZES[o["dtype"]],
+                 sites=sum(map(layered, names)), final=int("resid_final" in names), itemsize=ITEMSIZES[o["dtype"]],
                  chunk_tokens=int(attrs["layout"]["chunk_tokens"]), seq_len=int(o["seq_len"]),
                  batch_size=int(o["batch_size"]), top_k=int(o["top_k"]), queue_batches=opts.queue_batches)
 
@@ -634,7 +650,7 @@ def planned_batches(model: torch.nn.Module, structure: Structure, plan: Plan, op
                     todo: list[tuple[int, int]], pad_id: int, device: str) -> Iterator[Batch]:
     """(first token, stored arrays, copy event, release) of each batch covering the token ranges ``todo``, run
     lazily; the arrays live in a pool of ``max(2, queue_batches)`` preallocated buffers the writer releases."""
-    names = captured_names(parse_sites(opts.sites))
+    names = captured_names(parse_sites(opts.sites), structure)
     d_model = int(model.get_output_embeddings().weight.shape[1])
     dtype, tokens = TORCH_DTYPES[opts.dtype], opts.batch_size * opts.seq_len
     pool: queue.Queue[BatchBuffers] = queue.Queue()

@@ -23,6 +23,7 @@ from depthcache.model.structure import (
     residual_argument,
     submodule,
 )
+from depthcache.store.layout import PART_PREFIX, is_part
 
 
 class BranchHooks:
@@ -84,9 +85,23 @@ class BranchHooks:
             added = added * scale
         return added.reshape(self.shapes[layer])
 
+    def recorder(self, name: str, role: str, alone: bool = False) -> Any:
+        """The branch callback that hands what a module of ``role`` adds to the subclass's ``_record`` for array
+        ``name``: summed over the role's modules, or ``alone`` (a part array holds one module)."""
+        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> None:
+            self._record(name, layer, self.added(layer, output, residual, role, part), add=part > 0 and not alone)
+        return hook
+
+    def module_of(self, path: str, layer: int) -> tuple[str, int] | None:
+        """(role, index) of branch module ``path`` in layer ``layer``, None where the layer has no such module."""
+        for role in ("attn", "mlp"):
+            if path in self.structure.paths(role, layer):
+                return role, self.structure.paths(role, layer).index(path)
+        return None
+
     def register(self, layers: Sequence[int], names: Sequence[str]) -> None:
-        """Hook the arrays ``names`` of ``layers`` with the subclass's ``_pre_hook``, ``_out_hook`` and
-        ``_final_hook``."""
+        """Hook the arrays ``names`` of ``layers`` with the subclass's ``_pre_hook``, ``_record`` (branch sums,
+        part arrays ``part_<module>``), ``_absent_hook`` and ``_final_hook``."""
         blocks = decoder_layers(self.model, self.structure)
         for layer in layers:
             self.hook_layer(layer)
@@ -100,10 +115,19 @@ class BranchHooks:
                 if f"{branch}_out" not in names:
                     continue
                 if self.structure.paths(branch, layer):
-                    self.hook_branch(branch, layer, self._out_hook(f"{branch}_out"))
+                    self.hook_branch(branch, layer, self.recorder(f"{branch}_out", branch))
                 else:  # the layer has no such branch: it adds exactly zero
                     self._handles.append(blocks[layer].register_forward_pre_hook(
                         self._absent_hook(f"{branch}_out", layer), with_kwargs=True))
+            for name in (n for n in names if is_part(n)):
+                found = self.module_of(name.removeprefix(PART_PREFIX), layer)
+                if found is None:
+                    self._handles.append(blocks[layer].register_forward_pre_hook(
+                        self._absent_hook(name, layer), with_kwargs=True))
+                else:
+                    role, part = found
+                    self.hook_part(role, layer, part, self.branch_modules(role, layer)[part],
+                                   self.recorder(name, role, alone=True))
         if "resid_final" in names:
             norm = submodule(self.model, self.structure.final_norm)
             self._handles.append(norm.register_forward_pre_hook(self._final_hook, with_kwargs=True))
@@ -136,16 +160,14 @@ class Capture(BranchHooks):
             self.records["resid_pre"][layer] = self._keep(first_input(args, kwargs))
         return hook
 
-    def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
-        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> None:
-            added = self._keep(self.added(layer, output, residual, name.removesuffix("_out"), part))
-            self.records[name][layer] = added if part == 0 else self.records[name][layer] + added
-        return hook
+    def _record(self, name: str, layer: int, added: torch.Tensor, add: bool) -> None:
+        added = self._keep(added)
+        self.records.setdefault(name, {})[layer] = self.records[name][layer] + added if add else added
 
     def _absent_hook(self, name: str, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = first_input(args, kwargs)
-            self.records[name][layer] = torch.zeros(hidden.shape, dtype=self.dtype or hidden.dtype,
+            self.records.setdefault(name, {})[layer] = torch.zeros(hidden.shape, dtype=self.dtype or hidden.dtype,
                                                     device=hidden.device)
         return hook
 
@@ -198,11 +220,8 @@ class CaptureInto(BranchHooks):
             self._copy(first_input(args, kwargs), self.targets["resid_pre"][self.index[layer]])
         return hook
 
-    def _out_hook(self, name: str):  # noqa: ANN202 - branch callback
-        def hook(layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> None:
-            self._copy(self.added(layer, output, residual, name.removesuffix("_out"), part),
-                       self.targets[name][self.index[layer]], add=part > 0)
-        return hook
+    def _record(self, name: str, layer: int, added: torch.Tensor, add: bool) -> None:
+        self._copy(added, self.targets[name][self.index[layer]], add=add)
 
     def _absent_hook(self, name: str, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -29,6 +29,7 @@ bytes / 128 MiB + 1. Every inner chunk ends with its crc32c and so does every sh
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,16 +99,43 @@ TASK_ARRAYS = {n: a.dtype for n, a in ARRAYS.items() if a.group == "task"}
 OUTPUT_ARRAYS = tuple(n for n, a in ARRAYS.items() if a.dims == ("token", "k"))
 
 
+PARTS_SITE = "parts"  # schema 2.2, opt-in (--sites resid,attn,mlp,parts): each branch module apart
+PART_PREFIX = "part_"
+PART_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+PART_SPEC = ArraySpec(("layer", "token", "d_model"), "activation", PARTS_SITE,
+                      doc="what one branch module adds, where a layer has several of a role (part_<module>)")
+
+
+def is_part(name: str) -> bool:
+    """An array of one branch module's part (``part_mamba``), named after a plain module path."""
+    return name.startswith(PART_PREFIX) and PART_NAME.fullmatch(name[len(PART_PREFIX):]) is not None
+
+
+def array_spec(name: str) -> ArraySpec:
+    """The table's entry for array ``name``, part arrays included."""
+    return PART_SPEC if is_part(name) else ARRAYS[name]
+
+
+def part_modules(attn: Sequence[str], mlp: Sequence[str]) -> tuple[str, ...]:
+    """The branch modules ``--sites parts`` stores apart: every module of a role of which some layer has several
+    (Falcon-H1's mamba and self_attn; Granite 4's block_sparse_moe and shared_mlp), in branch-table order."""
+    names: list[str] = []
+    for table in (attn, mlp):
+        if any("+" in entry for entry in table):
+            names += [path for entry in table for path in entry.split("+") if PART_NAME.fullmatch(path)]
+    return tuple(dict.fromkeys(names))
+
+
 def array_dtype(name: str, activation_dtype: str) -> str:
     """The data type of array ``name`` in a store of activation dtype ``activation_dtype``."""
-    dtype = ARRAYS[name].dtype
+    dtype = array_spec(name).dtype
     return activation_dtype if dtype == "activation" else dtype
 
 
 def array_shape(name: str, n_tokens: int, n_layers: int, d_model: int, top_k: int) -> tuple[int, ...]:
     """The shape of array ``name`` from the sizes of its dims."""
     sizes = {"layer": n_layers, "token": n_tokens, "d_model": d_model, "k": top_k}
-    return tuple(sizes[d] for d in ARRAYS[name].dims)
+    return tuple(sizes[d] for d in array_spec(name).dims)
 
 
 def activation_compressors(zstd_level: int | None) -> list[Any]:
@@ -119,7 +147,7 @@ def activation_compressors(zstd_level: int | None) -> list[Any]:
 def create_array(group: zarr.Group, name: str, layout: StoreLayout) -> None:
     """Create one empty array of the table in ``group``: shape from ``layout``, chunks along tokens (sharded in
     schema 2.0), every chunk checksummed."""
-    spec = ARRAYS[name]
+    spec = array_spec(name)
     shape = array_shape(name, layout.n_tokens, len(layout.layers), layout.d_model, layout.top_k)
     chunks = tuple(layout.chunk_tokens if d == "token" else n for d, n in zip(spec.dims, shape))
     shards = None
@@ -149,10 +177,17 @@ class StoreLayout:
     task: bool = False  # a task store (schema 1.2): also the per-token arrays TASK_ARRAYS
     zstd_level: int | None = None  # activations: crc32c only (None), or zstd at this level first
     token_shard_tokens: int | None = None  # 2.0: tokens per shard of the arrays without a layer dim (None: 1.x)
+    parts: tuple[str, ...] = ()  # 2.2: the branch modules stored apart (site "parts"), see ``part_modules``
 
     def activation_arrays(self) -> dict[str, tuple[str, ...]]:
         """Name → dimension names of each activation array this layout stores."""
-        return {name: ARRAYS[name].dims for site in self.sites for name in SITE_ARRAYS[site]}
+        return {name: array_spec(name).dims for name in site_arrays(self.sites, self.parts)}
+
+
+def site_arrays(sites: Sequence[str], parts: Sequence[str] = ()) -> tuple[str, ...]:
+    """The activation arrays of a site list, in the store's order (``parts``: the modules of site "parts")."""
+    return tuple(name for site in sites
+                 for name in ((PART_PREFIX + p for p in parts) if site == PARTS_SITE else SITE_ARRAYS[site]))
 
 
 def choose_chunk_tokens(n_layers: int, d_model: int, itemsize: int, n_tokens: int | None = None,

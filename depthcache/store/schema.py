@@ -49,9 +49,13 @@ from depthcache.store.layout import (
     ARRAYS,
     ATTRS_KEY,
     CHECKSUMMED_HEAD,
+    PART_PREFIX,
+    PARTS_SITE,
     array_dtype,
     array_shape,
+    array_spec,
     is_checksummed,
+    part_modules,
 )
 from depthcache.store.leftovers import leftover_problems
 from depthcache.store.problems import (
@@ -145,7 +149,11 @@ def expected_arrays(attrs: dict[str, Any]) -> list[str]:
     sites = attrs["options"]["sites"]
     groups = {"base"} | ({"task"} if "task" in attrs["dataset"] else set())  # schema 1.2 task stores
     groups |= {"run"} if "intervention" in attrs else set()  # a run's arrays are checked where present
-    return [name for name, spec in ARRAYS.items() if spec.group in groups and (spec.site is None or spec.site in sites)]
+    names = [name for name, spec in ARRAYS.items() if spec.group in groups and (spec.site is None or spec.site in sites)]
+    if PARTS_SITE in sites:  # 2.2: one array per branch module the branch table has several of in a role
+        structure = attrs["model"].get("structure") or {}
+        names += [PART_PREFIX + p for p in part_modules(structure.get("attn") or [], structure.get("mlp") or [])]
+    return names
 
 
 def expected_metadata(attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -155,7 +163,7 @@ def expected_metadata(attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     token_shard = lay.get("token_shard_tokens")
     result = {}
     for name in expected_arrays(attrs):
-        dims = ARRAYS[name].dims
+        dims = array_spec(name).dims
         shape = array_shape(name, lay["n_tokens"], len(opts["layers"]), attrs["model"]["d_model"], opts["top_k"])
         chunks = [lay["chunk_tokens"] if d == "token" else n for d, n in zip(dims, shape)]
         shards = None
