@@ -133,6 +133,13 @@ def test_falcon_h1_adds_mamba_and_attention_in_parallel_each_with_its_multiplier
     np.testing.assert_allclose(pds.part_mamba.values + pds.part_self_attn.values, pds.attn_out.values, rtol=1e-5,
                                atol=1e-6)
     assert validate_store(str(parts)) == []
+    result = run("contributions", str(parts))  # each module is a sublayer too, against the layer input h
+    keep = pds.position.values > 0
+    h = pds.resid_pre.values[:, keep].astype(np.float64)
+    for name in ("part_mamba", "part_self_attn"):
+        p = pds[name].values[:, keep].astype(np.float64)
+        want = (np.linalg.norm(p, axis=-1) / np.linalg.norm(h, axis=-1)).mean(axis=1)
+        np.testing.assert_allclose(result.rel_mean.sel(sublayer=name).values, want, rtol=1e-6)
 
     # skipping the token mixers of layer 1 zeroes both of them: the same as the test's own hooks doing it
     loaded = load_model(str(tmp_path / "m"))

@@ -28,6 +28,7 @@ from depthcache.analyze.reduce import (
     windows_of,
 )
 from depthcache.analyze.registry import Level, Resamples, analysis
+from depthcache.store.layout import is_part
 from depthcache.store.reader import Store
 
 SUBLAYERS = ("attn", "mlp", "layer")
@@ -57,12 +58,26 @@ def layer_quantities(h: np.ndarray, a: np.ndarray, m: np.ndarray, parallel: bool
                          na, nm, nd, nh, (hh + dh) / (n_next * nh)])
 
 
-def chunk_partials(h: np.ndarray, a: np.ndarray, m: np.ndarray, position: np.ndarray, seq: np.ndarray, *,
-                   parallel: bool, include_first: bool, edges: np.ndarray) -> np.ndarray:
+def part_quantities(h: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+    """(3 · len(parts), tokens) float64: ‖p‖/‖h‖, cos(p, h) and ‖p‖ of each branch module's part p (a store made
+    with --sites parts: Falcon-H1's Mamba and attention apart), all against the layer input h."""
+    nh = np.sqrt(rows_dot(h, h))
+    rows = []
+    for part in parts:
+        npart = np.sqrt(rows_dot(part, part))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rows += [npart / nh, rows_dot(part, h) / (npart * nh), npart]
+    return np.stack(rows) if rows else np.empty((0, h.shape[0]))
+
+
+def chunk_partials(h: np.ndarray, a: np.ndarray, m: np.ndarray, position: np.ndarray, seq: np.ndarray,
+                   *parts: np.ndarray, parallel: bool, include_first: bool, edges: np.ndarray) -> np.ndarray:
     """(pieces, 4, quantity, layer, bucket) count/sum/sum of squares/max of every quantity over each window piece
     (a run of one seq_id) of one token chunk: the per-window partial sums the intervals resample."""
-    values = np.stack([layer_quantities(as_float32(h[i], "h"), as_float32(a[i], "a"), as_float32(m[i], "m"),
-                                        parallel) for i in range(h.shape[0])], axis=1)
+    values = np.stack([np.concatenate([
+        layer_quantities(as_float32(h[i], "h"), as_float32(a[i], "a"), as_float32(m[i], "m"), parallel),
+        part_quantities(as_float32(h[i], "h"), [as_float32(p[i], f"p{j}") for j, p in enumerate(parts)])])
+        for i in range(h.shape[0])], axis=1)
     bounds = [*run_starts(seq), len(seq)]
     return np.stack([bucket_partials(values[..., lo:hi], position[lo:hi], include_first, edges)
                      for lo, hi in zip(bounds[:-1], bounds[1:])])
@@ -76,9 +91,9 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
     fig, (rel, cos) = plotting.figure(2)
     floor = plotting.band_floor(result.rel_mean.values)
     clipped = False
-    for sub in SUBLAYERS:
+    for sub in result.sublayer.values:  # attn, mlp, layer, then any part_<module> (dashed)
         r = result.sel(sublayer=sub)
-        line, = rel.plot(layers, r.rel_mean, marker="o", ms=3, label=sub)
+        line, = rel.plot(layers, r.rel_mean, marker="o", ms=3, label=sub, ls="--" if is_part(sub) else "-")
         lower, upper, cut = plotting.band_edges(r.rel_mean.values, r.rel_std.values, floor)
         rel.plot(layers, lower, lw=0.6, ls=":", color=line.get_color())
         rel.plot(layers, upper, lw=0.6, ls=":", color=line.get_color())
@@ -127,17 +142,21 @@ def contributions(store: Store, include_first: bool = False, ci_resamples: Resam
     tokens = ds.resid_pre.data.chunks[1]
     sizes, piece_ids = window_pieces(ds.seq_id.values, tokens)
     seq = ds.seq_id.data.rechunk((tokens,))
+    parts = sorted(n for n in ds.data_vars if is_part(n))  # --sites parts: each branch module as a sublayer too
+    quantities = (*QUANTITIES, *(f"{k}_{p}" for p in parts for k in ("rel", "cos", "norm")))
+    sublayers = (*SUBLAYERS, *parts)
+    part_args = [arg for p in parts for arg in (ds[p].data, "ltd")]
     partials = da.blockwise(chunk_partials, "tsqlb", ds.resid_pre.data, "ltd", ds.attn_out.data, "ltd",
-                            ds.mlp_out.data, "ltd", ds.position.data.rechunk((tokens,)), "t", seq, "t",
-                            new_axes={"s": 4, "q": len(QUANTITIES), "b": len(edges) - 1}, adjust_chunks={"t": sizes},
+                            ds.mlp_out.data, "ltd", ds.position.data.rechunk((tokens,)), "t", seq, "t", *part_args,
+                            new_axes={"s": 4, "q": len(quantities), "b": len(edges) - 1}, adjust_chunks={"t": sizes},
                             concatenate=True, dtype=np.float64, meta=np.empty((0,) * 5),
                             parallel=parallel, include_first=include_first, edges=edges)
     stats = combine_partials(partials)  # mean/std/max (quantity, layer, bucket) and overall (quantity, layer)
     sums_w = windows_of(partials[:, 1].sum(axis=-1), piece_ids)  # (window, quantity, layer)
     counts_w = windows_of(partials[:, 0, 0, 0].sum(axis=-1), piece_ids)  # (window,)
     lo, hi = lazy_interval(sums_w, counts_w, ci_resamples, ci_seed, ci_level)
-    q = {name: i for i, name in enumerate(QUANTITIES)}
-    sub = [q[f"rel_{s}"] for s in SUBLAYERS], [q[f"cos_{s}"] for s in SUBLAYERS], [q[f"norm_{s}"] for s in SUBLAYERS]
+    q = {name: i for i, name in enumerate(quantities)}
+    sub = [q[f"rel_{s}"] for s in sublayers], [q[f"cos_{s}"] for s in sublayers], [q[f"norm_{s}"] for s in sublayers]
     rel, cos, nrm = sub
     layers = ds.layer.values
     labels = [f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])]
@@ -160,8 +179,8 @@ def contributions(store: Store, include_first: bool = False, ci_resamples: Resam
          "cos_mean_by_position": (slb, stats["mean_by_bucket"][cos]),
          "tokens_by_position": ("position_bucket", stats["count_by_bucket"]),
          "tokens_used": ((), stats["count"])},
-        coords={"sublayer": np.array(SUBLAYERS, dtype=object), "layer": layers, "window": np.unique(piece_ids),
-                "quantity": np.array(QUANTITIES, dtype=object), "relative_depth": ("layer", layers / store.n_layers),
+        coords={"sublayer": np.array(sublayers, dtype=object), "layer": layers, "window": np.unique(piece_ids),
+                "quantity": np.array(quantities, dtype=object), "relative_depth": ("layer", layers / store.n_layers),
                 "position_bucket": np.array(labels, dtype=object), "bucket_start": ("position_bucket", edges[:-1]),
                 "bucket_end": ("position_bucket", edges[1:] - 1)},
         attrs={"include_first": int(include_first), "parallel_residual": int(parallel), "n_layers": store.n_layers,
@@ -170,7 +189,9 @@ def contributions(store: Store, include_first: bool = False, ci_resamples: Resam
                "tokens": int(ds.sizes["token"]),
                "description": "per token: rel = ‖a‖/‖h‖ (attn), ‖m‖/‖h+a‖ (mlp; ‖m‖/‖h‖ if parallel_residual), "
                               "‖d‖/‖h‖ (layer, d = a+m); cos = cos(a,h), cos(m,h+a) (cos(m,h) if parallel), "
-                              "cos(d,h); norm = ‖a‖, ‖m‖, ‖d‖; resid_norm = ‖h‖; turn_cos = cos(h+d, h). "
+                              "cos(d,h); norm = ‖a‖, ‖m‖, ‖d‖; sublayers part_<module> (stores made with --sites "
+                              "parts): ‖p‖/‖h‖, cos(p,h), ‖p‖ of that branch module alone; resid_norm = ‖h‖; "
+                              "turn_cos = cos(h+d, h). "
                               "mean/std/max over tokens (float64); position 0 of each window "
                               f"{'included' if include_first else 'excluded'} (parameter include_first); "
                               "*_by_position: the mean per position bucket [bucket_start, bucket_end]; *_lo/*_hi: the "
