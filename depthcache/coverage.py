@@ -33,7 +33,7 @@ from depthcache.errors import DepthcacheError
 from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.model import TOLERANCES, LoadedModel, Structure, checked, relative_errors, tokenizer_files
 from depthcache.model.loading import text_ready
-from depthcache.model.multimodal import AutoTextLM, release_towers
+from depthcache.model.multimodal import auto_class, release_towers
 from depthcache.store.head import logits_from_residual, read_head
 from depthcache.store.reader import open_dataset
 
@@ -113,12 +113,14 @@ BUILD: dict[str, dict[str, Any]] = {
             "decoder_config": {"hidden_size_global": 32}},
 }
 # A multimodal wrapper's other towers (vision, audio): built small, released after building, never run on text.
-TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "hidden_size": 32, "intermediate_size": 64,
-              "num_attention_heads": 2, "num_heads": 2, "head_dim": 16, "num_key_value_heads": 2, "embed_dim": 32, "hidden_dim": 32, "d_model": 32,
-              "encoder_layers": 1, "decoder_layers": 1, "vocab_size": VOCAB, "encoder_attention_heads": 2,
-              "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "codebook_dim": 32}
+TOWER_TINY = {"num_hidden_layers": 1, "depth": 1, "num_layers": 1, "n_layers": 1, "hidden_size": 32,
+              "intermediate_size": 64, "num_attention_heads": 2, "num_heads": 2, "head_dim": 16,
+              "num_key_value_heads": 2, "embed_dim": 32, "hidden_dim": 32, "d_model": 32, "encoder_layers": 1,
+              "decoder_layers": 1, "vocab_size": VOCAB, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+              "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "codebook_dim": 32}
 TEXT_KEYS = ("text_config", "decoder", "generator")  # transformers' names of a composite's text (decoder) config
 MAX_PARAMETERS = 20_000_000
+MAX_BUILT = 500_000_000  # towers included, built before they are released: 2 GB of float32 at most (Emu3's: 244M)
 CORPUS = ("The quick brown fox jumps over the lazy dog. Residual streams carry information from layer to layer. "
           "Numbers: 0 1 2 3 4 5 6 7 8 9 and some punctuation, too! Language models use their depth in many ways.")
 SEQ_LEN = 16
@@ -276,9 +278,9 @@ def as_lists(defaults: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
 
 
 def causal_lm(config: Any, model_type: str) -> torch.nn.Module:
-    """The family's causal LM built from ``config`` through the auto class, or through the registry's class from the
-    sub-config of its config class where the config is a composite the auto class does not unwrap (MusicGen's
-    ``decoder``: transformers swaps in a ``text_config`` only)."""
+    """The family's causal LM built from ``config`` (towers not yet released) through the auto class, or through
+    the registry's class from the sub-config of its config class where the config is a composite the auto class does
+    not unwrap (MusicGen's ``decoder``: transformers swaps in a ``text_config`` only)."""
     import transformers
 
     cls = getattr(transformers, causal_lm_registry().get(model_type, ""), None)
@@ -286,14 +288,15 @@ def causal_lm(config: Any, model_type: str) -> torch.nn.Module:
     subs = [getattr(config, key, None) for key in getattr(config, "sub_configs", None) or {}]
     own = next((sub for sub in subs if wanted is not None and isinstance(sub, wanted)), None)
     if own is None or isinstance(config, wanted) or "text_config" in config.sub_configs:
-        return AutoTextLM.from_config(config)
+        return auto_class(config).from_config(config)
     return cls._from_config(own)
 
 
 def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torch.nn.Module:
     """A random-weight model of the family at tiny size, in eval mode, through the causal-LM auto class (else the
     image-text-to-text one), or with ``image_text`` the image-text-to-text registry's class: a wrapper has its towers
-    released, as loading does. Counted on the meta device first, so an oversized config never allocates."""
+    released, as loading does. Counted on the meta device first, towers and all (they are built before they are
+    released), so an oversized config never allocates."""
     import transformers
 
     config = tiny_config(model_type)
@@ -303,14 +306,18 @@ def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torc
     def build() -> torch.nn.Module:
         if not image_text:
             return causal_lm(config, model_type)
-        return release_towers(getattr(transformers, image_text_registry()[model_type])._from_config(config))
+        return getattr(transformers, image_text_registry()[model_type])._from_config(config)
 
     with torch.device("meta"):
-        counted = sum(p.numel() for p in build().parameters())
+        model = build()
+        built = sum(p.numel() for p in model.parameters())
+        counted = sum(p.numel() for p in release_towers(model).parameters())
+    if built > MAX_BUILT:
+        raise DepthcacheError(f"not tiny: {built / 1e6:.0f}M parameters built with the shrunk config, towers included")
     if counted > MAX_PARAMETERS:
         raise DepthcacheError(f"not tiny: {counted / 1e6:.0f}M parameters with the shrunk config")
     torch.manual_seed(seed)
-    return text_ready(build()).eval()
+    return text_ready(release_towers(build())).eval()
 
 
 def tiny_tokenizer() -> Any:
@@ -339,9 +346,10 @@ def store_errors(store: Path) -> tuple[float, float]:
     """(identity, next-token log-prob) errors of an extracted store: the residual identity on the stored arrays, and
     the stored head's logit lens of resid_final against the stored next-token log-probs."""
     ds = open_dataset(str(store)).load()
-    h, a, m = (ds[name].values.astype(np.float64) for name in ("resid_pre", "attn_out", "mlp_out"))
+    h = ds.resid_pre.values.astype(np.float64)
+    branches = sum(ds[n].values.astype(np.float64) for n in ("attn_out", "mlp_out") if n in ds)  # Mamba: no mlp_out
     nxt = np.concatenate([h[1:], ds.resid_final.values[None].astype(np.float64)])
-    identity = float(relative_errors(h + a + m, nxt).max())
+    identity = float(relative_errors(h + branches, nxt).max())
     z = logits_from_residual(ds.resid_final.values, read_head(str(store))).astype(np.float64)
     logp = z - z.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))

@@ -8,7 +8,9 @@ import importlib.util
 import pytest
 import torch
 
+from depthcache import coverage
 from depthcache.coverage import DRAFTER, MAX_PARAMETERS, VOCAB, cover, tiny_model
+from depthcache.errors import DepthcacheError
 from depthcache.model.loading import text_ready
 
 IDS = torch.arange(3, 19).view(1, -1)
@@ -21,7 +23,8 @@ BUILT = [("blt", False),  # hash table at the tiny vocabulary (was 96M parameter
          ("xmod", False),  # language adapter chosen as loading does
          ("apertus1p5", True),  # codebook token ranges inside the tiny vocabulary
          ("granite4_vision", True),  # deepstack map, spatial layers, window rate, Q-Former width
-         ("fast_vlm", True), ("perception_lm", True)]  # a SigLIP tower where timm was the default
+         ("fast_vlm", True), ("perception_lm", True),  # a SigLIP tower where timm was the default
+         ("inkling_mm_model", True)]  # its vision tower's layer count (n_layers) shrunk: it allocated 23 GB
 
 
 @pytest.mark.parametrize("model_type, image_text", BUILT)
@@ -31,6 +34,12 @@ def test_family_builds_tiny_and_runs_on_token_ids(model_type: str, image_text: b
     with torch.no_grad():
         logits = model(input_ids=IDS, use_cache=False).logits
     assert logits.shape == (1, 16, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_towers_are_counted_before_they_are_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coverage, "MAX_BUILT", 100_000_000)  # Emu3's VQ tower: 244M, its text model 1M
+    with pytest.raises(DepthcacheError, match=r"not tiny: 244M parameters built with the shrunk config, towers incl"):
+        tiny_model("emu3", image_text=True)
 
 
 def test_musicgen_builds_its_decoder_which_reads_one_stream_per_codebook() -> None:
@@ -56,8 +65,8 @@ def test_a_timm_tower_is_named_as_the_reason() -> None:
     if importlib.util.find_spec("timm") is not None:
         pytest.skip("timm is installed here, so Gemma 3n's vision tower builds")
     row = cover("gemma3n", image_text=True)
-    assert not row.supported
-    assert row.reason == "needs the timm package for its vision tower (TimmWrapperModel), not a dependency of depthcache"
+    assert not row.supported and row.reason == ("needs the timm package for its vision tower (TimmWrapperModel), "
+                                                "not a dependency of depthcache")
 
 
 @pytest.mark.parametrize("model_type", ["gemma4_assistant", "gemma4_unified_assistant"])
