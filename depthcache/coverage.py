@@ -523,8 +523,9 @@ def render(rows: list[Row], image_rows: list[Row]) -> str:
         "2-window extraction in float32 whose store must satisfy the residual identity again. Errors are relative "
         "to each token's largest value (identity: the largest over layers of the check and the store; logits: the "
         "logit lens of `resid_final` against the model's logits). A multimodal config is built with its text "
-        "config shrunk the same way and its other towers (vision, audio) to 1 layer of width 32; the towers are "
-        "released after building, as loading does, so only the language model runs (\"via\" names its class).",
+        "config shrunk the same way and its other towers (vision, audio) to 1 layer of width 32 (one that defaults "
+        "to a timm model as a SigLIP one: timm is not a dependency); the towers are released after building, as "
+        "loading does, so only the language model runs (\"via\" names its class).",
         "",
         f"{tally(rows)}; torch {torch.__version__}, Python {platform.python_version()}).",
         "",
