@@ -28,6 +28,7 @@ PROBE_TOKENS = 16
 MIXER = re.compile(r"att|mixer|mamba|conv|ssm|retention|temporal|lstm")
 MLP = re.compile(r"mlp|feed_?forward|ffn|^ff$|moe|expert")
 HYPER = re.compile(r"hyper_?connection")
+CAMEL_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+")  # the words of a class name: xLSTMLayer: x, LSTM, Layer
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon")
@@ -295,13 +296,20 @@ def layer_list(model: torch.nn.Module, count: int) -> list[str]:
 
 def branch_role(call: Call) -> str | None:
     """The role of a layer's child: ``attn`` for a token mixer (attention, Mamba, convolution, recurrence), ``mlp``
-    for a channel mixer (MLP, MoE, shared expert), None for anything else. The class name decides before the
-    attribute name: Nemotron-H calls every block's branch ``mixer``, be it Mamba, attention or an MLP."""
-    for name in (type(call.module).__name__.lower(), call.path.lower()):
-        if MIXER.search(name):  # first: Qwen2-MoE's attention class is Qwen2MoeAttention
-            return "attn"
-        if MLP.search(name):
-            return "mlp"
+    for a channel mixer (MLP, MoE, shared expert), None for anything else (cross-attention to another modality
+    included; the load check proves it adds nothing on text). The class name decides before the attribute name:
+    Nemotron-H calls every block's branch ``mixer``, be it Mamba, attention or an MLP."""
+    kind = type(call.module).__name__
+    words = [word.lower() for word in CAMEL_WORD.findall(kind)]
+    if "cross" in words:  # cross-attention to another modality (Evolla's adapter): on text alone it adds nothing
+        return None
+    if any(MIXER.match(word) for word in words):  # by word: GptOssMLP has no "ssm"
+        return "attn"  # before the MLP test: Qwen2MoeAttention is attention
+    if MLP.search(kind.lower()):  # anywhere: NemotronHMoE
+        return "mlp"
+    for role, pattern in (("attn", MIXER), ("mlp", MLP)):
+        if pattern.search(call.path.lower()):
+            return role
     return None
 
 
