@@ -112,7 +112,10 @@ def main() -> None:
 @click.option("--split", default=None, help="Split of a saved DatasetDict (default: train, or its only split).")
 @click.option("--out", required=True, help="Store to create (a folder ending in .zarr).")
 @click.option("--sites", default="resid,attn,mlp", show_default=True,
-              help="Which activations to store: resid (resid_pre + resid_final), attn, mlp.")
+              help="Which activations to store: resid (resid_pre + resid_final), attn (what the token mixers add: "
+                   "attention, Mamba, ...), mlp (what the channel mixers add; none for a model without MLPs), parts "
+                   "(each branch module apart where a layer has several of a kind, e.g. Falcon-H1's mamba and "
+                   "self_attn: part_<module>).")
 @click.option("--layers", default="all", show_default=True, help=f"Layers to store: a {LAYERS_HELP}.")
 @click.option("--max-tokens", default=16384, show_default=True, type=int,
               help="Stop after this many tokens (0: the whole dataset).")
