@@ -418,10 +418,11 @@ def cover(model_type: str, class_name: str = "", tokenizer: Any = None, timeout:
                 return Row(model_type, class_name, False, f"the extracted store is off (identity {identity:.2g}, "
                            f"log-prob {logprob:.2g})", seconds=time.perf_counter() - start)
     except DepthcacheError as exc:
-        why = NOT_ON_TEXT.get(model_type, reason(exc)) if "a forward of" in str(exc) else reason(exc)
+        why = NOT_ON_TEXT.get(model_type, reason(exc))
         return Row(model_type, class_name, False, why, seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - the probe forward of an unsupported family may fail in any way
-        return Row(model_type, class_name, False, f"forward failed ({short(exc)})", seconds=time.perf_counter() - start)
+        why = NOT_ON_TEXT.get(model_type, f"forward failed ({short(exc)})")
+        return Row(model_type, class_name, False, why, seconds=time.perf_counter() - start)
     return Row(model_type, class_name, True, "", max(result.identity_error, identity), result.logits_error, structure,
                time.perf_counter() - start)
 
@@ -436,11 +437,14 @@ def missing_package(exc: ImportError) -> str:
     return f"needs the {package} package for its {part} ({cls}), not a dependency of depthcache"
 
 
-# Families whose forward does not run on token ids at all, from their modeling code: what discovery's failed
-# probe forward means for them.
+# Families whose forward does not run on one sequence of token ids at all, from their modeling code: what a failed
+# probe forward (discovery's own words name only the symptom) means for them.
 DRAFTER = ("a drafter for a Gemma 4 target model: it runs on the target's hidden states and KV cache "
            "(inputs_embeds, shared_kv_states), never on tokens alone")
-NOT_ON_TEXT = {"gemma4_assistant": DRAFTER, "gemma4_unified_assistant": DRAFTER}
+CODEBOOKS = ("an audio decoder: its input is one token stream per codebook (their embeddings summed) and it has a "
+             "head per codebook, not one token sequence")
+NOT_ON_TEXT = {"gemma4_assistant": DRAFTER, "gemma4_unified_assistant": DRAFTER, "musicgen": CODEBOOKS,
+               "musicgen_melody": CODEBOOKS}
 REASONS = {"is not a residual attention+MLP decoder: ": "not a residual attention+MLP decoder: ",
            "fails the load check: ": "load check fails: "}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from depthcache import coverage
-from depthcache.coverage import DRAFTER, MAX_PARAMETERS, VOCAB, cover, tiny_model
+from depthcache.coverage import CODEBOOKS, DRAFTER, MAX_PARAMETERS, VOCAB, cover, tiny_model
 from depthcache.errors import DepthcacheError
 from depthcache.model.loading import text_ready
 
@@ -69,7 +69,8 @@ def test_a_timm_tower_is_named_as_the_reason() -> None:
                                                 "not a dependency of depthcache")
 
 
-@pytest.mark.parametrize("model_type", ["gemma4_assistant", "gemma4_unified_assistant"])
-def test_a_drafter_is_refused_as_one(model_type: str) -> None:
+@pytest.mark.parametrize("model_type, why", [("gemma4_assistant", DRAFTER), ("gemma4_unified_assistant", DRAFTER),
+                                             ("musicgen", CODEBOOKS)])
+def test_a_family_that_does_not_run_on_one_token_sequence_is_refused_saying_so(model_type: str, why: str) -> None:
     row = cover(model_type)
-    assert not row.supported and row.reason == DRAFTER
+    assert not row.supported and row.reason == why
