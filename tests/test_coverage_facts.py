@@ -4,14 +4,15 @@ under MAX_PARAMETERS and runs on token ids, and the families that cannot are ref
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from depthcache import coverage
-from depthcache.coverage import CODEBOOKS, DRAFTER, MAX_PARAMETERS, VOCAB, cover, tiny_model
+from depthcache.coverage import CODEBOOKS, DRAFTER, MAX_PARAMETERS, VOCAB, cover, tiny_model, tiny_tokenizer
 from depthcache.errors import DepthcacheError
-from depthcache.model.loading import text_ready
+from depthcache.model.loading import load_model, text_ready
 
 IDS = torch.arange(3, 19).view(1, -1)
 
@@ -59,6 +60,16 @@ def test_text_ready_picks_english_else_the_first_language_and_keeps_a_chosen_one
                                     (["de_DE", "en_XX"], "de_DE", "de_DE")):
         model.config.languages, model.config.default_language = languages, chosen
         assert text_ready(model).config.default_language == want
+
+
+def test_an_xmod_checkpoint_without_a_language_loads_to_discoverys_verdict(tmp_path: Path) -> None:
+    model = tiny_model("xmod")
+    model.config.default_language = None  # as X-MOD checkpoints are saved: set_default_language is left to the user
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(DepthcacheError) as err:  # its forward runs; discovery then refuses a post-LN encoder
+        load_model(str(tmp_path))
+    assert "is not a residual attention+MLP decoder" in str(err.value) and "language" not in str(err.value)
 
 
 def test_a_timm_tower_is_named_as_the_reason() -> None:
