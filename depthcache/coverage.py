@@ -480,6 +480,18 @@ def notes(structure: Structure) -> str:
         out.append(f"embed ×{structure.embed_scale:g}")
     if len(set(structure.attn_classes)) > 1:
         out.append("hybrid mixers")
+    if "mlp" not in structure.roles:
+        out.append("no MLP")
+    if any(not path for path in (*structure.attn, *structure.mlp)) and structure.roles == ("attn", "mlp"):
+        out.append("one branch per layer")
+    for role, label in (("attn", "token mixers"), ("mlp", "MLPs")):
+        most = max(len(structure.paths(role, layer)) for layer in range(structure.n_layers))
+        if most > 1:
+            out.append(f"{most} {label} ({', '.join(dict.fromkeys(p for e in getattr(structure, role) for p in e.split('+') if p))})")
+    if structure.part_scales:
+        out.append("per-branch ×(" + ", ".join(f"{path} {value:g}" for path, value in structure.part_scales) + ")")
+    if structure.input_norm:
+        out.append(f"stream from {structure.input_norm}")
     if structure.sliding_window:
         out.append("sliding window")
     if structure.language_model:

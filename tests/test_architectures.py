@@ -141,7 +141,7 @@ def test_a_wrong_logit_transform_fails_the_check() -> None:
 
 
 @pytest.mark.parametrize("model_type, why", [("deepseek_v4", "layer 0 keeps several residual streams"),
-                                             ("zaya", "layer 0 rescales the residual stream itself"),
+                                             ("zaya", "layer 0 rewrites the residual stream itself"),
                                              ("beam", "layer 0 multiplies the whole residual stream by 0.5774"),
                                              ("bart", "layer 0 normalises the residual stream itself (post-LN)"),
                                              ("t5", "it is an encoder-decoder")])

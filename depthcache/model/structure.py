@@ -326,9 +326,12 @@ def branch_modules(model: torch.nn.Module, block: Call, calls: list[Call], layer
             raise not_a_decoder(model, f"layer {layer} keeps several residual streams ({call.path}: {kind}, "
                                 "hyper-connections), not one vector")
         if "residual" in kind.lower():
-            raise not_a_decoder(model, f"layer {layer} rescales the residual stream itself ({call.path}: {kind}): "
-                                "the stream is not a sum of what the layers add")
+            raise not_a_decoder(model, f"layer {layer} rewrites the residual stream itself ({call.path}: {kind}, "
+                                "a gate, scale or attention over it): the stream is not a sum of what the layers add")
     roles = {id(c): branch_role(c) for c in plain}
+    for call in plain:  # a branch module reading another's output post-processes it (Inkling's short convolutions)
+        if any(call.input is other.output for other in plain if other is not call and roles[id(other)]):
+            roles[id(call)] = None
     mixers = unique_paths([c for c in plain if roles[id(c)] == "attn"])
     mlps = unique_paths([c for c in plain if roles[id(c)] == "mlp"])
     if mixers and not mlps and len(plain) > len(mixers):  # OPT/BioGPT: fc1, activation, fc2 in the layer itself
@@ -350,19 +353,20 @@ def unique_paths(calls: list[Call]) -> list[Call]:
 
 
 def added_output(calls: list[Call], branch: Call) -> Call:
-    """The call whose output the layer adds for a branch: the branch itself, or the norm applied to its output."""
+    """The call whose output the layer adds for a branch: the branch itself, the norm applied to its output, or a
+    module post-processing it (Inkling's short convolution of the attention output)."""
     if branch.residual is not None:
         return branch
-    tensor = branch.output
+    tensor, found = branch.output, branch
     for call in (c for c in calls if c.order > branch.order):  # calls are in call order
         if call.input is not tensor:
             continue
         if is_norm(call.module):
             return call
-        if not is_dropout(call.module):
+        if not is_dropout(call.module) and branch_role(call) is None:
             break
-        tensor = call.output
-    return branch
+        tensor, found = call.output, (found if is_dropout(call.module) else call)
+    return found
 
 
 def mlp_entry(calls: list[Call], mixer: Call, mlp: Call) -> Call:
