@@ -419,12 +419,13 @@ def fitted_scale(target: torch.Tensor, basis: torch.Tensor) -> float:
     return float((t @ b) / (b @ b).clamp_min(1e-300))
 
 
-def branch_scales(model: torch.nn.Module, text: Any, block: Call, branches: list[Call], stream: torch.Tensor
-                  ) -> tuple[float, ...]:
+def branch_scales(model: torch.nn.Module, text: Any, block: Call, branches: list[Call], stream: torch.Tensor,
+                  unclaimed: list[Call] = ()) -> tuple[float, ...]:
     """Per branch, the factor the layer multiplies it by before adding it, from the config: one for all (Granite's
     residual_multiplier, MiniCPM's depth scale), else one per branch (Falcon-H1's ssm_out_multiplier and
     attention_out_multiplier, applied in the layer after the modules return). ``stream``: the residual the layer
-    adds to (its input, or its input norm's output)."""
+    adds to (its input, or its input norm's output); ``unclaimed``: the layer's other non-norm children, named when
+    nothing fits."""
     out, inp = block.value, stream
     added = sum(b.added.reshape(inp.shape).double() for b in branches)
     scale = fitted_scale(out.double() - inp.double(), added)
@@ -453,6 +454,10 @@ def branch_scales(model: torch.nn.Module, text: Any, block: Call, branches: list
                                 "is not a sum of what the layers add")
         raise not_a_decoder(model, f"layer 0 multiplies the residual it adds to by {a:.4g} (MiniMax's alpha): the "
                             "stream is not a sum of what the layers add")
+    others = [c.path for c in unclaimed]
+    if others:  # Gemma 4's per-layer-input branch: children that are neither a known branch nor a norm
+        raise not_a_decoder(model, f"layer 0 adds more than its known branches ({', '.join(b.path for b in branches)}"
+                            f"): its children {', '.join(others)} are no attention, mixer or MLP depthcache knows")
     raise not_a_decoder(model, f"layer 0 adds its branches times {scale:.4g}, a factor no config value explains")
 
 
@@ -651,7 +656,8 @@ def discover(model: torch.nn.Module) -> Structure:
         mlp_post_norm=every(a is not m for b in layers for a, m in zip(b.mlp_added, b.mlps)),
         attn_adds_residual=every(a.residual is not None for b in layers for a in b.attn_added),
         mlp_adds_residual=every(a.residual is not None for b in layers for a in b.mlp_added),
-        **scales_fields(layers[0], branch_scales(model, text, trace.block(0), layers[0].added, stream)),
+        **scales_fields(layers[0], branch_scales(model, text, trace.block(0), layers[0].added, stream,
+                                                 unclaimed_children(trace.group("child", 0), layers[0]))),
         logit_scale=scale, logit_softcap=cap, embed_scale=embedding_scale(model, ids[0], stream[0]),
         tied_embeddings=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
         moe_layers=tuple(i for i, b in enumerate(layers) if any(contains_experts(m.module) for m in b.mlps)),
@@ -693,6 +699,13 @@ def layer_branches(model: torch.nn.Module, trace: Trace, layer: int) -> Branches
 def joined(calls: list[Call]) -> str:
     """One layer's paths of a role, as the structure stores them: '+'-joined ('' for none)."""
     return "+".join(c.path for c in calls)
+
+
+def unclaimed_children(calls: list[Call], layer: Branches) -> list[Call]:
+    """A layer's children that are neither norms, dropouts nor part of a branch (its modules or added outputs)."""
+    claimed = {c.path for c in (*layer.mixers, *layer.mlps, *layer.added)}
+    return [c for c in unique_paths(calls) if c.path not in claimed and not is_norm(c.module)
+            and not is_dropout(c.module) and isinstance(c.output, torch.Tensor)]
 
 
 def scales_fields(first: Branches, scales: tuple[float, ...]) -> dict[str, Any]:
