@@ -301,7 +301,7 @@ def tiny_model(model_type: str, seed: int = 0, image_text: bool = False) -> torc
 
     config = tiny_config(model_type)
     if image_text and getattr(config, "is_encoder_decoder", False):  # (a causal LM class takes the decoder alone)
-        raise DepthcacheError("not a residual attention+MLP decoder: it is an encoder-decoder")
+        raise DepthcacheError("not a residual-stream decoder: it is an encoder-decoder")
 
     def build() -> torch.nn.Module:
         if not image_text:
@@ -445,7 +445,7 @@ CODEBOOKS = ("an audio decoder: its input is one token stream per codebook (thei
              "head per codebook, not one token sequence")
 NOT_ON_TEXT = {"gemma4_assistant": DRAFTER, "gemma4_unified_assistant": DRAFTER, "musicgen": CODEBOOKS,
                "musicgen_melody": CODEBOOKS}
-REASONS = {"is not a residual attention+MLP decoder: ": "not a residual attention+MLP decoder: ",
+REASONS = {"is not a residual-stream decoder: ": "not a residual-stream decoder: ",
            "fails the load check: ": "load check fails: "}
 
 

@@ -155,7 +155,7 @@ def test_non_decoders_are_refused_with_one_line(model_type: str, why: str) -> No
         model = tiny_model(model_type)
     with pytest.raises(DepthcacheError) as err:
         checked(model)
-    assert f"is not a residual attention+MLP decoder: {why}" in str(err.value) and "\n" not in str(err.value)
+    assert f"is not a residual-stream decoder: {why}" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("model_type", ["bloom", "opt", "falcon", "granitemoe", "gemma2"])

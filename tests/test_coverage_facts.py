@@ -69,7 +69,7 @@ def test_an_xmod_checkpoint_without_a_language_loads_to_discoverys_verdict(tmp_p
     tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(DepthcacheError) as err:  # its forward runs; discovery then refuses a post-LN encoder
         load_model(str(tmp_path))
-    assert "is not a residual attention+MLP decoder" in str(err.value) and "language" not in str(err.value)
+    assert "is not a residual-stream decoder" in str(err.value) and "language" not in str(err.value)
 
 
 def test_a_timm_tower_is_named_as_the_reason() -> None:

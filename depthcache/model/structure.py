@@ -122,10 +122,10 @@ class Structure:
 
 
 def not_a_decoder(model: torch.nn.Module, reason: str) -> DepthcacheError:
-    """The one-line refusal for models whose layers are not attention + MLP added to a residual."""
+    """The one-line refusal for models whose layers are not branches added to one residual stream."""
     config = getattr(model, "config", None)
-    return DepthcacheError(f"{type(model).__name__} ({getattr(config, 'model_type', '?')}) is not a residual "
-                           f"attention+MLP decoder: {reason}")
+    return DepthcacheError(f"{type(model).__name__} ({getattr(config, 'model_type', '?')}) is not a "
+                           f"residual-stream decoder: {reason}")
 
 
 def submodule(root: torch.nn.Module, dotted: str) -> Any:
