@@ -489,9 +489,10 @@ def erase(**kw: Any) -> None:
               help="The baseline is the layer's mean over these positions, put at every position: the prompt's, or "
                    "the whole sequence's (prompt + every answer token, the paper's). "
                    "[default: prompt; sequence with --paper]")
-@click.option("--site", type=click.Choice(["resid", "attn", "mlp"]), default="resid", show_default=True,
-              help="What is interpolated and attributed: the residual entering each layer, or what the layer's "
-                   "attention or MLP adds to it (the paper shows all three).")
+@click.option("--site", default="resid", show_default=True,
+              help="What is interpolated and attributed: the residual entering each layer (resid), or what the "
+                   "layer's attention (attn) or MLP (mlp) adds to it (the paper shows all three), or what one branch "
+                   "module adds where a layer has several of a kind (e.g. mamba for Falcon-H1).")
 def igrad(**kw: Any) -> None:
     """Integrated gradients at every (layer, position) of the residual (or the attention or MLP outputs), with a
     completeness check per layer."""

@@ -402,6 +402,35 @@ def test_igrad_sites_match_plain_torch(llama, site: str) -> None:
     assert abs(adaptive.attribution_sum.item() - (f_h - f_b)) <= 1e-4 * max(abs(f_h - f_b), 0.01)
 
 
+def test_igrad_on_one_branch_module_matches_plain_torch(tmp_path: Path) -> None:
+    """--site mamba on Falcon-H1 (Mamba beside attention, each with its own multiplier): interpolating what the Mamba
+    module alone adds equals the paper's sum with the plain module's output replaced (the multiplier is linear, so
+    the attribution does not depend on the scale it is interpolated at), and a module without siblings is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from depthcache.coverage import tiny_config, tiny_tokenizer
+
+    config = tiny_config("falcon_h1")
+    config.ssm_out_multiplier, config.attention_out_multiplier = 0.5, 0.25
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    model, p = loaded.model, prompt_of(loaded)
+    layer, steps, ids = 0, 4, list(p.input_ids)
+    ds = igrad_map(model, p, [layer], steps=steps, batch_size=4, rule="left-riemann", site="mamba")
+    module = model.model.layers[layer].mamba
+    h = plain_values(model, ids, module, output=True)
+    base = h[:p.n_prompt].double().mean(0).float()
+    attribution, f_h, f_b = plain_ig(model, ids, p.n_answer, p.answer_ids, module, h, base, steps, output=True)
+    np.testing.assert_allclose(ds.attribution.values[0], attribution, rtol=1e-3, atol=1e-10)
+    assert ds.output_difference.item() == pytest.approx(f_h - f_b, abs=2e-9)  # float32 f: 0.0046 ± 5e-10
+    assert np.abs(attribution).max() > 1000 * 1e-10  # a random tiny model's answer barely moves: far above atol
+    with pytest.raises(DepthcacheError, match="has no branch module 'feed_forward' beside others"):
+        locate("igrad", LocateOptions(model=str(tmp_path / "m"), prompt=PROMPT, answer=ANSWER,
+                                      out=str(tmp_path / "m.zarr"), site="feed_forward"), loaded)
+
+
 def test_left_riemann_is_the_papers_sum() -> None:
     """The left Riemann rule: Σ_{k<n} q(k/n) / n, exactly (numpy), with f at both ends and Σ |interval error|."""
     path = sigmoid_path(np.array([1.0, -2.0]), sharpness=5.0, centre=0.3)

@@ -118,7 +118,7 @@ def completeness_error(ds: xr.Dataset) -> float:
 
 def site_value(resid: torch.Tensor, added: dict[str, torch.Tensor], layer: int, site: str) -> torch.Tensor:
     """(positions, d) what is attributed at ``layer``: the residual entering it (row L: the final residual), or
-    what its attention or MLP branch adds (``resid``, ``added`` as a clean run captures them)."""
+    what its attention or MLP branch (or one branch module) adds (``resid``, ``added`` as a clean run captures them)."""
     return resid[layer] if site == "resid" else added[site][layer]
 
 
@@ -199,6 +199,6 @@ def igrad_map(model: torch.nn.Module, prompt: Prompt, layers: list[int] | None =
         "error_bound": ("layer", np.array([float(r["error_bound"]) for r in done])),
         "answer_prob": ("answer_position", clean.answer_prob.cpu().numpy())})
     ds.attrs.update(steps=steps, rule=RULES[rule], target="sum of answer-token probabilities (teacher-forced)",
-                    baseline=BASELINES[baseline].format(site=SITES[site]),
+                    baseline=BASELINES[baseline].format(site=SITES.get(site, f"{site} output")),
                     **({"tolerance": tolerance, "max_steps": max_steps} if rule == "adaptive-trapezoid" else {}))
     return ds

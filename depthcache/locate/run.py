@@ -4,6 +4,7 @@ compute one map per prompt, and write them as one location-map store."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -34,6 +35,7 @@ from depthcache.locate.partial import Partial, partial_path
 from depthcache.locate.reference import Reference, sequence_mean, store_mean
 from depthcache.model import DEFAULT_MODEL, LoadedModel, Placement, Structure, load_model, n_layers, structure_of
 from depthcache.progress import MINUTE, Progress
+from depthcache.store.layout import part_modules
 from depthcache.tasks import load_task
 
 
@@ -73,7 +75,8 @@ OURS = {"erasure": {"measure": "answer-prob", "include_first": False, "final_res
         "igrad": {"rule": "adaptive-trapezoid", "steps": 64, "baseline_positions": "prompt", "final_residual": False}}
 PAPER = {"erasure": {"measure": "distribution-l2", "include_first": True, "final_residual": True},
          "igrad": {"rule": "left-riemann", "steps": 256, "baseline_positions": "sequence", "final_residual": True}}
-ALLOWED = {"measure": MEASURES, "rule": tuple(RULES), "baseline_positions": tuple(BASELINES), "site": tuple(SITES)}
+ALLOWED = {"measure": MEASURES, "rule": tuple(RULES), "baseline_positions": tuple(BASELINES)}
+MODULE_SITE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # igrad --site: resid, attn, mlp or one branch module
 ONLY = {"measure": "erasure", "include_first": "erasure", "rule": "igrad", "baseline_positions": "igrad"}
 
 
@@ -109,6 +112,8 @@ def check_options(kind: str, opts: LocateOptions) -> None:
     for key, only in ONLY.items():
         if getattr(opts, key) is not None and kind != only:
             raise DepthcacheError(f"--{key.replace('_', '-')} applies to {'erase' if only == 'erasure' else only} only")
+    if opts.site not in SITES and not MODULE_SITE.fullmatch(opts.site):
+        raise DepthcacheError(f"--site {opts.site!r} is not one of {', '.join(SITES)} or a branch module's name")
     if kind == "erasure" and opts.site != "resid":
         raise DepthcacheError("--site applies to igrad only: erasure replaces residual cells")
     if opts.site != "resid" and opts.final_residual:
@@ -186,12 +191,23 @@ def job_identity(kind: str, opts: LocateOptions, loaded: LoadedModel, encoded: l
 
 
 def check_site(structure: Structure, site: str, layers: tuple[int, ...]) -> None:
-    """Refuse an igrad site that some chosen layer does not have (a Mamba layer has no MLP to interpolate)."""
-    lacking = [layer for layer in layers if site != "resid" and not structure.paths(site, layer)]
+    """Refuse an igrad site that some chosen layer does not have (a Mamba layer has no MLP to interpolate), or a
+    branch module the model does not keep apart (a module site needs a role some layer has several modules of)."""
+    if site not in SITES and site not in part_modules(structure.attn, structure.mlp):
+        raise DepthcacheError(f"--site {site}: {structure.class_name} has no branch module {site!r} beside others "
+                              f"of its kind; sites: {', '.join((*SITES, *part_modules(structure.attn, structure.mlp)))}")
+    lacking = [layer for layer in layers if site != "resid" and not has_site(structure, site, layer)]
     if lacking:
         raise DepthcacheError(f"--site {site}: layer {lacking[0]} of {structure.class_name} has no {site} branch "
                               f"({len(lacking)} of the chosen layers lack one); choose --layers that have it or "
                               "--site resid")
+
+
+def has_site(structure: Structure, site: str, layer: int) -> bool:
+    """Layer ``layer`` has the igrad site: a branch role with a module, or that branch module."""
+    if site in ("attn", "mlp"):
+        return bool(structure.paths(site, layer))
+    return any(site in structure.paths(role, layer) for role in ("attn", "mlp"))
 
 
 def locate(kind: str, opts: LocateOptions, loaded: LoadedModel | None = None) -> xr.Dataset:

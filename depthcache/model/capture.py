@@ -143,6 +143,7 @@ class Capture(BranchHooks):
 
     def __init__(self, model: torch.nn.Module, structure: Structure, layers: Sequence[int],
                  sites: Sequence[str], dtype: torch.dtype | None = None, final: bool | None = None) -> None:
+        """``sites``: resid, attn, mlp, and any ``part_<module>`` (one branch module's part alone)."""
         super().__init__(model, structure)
         self.layers, self.sites = tuple(layers), tuple(sites)
         self.final = "resid" in self.sites if final is None else final  # also record resid_final
@@ -151,7 +152,7 @@ class Capture(BranchHooks):
         self.resid_final: torch.Tensor | None = None
 
     def __enter__(self) -> Capture:
-        names = [{"resid": "resid_pre", "attn": "attn_out", "mlp": "mlp_out"}[site] for site in self.sites]
+        names = [{"resid": "resid_pre", "attn": "attn_out", "mlp": "mlp_out"}.get(site, site) for site in self.sites]
         self.register(self.layers, [*names, *(["resid_final"] if self.final else [])])
         return self
 

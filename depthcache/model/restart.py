@@ -17,6 +17,7 @@ import torch
 from depthcache.model.capture import Capture
 from depthcache.model.skips import final_fed, only_layers
 from depthcache.model.structure import Structure, structure_of
+from depthcache.store.layout import PART_PREFIX, part_modules
 
 
 class Prompt(Protocol):
@@ -80,14 +81,18 @@ def last_logits(model: torch.nn.Module, ids: torch.Tensor, keep: int) -> torch.T
 def captured(model: torch.nn.Module, ids: torch.Tensor, keep: int
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """One forward of ``ids`` (1, positions): the residual entering every layer then the final residual (layer + 1,
-    positions, d), what each branch adds ({"attn", "mlp"}: (layer, positions, d)), logits at the last ``keep``."""
+    positions, d), what each branch adds ({"attn", "mlp"}, and each module of a role a layer has several of: (layer,
+    positions, d)), logits at the last ``keep``."""
     structure = structure_of(model)
     layers = range(structure.n_layers)
-    with torch.inference_mode(), Capture(model, structure, layers, ("resid", "attn", "mlp")) as cap:
+    parts = part_modules(structure.attn, structure.mlp)  # a role's modules apart, where a layer has several
+    sites = ("resid", "attn", "mlp", *(PART_PREFIX + p for p in parts))
+    with torch.inference_mode(), Capture(model, structure, layers, sites) as cap:
         logits = last_logits(model, ids, keep)
     resid = torch.stack([*(cap.records["resid_pre"][layer][0] for layer in layers), cap.resid_final[0]])
-    added = {branch: torch.stack([cap.records[f"{branch}_out"][layer][0] for layer in layers]).clone()
-             for branch in ("attn", "mlp")}
+    names = {"attn": "attn_out", "mlp": "mlp_out"} | {p: PART_PREFIX + p for p in parts}
+    added = {branch: torch.stack([cap.records[name][layer][0] for layer in layers]).clone()
+             for branch, name in names.items()}
     return resid.clone(), added, logits
 
 

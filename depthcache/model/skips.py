@@ -45,7 +45,8 @@ class Skip(BranchHooks):
 class Replace(BranchHooks):
     """Context manager: branch ``branch`` (attn or mlp) of ``layer`` adds ``added`` (batch, seq, d) to the residual
     instead of what it computes; its (first) module's output is rebuilt from it (divided by the branch scale, plus
-    the residual the module was given when it adds that itself), and any further module of the branch adds zero."""
+    the residual the module was given when it adds that itself), and any further module of the branch adds zero.
+    ``branch`` may also name one branch module of the branch table: that module alone is replaced."""
 
     def __init__(self, model: torch.nn.Module, structure: Structure, layer: int, branch: str,
                  added: torch.Tensor) -> None:
@@ -53,12 +54,19 @@ class Replace(BranchHooks):
         self.layer, self.branch, self.added = layer, branch, added
 
     def __enter__(self) -> Replace:
-        self.hook_branch(self.branch, self.layer, self._replace)
+        if self.branch in ("attn", "mlp"):
+            self.role = self.branch
+            self.hook_branch(self.branch, self.layer, self._replace)
+        else:  # one branch module (Falcon-H1's mamba): it alone adds ``added``, its sibling modules run as they are
+            self.role, part = self.structure.branch_part(self.branch, self.layer)
+            self.hook_part(self.role, self.layer, part, self.branch_modules(self.role, self.layer)[part],
+                           lambda layer, output, residual, _: self._replace(layer, output, residual, part, True))
         return self
 
-    def _replace(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int) -> torch.Tensor:
-        value = (self.added / self.structure.scale(self.branch, layer, part)).to(output.dtype).reshape(output.shape)
-        value = value if part == 0 else torch.zeros_like(value)
+    def _replace(self, layer: int, output: torch.Tensor, residual: torch.Tensor | None, part: int,
+                 alone: bool = False) -> torch.Tensor:
+        value = (self.added / self.structure.scale(self.role, layer, part)).to(output.dtype).reshape(output.shape)
+        value = value if part == 0 or alone else torch.zeros_like(value)
         return value if residual is None else value + residual.reshape(output.shape)
 
 
