@@ -294,23 +294,30 @@ def layer_list(model: torch.nn.Module, count: int) -> list[str]:
             if isinstance(module, torch.nn.ModuleList) and len(module) == count]
 
 
-def branch_role(call: Call) -> str | None:
+def branch_role(call: Call, family: str = "") -> str | None:
     """The role of a layer's child: ``attn`` for a token mixer (attention, Mamba, convolution, recurrence), ``mlp``
     for a channel mixer (MLP, MoE, shared expert), None for anything else (cross-attention to another modality
     included; the load check proves it adds nothing on text). The class name decides before the attribute name:
-    Nemotron-H calls every block's branch ``mixer``, be it Mamba, attention or an MLP."""
-    kind = type(call.module).__name__
-    words = [word.lower() for word in CAMEL_WORD.findall(kind)]
+    Nemotron-H calls every block's branch ``mixer``, be it Mamba, attention or an MLP. ``family``: the model's class
+    name, whose leading words the child's class shares are no clue (xLSTMFeedForward is an MLP, not an LSTM)."""
+    words = own_words(type(call.module).__name__, family)
     if "cross" in words:  # cross-attention to another modality (Evolla's adapter): on text alone it adds nothing
         return None
     if any(MIXER.match(word) for word in words):  # by word: GptOssMLP has no "ssm"
         return "attn"  # before the MLP test: Qwen2MoeAttention is attention
-    if MLP.search(kind.lower()):  # anywhere: NemotronHMoE
+    if MLP.search("".join(words)):  # anywhere: NemotronHMoE
         return "mlp"
     for role, pattern in (("attn", MIXER), ("mlp", MLP)):
         if pattern.search(call.path.lower()):
             return role
     return None
+
+
+def own_words(kind: str, family: str) -> list[str]:
+    """The lowercase words of class name ``kind`` after those it shares, from the start, with ``family``."""
+    words, shared = [w.lower() for w in CAMEL_WORD.findall(kind)], [w.lower() for w in CAMEL_WORD.findall(family)]
+    common = next((i for i, (a, b) in enumerate(zip(words, shared)) if a != b), min(len(words), len(shared)))
+    return words[common:]
 
 
 def branch_modules(model: torch.nn.Module, block: Call, calls: list[Call], layer: int
@@ -328,7 +335,7 @@ def branch_modules(model: torch.nn.Module, block: Call, calls: list[Call], layer
         if "residual" in kind.lower():
             raise not_a_decoder(model, f"layer {layer} rewrites the residual stream itself ({call.path}: {kind}, "
                                 "a gate, scale or attention over it): the stream is not a sum of what the layers add")
-    roles = {id(c): branch_role(c) for c in plain}
+    roles = {id(c): branch_role(c, type(model).__name__) for c in plain}
     for call in plain:  # a branch module reading another's output post-processes it (Inkling's short convolutions)
         if any(call.input is other.output for other in plain if other is not call and roles[id(other)]):
             roles[id(call)] = None
@@ -352,7 +359,7 @@ def unique_paths(calls: list[Call]) -> list[Call]:
     return [c for c in calls if not (c.path in seen or seen.add(c.path))]
 
 
-def added_output(calls: list[Call], branch: Call) -> Call:
+def added_output(calls: list[Call], branch: Call, family: str = "") -> Call:
     """The call whose output the layer adds for a branch: the branch itself, the norm applied to its output, or a
     module post-processing it (Inkling's short convolution of the attention output)."""
     if branch.residual is not None:
@@ -363,7 +370,7 @@ def added_output(calls: list[Call], branch: Call) -> Call:
             continue
         if is_norm(call.module):
             return call
-        if not is_dropout(call.module) and branch_role(call) is None:
+        if not is_dropout(call.module) and branch_role(call, family) is None:
             break
         tensor, found = call.output, (found if is_dropout(call.module) else call)
     return found
@@ -692,7 +699,9 @@ def layer_branches(model: torch.nn.Module, trace: Trace, layer: int) -> Branches
         raise not_a_decoder(model, f"layer {layer} normalises the residual stream itself (post-LN)")
     parallel = (reads_layer_input(calls, block, mixers[0], mlp_entry(calls, mixers[-1], mlps[0]))
                 if mixers and mlps else None)
-    return Branches(mixers, mlps, [added_output(calls, c) for c in mixers], [added_output(calls, c) for c in mlps],
+    family = type(model).__name__
+    return Branches(mixers, mlps, [added_output(calls, c, family) for c in mixers],
+                    [added_output(calls, c, family) for c in mlps],
                     parallel)
 
 
