@@ -191,6 +191,7 @@ def lazy_interval(sums: da.Array, counts: da.Array, n_resamples: int, seed: int,
         if statistic is not ratio else sums.shape[1:]
     # a blockwise task over both whole arrays (dask.delayed of a dask array would import distributed's shuffle)
     out = "z" + "qrstuvxy"[:len(shape)]
+    sums, counts = sums.rechunk(-1), counts.rechunk(-1)  # small: one block each, no chunk blow-up in the blockwise
     return da.blockwise(bounds, out, sums, "w" + "abcdefgh"[:sums.ndim - 1], counts, "W" + "ijklmnop"[:counts.ndim - 1],
                         new_axes=dict(zip(out, (2, *shape))), concatenate=True, dtype=np.float64,
                         meta=np.empty((0,) * len(out)))
