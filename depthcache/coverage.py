@@ -67,6 +67,8 @@ BUILD: dict[str, dict[str, Any]] = {
     # the axial position widths sum to hidden_size
     "zaya": {"num_experts_per_tok": 1},  # the only routing it supports
     "mamba2": {"num_heads": 8},  # heads × head_dim must equal expand × hidden_size
+    "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_head": 8, "mamba_d_state": 16,
+                  "mamba_chunk_size": 16},  # its Mamba widths are not the shrunk hidden size's (1,024 wide by default)
     "gemma3n_text": {"num_kv_shared_layers": 0},  # KV sharing is over layers a 4-layer model does not have
     "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
     "dots3_note_text": {"head_dim": 16, "index_head_dim": 16,  # sliding layers: head_dim = qk_nope + qk_rope dims
