@@ -41,7 +41,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from depthcache.dtypes import BFLOAT16
 from depthcache.errors import DepthcacheError
 from depthcache.store.io import open_group
-from depthcache.store.layout import TASK_ARRAYS
+from depthcache.store.layout import TASK_ARRAYS, absent_roles, is_part
 from depthcache.store.schema import check_store
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
@@ -168,8 +168,8 @@ class ActivationDataset(torch.utils.data.IterableDataset):
                  drop_last: bool = False, run: str | None = None, rank: int | None = None,
                  world_size: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if site not in SITES:
-            raise DepthcacheError(f"unknown site {site!r}; choose from {', '.join(SITES)}")
+        if site not in SITES and not is_part(site):
+            raise DepthcacheError(f"unknown site {site!r}; choose from {', '.join(SITES)} or a stored part_<module>")
         if dtype not in NUMPY_DTYPE:
             raise DepthcacheError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         for name, value in (("batch_size", batch_size), ("buffer_chunks", buffer_chunks)):
@@ -178,9 +178,12 @@ class ActivationDataset(torch.utils.data.IterableDataset):
         self.location, self.run, self.storage_options = str(store), run, dict(storage_options or {})
         group = self._group()
         attrs = check_store(group)  # the checked reader's check, without building an xarray dataset
+        if site not in group and site.split("_")[0] in absent_roles(attrs):
+            raise DepthcacheError(f"{store} has no {site}: its model ({attrs['model']['structure']['class_name']}) "
+                                  f"has no {site.split('_')[0]} branch, so what it adds there is zero")
         if site not in group:
             raise DepthcacheError(f"{store} has no {site}: extract it with --sites including "
-                                  f"{'resid' if site.startswith('resid') else site.split('_')[0]}")
+                                  f"{'resid' if site.startswith('resid') else 'parts' if is_part(site) else site.split('_')[0]}")
         self.site, self.dtype, self.batch_size, self.shuffle = site, dtype, batch_size, shuffle
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
         self.stored_dtype = attrs["options"]["dtype"]

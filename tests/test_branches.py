@@ -22,6 +22,7 @@ from depthcache.model.structure import discover
 from depthcache.store.io import read_attrs
 from depthcache.store.reader import open_dataset
 from depthcache.store.schema import validate_store
+from depthcache.torch import ActivationDataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -104,6 +105,8 @@ def test_a_mamba_store_has_no_mlp_site_and_every_analysis_runs(tmp_path: Path) -
     assert (effects.max_effect.sel(skipped_layer=1).values[2:] > 0).all()  # later layers change
     with pytest.raises(DepthcacheError, match="has no mlp branch"):
         extracted(tmp_path / "m", tmp_path / "mlp.zarr", sites=("mlp",))
+    with pytest.raises(DepthcacheError, match=r"its model \(MambaForCausalLM\) has no mlp branch"):
+        ActivationDataset(str(store), site="mlp_out")
     with pytest.raises(DepthcacheError, match="--site mlp: layer 0 of MambaForCausalLM has no mlp branch"):
         check_site(discover(model), "mlp", (0, 1))
 
@@ -133,6 +136,8 @@ def test_falcon_h1_adds_mamba_and_attention_in_parallel_each_with_its_multiplier
     np.testing.assert_allclose(pds.part_mamba.values + pds.part_self_attn.values, pds.attn_out.values, rtol=1e-5,
                                atol=1e-6)
     assert validate_store(str(parts)) == []
+    rows = next(iter(ActivationDataset(str(parts), site="part_mamba", layers=2, batch_size=64)))
+    np.testing.assert_array_equal(rows["activations"].numpy(), pds.part_mamba.values[2, :64])
     result = run("contributions", str(parts))  # each module is a sublayer too, against the layer input h
     keep = pds.position.values > 0
     h = pds.resid_pre.values[:, keep].astype(np.float64)

@@ -126,6 +126,14 @@ def part_modules(attn: Sequence[str], mlp: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def absent_roles(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The branch roles (attn, mlp) that no layer of the store's model has, from its branch table (schema 2.2:
+    a Mamba model's layers add a mixer and no MLP)."""
+    structure = attrs.get("model", {}).get("structure") or {}
+    return tuple(role for role in ("attn", "mlp")
+                 if isinstance(structure.get(role), list) and structure[role] and not any(structure[role]))
+
+
 def array_dtype(name: str, activation_dtype: str) -> str:
     """The data type of array ``name`` in a store of activation dtype ``activation_dtype``."""
     dtype = array_spec(name).dtype

@@ -24,7 +24,7 @@ from depthcache.store.arrays import holds_bits, open_arrays
 from depthcache.store.head import read_head
 from depthcache.store.identity import identity
 from depthcache.store.io import open_group, read_block
-from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS
+from depthcache.store.layout import ATTRS_KEY, SITE_ARRAYS, absent_roles
 from depthcache.store.schema import check_store
 
 SITE_OF_ARRAY = {name: site for site, names in SITE_ARRAYS.items() for name in names}
@@ -234,14 +234,6 @@ def lazy_dataset(group: zarr.Group, attrs: dict[str, Any], bfloat16_as: str = "f
                      for name, array in sorted(open_arrays(group).items())})
     ds.attrs = {ATTRS_KEY: attrs}
     return ds
-
-
-def absent_roles(attrs: dict[str, Any]) -> tuple[str, ...]:
-    """The branch roles (attn, mlp) that no layer of the store's model has, from its branch table (schema 2.2:
-    a Mamba model's layers add a mixer and no MLP)."""
-    structure = attrs.get("model", {}).get("structure") or {}
-    return tuple(role for role in ("attn", "mlp")
-                 if isinstance(structure.get(role), list) and structure[role] and not any(structure[role]))
 
 
 def with_absent_branches(ds: xr.Dataset, attrs: dict[str, Any]) -> xr.Dataset:
