@@ -86,6 +86,8 @@ class Structure:
 
     def scale(self, role: str, layer: int, part: int) -> float:
         """The factor the layer multiplies the output of module ``part`` of branch ``role`` by before adding it."""
+        if not self.part_scales:  # the hot path of every capture hook: one module per role, one factor
+            return self.branch_scale
         return self.branch_scale * dict(self.part_scales).get(self.paths(role, layer)[part], 1.0)
 
     def branch_part(self, path: str, layer: int) -> tuple[str, int]:
