@@ -161,8 +161,12 @@ def first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def is_norm(module: torch.nn.Module) -> bool:
-    """A normalisation layer (by type or class name)."""
-    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or "norm" in type(module).__name__.lower()
+    """A normalisation layer (by type, or by class name when every child is a norm or has no weights: DBRX's
+    ``NormAttentionNorm`` holds the attention, so it is no norm)."""
+    if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+        return True
+    return "norm" in type(module).__name__.lower() and all(
+        is_norm(child) or next(child.parameters(), None) is None for child in module.children())
 
 
 def is_dropout(module: torch.nn.Module) -> bool:
@@ -205,21 +209,33 @@ def residual_argument(module: torch.nn.Module, args: tuple, kwargs: dict) -> tor
 @dataclass
 class Trace:
     """The probe's record of every hooked call, in call order, each tagged with its group: ("block", l) for decoder
-    layer l, ("child", l) for its direct children, ("outside", None) for modules outside the layers."""
+    layer l, ("child", l) for its direct children (a child list's entries included), ("inner", l) for the modules
+    below those, ("outside", None) for modules outside the layers. A module shared by several layers (Zamba's shared
+    transformer) is recorded in the layer that is running."""
 
     calls: list[tuple[tuple[str, int | None], Call]] = field(default_factory=list)
-    running: dict[int, list[Call]] = field(default_factory=dict)  # per module: calls entered but not returned
+    running: dict[tuple[int, tuple[str, int | None]], list[Call]] = field(default_factory=dict)
+    layer: list[int] = field(default_factory=list)  # the decoder layers running now (innermost last)
 
     def enter(self, group: tuple[str, int | None], path: str, module: torch.nn.Module, args: tuple,
               kwargs: dict) -> None:
-        """Record a call as it starts."""
+        """Record a call as it starts (a layer's module only while that layer runs)."""
+        if group[0] == "block":
+            self.layer.append(group[1])
+        elif group[0] != "outside" and (not self.layer or self.layer[-1] != group[1]):
+            return
         call = Call(len(self.calls), path, module, first_input(args, kwargs), residual_argument(module, args, kwargs))
         self.calls.append((group, call))
-        self.running.setdefault(id(module), []).append(call)
+        self.running.setdefault((id(module), group), []).append(call)
 
-    def leave(self, module: torch.nn.Module, output: Any) -> None:
+    def leave(self, group: tuple[str, int | None], module: torch.nn.Module, output: Any) -> None:
         """Record a call's output (and a copy of it) as it returns."""
-        call = self.running[id(module)].pop()
+        calls = self.running.get((id(module), group))
+        if not calls:  # a shared module's call recorded under another layer
+            return
+        call = calls.pop()
+        if group[0] == "block":
+            self.layer.pop()
         call.output = first_tensor(output)
         if isinstance(call.output, torch.Tensor):
             call.value = call.output.clone()
@@ -233,6 +249,22 @@ class Trace:
         calls = self.group("block", layer)
         return calls[-1] if calls else None
 
+    def runs(self, layer: int) -> int:
+        """How many times decoder layer ``layer`` ran."""
+        return len(self.group("block", layer))
+
+
+def layer_children(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """A layer's direct children by path, the entries of a child list or dict in place of the list (LongCat-Flash
+    keeps its two attentions in ``self_attn.0`` and ``self_attn.1``)."""
+    out = []
+    for name, child in block.named_children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            out.extend((f"{name}.{key}", entry) for key, entry in child.named_children())
+        else:
+            out.append((name, child))
+    return out
+
 
 @contextmanager
 def tracing(model: torch.nn.Module, layers_path: str) -> Iterator[Trace]:
@@ -244,12 +276,17 @@ def tracing(model: torch.nn.Module, layers_path: str) -> Iterator[Trace]:
     def watch(module: torch.nn.Module, path: str, group: tuple[str, int | None]) -> None:
         handles.append(module.register_forward_pre_hook(
             lambda m, args, kwargs: trace.enter(group, path, m, args, kwargs), with_kwargs=True))
-        handles.append(module.register_forward_hook(lambda m, args, output: trace.leave(m, output)))
+        handles.append(module.register_forward_hook(lambda m, args, output: trace.leave(group, m, output)))
 
     for index, block in enumerate(blocks):
         watch(block, f"{layers_path}.{index}", ("block", index))
-        for name, child in block.named_children():
+        children = layer_children(block)
+        for name, child in children:
             watch(child, name, ("child", index))
+        direct = {name for name, _ in children}
+        for name, inner in block.named_modules():
+            if name and name not in direct and not isinstance(inner, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                watch(inner, name, ("inner", index))
     inside = {id(m) for m in blocks.modules()} | {id(m) for m in ancestors(model, layers_path)}
     for path, module in model.named_modules():
         if id(module) not in inside:
@@ -269,11 +306,15 @@ def ancestors(model: torch.nn.Module, path: str) -> list[torch.nn.Module]:
 
 def layer_count(config: Any) -> int | None:
     """The decoder's layer count from its (text) config."""
-    for key in LAYER_COUNT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    counts = layer_counts(config)
+    return counts[0] if counts else None
+
+
+def layer_counts(config: Any) -> list[int]:
+    """Every layer count the config gives, in key order (LongCat-Flash's num_hidden_layers counts its two-attention
+    layers twice; num_layers counts them once)."""
+    values = [getattr(config, key, None) for key in LAYER_COUNT_KEYS]
+    return list(dict.fromkeys(v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0))
 
 
 def probe_ids(model: torch.nn.Module, n: int = PROBE_TOKENS) -> torch.Tensor:
@@ -589,10 +630,11 @@ def layer_types(text: Any, count: int) -> tuple[str, ...] | None:
     return tuple(str(t) for t in types) if isinstance(types, (list, tuple)) and len(types) == count else None
 
 
-def pick_layers(model: torch.nn.Module, count: int) -> tuple[str, Trace, torch.Tensor, torch.Tensor]:
-    """The decoder-layer list (the one with ``count`` layers that a text forward runs), its trace, ids and logits."""
+def pick_layers(model: torch.nn.Module, counts: list[int]) -> tuple[str, Trace, torch.Tensor, torch.Tensor]:
+    """The decoder-layer list (one with a configured layer count that a text forward runs), its trace, ids and
+    logits."""
     ids = probe_ids(model)
-    for path in layer_list(model, count):
+    for count, path in ((count, path) for count in counts for path in layer_list(model, count)):
         try:
             trace, logits = run_probe(model, path, ids)
         except Exception as exc:  # noqa: BLE001 - any family's forward may fail in its own way
@@ -602,7 +644,26 @@ def pick_layers(model: torch.nn.Module, count: int) -> tuple[str, Trace, torch.T
                                   f"{ids.shape[1]} tokens fails ({type(exc).__name__}: {exc})") from exc
         if all(trace.block(i) is not None and trace.block(i).output is not None for i in range(count)):
             return path, trace, ids, logits
-    raise not_a_decoder(model, f"no list of {count} layers runs on a text input")
+    looped = looping_layers(model, ids)
+    if looped:
+        raise not_a_decoder(model, f"its layers ({looped}) run several times per forward (in cycles or loops): a "
+                            "layer has no single place in one residual stream's depth")
+    raise not_a_decoder(model, f"no list of {' or '.join(map(str, counts))} layers runs on a text input")
+
+
+def looping_layers(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
+    """The path of a module list whose every entry runs more than once in one forward (HRM's cycles), or None."""
+    lists = [(path, m) for path, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    runs: dict[int, int] = {}
+    handles = [entry.register_forward_pre_hook(lambda m, args: runs.__setitem__(id(m), runs.get(id(m), 0) + 1))
+               for _, layers in lists for entry in layers]
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return next((path for path, layers in lists if all(runs.get(id(e), 0) > 1 for e in layers)), None)
 
 
 def input_norm(trace: Trace, count: int) -> Call | None:
@@ -643,10 +704,11 @@ def discover(model: torch.nn.Module) -> Structure:
     if getattr(config, "is_encoder_decoder", False):
         raise not_a_decoder(model, "it is an encoder-decoder")
     text = config.get_text_config()
-    count = layer_count(text)
-    if count is None:
+    counts = layer_counts(text)
+    if not counts:
         raise not_a_decoder(model, "its config gives no layer count")
-    path, trace, ids, logits = pick_layers(model, count)
+    path, trace, ids, logits = pick_layers(model, counts)
+    count = len(submodule(model, path))
     layers = [layer_branches(model, trace, layer) for layer in range(count)]
     entry = input_norm(trace, count)
     stream = trace.block(0).input if entry is None else entry.value  # the residual layer 0 adds to
@@ -695,16 +757,89 @@ class Branches:
 
 def layer_branches(model: torch.nn.Module, trace: Trace, layer: int) -> Branches:
     """What the probe saw of one decoder layer, or the refusal when it is not branches added to a residual."""
-    calls, block = trace.group("child", layer), trace.block(layer)
-    mixers, mlps = branch_modules(model, block, calls, layer)
-    if any(first_tensor(block.output) is c.output for c in calls if is_norm(c.module)):
+    children, inner, block = trace.group("child", layer), trace.group("inner", layer), trace.block(layer)
+    if any(first_tensor(block.output) is c.output for c in [*children, *inner] if is_norm(c.module)):
         raise not_a_decoder(model, f"layer {layer} normalises the residual stream itself (post-LN)")
+    family = type(model).__name__
+    calls = flattened(model, children, inner, family)
+    mixers, mlps = branch_modules(model, block, calls, layer)
     parallel = (reads_layer_input(calls, block, mixers[0], mlp_entry(calls, mixers[-1], mlps[0]))
                 if mixers and mlps else None)
-    family = type(model).__name__
-    return Branches(mixers, mlps, [added_output(calls, c, family) for c in mixers],
-                    [added_output(calls, c, family) for c in mlps],
-                    parallel)
+    mlps = [*mlps, *side_branch(model, block, calls, [added_output(calls, c, family) for c in (*mixers, *mlps)],
+                                [*mixers, *mlps], family)]
+    pairs = [(c, added_output(calls, c, family)) for c in (*mixers, *mlps)]
+    feeding = feeders(model, block, [added for _, added in pairs])
+    kept = [(c, added) for (c, added), feeds in zip(pairs, feeding) if not feeds]
+    mixers, mlps = [c for c, _ in kept if c in mixers], [c for c, _ in kept if c in mlps]
+    return Branches(mixers, mlps, [a for c, a in kept if c in mixers], [a for c, a in kept if c in mlps], parallel)
+
+
+def side_branch(model: torch.nn.Module, block: Call, calls: list[Call], added: list[Call], branches: list[Call],
+                family: str) -> list[Call]:
+    """The layer's last child that is no known branch, norm or dropout, when what it adds (through its norm)
+    completes the layer: out = input + the known branches + it (Gemma 4's per-layer-input gate, a position-wise
+    branch: a channel mixer). Empty when the known branches already add up or it does not."""
+    claimed = {c.path for c in (*branches, *added)}
+    others = [c for c in calls if c.path not in claimed and not is_norm(c.module) and not is_dropout(c.module)
+              and isinstance(c.value, torch.Tensor) and c.value.shape == getattr(block.input, "shape", None)]
+    if not others or block.input is None or not added:
+        return []
+    candidate = added_output(calls, others[-1], family)
+    target = first_tensor(block.value).double() - block.input.double()
+    known = sum(a.added.reshape(target.shape).double() for a in added if a.added.numel() == target.numel())
+    tol = fit_tolerance(model) * float(target.abs().max())
+    fits = float((target - known - candidate.added.reshape(target.shape).double()).abs().max()) <= tol
+    return [others[-1]] if fits and float((target - known).abs().max()) > tol else []
+
+
+def feeders(model: torch.nn.Module, block: Call, added: list[Call]) -> list[bool]:
+    """Per branch, True when the layer's output is its input plus the other branches exactly and this one's
+    coefficient is zero: it only feeds another branch (Zamba's shared transformer feeds its Mamba's input)."""
+    shape = block.input.shape if block.input is not None else None
+    if len(added) < 2 or shape is None or any(a.value is None or a.added.numel() != block.input.numel()
+                                              for a in added):
+        return [False] * len(added)
+    columns = torch.stack([a.added.reshape(shape).double().flatten() for a in added], 1)
+    target = (first_tensor(block.value).double() - block.input.double()).flatten()
+    coefficients = torch.linalg.lstsq(columns, target.unsqueeze(1)).solution.squeeze(1)
+    tol = fit_tolerance(model)
+    if float((target - columns @ coefficients).abs().max()) > tol * float(target.abs().max()):
+        return [False] * len(added)
+    zero = [abs(float(c)) <= tol for c in coefficients]
+    return zero if not all(zero) else [False] * len(added)
+
+
+def flattened(model: torch.nn.Module, children: list[Call], inner: list[Call], family: str) -> list[Call]:
+    """A layer's children, each child that is itself a residual block (DBRX's NormAttentionNorm adds the attention
+    to its input; Zamba's Mamba decoder layer its Mamba) replaced by its own children: the branches are inside."""
+    out: list[Call] = []
+    for call in children:
+        own = direct_inner(call, inner)
+        if own and is_residual_block(model, call, own, family):
+            out.extend(flattened(model, own, inner, family))
+        else:
+            out.append(call)
+    return sorted(out, key=lambda c: c.order)
+
+
+def direct_inner(call: Call, inner: list[Call]) -> list[Call]:
+    """The recorded calls of the direct children of ``call``'s module."""
+    prefix = call.path + "."
+    return [c for c in inner if c.path.startswith(prefix) and "." not in c.path[len(prefix):]]
+
+
+def is_residual_block(model: torch.nn.Module, call: Call, own: list[Call], family: str) -> bool:
+    """True when the child returns its input plus what its own attention, mixer or MLP children add (exactly, up
+    to rounding): a residual block nested in the layer."""
+    if call.value is None or call.input is None or call.value.shape != call.input.shape or is_norm(call.module):
+        return False
+    branches = [c for c in own if not is_norm(c.module) and not is_dropout(c.module) and branch_role(c, family)]
+    added = [added_output(own, b, family).added for b in branches]
+    if not added or any(a is None or a.numel() != call.value.numel() for a in added):
+        return False
+    total = sum(a.reshape(call.value.shape).double() for a in added)
+    misfit = (call.value.double() - call.input.double() - total).abs().max()
+    return float(total.abs().max()) > 0 and float(misfit) <= fit_tolerance(model) * float(call.value.abs().max())
 
 
 def joined(calls: list[Call]) -> str:
