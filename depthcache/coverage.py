@@ -470,6 +470,8 @@ def notes(structure: Structure) -> str:
         out.append("branches add residual")
     if structure.moe_layers:
         out.append("MoE")
+    if structure.head_dense:
+        out.append(f"head transform (dense, {structure.head_activation}, norm)")
     if structure.norm_offset:
         out.append("norm (1+w)")
     if structure.branch_scale != 1.0:

@@ -83,7 +83,7 @@ def test_a_mamba_store_has_no_mlp_site_and_every_analysis_runs(tmp_path: Path) -
     assert structure.attn == ("mixer",) * structure.n_layers
     store = extracted(saved(model, tmp_path / "m"), tmp_path / "s.zarr")
     attrs = read_attrs(zarr.open_group(str(store), mode="r"))
-    assert attrs["options"]["sites"] == ["resid", "attn"] and attrs["schema_version"] == "2.2"
+    assert attrs["options"]["sites"] == ["resid", "attn"] and attrs["schema_version"] == "2.3"
     ds = open_dataset(str(store)).load()
     assert "mlp_out" not in ds and "attn_out" in ds  # no MLP site, not zeros
     assert identity_error(ds) <= 1e-5

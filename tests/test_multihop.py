@@ -83,7 +83,7 @@ def test_task_windows_one_per_item(arch: str, tiny_models, task_file: Path, tmp_
         np.testing.assert_allclose(res[layer] + ds.attn_out.values[layer] + ds.mlp_out.values[layer], res[layer + 1],
                                    rtol=1e-5, atol=1e-5)
     attrs = ds.attrs["depthcache"]
-    assert attrs["schema_version"] == SCHEMA_VERSION == "2.2"
+    assert attrs["schema_version"] == SCHEMA_VERSION == "2.3"
     assert attrs["dataset"]["task"] == {"name": str(task_file), "n": None, "seed": 0, "options": {}}
     assert [it["id"] for it in attrs["dataset"]["items"]] == [it["id"] for it in ITEMS]
     assert attrs["dataset"]["items"][2]["meta"] == {"hop_ids": ["a", "e"]}

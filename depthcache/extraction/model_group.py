@@ -45,6 +45,8 @@ def write_model_group(root: zarr.Group, loaded: Any) -> None:
     if head["norm_bias"] is not None:
         _array(group, "final_norm_bias", head["norm_bias"], ("d_model",))
     _array(group, "unembed", head["unembed"], ("vocab", "d_model"))
+    if head["transform"] is not None:  # schema 2.3: a BERT-style head's dense, activation and norm
+        write_head_transform(group, head["transform"])
     if head["unembed_bias"] is not None:
         _array(group, "unembed_bias", head["unembed_bias"], ("vocab",))
     tok = root.create_group(TOKENIZER_GROUP)
@@ -52,3 +54,15 @@ def write_model_group(root: zarr.Group, loaded: Any) -> None:
         # each file its own dimension (schema 1.3): files of different lengths under one name break xr.open_datatree
         arr = _array(tok, f"file_{i}", np.frombuffer(data, dtype=np.uint8), (f"byte_{i}",))
         arr.attrs["filename"] = name
+
+
+def write_head_transform(group: zarr.Group, transform: dict[str, Any]) -> None:
+    """The head transform's description (``head_transform`` attribute) and arrays (``head_*``)."""
+    group.attrs["head_transform"] = {
+        "activation": transform["activation"], "norm_kind": transform["norm_kind"], "eps": transform["eps"],
+        "dense_has_bias": transform["dense_bias"] is not None, "norm_has_bias": transform["norm_bias"] is not None}
+    for name in ("dense_weight", "dense_bias", "norm_weight", "norm_bias"):
+        if transform[name] is not None:
+            dims = ("d_model", "d_model_in") if name == "dense_weight" else ("d_model",)
+            _array(group, f"head_{name}", transform[name], dims)
+

@@ -30,6 +30,7 @@ MLP = re.compile(r"mlp|feed_?forward|ffn|^ff$|moe|expert")
 HYPER = re.compile(r"hyper_?connection")
 CAMEL_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+")  # the words of a class name: xLSTMLayer: x, LSTM, Layer
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+RESIDUAL_ARGUMENTS = ("residual", "input_tensor")
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon")
 EPS_GUESSES = (1e-5, 1e-6, 1e-8, 1e-12)  # for norms that hard-code their epsilon (OLMo's LayerNorm)
@@ -73,6 +74,9 @@ class Structure:
     attn_classes: tuple[str, ...] = ()  # per layer: the token mixer's class (hybrids mix attention kinds)
     language_model: str | None = None  # a multimodal wrapper's (class_name) language model: its class
     input_norm: str | None = None  # a norm only layer 0 applies to its input (RWKV's pre_ln): resid_pre[0] is its output
+    head_dense: str | None = None  # BERT-style heads: norm(activation(dense(final_norm(x)))) is what is unembedded
+    head_activation: str | None = None  # one of ACTIVATIONS
+    head_norm: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -194,15 +198,17 @@ class Call:
 
 
 def residual_argument(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The value of the module's ``residual`` parameter, for modules that add the residual themselves (BLOOM)."""
+    """The value of the module's ``residual`` parameter (``input_tensor`` in BERT-style output projections), for
+    modules that add the residual themselves (BLOOM)."""
     try:
         names = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
         return None
-    if "residual" not in names:
+    name = next((n for n in RESIDUAL_ARGUMENTS if n in names), None)
+    if name is None:
         return None
-    index = names.index("residual")
-    value = kwargs.get("residual", args[index] if index < len(args) else None)
+    index = names.index(name)
+    value = kwargs.get(name, args[index] if index < len(args) else None)
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -351,9 +357,14 @@ def branch_role(call: Call, family: str = "") -> str | None:
     if MLP.search("".join(words)):  # anywhere: NemotronHMoE
         return "mlp"
     for role, pattern in (("attn", MIXER), ("mlp", MLP)):
-        if pattern.search(call.path.lower()):
+        if pattern.search(attribute_name(call.path)):
             return role
     return None
+
+
+def attribute_name(path: str) -> str:
+    """The attribute a module sits under, lowercase: the last part of its path that is no list index."""
+    return next((part for part in reversed(path.lower().split(".")) if not part.isdigit()), "")
 
 
 def own_words(kind: str, family: str) -> list[str]:
@@ -411,7 +422,7 @@ def added_output(calls: list[Call], branch: Call, family: str = "") -> Call:
     for call in (c for c in calls if c.order > branch.order):  # calls are in call order
         if call.input is not tensor:
             continue
-        if is_norm(call.module):
+        if is_norm(call.module) or call.residual is not None:  # a post-norm, or a projection adding the residual
             return call
         if not is_dropout(call.module) and branch_role(call, family) is None:
             break
@@ -615,6 +626,46 @@ def logit_transform(model: torch.nn.Module, text: Any, normed: torch.Tensor, log
     return found, cap
 
 
+ACTIVATIONS = {
+    "gelu": lambda x: torch.nn.functional.gelu(x),
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+}
+
+
+def head_transform(model: torch.nn.Module, trace: Trace, norm_call: Call, text: Any) -> dict[str, Any] | None:
+    """The transform a BERT-style head applies between the final norm and the unembedding (Megatron-BERT,
+    ModernBERT's decoder, XLM-RoBERTa-XL): a dense layer, an activation (a module or a function, found numerically)
+    and a norm, as Structure fields plus ``value`` (what the unembedding reads); None when the unembedding reads
+    the final norm's output."""
+    head = model.get_output_embeddings()
+    reads = [c for c in trace.group("outside") if c.module is head and c.order > norm_call.order]
+    if not reads or head is None or equal(reads[0].input, norm_call.value):
+        return None
+    later = [c for c in trace.group("outside") if norm_call.order < c.order < reads[0].order]
+    dense = next((c for c in later if isinstance(c.module, torch.nn.Linear) and equal(c.input, norm_call.value)),
+                 None)
+    norm = next((c for c in later if is_norm(c.module) and equal(reads[0].input, c.value)), None)
+    if dense is None or norm is None or dense.value.shape != norm_call.value.shape:
+        return None  # logit_transform names the failure
+    d_model = int(norm_call.value.shape[-1])
+    kind, offset, eps = probe_norm(model, norm.module, norm_eps(norm.module, text), d_model)
+    weight, bias = norm_parameters(norm.module, d_model)
+    for name, function in ACTIVATIONS.items():
+        x = function(dense.value.double())
+        out = norm_formula(x, kind, eps, weight + offset, bias)
+        if float((out - reads[0].input.double()).abs().max()) <= 1e-4 * float(reads[0].input.abs().max()):
+            return {"head_dense": dense.path, "head_activation": name, "head_norm": norm.path,
+                    "value": reads[0].input}
+    return None
+
+
+def equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """The same values (the head reads a view of the final norm's output, not the tensor itself)."""
+    return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b))
+
+
 def embedding_scale(model: torch.nn.Module, ids: torch.Tensor, first: torch.Tensor) -> float | None:
     """c with resid_pre[0] = c · embedding row when that holds (Gemma: sqrt(d_model)), else None."""
     rows = model.get_input_embeddings().weight.detach()[ids].double()
@@ -716,15 +767,17 @@ def discover(model: torch.nn.Module) -> Structure:
     norm_call = final_norm_call(model, trace, last)
     d_model = int(first_tensor(last.output).shape[-1])
     kind, offset, eps = probe_norm(model, norm_call.module, norm_eps(norm_call.module, text), d_model)
-    scale, cap = logit_transform(model, text, norm_call.value, logits)
+    transform = head_transform(model, trace, norm_call, text)
+    scale, cap = logit_transform(model, text, norm_call.value if transform is None else transform.pop("value"),
+                                 logits)
     types = layer_types(text, count)
     return Structure(
         model_type=model_type, class_name=type(model).__name__, layers=path,
         attn=tuple(joined(b.attn_added) for b in layers), mlp=tuple(joined(b.mlp_added) for b in layers),
         final_norm=norm_call.path, norm_kind=kind, norm_eps=eps, norm_offset=offset,
         parallel=every(b.parallel for b in layers),
-        attn_post_norm=every(a is not m for b in layers for a, m in zip(b.attn_added, b.mixers)),
-        mlp_post_norm=every(a is not m for b in layers for a, m in zip(b.mlp_added, b.mlps)),
+        attn_post_norm=every(is_norm(a.module) for b in layers for a in b.attn_added),
+        mlp_post_norm=every(is_norm(a.module) for b in layers for a in b.mlp_added),
         attn_adds_residual=every(a.residual is not None for b in layers for a in b.attn_added),
         mlp_adds_residual=every(a.residual is not None for b in layers for a in b.mlp_added),
         **scales_fields(layers[0], branch_scales(model, text, trace.block(0), layers[0].added, stream,
@@ -735,7 +788,7 @@ def discover(model: torch.nn.Module) -> Structure:
         layer_types=types, sliding_window=attention_window(text, types),
         attn_classes=tuple("+".join(type(m.module).__name__ for m in b.mixers) for b in layers),
         language_model=language_model_class(model, path),
-        input_norm=None if entry is None else entry.path)
+        input_norm=None if entry is None else entry.path, **(transform or {}))
 
 
 @dataclass(frozen=True, eq=False)
@@ -834,7 +887,7 @@ def is_residual_block(model: torch.nn.Module, call: Call, own: list[Call], famil
     if call.value is None or call.input is None or call.value.shape != call.input.shape or is_norm(call.module):
         return False
     branches = [c for c in own if not is_norm(c.module) and not is_dropout(c.module) and branch_role(c, family)]
-    added = [added_output(own, b, family).added for b in branches]
+    added = [a.added for a in unique_paths([added_output(own, b, family) for b in branches])]
     if not added or any(a is None or a.numel() != call.value.numel() for a in added):
         return False
     total = sum(a.reshape(call.value.shape).double() for a in added)
@@ -903,4 +956,18 @@ def model_head(model: torch.nn.Module, structure: Structure) -> dict[str, Any]:
             "norm_bias": None if bias is None else bias.float().numpy(),
             "unembed": unembed.float().cpu().numpy(),
             "unembed_bias": None if unembed_bias is None else unembed_bias.float().cpu().numpy(),
-            "logit_scale": structure.logit_scale, "logit_softcap": structure.logit_softcap}
+            "logit_scale": structure.logit_scale, "logit_softcap": structure.logit_softcap,
+            "transform": None if structure.head_dense is None else head_transform_arrays(model, structure, d_model)}
+
+
+def head_transform_arrays(model: torch.nn.Module, structure: Structure, d_model: int) -> dict[str, Any]:
+    """A BERT-style head's transform as the store records it: the dense layer's weight and bias, the activation,
+    the norm's kind, epsilon, weight (offset folded in) and bias (float32 numpy)."""
+    dense, norm = submodule(model, structure.head_dense), submodule(model, structure.head_norm)
+    kind, offset, eps = probe_norm(model, norm, norm_eps(norm, model.config.get_text_config()), d_model)
+    weight, bias = norm_parameters(norm, d_model)
+    return {"activation": structure.head_activation, "norm_kind": kind, "eps": eps,
+            "dense_weight": dense.weight.detach().float().cpu().numpy(),
+            "dense_bias": None if dense.bias is None else dense.bias.detach().float().cpu().numpy(),
+            "norm_weight": (weight + offset).float().numpy(),
+            "norm_bias": None if bias is None else bias.float().numpy()}

@@ -60,12 +60,18 @@ def read_head(location: str | Any, attrs: dict[str, Any] | None = None) -> dict[
         model = group[MODEL_GROUP]
         norm, _ = head_attrs(model)
         scale, softcap = logit_attrs(model)
+        transform = transform_attrs(model)
         arrays = {name: checked_array(model, name, shape, every_chunk_written(attrs))
                   for name, shape in head_shapes(model, attrs).items()}
     return {"norm_kind": norm["kind"], "eps": float(norm["eps"]),
             "norm_weight": arrays["final_norm_weight"], "norm_bias": arrays.get("final_norm_bias"),
             "unembed": arrays["unembed"], "unembed_bias": arrays.get("unembed_bias"),
-            "logit_scale": scale, "logit_softcap": softcap}
+            "logit_scale": scale, "logit_softcap": softcap,
+            "transform": None if transform is None else {
+                "activation": transform["activation"], "norm_kind": transform["norm_kind"],
+                "eps": float(transform["eps"]), "dense_weight": arrays["head_dense_weight"],
+                "dense_bias": arrays.get("head_dense_bias"), "norm_weight": arrays["head_norm_weight"],
+                "norm_bias": arrays.get("head_norm_bias")}}
 
 
 def head_shapes(model: zarr.Group, attrs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -74,7 +80,27 @@ def head_shapes(model: zarr.Group, attrs: dict[str, Any]) -> dict[str, tuple[int
     d_model, vocab = int(attrs["model"]["d_model"]), int(attrs["model"]["vocab_size"])
     expected = {"final_norm_weight": (d_model,), "unembed": (vocab, d_model)}
     expected |= {"final_norm_bias": (d_model,)} if norm["has_bias"] else {}
+    transform = transform_attrs(model)
+    if transform is not None:  # schema 2.3
+        expected |= {"head_dense_weight": (d_model, d_model), "head_norm_weight": (d_model,)}
+        expected |= {"head_dense_bias": (d_model,)} if transform["dense_has_bias"] else {}
+        expected |= {"head_norm_bias": (d_model,)} if transform["norm_has_bias"] else {}
     return expected | ({"unembed_bias": (vocab,)} if has_unembed_bias else {})
+
+
+def transform_attrs(model: zarr.Group) -> dict[str, Any] | None:
+    """The model group's head transform description (schema 2.3; None where the unembedding reads the final norm's
+    output), type-checked."""
+    transform = model.attrs.get("head_transform")
+    if transform is None:
+        return None
+    eps = transform.get("eps") if isinstance(transform, dict) else None
+    if (not isinstance(transform, dict) or transform.get("activation") not in ACTIVATIONS
+            or transform.get("norm_kind") not in ("rmsnorm", "layernorm")
+            or not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0
+            or not all(isinstance(transform.get(k), bool) for k in ("dense_has_bias", "norm_has_bias"))):
+        raise DepthcacheError("the store's model/ attribute head_transform is malformed; re-extract the store")
+    return transform
 
 
 def every_chunk_written(attrs: dict[str, Any]) -> bool:
@@ -289,16 +315,44 @@ def load_tokenizer(location: str | Any) -> Any:
 
 
 def apply_final_norm(h: np.ndarray, head: dict[str, Any]) -> np.ndarray:
-    """The model's final norm applied to float32 residuals (..., d_model), computed as HF does in float32 (the
-    stored weight is the factor the norm multiplies by: Gemma's 1 + w is folded in)."""
-    h = h.astype(np.float32, copy=False)
-    if head["norm_kind"] == "rmsnorm":
-        out = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + head["eps"])
-        return out * head["norm_weight"]
-    centred = h - h.mean(axis=-1, keepdims=True)
-    out = centred / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + head["eps"])
-    out = out * head["norm_weight"]
-    return out + head["norm_bias"] if head["norm_bias"] is not None else out
+    """What the unembedding reads, from float32 residuals (..., d_model): the model's final norm computed as HF does
+    in float32 (the stored weight is the factor the norm multiplies by: Gemma's 1 + w is folded in), then a
+    BERT-style head's transform where the store has one (schema 2.3)."""
+    out = normalise(h.astype(np.float32, copy=False), head["norm_kind"], head["eps"], head["norm_weight"],
+                    head["norm_bias"])
+    return out if head.get("transform") is None else apply_head_transform(out, head["transform"])
+
+
+def normalise(h: np.ndarray, kind: str, eps: float, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """RMSNorm or LayerNorm of float32 rows, times ``weight`` plus ``bias``."""
+    if kind == "layernorm":
+        h = h - h.mean(axis=-1, keepdims=True)
+    out = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + np.float32(eps)) * weight
+    return out + bias if bias is not None else out
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function in float32 (Abramowitz and Stegun 7.1.26: absolute error below 1.5e-7)."""
+    t = 1.0 / (1.0 + np.float32(0.3275911) * np.abs(x))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return (np.sign(x) * (1.0 - poly * np.exp(-x * x))).astype(np.float32)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: 0.5 * x * (1.0 + erf(x / np.float32(math.sqrt(2.0)))),
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + 0.044715 * x ** 3))),
+    "relu": lambda x: np.maximum(x, 0),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+}
+
+
+def apply_head_transform(h: np.ndarray, transform: dict[str, Any]) -> np.ndarray:
+    """A BERT-style head's transform of final-normed rows: norm(activation(h · dense_weightᵀ + dense_bias))."""
+    x = h @ transform["dense_weight"].T
+    if transform["dense_bias"] is not None:
+        x = x + transform["dense_bias"]
+    x = ACTIVATIONS[transform["activation"]](x).astype(np.float32, copy=False)
+    return normalise(x, transform["norm_kind"], transform["eps"], transform["norm_weight"], transform["norm_bias"])
 
 
 def logits_from_residual(h: np.ndarray, head: dict[str, Any]) -> np.ndarray:

@@ -40,12 +40,13 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from depthcache.dtypes import BFloat16Bits
 
-SCHEMA_VERSION = "2.2"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure,
+SCHEMA_VERSION = "2.3"  # 1.1: runs/<name>; 1.2: task stores (item, answer_index, hops); 1.3: model.structure,
 # model head and tokenizer files checksummed (crc32c) and every chunk written, string lengths capped, limits;
 # 2.0: sharded arrays (one inner chunk per layer, long shards for the token arrays); 2.1: optional provenance of
 # where the model ran (options.model_dtype, options.device_map) and of a multimodal wrapper (structure.language_model);
 # 2.2: the branch table (structure.attn/mlp '+'-joined or empty per layer, part_scales, input_norm): attn_out/mlp_out
-# are the sums of a layer's token/channel mixers, and a model without MLPs stores no mlp_out
+# are the sums of a layer's token/channel mixers, and a model without MLPs stores no mlp_out; 2.3: a BERT-style head
+# transform (structure.head_dense/head_activation/head_norm, model/head_* arrays) between final norm and unembedding
 NEWEST_READABLE = {"1": "1.3", "2": SCHEMA_VERSION}  # per major, the newest minor this reader knows (1.x unchanged)
 CHECKSUMMED_HEAD = (1, 3)  # the first schema version whose model/ arrays carry crc32c
 ATTRS_KEY = "depthcache"
