@@ -1,0 +1,151 @@
+"""Branches discovery finds below a layer's direct children, and heads that transform before the unembedding: a
+residual block nested in the layer (DBRX's NormAttentionNorm, Zamba's Mamba decoder layer), a branch that only feeds
+another (Zamba's shared transformer), branches kept in a child list (LongCat-Flash), a side branch completing the
+layer (Gemma 4's per-layer input), projections adding ``input_tensor`` (BERT-style pre-LN layers) and a BERT-style
+head (schema 2.3). Built tiny; stores are checked against the test's own hooks and numpy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from depthcache.coverage import tiny_model
+from depthcache.errors import DepthcacheError
+from depthcache.model.skips import Skip
+from depthcache.model.structure import discover, submodule
+from depthcache.store.head import erf, logits_from_residual, read_head
+from depthcache.store.io import read_attrs
+from depthcache.store.reader import open_dataset
+from depthcache.store.schema import validate_store
+from tests.test_branches import extracted, identity_error, saved
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def module_outputs(model: torch.nn.Module, layers: torch.nn.ModuleList, path: str, ids: torch.Tensor
+                   ) -> torch.Tensor:
+    """Each layer's module ``path`` output (first element) on ``ids`` by plain forward hooks, zeros where a layer
+    lacks it: (layers, tokens, d_model)."""
+    got: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        try:
+            module = submodule(layer, path)
+        except AttributeError:
+            continue
+        handles.append(module.register_forward_hook(
+            lambda m, a, out, i=i: got.__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach().clone())))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    d = model.config.get_text_config().hidden_size
+    return torch.stack([got.get(i, torch.zeros(1, ids.shape[1], d)).reshape(ids.shape[1], d)
+                        for i in range(len(layers))])
+
+
+def stored(model: torch.nn.Module, tmp_path: Path):  # noqa: ANN201 - an xarray Dataset
+    """The model's store (64 tokens, float32), loaded; its first window 16 tokens."""
+    return open_dataset(str(extracted(saved(model, tmp_path / "m"), tmp_path / "s.zarr"))).load()
+
+
+def first_window(ds) -> torch.Tensor:  # noqa: ANN001 - an xarray Dataset
+    """The token ids of the store's first 16-token window."""
+    return torch.as_tensor(ds.token_id.values[:16]).view(1, -1)
+
+
+def test_dbrx_attention_inside_a_norm_container_is_the_token_mixer(tmp_path: Path) -> None:
+    model = tiny_model("dbrx").eval()
+    structure = discover(model)
+    assert structure.attn == ("norm_attn_norm.attn",) * structure.n_layers and structure.mlp[0] == "ffn"
+    ds = stored(model, tmp_path)
+    assert identity_error(ds) <= 1e-5
+    ids = first_window(ds)
+    want = module_outputs(model, model.transformer.blocks, "norm_attn_norm.attn", ids)
+    np.testing.assert_allclose(ds.attn_out.values[:, :16], want.numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), Skip(model, structure, (1,), "attn", torch.ones(1, 16, dtype=torch.bool)):
+        skipped = model(input_ids=ids).logits  # the container then adds nothing and normalises its input
+    zero = model.transformer.blocks[1].norm_attn_norm.attn.register_forward_hook(
+        lambda m, a, out: (torch.zeros_like(out[0]), *out[1:]))
+    with torch.no_grad():
+        want_logits = model(input_ids=ids).logits
+    zero.remove()
+    torch.testing.assert_close(skipped, want_logits)
+
+
+def test_zamba_shared_transformer_only_feeds_the_mamba_it_runs_beside(tmp_path: Path) -> None:
+    model = tiny_model("zamba").eval()
+    structure = discover(model)
+    kinds = [type(layer).__name__ for layer in model.model.layers]
+    assert "ZambaHybridLayer" in kinds
+    for layer, kind in enumerate(kinds):  # the hybrid's attention output reaches the stream only through Mamba
+        assert structure.attn[layer] == ("mamba_decoder.mamba" if kind == "ZambaHybridLayer" else "mamba")
+    assert structure.roles == ("attn",)
+    ds = stored(model, tmp_path)
+    assert identity_error(ds) <= 1e-5
+
+
+def test_longcat_flash_two_attentions_in_a_list_and_layers_counted_once() -> None:
+    model = tiny_model("longcat_flash").eval()
+    structure = discover(model)
+    config = model.config
+    assert structure.n_layers == config.num_layers == config.num_hidden_layers // 2
+    assert structure.attn == ("self_attn.0+self_attn.1",) * structure.n_layers
+    assert structure.mlp == ("mlp+mlps.0+mlps.1",) * structure.n_layers  # the shortcut MoE and the two MLPs
+
+
+def test_gemma4_per_layer_input_gate_is_a_channel_mixer_of_its_own(tmp_path: Path) -> None:
+    model = tiny_model("gemma4_text").eval()
+    structure = discover(model)
+    assert structure.mlp == ("post_feedforward_layernorm+post_per_layer_input_norm",) * structure.n_layers
+    ds = stored(model, tmp_path)
+    assert identity_error(ds) <= 1e-5
+    ids = first_window(ds)
+    layers = model.model.layers
+    want = (module_outputs(model, layers, "post_feedforward_layernorm", ids)
+            + module_outputs(model, layers, "post_per_layer_input_norm", ids))
+    np.testing.assert_allclose(ds.mlp_out.values[:, :16], want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_bert_style_head_transform_is_stored_and_the_lens_reproduces_the_logits(tmp_path: Path) -> None:
+    model = tiny_model("modernbert-decoder").eval()
+    structure = discover(model)
+    assert (structure.head_dense, structure.head_activation, structure.head_norm) == \
+        ("lm_head.dense", "gelu", "lm_head.norm")
+    store = extracted(saved(model, tmp_path / "m"), tmp_path / "s.zarr")
+    assert read_attrs(zarr.open_group(str(store), mode="r"))["schema_version"] == "2.3" and validate_store(str(store)) == []
+    ds = open_dataset(str(store)).load()
+    head = read_head(str(store))
+    np.testing.assert_array_equal(head["transform"]["dense_weight"], model.lm_head.dense.weight.detach().numpy())
+    with torch.no_grad():
+        want = model(input_ids=first_window(ds)).logits[0].double().numpy()
+    got = logits_from_residual(ds.resid_final.values[:16], head).astype(np.float64)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    model_head = read_head(str(store))
+    model_head["transform"] = None  # without the transform the lens is another function: the check can fail
+    assert np.abs(logits_from_residual(ds.resid_final.values[:16], model_head) - want).max() > 1e-2
+
+    group = zarr.open_group(str(store / "model"), mode="r+")
+    group.attrs["head_transform"] = {**group.attrs["head_transform"], "activation": "exp"}
+    with pytest.raises(DepthcacheError, match="head_transform is malformed"):
+        read_head(str(store))
+
+
+def test_numpy_erf_matches_the_math_library() -> None:
+    x = np.linspace(-6, 6, 20001, dtype=np.float32)
+    want = np.array([math.erf(float(v)) for v in x])
+    assert np.abs(erf(x) - want).max() <= 6e-7  # the approximation's 1.5e-7 plus float32 rounding (4 ulps of 1)
+
+
+@pytest.mark.parametrize(("model_type", "reason"), [
+    ("bert", "layer 0 normalises the residual stream itself (post-LN)"),
+    ("hrm_text", "run several times per forward"),
+])
+def test_refusals_name_the_structure(model_type: str, reason: str) -> None:
+    with pytest.raises(DepthcacheError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        discover(tiny_model(model_type).eval())
