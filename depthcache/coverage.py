@@ -470,6 +470,8 @@ def notes(structure: Structure) -> str:
         out.append("branches add residual")
     if structure.moe_layers:
         out.append("MoE")
+    if structure.idle_layers:
+        out.append(f"layers {', '.join(map(str, structure.idle_layers))} idle on text, removed")
     if structure.head_dense:
         out.append(f"head transform (dense, {structure.head_activation}, norm)")
     if structure.norm_offset:

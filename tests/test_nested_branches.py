@@ -14,7 +14,7 @@ import pytest
 import torch
 import zarr
 
-from depthcache.coverage import tiny_model
+from depthcache.coverage import loaded_tiny, tiny_model, tiny_tokenizer, two_window_extraction
 from depthcache.errors import DepthcacheError
 from depthcache.model.skips import Skip
 from depthcache.model.structure import discover, submodule
@@ -25,6 +25,7 @@ from depthcache.store.schema import validate_store
 from tests.test_branches import extracted, identity_error, saved
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+IDS = torch.arange(5, 21).view(1, -1)
 
 
 def module_outputs(model: torch.nn.Module, layers: torch.nn.ModuleList, path: str, ids: torch.Tensor
@@ -149,3 +150,20 @@ def test_numpy_erf_matches_the_math_library() -> None:
 def test_refusals_name_the_structure(model_type: str, reason: str) -> None:
     with pytest.raises(DepthcacheError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         discover(tiny_model(model_type).eval())
+
+
+def test_mllama_cross_attention_layers_idle_on_text_are_removed_and_change_nothing(tmp_path: Path) -> None:
+    untouched, model = tiny_model("mllama").eval(), tiny_model("mllama").eval()
+    total = model.config.get_text_config().num_hidden_layers
+    idle = tuple(i for i in model.config.get_text_config().cross_attention_layers if i < total)
+    structure = discover(model)
+    assert idle and structure.idle_layers == idle and structure.n_layers == total - len(idle)
+    assert model.config.get_text_config().cross_attention_layers == []  # no kept layer is skipped
+    assert all(type(layer).__name__ == "MllamaSelfAttentionDecoderLayer" for layer in model.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, untouched(input_ids=IDS).logits, rtol=0, atol=0)
+    identity, _ = two_window_extraction(loaded_tiny(model, tiny_tokenizer()), tmp_path)  # in memory: the text
+    assert identity <= 1e-5  # config alone is no AutoModelForCausalLM checkpoint
+    assert open_dataset(str(tmp_path / "store.zarr")).sizes["layer"] == total - len(idle)
+    attrs = read_attrs(zarr.open_group(str(tmp_path / "store.zarr"), mode="r"))
+    assert attrs["model"]["structure"]["idle_layers"] == list(idle)

@@ -27,7 +27,7 @@ from depthcache.model.multimodal import language_model_class
 PROBE_TOKENS = 16
 MIXER = re.compile(r"att|mixer|mamba|conv|ssm|retention|temporal|lstm")
 MLP = re.compile(r"mlp|feed_?forward|ffn|^ff$|moe|expert")
-HYPER = re.compile(r"hyper_?connection")
+HYPER = re.compile(r"hyper_?connection|altup")  # several residual streams mixed per layer (Gemma 3n's AltUp)
 CAMEL_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+")  # the words of a class name: xLSTMLayer: x, LSTM, Layer
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 RESIDUAL_ARGUMENTS = ("residual", "input_tensor")
@@ -74,6 +74,7 @@ class Structure:
     attn_classes: tuple[str, ...] = ()  # per layer: the token mixer's class (hybrids mix attention kinds)
     language_model: str | None = None  # a multimodal wrapper's (class_name) language model: its class
     input_norm: str | None = None  # a norm only layer 0 applies to its input (RWKV's pre_ln): resid_pre[0] is its output
+    idle_layers: tuple[int, ...] = ()  # the checkpoint's layers a text forward never runs, removed at load (Mllama)
     head_dense: str | None = None  # BERT-style heads: norm(activation(dense(final_norm(x)))) is what is unembedded
     head_activation: str | None = None  # one of ACTIVATIONS
     head_norm: str | None = None
@@ -190,6 +191,8 @@ class Call:
     residual: torch.Tensor | None = None  # the ``residual`` argument of a module that adds it itself (BLOOM)
     output: Any = None
     value: torch.Tensor | None = None
+    streams_in: int = 0  # tensor arguments of the first input's shape (a reversible layer takes two)
+    streams_out: int = 0  # returned tensors of that shape
 
     @property
     def added(self) -> torch.Tensor:
@@ -231,6 +234,7 @@ class Trace:
         elif group[0] != "outside" and (not self.layer or self.layer[-1] != group[1]):
             return
         call = Call(len(self.calls), path, module, first_input(args, kwargs), residual_argument(module, args, kwargs))
+        call.streams_in = same_shape(call.input, (*args, *kwargs.values()))
         self.calls.append((group, call))
         self.running.setdefault((id(module), group), []).append(call)
 
@@ -243,6 +247,7 @@ class Trace:
         if group[0] == "block":
             self.layer.pop()
         call.output = first_tensor(output)
+        call.streams_out = same_shape(call.input, output if isinstance(output, tuple) else (output,))
         if isinstance(call.output, torch.Tensor):
             call.value = call.output.clone()
 
@@ -258,6 +263,11 @@ class Trace:
     def runs(self, layer: int) -> int:
         """How many times decoder layer ``layer`` ran."""
         return len(self.group("block", layer))
+
+
+def same_shape(like: torch.Tensor | None, values: tuple) -> int:
+    """How many of ``values`` are tensors of ``like``'s shape."""
+    return 0 if like is None else sum(isinstance(v, torch.Tensor) and v.shape == like.shape for v in values)
 
 
 def layer_children(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -381,11 +391,12 @@ def branch_modules(model: torch.nn.Module, block: Call, calls: list[Call], layer
     none of one (Mamba: a mixer alone), but at least one branch."""
     plain = [c for c in calls if not is_norm(c.module) and not is_dropout(c.module)
              and not isinstance(c.module, torch.nn.Identity)]
+    for path, child in block.module.named_children():  # by module: AltUp runs through methods, not forward
+        if HYPER.search(type(child).__name__.lower()):
+            raise not_a_decoder(model, f"layer {layer} keeps several residual streams ({path}: "
+                                f"{type(child).__name__}), not one vector")
     for call in plain:
         kind = type(call.module).__name__
-        if HYPER.search(kind.lower()):
-            raise not_a_decoder(model, f"layer {layer} keeps several residual streams ({call.path}: {kind}, "
-                                "hyper-connections), not one vector")
         if "residual" in kind.lower():
             raise not_a_decoder(model, f"layer {layer} rewrites the residual stream itself ({call.path}: {kind}, "
                                 "a gate, scale or attention over it): the stream is not a sum of what the layers add")
@@ -516,9 +527,12 @@ def branch_scales(model: torch.nn.Module, text: Any, block: Call, branches: list
         raise not_a_decoder(model, f"layer 0 multiplies the residual it adds to by {a:.4g} (MiniMax's alpha): the "
                             "stream is not a sum of what the layers add")
     others = [c.path for c in unclaimed]
-    if others:  # Gemma 4's per-layer-input branch: children that are neither a known branch nor a norm
+    if others:  # children that are neither a known branch nor a norm
         raise not_a_decoder(model, f"layer 0 adds more than its known branches ({', '.join(b.path for b in branches)}"
                             f"): its children {', '.join(others)} are no attention, mixer or MLP depthcache knows")
+    if misfit > 1e-2 * float(out.double().abs().max()):
+        raise not_a_decoder(model, "layer 0's output is not its input plus its branches' outputs with any factors: "
+                            "it rescales, interpolates or normalises the stream between them")
     raise not_a_decoder(model, f"layer 0 adds its branches times {scale:.4g}, a factor no config value explains")
 
 
@@ -604,6 +618,10 @@ def logit_transform(model: torch.nn.Module, text: Any, normed: torch.Tensor, log
     weight, bias = head_matrix(model, 4096)
     raw = normed.double() @ weight.double().T
     raw = raw + bias.double() if bias is not None else raw
+    if logits.shape[1] != raw.shape[1]:
+        raise not_a_decoder(model, f"its layers run on {raw.shape[1]} positions for {logits.shape[1]} positions of "
+                            "logits: not one next-token prediction per position the layers see (a prompt or "
+                            "positions of its own)")
     if logits.shape[:-1] != raw.shape[:-1] or logits.shape[-1] < raw.shape[-1]:
         raise not_a_decoder(model, f"its logits {tuple(logits.shape)} are not the unembedding of the final norm's "
                             f"output {tuple(normed.shape)}")
@@ -695,11 +713,62 @@ def pick_layers(model: torch.nn.Module, counts: list[int]) -> tuple[str, Trace, 
                                   f"{ids.shape[1]} tokens fails ({type(exc).__name__}: {exc})") from exc
         if all(trace.block(i) is not None and trace.block(i).output is not None for i in range(count)):
             return path, trace, ids, logits
+        idle = [i for i in range(count) if trace.block(i) is None]
+        if 0 < len(idle) < count and all(trace.runs(i) == 1 for i in range(count) if i not in idle):
+            drop_idle_layers(model, path, idle)
+            trace, dropped = run_probe(model, path, ids)
+            if not torch.equal(dropped, logits):
+                raise not_a_decoder(model, f"its layers {idle} do not run on text, and removing them changes the "
+                                    "logits")
+            return path, trace, ids, logits
     looped = looping_layers(model, ids)
     if looped:
         raise not_a_decoder(model, f"its layers ({looped}) run several times per forward (in cycles or loops): a "
                             "layer has no single place in one residual stream's depth")
     raise not_a_decoder(model, f"no list of {' or '.join(map(str, counts))} layers runs on a text input")
+
+
+def between_layers(model: torch.nn.Module, trace: Trace, count: int) -> None:
+    """Refuse a model whose stream is not one vector passed from layer to layer: a norm between the layers
+    (post-LN with the layers' parts in separate lists, XLM), or layers that take and return two streams
+    (reversible residual layers, Reformer)."""
+    norms = {id(c.output) for c in trace.group("outside") if is_norm(c.module) and c.output is not None}
+    for layer in range(1, count):
+        if id(trace.block(layer).input) in norms:
+            raise not_a_decoder(model, f"the stream entering layer {layer} is a norm's output: it normalises the "
+                                "residual stream between layers (post-LN)")
+    first = trace.block(0)
+    if first.streams_in >= 2 and first.streams_out >= 2:
+        raise not_a_decoder(model, "its layers take and return two residual streams (a reversible residual), "
+                            "not one vector")
+
+
+_IDLE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, ...]] = weakref.WeakKeyDictionary()
+
+
+def drop_idle_layers(model: torch.nn.Module, path: str, idle: list[int]) -> None:
+    """Remove the layers a text forward never runs (Mllama's cross-attention layers, which attend to an image) from
+    the layer list, so every remaining layer runs once: the config's layer count, each attention's ``layer_idx``
+    (its KV-cache slot) and any list of exactly those indices in the config or the list's owner (which told the
+    forward to skip them: emptied) follow. The original indices are kept for ``Structure.idle_layers``."""
+    parent, _, attr = path.rpartition(".")
+    owner, text = submodule(model, parent), model.config.get_text_config()
+    count = len(getattr(owner, attr))
+    kept = [layer for i, layer in enumerate(getattr(owner, attr)) if i not in idle]
+    for holder in (owner, text):
+        for name, value in list(vars(holder).items()):
+            if (isinstance(value, (list, tuple)) and value and all(type(v) is int for v in value)
+                    and sorted(v for v in value if v < count) == idle):  # indices past the list never applied
+                setattr(holder, name, type(value)())
+    for new, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    setattr(owner, attr, torch.nn.ModuleList(kept))
+    for key in LAYER_COUNT_KEYS:
+        if getattr(text, key, None) == len(kept) + len(idle):
+            setattr(text, key, len(kept))
+    _IDLE[model] = tuple(idle)
 
 
 def looping_layers(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
@@ -757,12 +826,17 @@ def discover(model: torch.nn.Module) -> Structure:
     text = config.get_text_config()
     counts = layer_counts(text)
     if not counts:
-        raise not_a_decoder(model, "its config gives no layer count")
+        stacks = [k for k, v in text.to_dict().items() if isinstance(v, dict) and k.endswith("_config")]
+        raise not_a_decoder(model, "its config gives no layer count" + (
+            f": its layers are split over several stacks ({', '.join(stacks)})" if stacks else ""))
     path, trace, ids, logits = pick_layers(model, counts)
     count = len(submodule(model, path))
+    between_layers(model, trace, count)
     layers = [layer_branches(model, trace, layer) for layer in range(count)]
     entry = input_norm(trace, count)
     stream = trace.block(0).input if entry is None else entry.value  # the residual layer 0 adds to
+    scales = branch_scales(model, text, trace.block(0), layers[0].added, stream,
+                           unclaimed_children(trace.group("child", 0), layers[0]))  # the layers before the head
     last = trace.block(count - 1)
     norm_call = final_norm_call(model, trace, last)
     d_model = int(first_tensor(last.output).shape[-1])
@@ -780,14 +854,13 @@ def discover(model: torch.nn.Module) -> Structure:
         mlp_post_norm=every(is_norm(a.module) for b in layers for a in b.mlp_added),
         attn_adds_residual=every(a.residual is not None for b in layers for a in b.attn_added),
         mlp_adds_residual=every(a.residual is not None for b in layers for a in b.mlp_added),
-        **scales_fields(layers[0], branch_scales(model, text, trace.block(0), layers[0].added, stream,
-                                                 unclaimed_children(trace.group("child", 0), layers[0]))),
+        **scales_fields(layers[0], scales),
         logit_scale=scale, logit_softcap=cap, embed_scale=embedding_scale(model, ids[0], stream[0]),
         tied_embeddings=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
         moe_layers=tuple(i for i, b in enumerate(layers) if any(contains_experts(m.module) for m in b.mlps)),
         layer_types=types, sliding_window=attention_window(text, types),
         attn_classes=tuple("+".join(type(m.module).__name__ for m in b.mixers) for b in layers),
-        language_model=language_model_class(model, path),
+        language_model=language_model_class(model, path), idle_layers=_IDLE.get(model, ()),
         input_norm=None if entry is None else entry.path, **(transform or {}))
 
 
