@@ -22,7 +22,7 @@ from depthcache.store.head import erf, logits_from_residual, read_head
 from depthcache.store.io import read_attrs
 from depthcache.store.reader import open_dataset
 from depthcache.store.schema import validate_store
-from tests.test_branches import extracted, identity_error, saved
+from tests.test_branches import build, extracted, identity_error, saved
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 IDS = torch.arange(5, 21).view(1, -1)
@@ -111,6 +111,29 @@ def test_gemma4_per_layer_input_gate_is_a_channel_mixer_of_its_own(tmp_path: Pat
     want = (module_outputs(model, layers, "post_feedforward_layernorm", ids)
             + module_outputs(model, layers, "post_per_layer_input_norm", ids))
     np.testing.assert_allclose(ds.mlp_out.values[:, :16], want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_gemma4_moe_block_adds_the_norm_of_its_mlp_and_experts_sum(tmp_path: Path) -> None:
+    model = build("gemma4_text", enable_moe_block=True, top_k_experts=2)
+    structure = discover(model)
+    assert structure.mlp == ("post_feedforward_layernorm+post_per_layer_input_norm",) * structure.n_layers
+    assert structure.moe_layers == tuple(range(structure.n_layers))
+    ds = stored(model, tmp_path)
+    assert identity_error(ds) <= 1e-5
+    ids = first_window(ds)
+    layers = model.model.layers
+    want = (module_outputs(model, layers, "post_feedforward_layernorm", ids)
+            + module_outputs(model, layers, "post_per_layer_input_norm", ids))
+    # the store's batch of two windows routes and sums the experts in another order: float32 rounding
+    np.testing.assert_allclose(ds.mlp_out.values[:, :16], want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_gemma4_layer_scalar_other_than_one_is_refused_as_a_rescaled_stream() -> None:
+    model = tiny_model("gemma4_text").eval()
+    for layer in model.model.layers:  # checkpoints load it; a tiny random model has ones
+        layer.layer_scalar.fill_(0.5)
+    with pytest.raises(DepthcacheError, match="multiplies the whole residual stream by 0.5"):
+        discover(model)
 
 
 def test_a_bert_style_head_transform_is_stored_and_the_lens_reproduces_the_logits(tmp_path: Path) -> None:

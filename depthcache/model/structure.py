@@ -460,7 +460,7 @@ def reads_layer_input(calls: list[Call], block: Call, mixer: Call, entry: Call) 
 def contains_experts(module: torch.nn.Module) -> bool:
     """A mixture-of-experts MLP: it has experts (a list or fused 3-D expert weights) or a router."""
     names = [n.lower() for n, _ in module.named_modules()] + [n.lower() for n, _ in module.named_parameters()]
-    return any("expert" in n or "router" in n for n in names)
+    return "expert" in type(module).__name__.lower() or any("expert" in n or "router" in n for n in names)
 
 
 def numeric_config_values(config: Any, pattern: str) -> list[float]:
@@ -891,31 +891,50 @@ def layer_branches(model: torch.nn.Module, trace: Trace, layer: int) -> Branches
     mixers, mlps = branch_modules(model, block, calls, layer)
     parallel = (reads_layer_input(calls, block, mixers[0], mlp_entry(calls, mixers[-1], mlps[0]))
                 if mixers and mlps else None)
-    mlps = [*mlps, *side_branch(model, block, calls, [added_output(calls, c, family) for c in (*mixers, *mlps)],
-                                [*mixers, *mlps], family)]
     pairs = [(c, added_output(calls, c, family)) for c in (*mixers, *mlps)]
     feeding = feeders(model, block, [added for _, added in pairs])
     kept = [(c, added) for (c, added), feeds in zip(pairs, feeding) if not feeds]
     mixers, mlps = [c for c, _ in kept if c in mixers], [c for c, _ in kept if c in mlps]
-    return Branches(mixers, mlps, [a for c, a in kept if c in mixers], [a for c, a in kept if c in mlps], parallel)
+    attn_added, mlp_added = [a for c, a in kept if c in mixers], [a for c, a in kept if c in mlps]
+    mlp_added, side = completed(model, block, calls, [*mixers, *mlps], attn_added, mlp_added, family)
+    return Branches(mixers, [*mlps, *side], attn_added, mlp_added, parallel)
 
 
-def side_branch(model: torch.nn.Module, block: Call, calls: list[Call], added: list[Call], branches: list[Call],
-                family: str) -> list[Call]:
-    """The layer's last child that is no known branch, norm or dropout, when what it adds (through its norm)
-    completes the layer: out = input + the known branches + it (Gemma 4's per-layer-input gate, a position-wise
-    branch: a channel mixer). Empty when the known branches already add up or it does not."""
-    claimed = {c.path for c in (*branches, *added)}
+def completed(model: torch.nn.Module, block: Call, calls: list[Call], branches: list[Call], attn_added: list[Call],
+              mlp_added: list[Call], family: str) -> tuple[list[Call], list[Call]]:
+    """The channel mixers' added outputs and any side branch, when the layer's own are not yet its whole output:
+    a norm of the sum of several channel mixers (Gemma 4's MoE block: the dense MLP's and the experts' outputs,
+    each normed, summed and normed again), and the layer's last child that is no known branch, norm or dropout,
+    added through its norm (Gemma 4's per-layer-input gate, a position-wise branch: a channel mixer). The first
+    combination that makes out = a · input + b · what is added, exactly (the factors are branch_scales' to
+    explain); the layer's own when none does."""
+    if block.input is None or not (attn_added or mlp_added):
+        return mlp_added, []
+    out, inp = first_tensor(block.value).double().flatten(), block.input.double().flatten()
+    tol = fit_tolerance(model) * float(out.abs().max())
+
+    def fits(added: list[Call]) -> bool:  # out = a · input + b · Σ added, for any factors (checked later)
+        if any(a.value is None or a.added.numel() != out.numel() for a in added):
+            return False
+        columns = torch.stack([inp, sum(a.added.double().flatten() for a in added)], 1)
+        solution = torch.linalg.lstsq(columns, out.unsqueeze(1)).solution
+        return float((out - (columns @ solution).squeeze(1)).abs().max()) <= tol
+
+    if fits([*attn_added, *mlp_added]):
+        return mlp_added, []
+    last = max((c.order for c in (*branches, *mlp_added)), default=-1)
+    sums = [[c] for c in calls if len(mlp_added) > 1 and is_norm(c.module) and c.order > last
+            and c.value is not None and c.value.numel() == out.numel()]
+    claimed = {c.path for c in (*branches, *attn_added, *mlp_added)}
     others = [c for c in calls if c.path not in claimed and not is_norm(c.module) and not is_dropout(c.module)
-              and isinstance(c.value, torch.Tensor) and c.value.shape == getattr(block.input, "shape", None)]
-    if not others or block.input is None or not added:
-        return []
-    candidate = added_output(calls, others[-1], family)
-    target = first_tensor(block.value).double() - block.input.double()
-    known = sum(a.added.reshape(target.shape).double() for a in added if a.added.numel() == target.numel())
-    tol = fit_tolerance(model) * float(target.abs().max())
-    fits = float((target - known - candidate.added.reshape(target.shape).double()).abs().max()) <= tol
-    return [others[-1]] if fits and float((target - known).abs().max()) > tol else []
+              and isinstance(c.value, torch.Tensor) and c.value.shape == block.input.shape]
+    sides = [[]] + ([[others[-1]]] if others else [])
+    for merged in (mlp_added, *sums):
+        for side in sides:
+            extra = [added_output(calls, c, family) for c in side]
+            if fits([*attn_added, *merged, *extra]):
+                return [*merged, *extra], side
+    return mlp_added, []
 
 
 def feeders(model: torch.nn.Module, block: Call, added: list[Call]) -> list[bool]:
