@@ -15,7 +15,7 @@ register_bfloat16()
 register_bounded_zstd()
 register_checked_sharding()
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 _LAZY = {"open": ("depthcache.store.backend", "open_store"), "as_float32": ("depthcache.store.backend", "as_float32"),
          "extract": ("depthcache.extraction.api", "extract")}
