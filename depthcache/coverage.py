@@ -34,6 +34,7 @@ from depthcache.extraction.engine import ExtractOptions, extract
 from depthcache.model import TOLERANCES, LoadedModel, Structure, checked, relative_errors, tokenizer_files
 from depthcache.model.loading import text_ready
 from depthcache.model.multimodal import auto_class, release_towers
+from depthcache.model.structure import discover
 from depthcache.store.head import logits_from_residual, read_head
 from depthcache.store.reader import open_dataset
 
@@ -407,7 +408,7 @@ def cover(model_type: str, class_name: str = "", tokenizer: Any = None, timeout:
                 refused = str(exc).startswith("not a residual")
                 return Row(model_type, class_name, False, short(exc) if refused else f"not built: {short(exc)}")
             except ImportError as exc:  # a tower whose class needs an optional package transformers names
-                return Row(model_type, class_name, False, missing_package(exc))
+                return Row(model_type, class_name, False, text_model_refusal(model_type) or missing_package(exc))
             except Exception as exc:  # noqa: BLE001 - any family's constructor may fail in any way offline
                 return Row(model_type, class_name, False, f"not built offline at tiny size ({short(exc)})")
             class_name = type(model).__name__
@@ -427,6 +428,22 @@ def cover(model_type: str, class_name: str = "", tokenizer: Any = None, timeout:
         return Row(model_type, class_name, False, why, seconds=time.perf_counter() - start)
     return Row(model_type, class_name, True, "", max(result.identity_error, identity), result.logits_error, structure,
                time.perf_counter() - start)
+
+
+def text_model_refusal(model_type: str) -> str | None:
+    """Why the family's language model, built alone from the text config, is refused (the structural reason, which
+    no tower package changes: Gemma 3n's AltUp); None when it is not refused or cannot be built."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        torch.manual_seed(0)
+        text = AutoModelForCausalLM.from_config(tiny_config(model_type).get_text_config()).eval()
+        discover(text)
+    except DepthcacheError as exc:
+        return f"its language model: {reason(exc)}"
+    except Exception:  # noqa: BLE001 - a text config need not build alone
+        return None
+    return None
 
 
 def missing_package(exc: ImportError) -> str:

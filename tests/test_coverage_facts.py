@@ -3,14 +3,22 @@ under MAX_PARAMETERS and runs on token ids, and the families that cannot are ref
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from depthcache import coverage
-from depthcache.coverage import CODEBOOKS, DRAFTER, MAX_PARAMETERS, VOCAB, cover, tiny_model, tiny_tokenizer
+from depthcache.coverage import (
+    CODEBOOKS,
+    DRAFTER,
+    MAX_PARAMETERS,
+    VOCAB,
+    cover,
+    missing_package,
+    tiny_model,
+    tiny_tokenizer,
+)
 from depthcache.errors import DepthcacheError
 from depthcache.model.loading import load_model, text_ready
 
@@ -72,12 +80,12 @@ def test_an_xmod_checkpoint_without_a_language_loads_to_discoverys_verdict(tmp_p
     assert "is not a residual-stream decoder" in str(err.value) and "language" not in str(err.value)
 
 
-def test_a_timm_tower_is_named_as_the_reason() -> None:
-    if importlib.util.find_spec("timm") is not None:
-        pytest.skip("timm is installed here, so Gemma 3n's vision tower builds")
-    row = cover("gemma3n", image_text=True)
-    assert not row.supported and row.reason == ("needs the timm package for its vision tower (TimmWrapperModel), "
-                                                "not a dependency of depthcache")
+def test_a_timm_tower_gives_way_to_the_language_models_own_reason() -> None:
+    row = cover("gemma3n", image_text=True)  # with or without timm: Gemma 3n's AltUp keeps several streams
+    assert not row.supported and "keeps several residual streams (altup: Gemma3nTextAltUp)" in row.reason
+    error = ImportError("TimmWrapperModel requires the timm library but it was not found in your environment.")
+    assert missing_package(error) == ("needs the timm package for its vision tower (TimmWrapperModel), not a "
+                                      "dependency of depthcache")
 
 
 @pytest.mark.parametrize("model_type, why", [("gemma4_assistant", DRAFTER), ("gemma4_unified_assistant", DRAFTER),

@@ -14,7 +14,13 @@ import pytest
 import torch
 import zarr
 
-from depthcache.coverage import loaded_tiny, tiny_model, tiny_tokenizer, two_window_extraction
+from depthcache.coverage import (
+    loaded_tiny,
+    text_model_refusal,
+    tiny_model,
+    tiny_tokenizer,
+    two_window_extraction,
+)
 from depthcache.errors import DepthcacheError
 from depthcache.model.skips import Skip
 from depthcache.model.structure import discover, submodule
@@ -190,3 +196,13 @@ def test_mllama_cross_attention_layers_idle_on_text_are_removed_and_change_nothi
     assert open_dataset(str(tmp_path / "store.zarr")).sizes["layer"] == total - len(idle)
     attrs = read_attrs(zarr.open_group(str(tmp_path / "store.zarr"), mode="r"))
     assert attrs["model"]["structure"]["idle_layers"] == list(idle)
+
+
+def test_a_wrapper_that_hides_its_language_models_head_exposes_it() -> None:
+    model = tiny_model("nemotron_h_omni", image_text=True).eval()  # towers released as loading does
+    assert model.get_output_embeddings() is model.language_model.lm_head
+    assert discover(model).language_model == "NemotronHModel"
+
+
+def test_a_tower_needing_timm_does_not_hide_the_language_models_own_reason() -> None:
+    assert "keeps several residual streams (altup" in text_model_refusal("gemma3n")

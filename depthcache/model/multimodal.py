@@ -117,11 +117,23 @@ def tower_paths(model: torch.nn.Module) -> list[str]:
 
 def release_towers(model: torch.nn.Module) -> torch.nn.Module:
     """The model with a multimodal wrapper's towers set to None (text input never reaches them), so they hold no
-    memory and never move to a device."""
+    memory and never move to a device, and its language model's head exposed where the wrapper does not expose it."""
+    expose_head(model)
     for path in tower_paths(model):
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, None)
     return model
+
+
+def expose_head(model: torch.nn.Module) -> None:
+    """A wrapper holding a whole causal LM whose ``get_output_embeddings`` says None (Nemotron-H Omni) answers with
+    that language model's head: the module its logits come from."""
+    if model.get_output_embeddings() is not None:
+        return
+    inner = next((m for m in model.modules() if m is not model and hasattr(m, "get_output_embeddings")
+                  and m.get_output_embeddings() is not None), None)
+    if inner is not None:
+        model.get_output_embeddings = inner.get_output_embeddings
 
 
 def language_model_class(model: torch.nn.Module, layers: str) -> str | None:
