@@ -22,7 +22,8 @@ from depthcache.coverage import (
     two_window_extraction,
 )
 from depthcache.errors import DepthcacheError
-from depthcache.model.skips import Skip
+from depthcache.model.pruned import prune_model
+from depthcache.model.skips import Skip, only_layers
 from depthcache.model.structure import discover, submodule
 from depthcache.store.head import erf, logits_from_residual, read_head
 from depthcache.store.io import read_attrs
@@ -206,3 +207,19 @@ def test_a_wrapper_that_hides_its_language_models_head_exposes_it() -> None:
 
 def test_a_tower_needing_timm_does_not_hide_the_language_models_own_reason() -> None:
     assert "keeps several residual streams (altup" in text_model_refusal("gemma3n")
+
+
+def test_layers_reusing_earlier_keys_and_values_refuse_runs_that_drop_their_source() -> None:
+    model = build("gemma4_text", num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2)
+    structure = discover(model)
+    ids = torch.arange(5, 21).view(1, -1)
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True)
+        with only_layers(model, structure, [0, 1, 2, 3], full.hidden_states[0]):  # every layer: allowed, the same
+            torch.testing.assert_close(model(input_ids=ids).logits, full.logits)
+    with pytest.raises(DepthcacheError, match=r"shares keys and values across layers \(layers 2, 3 reuse"):
+        with only_layers(model, structure, [2, 3], full.hidden_states[2]):  # transformers would raise a KeyError
+            pass
+    with pytest.raises(DepthcacheError, match="pruned copies are not supported"):
+        prune_model(model, (0, 2, 3))
+    assert len(model.model.layers) == 4  # refused before anything changed

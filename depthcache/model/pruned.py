@@ -17,7 +17,14 @@ import torch
 from depthcache.errors import DepthcacheError
 from depthcache.layerspec import parse_layers
 from depthcache.model.loading import load_model
-from depthcache.model.structure import LAYER_COUNT_KEYS, decoder_layers, remember, structure_of, submodule
+from depthcache.model.structure import (
+    LAYER_COUNT_KEYS,
+    check_layer_subset,
+    decoder_layers,
+    remember,
+    structure_of,
+    submodule,
+)
 
 PRUNED_ATTR = "depthcache_pruned_from"
 
@@ -33,6 +40,7 @@ def kept_layers(keep: str, n_layers: int) -> tuple[int, ...]:
 def prune_model(model: torch.nn.Module, keep: tuple[int, ...]) -> torch.nn.Module:
     """Remove every decoder layer not in ``keep`` in place, renumbering layer indices and the config."""
     structure = structure_of(model)
+    check_layer_subset(model, keep)
     layers = decoder_layers(model, structure)
     kept = torch.nn.ModuleList(layers[i] for i in keep)
     parent_path, _, name = structure.layers.rpartition(".")
@@ -66,6 +74,7 @@ def removed_layers(model: torch.nn.Module, removed: Iterable[int]) -> Iterator[t
     if not gone:
         yield keep
         return
+    check_layer_subset(model, keep)
     parent_path, _, name = structure.layers.rpartition(".")
     parent, config = submodule(model, parent_path), model.config.get_text_config()
     saved_config = {key: getattr(config, key) for key in (*LAYER_COUNT_KEYS, "layer_types") if hasattr(config, key)}

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from depthcache.model.capture import BranchHooks
-from depthcache.model.structure import Structure, submodule
+from depthcache.model.structure import Structure, check_layer_subset, submodule
 
 
 class Skip(BranchHooks):
@@ -74,6 +74,7 @@ class Replace(BranchHooks):
 def only_layers(model: torch.nn.Module, structure: Structure, keep: list[int],
                 hidden: torch.Tensor | None = None) -> Iterator[None]:
     """Run only the decoder layers ``keep`` (renumbered for the KV cache), feeding ``hidden`` into the first if given."""
+    check_layer_subset(model, keep)
     parent, _, attr = structure.layers.rpartition(".")
     owner = submodule(model, parent)
     full = getattr(owner, attr)

@@ -751,6 +751,29 @@ def between_layers(model: torch.nn.Module, trace: Trace, count: int) -> None:
                             "not one vector")
 
 
+def kv_reusing_layers(model: torch.nn.Module) -> tuple[int, ...]:
+    """The layers that attend with another layer's keys and values (Gemma 3n/4's ``num_kv_shared_layers``, Mistral
+    Large 4's and Kolibri's ``kv_source_layers``), from the config."""
+    text = model.config.get_text_config()
+    count = len(decoder_layers(model))
+    sources = getattr(text, "kv_source_layers", None)
+    if isinstance(sources, (list, tuple)) and len(sources) == count:
+        return tuple(i for i, source in enumerate(sources) if source != i)
+    shared = getattr(text, "num_kv_shared_layers", 0)
+    return tuple(range(count - shared, count)) if isinstance(shared, int) and 0 < shared <= count else ()
+
+
+def check_layer_subset(model: torch.nn.Module, keep: tuple[int, ...] | list[int]) -> None:
+    """Refuse running or keeping only the layers ``keep`` when one of them reuses keys and values that a dropped
+    earlier layer computes: its attention would read nothing (a KeyError deep in the model) or another layer's."""
+    kept = set(keep)
+    reusing = [r for r in kv_reusing_layers(model) if r in kept and any(d not in kept for d in range(r))]
+    if reusing:
+        raise DepthcacheError(
+            f"{type(model).__name__} shares keys and values across layers (layers {', '.join(map(str, reusing))} "
+            "reuse those of earlier layers): runs from a later layer and pruned copies are not supported for it")
+
+
 _IDLE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, ...]] = weakref.WeakKeyDictionary()
 
 
