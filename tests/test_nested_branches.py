@@ -107,32 +107,23 @@ def test_longcat_flash_two_attentions_in_a_list_and_layers_counted_once() -> Non
     assert structure.mlp == ("mlp+mlps.0+mlps.1",) * structure.n_layers  # the shortcut MoE and the two MLPs
 
 
-def test_gemma4_per_layer_input_gate_is_a_channel_mixer_of_its_own(tmp_path: Path) -> None:
-    model = tiny_model("gemma4_text").eval()
+@pytest.mark.parametrize("moe", [False, True])
+def test_gemma4_adds_its_mlp_block_and_its_per_layer_input_gate_as_channel_mixers(moe: bool, tmp_path: Path) -> None:
+    """The per-layer-input gate is a side branch; with the MoE block, the norm of the dense MLP's and the experts'
+    summed outputs is what the MLP block adds."""
+    model = build("gemma4_text", enable_moe_block=moe, top_k_experts=2)
     structure = discover(model)
     assert structure.mlp == ("post_feedforward_layernorm+post_per_layer_input_norm",) * structure.n_layers
+    assert structure.moe_layers == (tuple(range(structure.n_layers)) if moe else ())
     ds = stored(model, tmp_path)
     assert identity_error(ds) <= 1e-5
     ids = first_window(ds)
     layers = model.model.layers
     want = (module_outputs(model, layers, "post_feedforward_layernorm", ids)
             + module_outputs(model, layers, "post_per_layer_input_norm", ids))
-    np.testing.assert_allclose(ds.mlp_out.values[:, :16], want.numpy(), rtol=1e-5, atol=1e-6)
-
-
-def test_gemma4_moe_block_adds_the_norm_of_its_mlp_and_experts_sum(tmp_path: Path) -> None:
-    model = build("gemma4_text", enable_moe_block=True, top_k_experts=2)
-    structure = discover(model)
-    assert structure.mlp == ("post_feedforward_layernorm+post_per_layer_input_norm",) * structure.n_layers
-    assert structure.moe_layers == tuple(range(structure.n_layers))
-    ds = stored(model, tmp_path)
-    assert identity_error(ds) <= 1e-5
-    ids = first_window(ds)
-    layers = model.model.layers
-    want = (module_outputs(model, layers, "post_feedforward_layernorm", ids)
-            + module_outputs(model, layers, "post_per_layer_input_norm", ids))
-    # the store's batch of two windows routes and sums the experts in another order: float32 rounding
-    np.testing.assert_allclose(ds.mlp_out.values[:, :16], want.numpy(), rtol=1e-4, atol=1e-5)
+    # with experts, the store's batch of two windows routes and sums them in another order: float32 rounding
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if moe else {"rtol": 1e-5, "atol": 1e-6}
+    np.testing.assert_allclose(ds.mlp_out.values[:, :16], want.numpy(), **tolerance)
 
 
 def test_gemma4_layer_scalar_other_than_one_is_refused_as_a_rescaled_stream() -> None:
